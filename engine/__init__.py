@@ -1,0 +1,18 @@
+"""MemAscend-engine: SSD-offload training with small, predictable host memory.
+
+The native core (``engine._native``) provides the page-locked :class:`PinnedPool`
+and the :class:`AsyncIO` NVMe engine; the rest of the package builds on them.
+"""
+from __future__ import annotations
+
+from . import _native
+from .errors import AsyncIOError, EngineError, PinnedMemoryError, PoolExhaustedError
+from .memory.pool import PinnedPool, PoolBlock
+from .storage.aio import AsyncFile, AsyncIO, IORequest
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncFile", "AsyncIO", "AsyncIOError", "EngineError", "IORequest", "PinnedMemoryError",
+    "PinnedPool", "PoolBlock", "PoolExhaustedError", "__version__",
+]

@@ -1,0 +1,38 @@
+"""Exceptions raised by the engine. Each names what failed and where."""
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class PoolExhaustedError(EngineError, MemoryError):
+    """A PinnedPool has no free block large enough for a request."""
+
+    def __init__(self, requested: int, free_bytes: int, largest_free: int, capacity: int):
+        self.requested = requested
+        self.free_bytes = free_bytes
+        self.largest_free = largest_free
+        self.capacity = capacity
+        super().__init__(
+            f"PinnedPool exhausted: requested {requested} bytes, {free_bytes} bytes free "
+            f"(largest free block {largest_free} bytes) of {capacity} bytes capacity"
+        )
+
+
+class PinnedMemoryError(EngineError, OSError):
+    """Page-locking the pool failed and the caller required it (``require_locked=True``)."""
+
+
+class AsyncIOError(EngineError, OSError):
+    """An I/O request failed; names the file, the offset and the byte count."""
+
+    def __init__(self, errno: int, message: str, path: str, offset: int, nbytes: int, op: str):
+        super().__init__(errno, message)
+        self.filename = path
+        self.offset = offset
+        self.nbytes = nbytes
+        self.op = op
+
+    def __str__(self) -> str:  # OSError's default would print the errno twice
+        return self.strerror

@@ -1,11 +1,19 @@
-// io_uring backend (liburing). One ring; the submitting thread and a reaper thread
-// share it: submission happens under the AsyncIO mutex, the reaper blocks in
-// io_uring_wait_cqe without it (SQ and CQ are independent), then takes the mutex
-// to record results and refill the ring from the pending queue. Buffers inside a
-// registered region (the PinnedPool arena) use READ_FIXED/WRITE_FIXED.
+// io_uring backend (liburing).
+//
+// One I/O thread owns the ring: it alone prepares SQEs, submits and reaps. Read
+// and write completions are delivered as task_work to the *submitting* thread,
+// so letting the Python thread submit while another thread reaps would bounce
+// every completion between the two. Callers instead queue chunks under the
+// AsyncIO mutex and, when the I/O thread sleeps in io_uring_submit_and_wait,
+// wake it through an eventfd whose read is kept armed on the ring. Buffers inside
+// a registered region (the PinnedPool arena) use READ_FIXED/WRITE_FIXED.
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <thread>
 
@@ -33,9 +41,17 @@ public:
     UringIO(size_t block_size, size_t alignment, size_t queue_depth) : AsyncIO(block_size, alignment), qd_(queue_depth) {
         if (queue_depth == 0 || queue_depth > 4096)
             throw std::invalid_argument("io_uring queue_depth must be in [1, 4096], got " + std::to_string(queue_depth));
-        int r = io_uring_queue_init(unsigned(queue_depth), &ring_, 0);
+        // One extra SQ entry for the armed eventfd read.
+        int r = io_uring_queue_init(unsigned(queue_depth + 1), &ring_, 0);
         if (r < 0) throw UringInitError{-r};
-        reaper_ = std::thread([this] { run(); });
+        wake_fd_ = eventfd(0, EFD_CLOEXEC);
+        if (wake_fd_ < 0) {
+            int e = errno;
+            io_uring_queue_exit(&ring_);
+            throw UringInitError{e};
+        }
+        arm_wake();
+        thread_ = std::thread([this] { run(); });
     }
 
     ~UringIO() override {
@@ -43,14 +59,12 @@ public:
         {
             std::lock_guard<std::mutex> g(mu_);
             stop_ = true;
-            io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-            io_uring_prep_nop(sqe);
-            io_uring_sqe_set_data64(sqe, kWake);
-            io_uring_submit(&ring_);
+            wake_locked();
         }
-        reaper_.join();
+        thread_.join();
         if (!regions_.empty()) io_uring_unregister_buffers(&ring_);
         io_uring_queue_exit(&ring_);
+        ::close(wake_fd_);
     }
 
     const char* backend() const override { return "uring"; }
@@ -64,7 +78,7 @@ public:
 
     int register_regions(const std::vector<std::pair<uintptr_t, size_t>>& regions) {
         std::unique_lock<std::mutex> g(mu_);
-        done_cv_.wait(g, [&] { return inflight_.empty() && pending_.empty(); });
+        done_cv_.wait(g, [&] { return inflight_ == 0 && pending_.empty(); });
         if (!regions_.empty()) {
             io_uring_unregister_buffers(&ring_);
             regions_.clear();
@@ -82,10 +96,25 @@ public:
 protected:
     void start(Chunk c) override {
         pending_.push_back(c);
-        fill();
+        wake_locked();
     }
 
 private:
+    // Wakes the I/O thread if it sleeps in the kernel. mu_ held.
+    void wake_locked() {
+        if (!sleeping_) return;
+        sleeping_ = false;
+        uint64_t one = 1;
+        while (::write(wake_fd_, &one, sizeof one) < 0 && errno == EINTR) {
+        }
+    }
+
+    void arm_wake() {
+        io_uring_sqe* sqe = io_uring_get_sqe(&ring_);  // always available: qd_ + 1 entries
+        io_uring_prep_read(sqe, wake_fd_, &wake_buf_, sizeof wake_buf_, 0);
+        io_uring_sqe_set_data64(sqe, kWake);
+    }
+
     int fixed_index(const uint8_t* p, size_t len) const {
         for (size_t i = 0; i < regions_.size(); ++i) {
             auto* b = static_cast<const uint8_t*>(regions_[i].iov_base);
@@ -94,10 +123,9 @@ private:
         return -1;
     }
 
-    // Moves pending chunks into the ring up to the queue depth. mu_ held.
-    void fill() {
-        unsigned prepared = 0;
-        while (inflight_.size() < qd_ && !pending_.empty()) {
+    // Prepares SQEs for pending chunks up to the queue depth. mu_ held; I/O thread only.
+    void prepare() {
+        while (inflight_ < qd_ && !pending_.empty()) {
             io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
             if (sqe == nullptr) break;
             Chunk c = pending_.front();
@@ -114,51 +142,56 @@ private:
                 else io_uring_prep_write(sqe, c.fd, p, len, off);
             }
             io_uring_sqe_set_data64(sqe, c.id);
-            inflight_.emplace(c.id, c);
-            ++prepared;
-        }
-        if (prepared == 0) return;
-        for (int attempt = 0;; ++attempt) {
-            int r = io_uring_submit(&ring_);
-            if (r >= 0) return;
-            if ((r != -EAGAIN && r != -EBUSY && r != -EINTR) || attempt > 10000)
-                throw std::runtime_error(std::string("io_uring_submit failed: ") + std::strerror(-r));
-            std::this_thread::yield();
+            slots_.emplace(c.id, c);
+            ++inflight_;
         }
     }
 
     void run() {
+        std::unique_lock<std::mutex> g(mu_);
         for (;;) {
-            io_uring_cqe* cqe = nullptr;
-            int r = io_uring_wait_cqe(&ring_, &cqe);
-            if (r < 0) {
-                if (r != -EINTR && r != -EAGAIN) std::fprintf(stderr, "memascend: io_uring_wait_cqe: %s\n", std::strerror(-r));
-                continue;
-            }
-            std::lock_guard<std::mutex> g(mu_);
+            prepare();
+            if (stop_ && inflight_ == 0 && pending_.empty()) return;
+            sleeping_ = true;
+            g.unlock();
+            // Submits what prepare() queued and sleeps until at least one completion.
+            int r = io_uring_submit_and_wait(&ring_, 1);
+            g.lock();
+            sleeping_ = false;
+            if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
+                std::fprintf(stderr, "memascend: io_uring_submit_and_wait: %s\n", std::strerror(-r));
             unsigned head, seen = 0;
+            io_uring_cqe* cqe;
+            bool rearm = false;
             io_uring_for_each_cqe(&ring_, head, cqe) {
                 ++seen;
                 const uint64_t id = io_uring_cqe_get_data64(cqe);
-                if (id == kWake) continue;
-                auto it = inflight_.find(id);
+                if (id == kWake) {
+                    rearm = true;
+                    continue;
+                }
+                auto it = slots_.find(id);
                 Chunk c = it->second;
-                inflight_.erase(it);
-                on_result(c, cqe->res);
+                slots_.erase(it);
+                --inflight_;
+                on_result(c, cqe->res);  // may requeue into pending_
             }
             io_uring_cq_advance(&ring_, seen);
-            fill();
-            done_cv_.notify_all();
-            if (stop_ && inflight_.empty() && pending_.empty()) return;
+            if (rearm) arm_wake();
+            if (seen) done_cv_.notify_all();
         }
     }
 
     size_t qd_;
     io_uring ring_{};
-    std::thread reaper_;
+    int wake_fd_ = -1;
+    uint64_t wake_buf_ = 0;
+    std::thread thread_;
     std::deque<Chunk> pending_;
-    std::unordered_map<uint64_t, Chunk> inflight_;
+    std::unordered_map<uint64_t, Chunk> slots_;
+    size_t inflight_ = 0;
     std::vector<iovec> regions_;
+    bool sleeping_ = false;
     bool stop_ = false;
 };
 

@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from .errors import EngineError
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="MemAscend SSD-offload training engine")
@@ -26,12 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    if args.command in (None, "selfcheck"):
-        if args.command is None:
-            args = build_parser().parse_args(["selfcheck", *(argv or [])])
-        from .selfcheck import main as selfcheck_main
-        return selfcheck_main(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in (None, "selfcheck"):
+            if args.command is None:
+                args = parser.parse_args(["selfcheck"])
+            from .selfcheck import main as selfcheck_main
+            return selfcheck_main(args)
+    except (ValueError, OSError, EngineError) as exc:
+        # Bad input and environment problems get one clear line, not a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     raise AssertionError(args.command)
 
 

@@ -285,3 +285,12 @@ def test_cuda_registration_and_async_copies():
         assert torch.equal(host, back)
         del host, back
     assert not pool.cuda_registered
+
+
+def test_transparent_huge_pages_are_requested():
+    with PinnedPool(8 * MiB, hugepages=True) as pool:
+        t = pool.alloc_tensor(MiB, torch.float32)
+        t.fill_(2.0)
+        assert float(t[-1]) == 2.0
+        assert pool.stats()["hugepages"] is True
+        del t

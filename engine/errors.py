@@ -36,3 +36,27 @@ class AsyncIOError(EngineError, OSError):
 
     def __str__(self) -> str:  # OSError's default would print the errno twice
         return self.strerror
+
+
+class StoreCapacityError(EngineError, OSError):
+    """The NVMe paths cannot hold what the store was asked to hold; says needed vs available."""
+
+    def __init__(self, needed: int, available: int, where: str):
+        from .units import format_bytes
+
+        self.needed = needed
+        self.available = available
+        super().__init__(28, f"not enough disk space on {where}: {format_bytes(needed)} needed, "
+                             f"{format_bytes(available)} available")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class IntegrityError(EngineError):
+    """Data read back from a swap file does not match the checksum written with it."""
+
+    def __init__(self, key: object, path: str, offset: int, nbytes: int, expected: int, actual: int):
+        self.key, self.path, self.offset, self.nbytes = key, path, offset, nbytes
+        super().__init__(f"CRC32C mismatch reading {key!r} from {path!r} at offset {offset} ({nbytes} bytes): "
+                         f"written 0x{expected:08x}, read 0x{actual:08x} - the swap file is corrupt")

@@ -88,13 +88,13 @@ class AsyncFile:
         self.direct = direct
         self.closed = False
 
-    def read(self, offset: int, buffer: Buffer, nbytes: Optional[int] = None) -> IORequest:
+    def read(self, offset: int, buffer: Buffer, nbytes: Optional[int] = None, buffer_offset: int = 0) -> IORequest:
         """Starts reading ``nbytes`` (default: the whole buffer) at ``offset`` into ``buffer``."""
-        return self._io.submit("read", self, offset, buffer, nbytes)
+        return self._io.submit("read", self, offset, buffer, nbytes, buffer_offset)
 
-    def write(self, offset: int, buffer: Buffer, nbytes: Optional[int] = None) -> IORequest:
+    def write(self, offset: int, buffer: Buffer, nbytes: Optional[int] = None, buffer_offset: int = 0) -> IORequest:
         """Starts writing ``nbytes`` (default: the whole buffer) from ``buffer`` at ``offset``."""
-        return self._io.submit("write", self, offset, buffer, nbytes)
+        return self._io.submit("write", self, offset, buffer, nbytes, buffer_offset)
 
     def size(self) -> int:
         return os.stat(self.path).st_size
@@ -235,13 +235,18 @@ class AsyncIO:
             raise OSError(exc.errno, f"cannot preallocate {format_bytes(size)} for {path!r}: {exc.strerror} "
                           f"({format_bytes(free.f_bavail * free.f_frsize)} free)", path) from exc
 
-    def submit(self, op: str, file: AsyncFile, offset: int, buffer: Buffer, nbytes: Optional[int] = None) -> IORequest:
-        """Starts a ``"read"`` or ``"write"`` of ``nbytes`` between ``buffer`` and ``file`` at ``offset``."""
+    def submit(self, op: str, file: AsyncFile, offset: int, buffer: Buffer, nbytes: Optional[int] = None,
+               buffer_offset: int = 0) -> IORequest:
+        """Starts a ``"read"`` or ``"write"`` of ``nbytes`` (default: the rest of the buffer) between
+        ``buffer`` (from byte ``buffer_offset``) and ``file`` at ``offset``."""
         if op not in ("read", "write"):
             raise ValueError(f"op must be 'read' or 'write', got {op!r}")
         if file.closed or file._io is not self:
             raise ValueError(f"{op} on closed file {file.path!r}" if file.closed else "file belongs to another AsyncIO")
         address, size = _buffer_span(buffer, writable=(op == "read"))
+        if buffer_offset < 0 or buffer_offset > size:
+            raise ValueError(f"buffer offset {buffer_offset} outside the {size}-byte buffer")
+        address, size = address + buffer_offset, size - buffer_offset
         if nbytes is None:
             nbytes = size
         if nbytes < 0 or nbytes > size:

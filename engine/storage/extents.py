@@ -1,0 +1,119 @@
+"""Extent allocator for one swap file (or raw device): aligned, best-fit, coalescing.
+
+Free space is kept by offset (to merge neighbours on free) and as a sorted list of
+(size, offset) for best-fit lookup. A file-backed allocator grows its file in
+``grow_step`` increments when nothing fits; a device-backed one has a fixed size.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Callable, Optional
+
+
+class ExtentAllocator:
+    """Allocates aligned byte ranges in a space of ``capacity`` bytes that may grow.
+
+    Args:
+        capacity: bytes available now.
+        alignment: every extent's offset and length are multiples of this.
+        grow: called with the new total size when the space must grow; ``None`` for a
+            fixed-size space. It raises (e.g. StoreCapacityError) when it cannot grow.
+        grow_step: minimum growth.
+        max_capacity: growth limit (None: unbounded).
+    """
+
+    def __init__(self, capacity: int, alignment: int = 4096, grow: Optional[Callable[[int], None]] = None,
+                 grow_step: int = 1 << 30, max_capacity: Optional[int] = None):
+        self.alignment = alignment
+        self.capacity = capacity // alignment * alignment
+        self.grow_step = max(alignment, grow_step // alignment * alignment)
+        self.max_capacity = max_capacity
+        self._grow = grow
+        self._free: dict[int, int] = {}            # offset -> size
+        self._by_size: list[tuple[int, int]] = []  # sorted (size, offset)
+        self._used: dict[int, int] = {}            # offset -> size
+        if self.capacity:
+            self._insert(0, self.capacity)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity - self.used_bytes
+
+    def _insert(self, offset: int, size: int) -> None:
+        self._free[offset] = size
+        bisect.insort(self._by_size, (size, offset))
+
+    def _remove(self, offset: int) -> int:
+        size = self._free.pop(offset)
+        del self._by_size[bisect.bisect_left(self._by_size, (size, offset))]
+        return size
+
+    def _tail_free(self) -> int:
+        """Size of the free block that ends at the current capacity (0 if none)."""
+        for offset, size in self._free.items():
+            if offset + size == self.capacity:
+                return size
+        return 0
+
+    def allocate(self, nbytes: int) -> int:
+        """Returns the offset of ``nbytes`` (rounded up to the alignment) of free space."""
+        size = -(-nbytes // self.alignment) * self.alignment
+        if size <= 0:
+            raise ValueError(f"extent size must be positive, got {nbytes}")
+        i = bisect.bisect_left(self._by_size, (size, -1))
+        if i == len(self._by_size):
+            self._expand(size)
+            i = bisect.bisect_left(self._by_size, (size, -1))
+        block, offset = self._by_size[i]
+        self._remove(offset)
+        if block > size:
+            self._insert(offset + size, block - size)
+        self._used[offset] = size
+        return offset
+
+    def _expand(self, size: int) -> None:
+        if self._grow is None:
+            raise MemoryError(f"no free extent of {size} bytes (fixed-size space of {self.capacity} bytes, "
+                              f"{self.free_bytes} free, largest {self._by_size[-1][0] if self._by_size else 0})")
+        # Grow so that the free tail plus the growth holds the request, in grow_step increments.
+        missing = size - self._tail_free()
+        new_capacity = self.capacity + max(self.grow_step, -(-missing // self.alignment) * self.alignment)
+        if self.max_capacity is not None:
+            new_capacity = min(new_capacity, self.max_capacity)
+            if new_capacity - self.capacity < missing:
+                raise MemoryError(f"no free extent of {size} bytes within the {self.max_capacity}-byte limit")
+        self._grow(new_capacity)
+        old, self.capacity = self.capacity, new_capacity
+        self._insert(old, new_capacity - old)
+        self._coalesce_at(old)
+
+    def _coalesce_at(self, offset: int) -> None:
+        size = self._remove(offset)
+        prev = next((o for o, s in self._free.items() if o + s == offset), None)
+        if prev is not None:
+            size += self._remove(prev)
+            offset = prev
+        self._insert(offset, size)
+
+    def free(self, offset: int) -> None:
+        """Returns the extent at ``offset``; neighbouring free extents are merged."""
+        size = self._used.pop(offset, None)
+        if size is None:
+            raise ValueError(f"no allocated extent at offset {offset}")
+        end = offset + size
+        if end in self._free:
+            size += self._remove(end)
+        # The free block ending at `offset`, if any: look among offsets just below.
+        starts = sorted(self._free)
+        j = bisect.bisect_left(starts, offset) - 1
+        if j >= 0 and starts[j] + self._free[starts[j]] == offset:
+            size += self._remove(starts[j])
+            offset = starts[j]
+        self._insert(offset, size)
+
+    def free_extents(self) -> dict[int, int]:
+        return dict(self._free)

@@ -1,0 +1,518 @@
+"""TensorStore: named tensors on NVMe.
+
+Keys (any hashable, e.g. ``("param", name)``, ``("exp_avg", name)``) map to
+extents with a dtype and shape. Two layouts:
+
+``direct`` (default)
+    One preallocated swap file per NVMe path, grown in ``grow_step`` increments,
+    with 4 KiB-aligned extents from a best-fit allocator that reuses freed space.
+    With several paths, tensors larger than ``stripe_size`` are striped
+    round-robin across them. A raw block device can be the backing store with
+    ``allow_raw_device=True``; a mounted (or otherwise held) device is refused.
+``files``
+    The ZeRO-Infinity baseline for ablations: one file per tensor, opened on
+    every I/O and closed when it completes.
+
+Every tensor is stored as segments of at most ``stripe_size`` bytes, each with a
+CRC32C computed when it is written and verified when it is read back whole (a
+partial read verifies the segments it covers completely). A mismatch raises
+:class:`~engine.errors.IntegrityError` naming the key, file and offset.
+``checksum=False`` turns this off.
+
+Swap files live in a private directory (0700; files 0600) under each path and
+are removed when the store closes, at process exit, and on SIGTERM.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import math
+import os
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Optional, Sequence, Union
+
+import crc32c
+import torch
+
+from . import cleanup
+from .aio import AsyncFile, AsyncIO, Buffer, IORequest, _buffer_span
+from .extents import ExtentAllocator
+from ..errors import AsyncIOError, IntegrityError, StoreCapacityError
+from ..memory.pool import IO_ALIGNMENT, PinnedPool
+from ..units import format_bytes, parse_bytes
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _round_up(n: int, a: int = IO_ALIGNMENT) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a tensor on disk: ``length`` bytes (aligned) at ``file_offset`` of backing
+    ``path_index``, holding the tensor's bytes from ``tensor_offset``."""
+
+    path_index: int
+    file_offset: int
+    tensor_offset: int
+    length: int
+
+    @property
+    def tensor_end(self) -> int:
+        return self.tensor_offset + self.length
+
+
+@dataclass
+class TensorMeta:
+    """Where and what one stored tensor is."""
+
+    key: Hashable
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    segments: list[Segment] = field(default_factory=list)
+    crcs: list[Optional[int]] = field(default_factory=list)
+    written: bool = False
+    file: Optional[str] = None  # the tensor's own file in the ``files`` layout
+
+    @property
+    def padded_nbytes(self) -> int:
+        return _round_up(self.nbytes)
+
+
+class _Backing:
+    """One NVMe path: its private directory and, in the direct layout, its swap file/device."""
+
+    def __init__(self, root: str, directory: Optional[str], file: Optional[AsyncFile], allocator: Optional[ExtentAllocator],
+                 is_device: bool):
+        self.root = root
+        self.directory = directory
+        self.file = file
+        self.allocator = allocator
+        self.is_device = is_device
+
+
+class StoreRequest:
+    """An in-flight ``read_into``/``write_from``. :meth:`wait` raises I/O and integrity errors."""
+
+    def __init__(self, store: "TensorStore", meta: TensorMeta, op: str, parts: list[tuple[IORequest, int, Segment, bool]],
+                 address: int, file: Optional[AsyncFile]):
+        self._store = store
+        self._meta = meta
+        self.op = op
+        self._parts = parts  # (request, buffer offset of the part, segment, verify whole segment)
+        self._address = address
+        self._file = file  # files layout: closed once the request completes
+        self._finished = False
+
+    @property
+    def key(self) -> Hashable:
+        return self._meta.key
+
+    def done(self) -> bool:
+        return self._finished or all(r.done() for r, *_ in self._parts)
+
+    def wait(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        error: Optional[BaseException] = None
+        for request, *_ in self._parts:
+            try:
+                request.wait()
+            except AsyncIOError as exc:
+                error = error or exc
+        if self._file is not None:
+            self._file.close()
+        if error is not None:
+            raise error
+        if self.op == "read":
+            self._verify()
+
+    def _verify(self) -> None:
+        meta, store = self._meta, self._store
+        for _request, buffer_offset, seg, whole in self._parts:
+            index = meta.segments.index(seg)
+            expected = meta.crcs[index] if meta.crcs else None
+            if not whole or expected is None:
+                continue
+            actual = store._crc(self._address + buffer_offset, seg.length)
+            if actual != expected:
+                raise IntegrityError(meta.key, store._segment_path(meta, seg), seg.file_offset, seg.length, expected, actual)
+
+
+class TensorStore:
+    """Named tensors on one or more NVMe paths.
+
+    Args:
+        paths: a directory (or block device, see ``allow_raw_device``) or a list of them.
+        layout: ``"direct"`` or ``"files"`` (the ablation baseline).
+        pool: a PinnedPool to register with io_uring (when the store makes its own AsyncIO).
+        io: an AsyncIO to share; by default the store makes one and closes it with itself.
+        checksum: CRC32C per segment, verified on read.
+        grow_step: swap files grow by at least this much at a time.
+        stripe_size: segment size; with several paths, segments go round-robin across them.
+        allow_raw_device: allow a raw block device as a path (its contents are overwritten).
+        backend: AsyncIO backend when the store makes its own.
+    """
+
+    def __init__(self, paths: Union[PathLike, Sequence[PathLike]], *, layout: str = "direct",
+                 pool: Optional[PinnedPool] = None, io: Optional[AsyncIO] = None, checksum: bool = True,
+                 grow_step: Union[int, str] = "1GiB", stripe_size: Union[int, str] = "16MiB",
+                 allow_raw_device: bool = False, backend: str = "auto"):
+        if layout not in ("direct", "files"):
+            raise ValueError(f"store layout must be 'direct' or 'files', got {layout!r}")
+        roots = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+        if not roots:
+            raise ValueError("TensorStore needs at least one NVMe path")
+        if len(set(map(os.path.realpath, roots))) != len(roots):
+            raise ValueError(f"NVMe paths must be distinct: {roots}")
+        self.layout = layout
+        self.checksum = checksum
+        self.grow_step = parse_bytes(grow_step)
+        self.stripe_size = _round_up(parse_bytes(stripe_size))
+        if self.stripe_size <= 0:
+            raise ValueError("stripe_size must be positive")
+        self.allow_raw_device = allow_raw_device
+        self._owns_io = io is None
+        self._io = io if io is not None else AsyncIO(backend, pool=pool)
+        self._meta: dict[Hashable, TensorMeta] = {}
+        self._backings: list[_Backing] = []
+        self._next_path = 0
+        self._file_counter = 0
+        self._closed = False
+        self._stats = dict(bytes_written=0, bytes_read=0, crc_seconds=0.0)
+        try:
+            for root in roots:
+                self._backings.append(self._open_backing(root))
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------- backing stores
+    def _open_backing(self, root: str) -> _Backing:
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"NVMe path {root!r} does not exist", root) from None
+        if stat.S_ISBLK(st.st_mode):
+            return self._open_device(root, st)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, f"NVMe path {root!r} is not a directory or block device", root)
+        try:
+            directory = tempfile.mkdtemp(prefix="memascend-swap-", dir=root)  # 0700
+        except PermissionError:
+            raise PermissionError(errno.EACCES, f"NVMe path {root!r} is not writable", root) from None
+        cleanup.register(directory)
+        if self.layout == "files":
+            return _Backing(root, directory, None, None, False)
+        file = self._io.open(os.path.join(directory, "swap.bin"), "rw", create=True)
+        backing = _Backing(root, directory, file, None, False)
+        backing.allocator = ExtentAllocator(0, IO_ALIGNMENT, grow=lambda size: self._grow(backing, size),
+                                            grow_step=self.grow_step)
+        return backing
+
+    def _open_device(self, root: str, st: os.stat_result) -> _Backing:
+        if not self.allow_raw_device:
+            raise ValueError(f"NVMe path {root!r} is a block device; pass allow_raw_device=True to use it raw "
+                             "(everything on it will be overwritten)")
+        if self.layout != "direct":
+            raise ValueError("a raw block device needs the 'direct' layout")
+        _refuse_mounted_device(root, st)
+        file = self._io.open(root, "rw")
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+        return _Backing(root, None, file, ExtentAllocator(size, IO_ALIGNMENT), True)
+
+    def _grow(self, backing: _Backing, new_size: int) -> None:
+        current = backing.allocator.capacity if backing.allocator else 0
+        available = _available_bytes(backing.root)
+        if new_size - current > available:
+            raise StoreCapacityError(new_size - current, available, backing.root)
+        fd = os.open(backing.file.path, os.O_WRONLY)
+        try:
+            os.posix_fallocate(fd, 0, new_size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreCapacityError(new_size - current, _available_bytes(backing.root), backing.root) from None
+            raise
+        finally:
+            os.close(fd)
+
+    def ensure_capacity(self, nbytes: int) -> None:
+        """Raises :class:`StoreCapacityError` unless the paths can hold ``nbytes`` more (checked before writing)."""
+        self._check_open()
+        available, seen = 0, set()
+        for b in self._backings:
+            if b.allocator is not None:
+                available += b.allocator.free_bytes
+            if not b.is_device:
+                dev = os.stat(b.root).st_dev
+                if dev not in seen:  # two paths on one file system share its free space
+                    seen.add(dev)
+                    available += _available_bytes(b.root)
+        if nbytes > available:
+            raise StoreCapacityError(nbytes, available, ", ".join(b.root for b in self._backings))
+
+    # ----------------------------------------------------------------- tensors
+    def allocate(self, key: Hashable, shape: Iterable[int], dtype: torch.dtype) -> TensorMeta:
+        """Reserves space for a tensor; returns its metadata (the existing one if identical)."""
+        self._check_open()
+        shape = tuple(int(s) for s in shape)
+        existing = self._meta.get(key)
+        if existing is not None:
+            if existing.shape != shape or existing.dtype != dtype:
+                raise ValueError(f"{key!r} is already stored as {existing.dtype}{list(existing.shape)}, "
+                                 f"not {dtype}{list(shape)}")
+            return existing
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        meta = TensorMeta(key, shape, dtype, nbytes)
+        lengths = [min(self.stripe_size, meta.padded_nbytes - o) for o in range(0, meta.padded_nbytes, self.stripe_size)]
+        if self.layout == "files":
+            index = self._rotate()
+            self._file_counter += 1
+            meta.file = os.path.join(self._backings[index].directory, f"tensor-{self._file_counter:08d}.bin")
+            meta.segments = [Segment(index, o, o, n) for o, n in zip(range(0, meta.padded_nbytes, self.stripe_size), lengths)]
+        elif len(self._backings) == 1:
+            offset = self._backings[0].allocator.allocate(meta.padded_nbytes) if lengths else 0
+            meta.segments = [Segment(0, offset + o, o, n) for o, n in zip(range(0, meta.padded_nbytes, self.stripe_size), lengths)]
+        else:
+            start = self._rotate()
+            try:
+                for j, (o, n) in enumerate(zip(range(0, meta.padded_nbytes, self.stripe_size), lengths)):
+                    index = (start + j) % len(self._backings)
+                    meta.segments.append(Segment(index, self._backings[index].allocator.allocate(n), o, n))
+            except BaseException:
+                self._release_segments(meta)
+                raise
+        meta.crcs = [None] * len(meta.segments)
+        self._meta[key] = meta
+        return meta
+
+    def _rotate(self) -> int:
+        index = self._next_path
+        self._next_path = (self._next_path + 1) % len(self._backings)
+        return index
+
+    def meta(self, key: Hashable) -> TensorMeta:
+        try:
+            return self._meta[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in the store") from None
+
+    def buffer_nbytes(self, key: Hashable) -> int:
+        """Bytes a staging buffer needs to hold the whole tensor (its size rounded up to 4 KiB)."""
+        return self.meta(key).padded_nbytes
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._meta
+
+    def keys(self) -> list[Hashable]:
+        return list(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def free(self, key: Hashable) -> None:
+        """Forgets a tensor and returns its space for reuse."""
+        self._check_open()
+        meta = self._meta.pop(key, None)
+        if meta is None:
+            raise KeyError(f"{key!r} is not in the store")
+        self._release_segments(meta)
+
+    def _release_segments(self, meta: TensorMeta) -> None:
+        if self.layout == "files":
+            if meta.file is not None and os.path.exists(meta.file):
+                os.unlink(meta.file)
+            return
+        if len(self._backings) == 1:
+            if meta.segments:
+                self._backings[0].allocator.free(meta.segments[0].file_offset)
+            return
+        for seg in meta.segments:
+            self._backings[seg.path_index].allocator.free(seg.file_offset)
+
+    # ----------------------------------------------------------------- I/O
+    def write_from(self, key: Hashable, buffer: Buffer) -> StoreRequest:
+        """Starts writing the tensor ``key`` from ``buffer`` (its first ``nbytes`` bytes are the data;
+        it must hold :meth:`buffer_nbytes` bytes and be 4 KiB-aligned)."""
+        self._check_open()
+        meta = self.meta(key)
+        address, size = _buffer_span(buffer, writable=False)
+        if size < meta.padded_nbytes:
+            raise ValueError(f"writing {key!r} needs a {meta.padded_nbytes}-byte buffer, got {size} bytes")
+        file = self._tensor_file(meta, "write")
+        parts = []
+        try:
+            for index, seg in enumerate(meta.segments):
+                if self.checksum:
+                    meta.crcs[index] = self._crc(address + seg.tensor_offset, seg.length)
+                target = file if file is not None else self._backings[seg.path_index].file
+                parts.append((target.write(seg.file_offset, buffer, seg.length, buffer_offset=seg.tensor_offset),
+                              seg.tensor_offset, seg, False))
+        except BaseException:
+            for request, *_ in parts:
+                try:
+                    request.wait()
+                except AsyncIOError:
+                    pass
+            if file is not None:
+                file.close()
+            raise
+        meta.written = True
+        self._stats["bytes_written"] += meta.padded_nbytes
+        return StoreRequest(self, meta, "write", parts, address, file)
+
+    def read_into(self, key: Hashable, buffer: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> StoreRequest:
+        """Starts reading bytes ``[offset, offset + nbytes)`` of tensor ``key`` into the start of ``buffer``.
+
+        ``offset`` must be a multiple of 4 KiB; the read covers whole 4 KiB pages, so the
+        buffer needs ``nbytes`` rounded up to 4 KiB.
+        """
+        self._check_open()
+        meta = self.meta(key)
+        if not meta.written:
+            raise ValueError(f"{key!r} was allocated but never written")
+        if nbytes is None:
+            nbytes = meta.nbytes - offset
+        if offset < 0 or nbytes < 0 or offset + nbytes > meta.nbytes:
+            raise ValueError(f"range [{offset}, {offset + nbytes}) is outside {key!r} ({meta.nbytes} bytes)")
+        if offset % IO_ALIGNMENT:
+            raise ValueError(f"partial reads start at multiples of {IO_ALIGNMENT} bytes, got offset {offset}")
+        address, size = _buffer_span(buffer, writable=True)
+        span = _round_up(nbytes)
+        if size < span:
+            raise ValueError(f"reading {nbytes} bytes of {key!r} needs a {span}-byte buffer, got {size} bytes")
+        end = offset + span
+        file = self._tensor_file(meta, "read")
+        parts = []
+        for seg in meta.segments:
+            lo, hi = max(seg.tensor_offset, offset), min(seg.tensor_end, end)
+            if lo >= hi:
+                continue
+            target = file if file is not None else self._backings[seg.path_index].file
+            request = target.read(seg.file_offset + lo - seg.tensor_offset, buffer, hi - lo, buffer_offset=lo - offset)
+            parts.append((request, lo - offset, seg, self.checksum and lo == seg.tensor_offset and hi == seg.tensor_end))
+        self._stats["bytes_read"] += span
+        return StoreRequest(self, meta, "read", parts, address, file)
+
+    def _tensor_file(self, meta: TensorMeta, op: str) -> Optional[AsyncFile]:
+        """The files layout opens the tensor's own file for every I/O, as ZeRO-Infinity does."""
+        if self.layout != "files":
+            return None
+        if op == "write":
+            return self._io.open(meta.file, "rw", create=True)
+        return self._io.open(meta.file, "r")
+
+    def _segment_path(self, meta: TensorMeta, seg: Segment) -> str:
+        return meta.file if meta.file is not None else self._backings[seg.path_index].file.path
+
+    def _crc(self, address: int, length: int) -> int:
+        start = time.perf_counter()
+        value = crc32c.crc32c((ctypes.c_char * length).from_address(address))
+        self._stats["crc_seconds"] += time.perf_counter() - start
+        return value
+
+    # ----------------------------------------------------------------- convenience
+    def put(self, key: Hashable, tensor: torch.Tensor) -> TensorMeta:
+        """Stores a CPU tensor synchronously (allocating its space if needed)."""
+        meta = self.allocate(key, tensor.shape, tensor.dtype)
+        staging = _aligned_bytes(meta.padded_nbytes)
+        if meta.nbytes:
+            staging[: meta.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        self.write_from(key, staging).wait()
+        return meta
+
+    def get(self, key: Hashable) -> torch.Tensor:
+        """Reads a tensor synchronously into a new CPU tensor."""
+        meta = self.meta(key)
+        staging = _aligned_bytes(meta.padded_nbytes)
+        if meta.nbytes:
+            self.read_into(key, staging).wait()
+        return staging[: meta.nbytes].view(meta.dtype).view(meta.shape)
+
+    def stats(self) -> dict:
+        """Layout, paths, bytes reserved/used on disk, tensors, bytes moved, checksum time, I/O backend."""
+        reserved = sum(b.allocator.capacity for b in self._backings if b.allocator is not None)
+        used = sum(b.allocator.used_bytes for b in self._backings if b.allocator is not None)
+        if self.layout == "files":
+            used = reserved = sum(m.padded_nbytes for m in self._meta.values())
+        return dict(layout=self.layout, paths=[b.root for b in self._backings], tensors=len(self._meta),
+                    disk_reserved=reserved, disk_used=used, checksum=self.checksum,
+                    backend=self._io.backend if self._io is not None else None, **self._stats)
+
+    @property
+    def directories(self) -> list[str]:
+        """The private directories holding the swap files (empty for raw devices)."""
+        return [b.directory for b in self._backings if b.directory is not None]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("TensorStore is closed")
+
+    def close(self) -> None:
+        """Waits for outstanding I/O, closes and removes the swap files and private directories."""
+        if self._closed:
+            return
+        self._closed = True
+        for b in self._backings:
+            if b.file is not None and not b.file.closed:
+                b.file.close()
+        if self._owns_io and self._io is not None:
+            self._io.close()
+        for b in self._backings:
+            if b.directory is not None:
+                import shutil
+
+                shutil.rmtree(b.directory, ignore_errors=True)
+                cleanup.unregister(b.directory)
+        self._meta.clear()
+
+    def __enter__(self) -> "TensorStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _aligned_bytes(nbytes: int) -> torch.Tensor:
+    """A 4 KiB-aligned uint8 CPU tensor of ``nbytes`` (for the synchronous convenience path)."""
+    raw = torch.empty(nbytes + IO_ALIGNMENT, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % IO_ALIGNMENT
+    return raw[skip: skip + nbytes]
+
+
+def _available_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _refuse_mounted_device(path: str, st: os.stat_result) -> None:
+    """Raises if the block device (or a partition of it) is mounted or held by another user."""
+    devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == devno:
+                raise ValueError(f"block device {path!r} is mounted at {fields[4]!r}; refusing to use it as raw storage")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL)  # the kernel refuses this while the device is mounted or held
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise ValueError(f"block device {path!r} is in use (mounted, or a partition of it is); refusing it") from None
+        raise
+    os.close(fd)

@@ -1,0 +1,325 @@
+"""TensorStore: round trips in both layouts and across paths, integrity, privacy and cleanup, bad input."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from engine import AsyncIOError, PinnedPool
+from engine.errors import IntegrityError, StoreCapacityError
+from engine.storage import TensorStore
+from engine.storage.extents import ExtentAllocator
+
+from conftest import REPO, run_unprivileged
+
+KiB, MiB = 1 << 10, 1 << 20
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
+
+
+def random_tensor(shape, dtype, gen):
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    return torch.randint(0, 100, shape, generator=gen).to(dtype)
+
+
+def make_paths(tmp_path, n):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"nvme{i}"
+        p.mkdir(exist_ok=True)
+        paths.append(str(p))
+    return paths
+
+
+# ----------------------------------------------------------------------------- property tests
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 40_000), st.sampled_from(range(len(DTYPES)))),
+        st.tuples(st.just("free"), st.integers(0, 1000), st.just(0)),
+        st.tuples(st.just("get"), st.integers(0, 1000), st.just(0)),
+        st.tuples(st.just("overwrite"), st.integers(0, 1000), st.just(0)),
+    ),
+    min_size=1, max_size=40,
+)
+
+
+@pytest.mark.parametrize("layout,npaths", [("direct", 1), ("direct", 2), ("files", 1), ("files", 2)])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=ops, seed=st.integers(0, 2**16))
+def test_random_put_get_free_round_trips(tmp_path, layout, npaths, script, seed):
+    gen = torch.Generator().manual_seed(seed)
+    live: dict = {}
+    with TensorStore(make_paths(tmp_path, npaths), layout=layout, grow_step=256 * KiB, stripe_size=32 * KiB) as store:
+        for n, (op, a, b) in enumerate(script):
+            keys = sorted(live)
+            if op == "put":
+                t = random_tensor((a,), DTYPES[b], gen)
+                store.put(("t", n), t)
+                live[("t", n)] = t
+            elif keys and op == "free":
+                key = keys[a % len(keys)]
+                store.free(key)
+                del live[key]
+                assert key not in store
+            elif keys and op == "overwrite":
+                key = keys[a % len(keys)]
+                t = random_tensor(live[key].shape, live[key].dtype, gen)
+                store.put(key, t)
+                live[key] = t
+            elif keys and op == "get":
+                key = keys[a % len(keys)]
+                assert torch.equal(store.get(key), live[key])
+        for key, t in live.items():
+            got = store.get(key)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
+        if layout == "direct":
+            used = sum(store.meta(k).padded_nbytes for k in live)
+            assert store.stats()["disk_used"] == used
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 300_000)), max_size=80))
+def test_extent_allocator_never_overlaps_and_coalesces(script):
+    grown = []
+    alloc = ExtentAllocator(0, 4096, grow=grown.append, grow_step=64 * KiB)
+    live = {}
+    for is_alloc, n in script:
+        if is_alloc or not live:
+            off = alloc.allocate(n)
+            size = -(-n // 4096) * 4096
+            assert off % 4096 == 0 and off + size <= alloc.capacity
+            for o, s in live.items():
+                assert off + size <= o or o + s <= off
+            live[off] = size
+        else:
+            off = sorted(live)[n % len(live)]
+            alloc.free(off)
+            del live[off]
+    assert grown == sorted(grown)
+    for off in list(live):
+        alloc.free(off)
+    assert alloc.free_extents() == ({0: alloc.capacity} if alloc.capacity else {})
+
+
+# ----------------------------------------------------------------------------- direct layout specifics
+def test_freed_space_is_reused_without_growing(tmp_path):
+    with TensorStore(str(tmp_path), grow_step=MiB) as store:
+        store.put("a", torch.zeros(100_000))
+        first = store.meta("a").segments[0].file_offset
+        reserved = store.stats()["disk_reserved"]
+        store.free("a")
+        store.put("b", torch.ones(100_000))
+        assert store.meta("b").segments[0].file_offset == first
+        assert store.stats()["disk_reserved"] == reserved
+
+
+def test_large_tensors_are_striped_round_robin(tmp_path):
+    with TensorStore(make_paths(tmp_path, 2), stripe_size=64 * KiB, grow_step=MiB) as store:
+        t = torch.randn(100_000)  # 400 KB -> 7 segments
+        store.put("big", t)
+        indices = [s.path_index for s in store.meta("big").segments]
+        assert len(indices) == 7 and all(indices[i] != indices[i + 1] for i in range(6))
+        assert torch.equal(store.get("big"), t)
+        sizes = [os.path.getsize(os.path.join(d, "swap.bin")) for d in store.directories]
+        assert all(s > 0 for s in sizes)
+
+
+def test_partial_reads(tmp_path):
+    with PinnedPool(4 * MiB) as pool, TensorStore(str(tmp_path), pool=pool, stripe_size=64 * KiB) as store:
+        t = torch.arange(300_000, dtype=torch.int32)
+        store.put("t", t)
+        block = pool.alloc(store.buffer_nbytes("t"))
+        for offset, nbytes in [(0, 4), (4096, 8192), (64 * KiB, 64 * KiB), (8192, 1_200_000 - 8192), (1_196_032, 3968)]:
+            store.read_into("t", block, offset, nbytes).wait()
+            got = block.tensor(nbytes // 4, torch.int32)
+            assert torch.equal(got, t[offset // 4: (offset + nbytes) // 4])
+            del got
+        with pytest.raises(ValueError, match="multiples of 4096"):
+            store.read_into("t", block, 100, 8)
+        with pytest.raises(ValueError, match="outside"):
+            store.read_into("t", block, 0, 2_000_000)
+
+
+def test_write_from_and_read_into_pool_blocks(tmp_path):
+    with PinnedPool(4 * MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        assert store.stats()["backend"] in ("uring", "threads")
+        store.allocate(("param", "w"), (256, 300), torch.float32)
+        src = pool.alloc(store.buffer_nbytes(("param", "w")))
+        w = src.tensor((256, 300), torch.float32)
+        w.copy_(torch.randn(256, 300))
+        store.write_from(("param", "w"), src).wait()
+        dst = pool.alloc(store.buffer_nbytes(("param", "w")))
+        req = store.read_into(("param", "w"), dst)
+        req.wait()
+        assert req.done() and torch.equal(dst.tensor((256, 300), torch.float32), w)
+        small = pool.alloc(4096)
+        with pytest.raises(ValueError, match="buffer"):
+            store.write_from(("param", "w"), small)
+
+
+# ----------------------------------------------------------------------------- integrity
+@pytest.mark.parametrize("layout", ["direct", "files"])
+def test_flipped_byte_is_detected_with_key_file_and_offset(tmp_path, layout):
+    with TensorStore(str(tmp_path), layout=layout, stripe_size=64 * KiB) as store:
+        t = torch.randn(50_000)
+        store.put(("master", "layer.weight"), t)
+        meta = store.meta(("master", "layer.weight"))
+        seg = meta.segments[1]
+        path = meta.file or os.path.join(store.directories[0], "swap.bin")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            byte = os.pread(fd, 1, seg.file_offset + 1000)
+            os.pwrite(fd, bytes([byte[0] ^ 0x10]), seg.file_offset + 1000)
+        finally:
+            os.close(fd)
+        with pytest.raises(IntegrityError) as info:
+            store.get(("master", "layer.weight"))
+        err = info.value
+        assert err.key == ("master", "layer.weight") and err.path == path and err.offset == seg.file_offset
+        assert "layer.weight" in str(err) and path in str(err) and str(seg.file_offset) in str(err)
+
+
+def test_checksum_can_be_turned_off(tmp_path):
+    with TensorStore(str(tmp_path), checksum=False) as store:
+        store.put("x", torch.zeros(1024))
+        path = os.path.join(store.directories[0], "swap.bin")
+        with open(path, "r+b") as f:
+            f.seek(store.meta("x").segments[0].file_offset)
+            f.write(b"\x01")
+        assert store.get("x")[0].item() != 0  # corrupt, and nobody checked
+        assert store.stats()["crc_seconds"] == 0.0
+
+
+def test_io_errors_surface_through_the_store(tmp_path):
+    with TensorStore(str(tmp_path)) as store:
+        store.put("x", torch.ones(10_000))
+        store._io.inject_fault(1, errno.EIO)
+        with pytest.raises(AsyncIOError) as info:
+            store.get("x")
+        assert info.value.errno == errno.EIO and "swap.bin" in info.value.filename
+        assert torch.equal(store.get("x"), torch.ones(10_000))
+
+
+# ----------------------------------------------------------------------------- privacy and cleanup
+@pytest.mark.parametrize("layout", ["direct", "files"])
+def test_files_are_private_and_removed_on_close(tmp_path, layout):
+    store = TensorStore(str(tmp_path), layout=layout)
+    store.put("x", torch.ones(10))
+    (directory,) = store.directories
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    for name in os.listdir(directory):
+        assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o600
+    store.close()
+    assert not os.path.exists(directory) and os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="closed"):
+        store.put("y", torch.ones(1))
+
+
+def test_removed_after_exception_inside_a_step(tmp_path):
+    with pytest.raises(RuntimeError, match="step failed"):
+        with TensorStore(str(tmp_path)) as store:
+            store.put("w", torch.ones(100))
+            raise RuntimeError("step failed")
+    assert os.listdir(tmp_path) == []
+
+
+CHILD = """
+import sys, time, torch
+from engine.storage import TensorStore
+store = TensorStore(sys.argv[1])
+store.put("w", torch.ones(1000))
+print(store.directories[0], flush=True)
+if sys.argv[2] == "raise":
+    sys.stdin.readline()  # the parent has seen the directory
+    raise RuntimeError("uncaught")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "SIGTERM", "SIGINT"])
+def test_removed_when_the_process_dies(tmp_path, how):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), how], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    directory = child.stdout.readline().strip()
+    assert directory and os.path.isdir(directory)
+    if how == "raise":
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    else:
+        child.send_signal(getattr(signal, how))
+    child.wait(timeout=60)
+    assert child.returncode != 0
+    assert not os.path.exists(directory), f"{how}: swap directory left behind"
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_path_and_not_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TensorStore(str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        TensorStore(str(tmp_path / "file"))
+    with pytest.raises(ValueError, match="layout"):
+        TensorStore(str(tmp_path), layout="lmdb")
+    with pytest.raises(ValueError, match="distinct"):
+        TensorStore([str(tmp_path), str(tmp_path)])
+
+
+def test_unwritable_path(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    result = run_unprivileged(f"""
+        from engine.storage import TensorStore
+        try:
+            TensorStore({str(locked)!r})
+        except PermissionError as exc:
+            print("PermissionError:", exc)
+    """, drop="cap_dac_override,cap_dac_read_search")
+    assert result.returncode == 0, result.stderr
+    assert "not writable" in result.stdout and str(locked) in result.stdout
+
+
+def test_not_enough_disk_is_reported_before_writing(tmp_path):
+    with TensorStore(str(tmp_path)) as store:
+        free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+        with pytest.raises(StoreCapacityError) as info:
+            store.ensure_capacity(free * 4)
+        assert info.value.needed == free * 4 and "needed" in str(info.value) and "available" in str(info.value)
+        store.ensure_capacity(MiB)
+        with pytest.raises(StoreCapacityError, match="not enough disk space"):
+            store.allocate("huge", (free * 2,), torch.uint8)
+        assert "huge" not in store
+
+
+def test_key_errors(tmp_path):
+    with TensorStore(str(tmp_path)) as store:
+        store.allocate("a", (10,), torch.float32)
+        with pytest.raises(ValueError, match="never written"):
+            store.get("a")
+        with pytest.raises(ValueError, match="already stored"):
+            store.allocate("a", (11,), torch.float32)
+        with pytest.raises(KeyError):
+            store.get("nope")
+        store.put("empty", torch.empty(0, 5))
+        assert store.get("empty").shape == (0, 5)
+
+
+def test_raw_device_is_opt_in_and_mounted_devices_are_refused(tmp_path):
+    device = next((d for d in ("/dev/vda", "/dev/nvme0n1", "/dev/sda") if os.path.exists(d)), None)
+    if device is None:
+        pytest.skip("no block device node to test against")
+    with pytest.raises(ValueError, match="allow_raw_device"):
+        TensorStore(device)
+    mounted = any(line.split()[0] == device for line in open("/proc/mounts"))
+    if not mounted:
+        pytest.skip(f"{device} is not mounted here")
+    with pytest.raises(ValueError, match="mounted|in use"):
+        TensorStore(device, allow_raw_device=True)

@@ -323,3 +323,42 @@ def test_raw_device_is_opt_in_and_mounted_devices_are_refused(tmp_path):
         pytest.skip(f"{device} is not mounted here")
     with pytest.raises(ValueError, match="mounted|in use"):
         TensorStore(device, allow_raw_device=True)
+
+
+def test_partial_writes_of_whole_segments_across_dtypes(tmp_path):
+    """Segments hold the same number of elements for every dtype, so an fp32 master and its
+    bf16 copy split at the same indices, and whole segments can be rewritten in place."""
+    with PinnedPool(8 * MiB) as pool, TensorStore(str(tmp_path), pool=pool, stripe_size=64 * KiB) as store:
+        n = 100_000  # 16384 elements per segment -> 7 segments
+        master, half = torch.randn(n), torch.randn(n).to(torch.bfloat16)
+        store.put("master", master)
+        store.put("half", half)
+        per_seg = store.segment_elements
+        assert per_seg == 16384
+        assert [s.tensor_offset // 4 for s in store.meta("master").segments] == \
+               [s.tensor_offset // 2 for s in store.meta("half").segments]
+        # Rewrite segments 2..3 of the fp32 tensor and the tail segment of the bf16 one.
+        block = pool.alloc(2 * per_seg * 4)
+        new = torch.randn(2 * per_seg)
+        block.tensor(2 * per_seg, torch.float32).copy_(new)
+        store.write_from("master", block, offset=2 * per_seg * 4, nbytes=2 * per_seg * 4).wait()
+        master[2 * per_seg: 4 * per_seg] = new
+        tail = n - 6 * per_seg
+        tail_block = pool.alloc(tail * 2)
+        tail_new = torch.randn(tail).to(torch.bfloat16)
+        tail_block.tensor(tail, torch.bfloat16).copy_(tail_new)
+        store.write_from("half", tail_block, offset=6 * per_seg * 2).wait()
+        half[6 * per_seg:] = tail_new
+        del block, tail_block
+        assert torch.equal(store.get("master"), master) and torch.equal(store.get("half"), half)
+        with pytest.raises(ValueError, match="whole segments"):
+            store.write_from("master", pool.alloc(8192), offset=4096, nbytes=4096)
+        with pytest.raises(ValueError, match="whole segments"):
+            store.write_from("master", pool.alloc(per_seg * 4), offset=0, nbytes=per_seg * 2)
+        # A partially written, never fully written tensor cannot be read where it was not written.
+        store.allocate("fresh", (n,), torch.float32)
+        seg0 = pool.alloc(per_seg * 4)
+        store.write_from("fresh", seg0, offset=0, nbytes=per_seg * 4).wait()
+        store.read_into("fresh", seg0, 0, per_seg * 4).wait()
+        with pytest.raises(ValueError, match="never written"):
+            store.read_into("fresh", seg0, per_seg * 4, 4096)

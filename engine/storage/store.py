@@ -13,11 +13,14 @@ extents with a dtype and shape. Two layouts:
     The ZeRO-Infinity baseline for ablations: one file per tensor, opened on
     every I/O and closed when it completes.
 
-Every tensor is stored as segments of at most ``stripe_size`` bytes, each with a
-CRC32C computed when it is written and verified when it is read back whole (a
-partial read verifies the segments it covers completely). A mismatch raises
-:class:`~engine.errors.IntegrityError` naming the key, file and offset.
-``checksum=False`` turns this off.
+Every tensor is stored as segments of ``stripe_size / 4`` *elements* (16 MiB
+of fp32), whatever its dtype: the segment boundaries of a parameter's fp32
+master, its bf16 weights and its optimizer states then fall on the same element
+indices, so the optimizer can read, update and write back whole segments of
+huge tensors. Each segment has a CRC32C computed when it is written and
+verified when it is read back whole (a partial read verifies the segments it
+covers completely). A mismatch raises :class:`~engine.errors.IntegrityError`
+naming the key, file and offset. ``checksum=False`` turns this off.
 
 Swap files live in a private directory (0700; files 0600) under each path and
 are removed when the store closes, at process exit, and on SIGTERM.
@@ -76,12 +79,22 @@ class TensorMeta:
     nbytes: int
     segments: list[Segment] = field(default_factory=list)
     crcs: list[Optional[int]] = field(default_factory=list)
-    written: bool = False
+    written: list[bool] = field(default_factory=list)  # per segment
     file: Optional[str] = None  # the tensor's own file in the ``files`` layout
 
     @property
     def padded_nbytes(self) -> int:
         return _round_up(self.nbytes)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def segment_range(self, offset: int, end: int) -> range:
+        """Indices of the segments overlapping bytes ``[offset, end)``."""
+        return range(len(self.segments)) if not self.segments else range(
+            next(i for i, s in enumerate(self.segments) if s.tensor_end > offset),
+            next((i for i, s in enumerate(self.segments) if s.tensor_offset >= end), len(self.segments)))
 
 
 class _Backing:
@@ -136,9 +149,10 @@ class StoreRequest:
     def _verify(self) -> None:
         meta, store = self._meta, self._store
         for _request, buffer_offset, seg, whole in self._parts:
-            index = meta.segments.index(seg)
-            expected = meta.crcs[index] if meta.crcs else None
-            if not whole or expected is None:
+            if not whole:
+                continue
+            expected = meta.crcs[meta.segments.index(seg)]
+            if expected is None:
                 continue
             actual = store._crc(self._address + buffer_offset, seg.length)
             if actual != expected:
@@ -155,7 +169,8 @@ class TensorStore:
         io: an AsyncIO to share; by default the store makes one and closes it with itself.
         checksum: CRC32C per segment, verified on read.
         grow_step: swap files grow by at least this much at a time.
-        stripe_size: segment size; with several paths, segments go round-robin across them.
+        stripe_size: segment size in bytes for 4-byte elements (segments hold ``stripe_size / 4``
+            elements of any dtype); with several paths, segments go round-robin across them.
         allow_raw_device: allow a raw block device as a path (its contents are overwritten).
         backend: AsyncIO backend when the store makes its own.
     """
@@ -174,8 +189,9 @@ class TensorStore:
         self.layout = layout
         self.checksum = checksum
         self.grow_step = parse_bytes(grow_step)
-        self.stripe_size = _round_up(parse_bytes(stripe_size))
-        if self.stripe_size <= 0:
+        # Elements per segment: a multiple of 4096 keeps every dtype's segments 4 KiB-aligned.
+        self.segment_elements = _round_up(parse_bytes(stripe_size) // 4, IO_ALIGNMENT)
+        if self.segment_elements <= 0:
             raise ValueError("stripe_size must be positive")
         self.allow_raw_device = allow_raw_device
         self._owns_io = io is None
@@ -272,27 +288,29 @@ class TensorStore:
                 raise ValueError(f"{key!r} is already stored as {existing.dtype}{list(existing.shape)}, "
                                  f"not {dtype}{list(shape)}")
             return existing
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        meta = TensorMeta(key, shape, dtype, nbytes)
-        lengths = [min(self.stripe_size, meta.padded_nbytes - o) for o in range(0, meta.padded_nbytes, self.stripe_size)]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        meta = TensorMeta(key, shape, dtype, math.prod(shape) * itemsize)
+        step = self.segment_elements * itemsize
+        pieces = [(o, min(step, meta.padded_nbytes - o)) for o in range(0, meta.padded_nbytes, step)]
         if self.layout == "files":
             index = self._rotate()
             self._file_counter += 1
             meta.file = os.path.join(self._backings[index].directory, f"tensor-{self._file_counter:08d}.bin")
-            meta.segments = [Segment(index, o, o, n) for o, n in zip(range(0, meta.padded_nbytes, self.stripe_size), lengths)]
+            meta.segments = [Segment(index, o, o, n) for o, n in pieces]
         elif len(self._backings) == 1:
-            offset = self._backings[0].allocator.allocate(meta.padded_nbytes) if lengths else 0
-            meta.segments = [Segment(0, offset + o, o, n) for o, n in zip(range(0, meta.padded_nbytes, self.stripe_size), lengths)]
+            offset = self._backings[0].allocator.allocate(meta.padded_nbytes) if pieces else 0
+            meta.segments = [Segment(0, offset + o, o, n) for o, n in pieces]
         else:
             start = self._rotate()
             try:
-                for j, (o, n) in enumerate(zip(range(0, meta.padded_nbytes, self.stripe_size), lengths)):
+                for j, (o, n) in enumerate(pieces):
                     index = (start + j) % len(self._backings)
                     meta.segments.append(Segment(index, self._backings[index].allocator.allocate(n), o, n))
             except BaseException:
                 self._release_segments(meta)
                 raise
         meta.crcs = [None] * len(meta.segments)
+        meta.written = [False] * len(meta.segments)
         self._meta[key] = meta
         return meta
 
@@ -341,23 +359,40 @@ class TensorStore:
             self._backings[seg.path_index].allocator.free(seg.file_offset)
 
     # ----------------------------------------------------------------- I/O
-    def write_from(self, key: Hashable, buffer: Buffer) -> StoreRequest:
-        """Starts writing the tensor ``key`` from ``buffer`` (its first ``nbytes`` bytes are the data;
-        it must hold :meth:`buffer_nbytes` bytes and be 4 KiB-aligned)."""
+    def write_from(self, key: Hashable, buffer: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> StoreRequest:
+        """Starts writing bytes ``[offset, offset + nbytes)`` of tensor ``key`` (default: all of it)
+        from the start of ``buffer`` (4 KiB-aligned, holding the range rounded up to 4 KiB).
+
+        A partial write covers whole segments: ``offset`` is a segment boundary and the range
+        ends at a segment boundary or at the end of the tensor.
+        """
         self._check_open()
         meta = self.meta(key)
+        if nbytes is None:
+            nbytes = meta.nbytes - offset
+        end = offset + nbytes
+        if offset < 0 or nbytes < 0 or end > meta.nbytes:
+            raise ValueError(f"range [{offset}, {end}) is outside {key!r} ({meta.nbytes} bytes)")
+        indices = meta.segment_range(offset, end) if nbytes else range(0)
+        if indices and (meta.segments[indices[0]].tensor_offset != offset or
+                        (end != meta.nbytes and meta.segments[indices[-1]].tensor_end != end)):
+            raise ValueError(f"a partial write of {key!r} must cover whole segments of "
+                             f"{self.segment_elements} elements, got bytes [{offset}, {end})")
+        span = _round_up(nbytes)
         address, size = _buffer_span(buffer, writable=False)
-        if size < meta.padded_nbytes:
-            raise ValueError(f"writing {key!r} needs a {meta.padded_nbytes}-byte buffer, got {size} bytes")
+        if size < span:
+            raise ValueError(f"writing {key!r} needs a {span}-byte buffer, got {size} bytes")
         file = self._tensor_file(meta, "write")
         parts = []
         try:
-            for index, seg in enumerate(meta.segments):
+            for index in indices:
+                seg = meta.segments[index]
                 if self.checksum:
-                    meta.crcs[index] = self._crc(address + seg.tensor_offset, seg.length)
+                    meta.crcs[index] = self._crc(address + seg.tensor_offset - offset, seg.length)
                 target = file if file is not None else self._backings[seg.path_index].file
-                parts.append((target.write(seg.file_offset, buffer, seg.length, buffer_offset=seg.tensor_offset),
-                              seg.tensor_offset, seg, False))
+                parts.append((target.write(seg.file_offset, buffer, seg.length, buffer_offset=seg.tensor_offset - offset),
+                              seg.tensor_offset - offset, seg, False))
+                meta.written[index] = True
         except BaseException:
             for request, *_ in parts:
                 try:
@@ -367,8 +402,7 @@ class TensorStore:
             if file is not None:
                 file.close()
             raise
-        meta.written = True
-        self._stats["bytes_written"] += meta.padded_nbytes
+        self._stats["bytes_written"] += span
         return StoreRequest(self, meta, "write", parts, address, file)
 
     def read_into(self, key: Hashable, buffer: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> StoreRequest:
@@ -379,12 +413,12 @@ class TensorStore:
         """
         self._check_open()
         meta = self.meta(key)
-        if not meta.written:
-            raise ValueError(f"{key!r} was allocated but never written")
         if nbytes is None:
             nbytes = meta.nbytes - offset
         if offset < 0 or nbytes < 0 or offset + nbytes > meta.nbytes:
             raise ValueError(f"range [{offset}, {offset + nbytes}) is outside {key!r} ({meta.nbytes} bytes)")
+        if nbytes and not all(meta.written[i] for i in meta.segment_range(offset, offset + nbytes)):
+            raise ValueError(f"{key!r} was allocated but never written (bytes [{offset}, {offset + nbytes}))")
         if offset % IO_ALIGNMENT:
             raise ValueError(f"partial reads start at multiples of {IO_ALIGNMENT} bytes, got offset {offset}")
         address, size = _buffer_span(buffer, writable=True)

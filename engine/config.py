@@ -1,0 +1,337 @@
+"""The engine's configuration: typed dataclasses, validation with clear messages,
+loading from a dict / JSON / YAML file, and translation of a DeepSpeed ZeRO-3
+offload config.
+
+Every MemAscend technique has an ablation switch (DESIGN.md section 5); setting
+all of them to their baseline value reproduces ZeRO-Infinity's behaviour.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+from ._log import logger
+from .units import parse_bytes
+
+DTYPES = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+CHOICES = {
+    "dtype": DTYPES,
+    "offload_params": ("nvme", "none"),
+    "offload_optimizer": ("nvme", "none"),
+    "optimizer_state_dtype": ("fp32", "bf16"),
+    "aio_backend": ("auto", "uring", "threads"),
+    # Ablation switches: ours first, then the ZeRO-Infinity-like baseline.
+    "buffer_pool": ("adaptive", "uniform"),
+    "pinned_alloc": ("exact", "torch"),
+    "overflow_check": ("fused", "naive"),
+    "store": ("direct", "files"),
+    "grad_buffer": ("streamed", "flat"),
+}
+BASELINE = {"buffer_pool": "uniform", "pinned_alloc": "torch", "overflow_check": "naive", "store": "files",
+            "grad_buffer": "flat"}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field and what is allowed."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer hyper-parameters. ``type``: ``adamw`` (decoupled weight decay), ``adam``
+    (L2 weight decay) or ``sgd`` (with ``momentum``)."""
+
+    type: str = "adamw"
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+    def validate(self) -> None:
+        if self.type not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.type must be one of {', '.join(OPTIMIZERS)}, got {self.type!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("lr", "eps", "weight_decay", "momentum"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"optimizer.{name} must be a non-negative number, got {value!r}")
+
+
+def AdamWConfig(**kwargs: Any) -> OptimizerConfig:
+    """An AdamW :class:`OptimizerConfig` (``engine.AdamWConfig(lr=1e-5)``)."""
+    return OptimizerConfig(type="adamw", **kwargs)
+
+
+@dataclass
+class Config:
+    """Everything :func:`engine.initialize` needs to know.
+
+    Storage: ``nvme_path`` is one directory or a list (tensors striped across them);
+    ``None`` uses a private directory under the system temp dir. Memory:
+    ``host_memory_budget`` (bytes or ``"16GiB"``) bounds the planned host memory;
+    ``prefetch_depth`` and ``sub_group_size`` are chosen by the planner when ``"auto"``.
+    """
+
+    nvme_path: Union[str, list[str], None] = None
+    dtype: str = "fp32"
+    offload_params: str = "nvme"
+    offload_optimizer: str = "nvme"
+    host_memory_budget: Union[int, str, None] = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 0.0
+    # fp16 loss scaling: loss_scale 0 means dynamic, starting at 2**initial_scale_power.
+    loss_scale: float = 0.0
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    prefetch_depth: Union[int, str] = "auto"
+    sub_group_size: Union[int, str] = "auto"
+    resident_threshold_bytes: int = 1 << 16
+    optimizer_state_dtype: str = "fp32"
+    aio_backend: str = "auto"
+    queue_depth: int = 32
+    block_size: Union[int, str] = "1MiB"
+    checksum: bool = True
+    buffer_pool: str = "adaptive"
+    buffer_count: int = 5
+    pinned_alloc: str = "exact"
+    overflow_check: str = "fused"
+    store: str = "direct"
+    grad_buffer: str = "streamed"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, dict):
+            self.optimizer = _build(OptimizerConfig, self.optimizer, "optimizer")
+        self.validate()
+
+    def validate(self) -> "Config":
+        """Checks every field; raises :class:`ConfigError` naming the first bad one."""
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise ConfigError(f"optimizer must be an OptimizerConfig or a dict, got {type(self.optimizer).__name__}")
+        self.optimizer.validate()
+        if self.nvme_path is not None:
+            paths = [self.nvme_path] if isinstance(self.nvme_path, (str, os.PathLike)) else list(self.nvme_path)
+            if not paths or not all(isinstance(p, (str, os.PathLike)) and str(p) for p in paths):
+                raise ConfigError(f"nvme_path must be a directory or a non-empty list of them, got {self.nvme_path!r}")
+        for name in ("gradient_accumulation_steps", "initial_scale_power", "loss_scale_window", "hysteresis",
+                     "queue_depth", "buffer_count"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("gradient_clipping", "loss_scale", "min_loss_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        for name in ("prefetch_depth", "sub_group_size"):
+            value = getattr(self, name)
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 0
+                                    or (name == "sub_group_size" and value == 0)):
+                raise ConfigError(f"{name} must be 'auto' or a {'non-negative' if name == 'prefetch_depth' else 'positive'} "
+                                  f"integer, got {value!r}")
+        if not isinstance(self.resident_threshold_bytes, int) or self.resident_threshold_bytes < 0:
+            raise ConfigError(f"resident_threshold_bytes must be a non-negative integer, got {self.resident_threshold_bytes!r}")
+        try:
+            if self.host_memory_budget is not None and parse_bytes(self.host_memory_budget) <= 0:
+                raise ConfigError("host_memory_budget must be positive")
+            block = parse_bytes(self.block_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if block <= 0 or block % 4096:
+            raise ConfigError(f"block_size must be a positive multiple of 4096 bytes, got {self.block_size!r}")
+        return self
+
+    @property
+    def budget_bytes(self) -> Optional[int]:
+        return None if self.host_memory_budget is None else parse_bytes(self.host_memory_budget)
+
+    @property
+    def nvme_paths(self) -> Optional[list[str]]:
+        if self.nvme_path is None:
+            return None
+        return [os.fspath(self.nvme_path)] if isinstance(self.nvme_path, (str, os.PathLike)) else \
+            [os.fspath(p) for p in self.nvme_path]
+
+    def with_baseline(self, *switches: str) -> "Config":
+        """A copy with the named ablation switches (default: all) set to the ZeRO-Infinity-like baseline."""
+        names = switches or tuple(BASELINE)
+        unknown = [n for n in names if n not in BASELINE]
+        if unknown:
+            raise ConfigError(f"unknown ablation switch(es) {unknown}; known: {', '.join(BASELINE)}")
+        return dataclasses.replace(self, **{n: BASELINE[n] for n in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        """Builds a Config from a dict; a DeepSpeed config (``zero_optimization`` etc.) is translated."""
+        if looks_like_deepspeed(data):
+            return from_deepspeed(data)
+        return _build(cls, data, "config")
+
+    @classmethod
+    def load(cls, source: Union["Config", dict, str, os.PathLike]) -> "Config":
+        """A Config from a Config, a dict, or a path to a JSON or YAML file (engine or DeepSpeed format)."""
+        if isinstance(source, Config):
+            return source.validate()
+        if isinstance(source, dict):
+            return cls.from_dict(source)
+        path = os.fspath(source)
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+        if path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"{path!r} is YAML but PyYAML is not installed (pip install pyyaml)") from None
+            data = yaml.safe_load(text)
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path!r} must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, known, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown {where} key(s): {', '.join(hints)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {where}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+def looks_like_deepspeed(data: dict) -> bool:
+    return any(k in data for k in ("zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu")) or \
+        any(isinstance(data.get(k), dict) and "enabled" in data[k] for k in ("fp16", "bf16"))
+
+
+# DeepSpeed keys that have no meaning here (batching belongs to the data loader, etc.).
+_DS_IGNORED = {"train_batch_size", "train_micro_batch_size_per_gpu", "steps_per_print", "wall_clock_breakdown",
+               "zero_allow_untested_optimizer"}
+
+
+def from_deepspeed(ds: dict) -> Config:
+    """Translates a DeepSpeed ZeRO-3 offload config; keys without an equivalent are named in one warning."""
+    kwargs: dict[str, Any] = {}
+    unsupported: list[str] = []
+    for key, value in ds.items():
+        if key in _DS_IGNORED:
+            continue
+        if key == "gradient_accumulation_steps":
+            kwargs[key] = int(value)
+        elif key == "gradient_clipping":
+            kwargs[key] = float(value)
+        elif key in ("fp16", "bf16") and isinstance(value, dict):
+            if value.get("enabled", False):
+                kwargs["dtype"] = key
+            for sub, v in value.items():
+                if sub == "enabled" or (sub == "auto_cast" and not v):
+                    continue
+                if key == "fp16" and sub in ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                                             "min_loss_scale"):
+                    kwargs[sub] = float(v) if sub in ("loss_scale", "min_loss_scale") else int(v)
+                else:
+                    unsupported.append(f"{key}.{sub}")
+        elif key == "optimizer":
+            kwargs["optimizer"] = _ds_optimizer(value, unsupported)
+        elif key == "zero_optimization":
+            _ds_zero(value, kwargs, unsupported)
+        elif key == "aio":
+            for sub, v in value.items():
+                if sub == "block_size":
+                    kwargs["block_size"] = int(v)
+                elif sub == "queue_depth":
+                    kwargs["queue_depth"] = int(v)
+                else:
+                    unsupported.append(f"aio.{sub}")
+        else:
+            unsupported.append(key)
+    if unsupported:
+        logger.warning("DeepSpeed config: ignoring keys with no equivalent in this engine: %s", ", ".join(unsupported))
+    return Config(**kwargs)
+
+
+def _ds_optimizer(value: dict, unsupported: list[str]) -> OptimizerConfig:
+    kind = str(value.get("type", "AdamW")).lower()
+    params = dict(value.get("params", {}))
+    if kind not in OPTIMIZERS:
+        raise ConfigError(f"DeepSpeed optimizer type {value.get('type')!r} is not supported (use AdamW, Adam or SGD)")
+    if kind == "adam" and params.pop("adam_w_mode", True):
+        kind = "adamw"  # DeepSpeed's Adam defaults to AdamW behaviour
+    params.pop("adam_w_mode", None)
+    opt = {"type": kind}
+    for k, v in params.items():
+        if k in ("lr", "eps", "weight_decay", "momentum"):
+            opt[k] = float(v)
+        elif k == "betas":
+            opt[k] = tuple(v)
+        else:
+            unsupported.append(f"optimizer.params.{k}")
+    return OptimizerConfig(**opt)
+
+
+def _ds_zero(zero: dict, kwargs: dict, unsupported: list[str]) -> None:
+    if zero.get("stage", 3) != 3:
+        unsupported.append(f"zero_optimization.stage={zero.get('stage')} (this engine always partitions like stage 3)")
+    paths: list[str] = []
+    for section, target in (("offload_param", "offload_params"), ("offload_optimizer", "offload_optimizer")):
+        sub = zero.get(section)
+        if not sub:
+            continue
+        device = sub.get("device", "none")
+        if device not in ("nvme", "none", "cpu"):
+            raise ConfigError(f"zero_optimization.{section}.device {device!r} is not supported")
+        kwargs[target] = "nvme" if device == "nvme" else "none"
+        if device == "cpu":
+            unsupported.append(f"zero_optimization.{section}.device=cpu (kept in DRAM without offload)")
+        for k, v in sub.items():
+            if k == "device":
+                continue
+            if k == "nvme_path":
+                if v not in paths:
+                    paths.append(v)
+            elif k == "buffer_count":
+                kwargs["buffer_count"] = int(v)
+            elif k in ("pin_memory", "buffer_size", "max_in_cpu", "pipeline_read", "pipeline_write", "fast_init",
+                       "ratio"):
+                unsupported.append(f"zero_optimization.{section}.{k} (sized by the planner)")
+            else:
+                unsupported.append(f"zero_optimization.{section}.{k}")
+    if paths:
+        kwargs["nvme_path"] = paths[0] if len(paths) == 1 else paths
+    for k, v in zero.items():
+        if k in ("stage", "offload_param", "offload_optimizer"):
+            continue
+        if k == "sub_group_size":
+            kwargs["sub_group_size"] = int(v)
+        elif k == "stage3_param_persistence_threshold":
+            kwargs["resident_threshold_bytes"] = int(v) * 4  # elements -> fp32 bytes
+        else:
+            unsupported.append(f"zero_optimization.{k}")

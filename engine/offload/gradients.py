@@ -1,0 +1,169 @@
+"""Gradient offload: each gradient goes to its NVMe slot as soon as autograd produces it.
+
+``streamed`` (ours): the gradient is copied into a pinned staging block, added to the
+slot's running fp32 sum when this is not the first micro-batch of the accumulation
+window (read-modify-write through the store), and written back asynchronously; the
+staging block returns to the pool when the write completes. On the last micro-batch
+the fused native kernel adds the gradient's sum of squares to the global norm and
+flags inf/NaN in one pass with no temporaries. Host memory: the staging in flight,
+bounded by ``staging_bytes`` - never proportional to the model.
+
+``flat`` (the ZeRO-Infinity-like ablation): one host buffer holding every gradient
+(``overflow_check = naive`` adds ``isinf(g).any()`` / ``isnan(g).any()`` temporaries).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import PoolExhaustedError
+from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
+from ..optim import kernels
+from ..storage.store import StoreRequest, TensorStore
+from .stepper import ParamSpec, Piece
+
+
+def _round_up(n: int) -> int:
+    return -(-n // IO_ALIGNMENT) * IO_ALIGNMENT
+
+
+class GradientOffload:
+    """Collects gradients for the optimizer stepper.
+
+    Args:
+        store: gradients live in ``("grad", name)`` (fp32) in the ``streamed`` mode.
+        pool: staging blocks for the ``streamed`` mode.
+        params: the trainable parameters.
+        grad_buffer: ``"streamed"`` or ``"flat"``.
+        overflow_check: ``"fused"`` (one native pass) or ``"naive"`` (torch isinf/isnan temporaries).
+        staging_bytes: at most this much pinned staging is in flight before waiting for writes.
+        flat_dtype: element type of the flat buffer (the compute dtype, as in ZeRO-Infinity).
+    """
+
+    def __init__(self, store: TensorStore, pool: PinnedPool, params: Sequence[ParamSpec], *,
+                 grad_buffer: str = "streamed", overflow_check: str = "fused", staging_bytes: int = 64 << 20,
+                 flat_dtype: torch.dtype = torch.float32):
+        if grad_buffer not in ("streamed", "flat"):
+            raise ValueError(f"grad_buffer must be 'streamed' or 'flat', got {grad_buffer!r}")
+        if overflow_check not in ("fused", "naive"):
+            raise ValueError(f"overflow_check must be 'fused' or 'naive', got {overflow_check!r}")
+        self.store, self.pool = store, pool
+        self.params = {p.name: p for p in params}
+        self.grad_buffer, self.overflow_check = grad_buffer, overflow_check
+        self.staging_bytes = staging_bytes
+        self._pending: deque[tuple[StoreRequest, PoolBlock]] = deque()
+        self._pending_bytes = 0
+        self._sumsq = 0.0
+        self._nonfinite = False
+        self.received: set[str] = set()
+        if grad_buffer == "flat":
+            offsets, pos = {}, 0
+            for p in params:
+                offsets[p.name] = pos
+                pos += p.numel
+            self._offsets = offsets
+            self._flat = torch.zeros(pos, dtype=flat_dtype)  # ablation: a host buffer of every gradient
+        else:
+            for p in params:
+                store.allocate(("grad", p.name), p.shape, torch.float32)
+
+    # ------------------------------------------------------------------ accumulation
+    def begin_window(self) -> None:
+        """Starts a new accumulation window (after an optimizer step or at the beginning)."""
+        self._sumsq, self._nonfinite = 0.0, False
+        self.received.clear()
+
+    def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
+        """Takes the gradient of ``name`` from one micro-batch.
+
+        ``first``: first micro-batch of the window (the slot is overwritten, not added to).
+        ``last``: last micro-batch (the accumulated gradient enters the norm/overflow statistics).
+        """
+        spec = self.params.get(name)
+        if spec is None:
+            raise KeyError(f"{name!r} is not a trainable parameter of this offload")
+        if grad.numel() != spec.numel:
+            raise ValueError(f"gradient of {name!r} has {grad.numel()} elements, expected {spec.numel}")
+        grad = grad.detach().reshape(-1)
+        if grad.device.type != "cpu":
+            grad = grad.to("cpu", non_blocking=False)
+        if self.grad_buffer == "flat":
+            view = self._flat[self._offsets[name]: self._offsets[name] + spec.numel]
+            view.copy_(grad) if first and name not in self.received else view.add_(grad)
+            if last:
+                self._account(view)
+        else:
+            block = self._staging(_round_up(spec.numel * 4))
+            acc = block.tensor(spec.numel, torch.float32)
+            if first and name not in self.received:
+                acc.copy_(grad)
+            else:
+                self.store.read_into(("grad", name), block).wait()
+                acc.add_(grad)
+            if last:
+                self._account(acc)
+            del acc
+            self._pending.append((self.store.write_from(("grad", name), block), block))
+            self._pending_bytes += block.size
+        self.received.add(name)
+
+    def _account(self, g: torch.Tensor) -> None:
+        if self.overflow_check == "fused":
+            sumsq, bad = kernels.grad_stats(g.contiguous())
+        else:  # the baseline: full-size boolean temporaries, then a separate norm pass
+            bad = bool(torch.isinf(g).any()) or bool(torch.isnan(g).any())
+            sumsq = float(g.double().pow(2).sum()) if not bad else math.inf
+        self._sumsq += sumsq
+        self._nonfinite |= bool(bad)
+
+    def _staging(self, nbytes: int) -> PoolBlock:
+        while self._pending and self._pending_bytes + nbytes > self.staging_bytes:
+            self._retire_oldest()
+        while True:
+            try:
+                return self.pool.alloc(nbytes)
+            except PoolExhaustedError:
+                if not self._pending:
+                    raise
+                self._retire_oldest()
+
+    def _retire_oldest(self) -> None:
+        request, block = self._pending.popleft()
+        self._pending_bytes -= block.size
+        request.wait()
+        block.free()
+
+    def finish(self) -> tuple[float, bool]:
+        """Waits for every gradient write; returns (global L2 norm, any inf/NaN) of the window."""
+        while self._pending:
+            self._retire_oldest()
+        missing = [n for n in self.params if n not in self.received]
+        if missing:
+            # A parameter that took no part in the loss has a zero gradient (torch would skip it).
+            for name in missing:
+                self.add(name, torch.zeros(self.params[name].numel), first=True, last=False)
+            while self._pending:
+                self._retire_oldest()
+        return math.sqrt(self._sumsq) if not self._nonfinite else math.inf, self._nonfinite
+
+    def grad_source(self):
+        """For the stepper: fills a piece's fp32 gradient from the flat buffer (``flat`` mode), else None."""
+        if self.grad_buffer != "flat":
+            return None
+
+        def fill(piece: Piece, out: torch.Tensor) -> None:
+            start = self._offsets[piece.name] + piece.start
+            out.copy_(self._flat[start: start + piece.numel])
+        return fill
+
+    @property
+    def host_buffer_bytes(self) -> int:
+        """Host memory held for gradients beyond the staging in flight (the flat buffer)."""
+        return self._flat.numel() * self._flat.element_size() if self.grad_buffer == "flat" else 0
+
+    def close(self) -> None:
+        while self._pending:
+            self._retire_oldest()

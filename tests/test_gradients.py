@@ -1,0 +1,78 @@
+"""Gradient offload: accumulation over micro-batches, norm and overflow flags, both buffers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine import PinnedPool
+from engine.offload.gradients import GradientOffload
+from engine.offload.stepper import ParamSpec
+from engine.storage import TensorStore
+
+MiB = 1 << 20
+SHAPES = {"a": (100, 30), "b": (7,), "c": (50_000,)}
+
+
+@pytest.mark.parametrize("grad_buffer", ["streamed", "flat"])
+@pytest.mark.parametrize("overflow_check", ["fused", "naive"])
+def test_accumulates_over_micro_batches_and_reports_the_norm(tmp_path, grad_buffer, overflow_check):
+    torch.manual_seed(0)
+    specs = [ParamSpec(n, s) for n, s in SHAPES.items()]
+    with PinnedPool(4 * MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = GradientOffload(store, pool, specs, grad_buffer=grad_buffer, overflow_check=overflow_check,
+                              staging_bytes=256 * 1024)
+        for window in range(2):
+            off.begin_window()
+            total = {n: torch.zeros(s) for n, s in SHAPES.items()}
+            for micro in range(3):
+                for n, s in SHAPES.items():
+                    g = torch.randn(s)
+                    total[n] += g
+                    off.add(n, g, first=micro == 0, last=micro == 2)
+            norm, bad = off.finish()
+            expected = torch.linalg.vector_norm(torch.cat([t.flatten() for t in total.values()]).double()).item()
+            assert not bad and math.isclose(norm, expected, rel_tol=1e-9)
+            source = off.grad_source()
+            for n, s in SHAPES.items():
+                if source is None:
+                    got = store.get(("grad", n))
+                else:
+                    from engine.offload.stepper import Piece
+                    got = torch.empty(math.prod(s))
+                    source(Piece(n, 0, math.prod(s), 0), got)
+                torch.testing.assert_close(got.reshape(s), total[n], rtol=1e-6, atol=1e-6)
+        assert off.host_buffer_bytes == (0 if grad_buffer == "streamed" else sum(math.prod(s) for s in SHAPES.values()) * 4)
+        off.close()
+        assert pool.stats()["in_use"] == 0
+
+
+@pytest.mark.parametrize("overflow_check", ["fused", "naive"])
+@pytest.mark.parametrize("bad_value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_gradient_is_flagged(tmp_path, overflow_check, bad_value):
+    specs = [ParamSpec("w", (10_001,))]
+    with PinnedPool(MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = GradientOffload(store, pool, specs, overflow_check=overflow_check)
+        off.begin_window()
+        g = torch.ones(10_001)
+        g[10_000] = bad_value
+        off.add("w", g, first=True, last=True)
+        norm, bad = off.finish()
+        assert bad and math.isinf(norm)
+        off.close()
+
+
+def test_parameters_without_gradient_get_zero_and_bad_names_are_refused(tmp_path):
+    specs = [ParamSpec("used", (10,)), ParamSpec("unused", (20,))]
+    with PinnedPool(MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = GradientOffload(store, pool, specs)
+        off.begin_window()
+        off.add("used", torch.ones(10), first=True, last=True)
+        assert off.finish() == (math.sqrt(10), False)
+        assert torch.equal(store.get(("grad", "unused")), torch.zeros(20))
+        with pytest.raises(KeyError):
+            off.add("other", torch.ones(3), first=True, last=True)
+        with pytest.raises(ValueError, match="elements"):
+            off.add("used", torch.ones(3), first=True, last=True)
+        off.close()

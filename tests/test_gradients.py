@@ -76,3 +76,19 @@ def test_parameters_without_gradient_get_zero_and_bad_names_are_refused(tmp_path
         with pytest.raises(ValueError, match="elements"):
             off.add("used", torch.ones(3), first=True, last=True)
         off.close()
+
+
+@pytest.mark.parametrize("grad_buffer", ["streamed", "flat"])
+def test_several_contributions_in_one_backward_count_once_in_the_norm(tmp_path, grad_buffer):
+    """A tied weight (embedding + lm_head) gets two gradient contributions per backward."""
+    specs = [ParamSpec("tied", (1000,))]
+    with PinnedPool(MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = GradientOffload(store, pool, specs, grad_buffer=grad_buffer)
+        off.begin_window()
+        a, b, c = torch.randn(1000), torch.randn(1000), torch.randn(1000)
+        off.add("tied", a, first=True, last=False)   # micro-batch 1
+        off.add("tied", b, first=False, last=True)   # micro-batch 2, first contribution
+        off.add("tied", c, first=False, last=True)   # micro-batch 2, second contribution
+        norm, bad = off.finish()
+        assert not bad and math.isclose(norm, float(torch.linalg.vector_norm((a + b + c).double())), rel_tol=1e-9)
+        off.close()

@@ -56,8 +56,9 @@ class GradientOffload:
         self.staging_bytes = staging_bytes
         self._pending: deque[tuple[StoreRequest, PoolBlock]] = deque()
         self._pending_bytes = 0
-        self._sumsq = 0.0
-        self._nonfinite = False
+        # Per parameter (sum of squares, non-finite) of its accumulated gradient in the last
+        # micro-batch: a tied weight may receive several contributions, the last one counts.
+        self._stats: dict[str, tuple[float, bool]] = {}
         self.received: set[str] = set()
         if grad_buffer == "flat":
             offsets, pos = {}, 0
@@ -73,7 +74,7 @@ class GradientOffload:
     # ------------------------------------------------------------------ accumulation
     def begin_window(self) -> None:
         """Starts a new accumulation window (after an optimizer step or at the beginning)."""
-        self._sumsq, self._nonfinite = 0.0, False
+        self._stats.clear()
         self.received.clear()
 
     def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
@@ -94,7 +95,7 @@ class GradientOffload:
             view = self._flat[self._offsets[name]: self._offsets[name] + spec.numel]
             view.copy_(grad) if first and name not in self.received else view.add_(grad)
             if last:
-                self._account(view)
+                self._account(name, view)
         else:
             block = self._staging(_round_up(spec.numel * 4))
             acc = block.tensor(spec.numel, torch.float32)
@@ -104,20 +105,19 @@ class GradientOffload:
                 self.store.read_into(("grad", name), block).wait()
                 acc.add_(grad)
             if last:
-                self._account(acc)
+                self._account(name, acc)
             del acc
             self._pending.append((self.store.write_from(("grad", name), block), block))
             self._pending_bytes += block.size
         self.received.add(name)
 
-    def _account(self, g: torch.Tensor) -> None:
+    def _account(self, name: str, g: torch.Tensor) -> None:
         if self.overflow_check == "fused":
             sumsq, bad = kernels.grad_stats(g.contiguous())
         else:  # the baseline: full-size boolean temporaries, then a separate norm pass
             bad = bool(torch.isinf(g).any()) or bool(torch.isnan(g).any())
             sumsq = float(g.double().pow(2).sum()) if not bad else math.inf
-        self._sumsq += sumsq
-        self._nonfinite |= bool(bad)
+        self._stats[name] = (sumsq, bool(bad))
 
     def _staging(self, nbytes: int) -> PoolBlock:
         while self._pending and self._pending_bytes + nbytes > self.staging_bytes:
@@ -147,7 +147,9 @@ class GradientOffload:
                 self.add(name, torch.zeros(self.params[name].numel), first=True, last=False)
             while self._pending:
                 self._retire_oldest()
-        return math.sqrt(self._sumsq) if not self._nonfinite else math.inf, self._nonfinite
+        nonfinite = any(bad for _, bad in self._stats.values())
+        sumsq = math.fsum(s for s, _ in self._stats.values())
+        return (math.inf if nonfinite else math.sqrt(sumsq)), nonfinite
 
     def grad_source(self):
         """For the stepper: fills a piece's fp32 gradient from the flat buffer (``flat`` mode), else None."""

@@ -362,3 +362,53 @@ def test_partial_writes_of_whole_segments_across_dtypes(tmp_path):
         store.read_into("fresh", seg0, 0, per_seg * 4).wait()
         with pytest.raises(ValueError, match="never written"):
             store.read_into("fresh", seg0, per_seg * 4, 4096)
+
+
+def test_requests_on_one_key_are_ordered(tmp_path):
+    """A read issued while a write of the same key is in flight sees the written data; a write
+    issued while a read is in flight does not change what that read returns."""
+    with PinnedPool(8 * MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        store.allocate("k", (262_144,), torch.float32)
+        blocks = [pool.alloc(store.buffer_nbytes("k")) for _ in range(3)]
+        for i in range(20):
+            a, b, out = (blk.tensor(262_144, torch.float32) for blk in blocks)
+            a.fill_(i)
+            b.fill_(i + 0.5)
+            w1 = store.write_from("k", blocks[0])
+            r1 = store.read_into("k", blocks[2])   # must see a
+            r1.wait()
+            assert torch.all(out == i)
+            r2 = store.read_into("k", blocks[2])
+            w2 = store.write_from("k", blocks[1])  # must not overtake r2
+            r2.wait()
+            assert torch.all(out == i)
+            w1.wait()
+            w2.wait()
+            assert torch.all(store.get("k") == i + 0.5)
+            del a, b, out
+
+
+def test_an_error_is_raised_to_its_owner_even_if_another_request_waited_first(tmp_path):
+    with PinnedPool(4 * MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        store.allocate("k", (1024,), torch.float32)
+        block = pool.alloc(store.buffer_nbytes("k"))
+        store._io.inject_fault(1, errno.EIO)
+        failed = store.write_from("k", block)
+        store.write_from("k", block).wait()  # waits for `failed` internally
+        with pytest.raises(AsyncIOError):
+            failed.wait()
+        with pytest.raises(AsyncIOError):
+            failed.wait()
+
+
+def test_disjoint_ranges_of_one_key_do_not_wait_for_each_other(tmp_path):
+    with PinnedPool(8 * MiB) as pool, TensorStore(str(tmp_path), pool=pool, stripe_size=64 * KiB) as store:
+        store.put("k", torch.zeros(100_000))
+        seg = store.segment_elements * 4
+        block = pool.alloc(2 * seg)
+        w = store.write_from("k", block, offset=0, nbytes=seg)
+        r = store.read_into("k", block.tensor(2 * seg, torch.uint8)[seg:], offset=seg, nbytes=seg)
+        assert len(store._inflight["k"]) == 2 or w.done()  # the read did not wait for the write
+        r.wait()
+        w.wait()
+        assert "k" not in store._inflight

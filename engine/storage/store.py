@@ -113,14 +113,16 @@ class StoreRequest:
     """An in-flight ``read_into``/``write_from``. :meth:`wait` raises I/O and integrity errors."""
 
     def __init__(self, store: "TensorStore", meta: TensorMeta, op: str, parts: list[tuple[IORequest, int, Segment, bool]],
-                 address: int, file: Optional[AsyncFile]):
+                 address: int, file: Optional[AsyncFile], span: tuple[int, int]):
         self._store = store
         self._meta = meta
         self.op = op
+        self.span = span  # bytes [lo, hi) of the tensor it covers
         self._parts = parts  # (request, buffer offset of the part, segment, verify whole segment)
         self._address = address
         self._file = file  # files layout: closed once the request completes
         self._finished = False
+        self._error: Optional[BaseException] = None
 
     @property
     def key(self) -> Hashable:
@@ -130,9 +132,19 @@ class StoreRequest:
         return self._finished or all(r.done() for r, *_ in self._parts)
 
     def wait(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
+        """Blocks until done; raises its I/O or integrity error (again on every later call)."""
+        if not self._finished:
+            self._finished = True
+            try:
+                self._complete()
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._store._retire(self)
+        if self._error is not None:
+            raise self._error
+
+    def _complete(self) -> None:
         error: Optional[BaseException] = None
         for request, *_ in self._parts:
             try:
@@ -201,6 +213,9 @@ class TensorStore:
         self._next_path = 0
         self._file_counter = 0
         self._closed = False
+        # Requests in flight per key: a read waits for the key's writes, a write for its reads
+        # and writes, so the data seen is always the last data written.
+        self._inflight: dict[Hashable, list[StoreRequest]] = {}
         self._stats = dict(bytes_written=0, bytes_read=0, crc_seconds=0.0)
         try:
             for root in roots:
@@ -382,6 +397,7 @@ class TensorStore:
         address, size = _buffer_span(buffer, writable=False)
         if size < span:
             raise ValueError(f"writing {key!r} needs a {span}-byte buffer, got {size} bytes")
+        self._order_after(key, ("read", "write"), offset, offset + span)
         file = self._tensor_file(meta, "write")
         parts = []
         try:
@@ -403,7 +419,7 @@ class TensorStore:
                 file.close()
             raise
         self._stats["bytes_written"] += span
-        return StoreRequest(self, meta, "write", parts, address, file)
+        return self._track(StoreRequest(self, meta, "write", parts, address, file, (offset, offset + span)))
 
     def read_into(self, key: Hashable, buffer: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> StoreRequest:
         """Starts reading bytes ``[offset, offset + nbytes)`` of tensor ``key`` into the start of ``buffer``.
@@ -426,6 +442,7 @@ class TensorStore:
         if size < span:
             raise ValueError(f"reading {nbytes} bytes of {key!r} needs a {span}-byte buffer, got {size} bytes")
         end = offset + span
+        self._order_after(key, ("write",), offset, end)
         file = self._tensor_file(meta, "read")
         parts = []
         for seg in meta.segments:
@@ -436,7 +453,30 @@ class TensorStore:
             request = target.read(seg.file_offset + lo - seg.tensor_offset, buffer, hi - lo, buffer_offset=lo - offset)
             parts.append((request, lo - offset, seg, self.checksum and lo == seg.tensor_offset and hi == seg.tensor_end))
         self._stats["bytes_read"] += span
-        return StoreRequest(self, meta, "read", parts, address, file)
+        return self._track(StoreRequest(self, meta, "read", parts, address, file, (offset, end)))
+
+    def _track(self, request: StoreRequest) -> StoreRequest:
+        self._inflight.setdefault(request.key, []).append(request)
+        return request
+
+    def _retire(self, request: StoreRequest) -> None:
+        pending = self._inflight.get(request.key)
+        if pending is not None:
+            try:
+                pending.remove(request)
+            except ValueError:
+                pass
+            if not pending:
+                del self._inflight[request.key]
+
+    def _order_after(self, key: Hashable, ops: tuple[str, ...], lo: int, hi: int) -> None:
+        """Waits for the key's in-flight requests of the given kinds that overlap bytes [lo, hi)
+        (their owners still see their errors)."""
+        for request in [r for r in self._inflight.get(key, ()) if r.op in ops and r.span[0] < hi and lo < r.span[1]]:
+            try:
+                request.wait()
+            except Exception:
+                pass
 
     def _tensor_file(self, meta: TensorMeta, op: str) -> Optional[AsyncFile]:
         """The files layout opens the tensor's own file for every I/O, as ZeRO-Infinity does."""

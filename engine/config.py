@@ -95,7 +95,7 @@ class Config:
     min_loss_scale: float = 1.0
     prefetch_depth: Union[int, str] = "auto"
     sub_group_size: Union[int, str] = "auto"
-    resident_threshold_bytes: int = 1 << 16
+    resident_threshold_bytes: int = 1 << 20
     optimizer_state_dtype: str = "fp32"
     aio_backend: str = "auto"
     queue_depth: int = 32

@@ -185,9 +185,10 @@ class OptimizerStepper:
 
     # ------------------------------------------------------------------ states
     def initialize_states(self) -> None:
-        """Creates zeroed moments (and, with low-precision compute, the fp32 master from the stored
-        weights) in the store, one sub-group at a time through the pool."""
+        """Creates zeroed moments (and, with low-precision compute and no ``("master", name)`` yet,
+        the fp32 master from the stored weights) in the store, one sub-group at a time through the pool."""
         staging = self._sets[0]
+        seed_master = {n for n in self.params if self.mixed and ("master", n) not in self.store}
         for group in self.sub_groups:
             layout = self._layout(group)
             for i, piece in enumerate(group):
@@ -198,8 +199,8 @@ class OptimizerStepper:
                     view.zero_()
                     staging.pending.append(self._write(key, staging.blocks[stream], layout[stream][i], piece,
                                                        self.state_dtype))
-                if self.mixed:
-                    # The stored low-precision weights seed the fp32 master.
+                if piece.name in seed_master:
+                    # No master given: the stored low-precision weights seed it.
                     key = ("master", piece.name)
                     self.store.allocate(key, self.params[piece.name].shape, torch.float32)
                     low = staging.view("out", layout["out"][i], piece.numel, self.compute_dtype)

@@ -1,0 +1,31 @@
+"""The public entry points: ``engine.initialize`` and ``engine.plan``."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import Config
+from .memory.planner import MemoryPlan, plan as _plan
+
+ConfigLike = Union[Config, dict, str, "os.PathLike[str]", None]
+
+
+def initialize(model: nn.Module, config: ConfigLike = None,
+               initializer: Optional[Callable[[str, tuple[int, ...]], torch.Tensor]] = None):
+    """Prepares ``model`` for training with parameters, gradients and optimizer states on NVMe.
+
+    ``config``: an :class:`engine.Config`, a dict, or a JSON/YAML path (engine or DeepSpeed
+    format). A model on the meta device is materialized straight into the store, tensor by
+    tensor, by ``initializer(name, shape) -> tensor``. Returns a :class:`~engine.offload.trainer.Trainer`.
+    """
+    from .offload.trainer import Trainer
+
+    return Trainer(model, Config.load(config if config is not None else Config()), initializer)
+
+
+def plan(model: nn.Module, config: ConfigLike = None, *, activation_bytes: int = 0) -> MemoryPlan:
+    """What training ``model`` with ``config`` will need (pool, disk, predicted peak), without allocating."""
+    return _plan(model, Config.load(config if config is not None else Config()), activation_bytes=activation_bytes)

@@ -1,0 +1,201 @@
+"""The memory planner: what a training run will need, from shapes alone, before anything
+is allocated.
+
+Host staging memory (one PinnedPool, allocated once at ``engine.initialize``):
+
+* parameter streaming: the streamer's size-class slots for ``prefetch_depth + 1``
+  units (or ``buffer_count`` slots x the largest tensor, the uniform ablation);
+* gradient staging: the pinned blocks in flight to NVMe (at least the largest
+  trainable tensor in fp32);
+* the optimizer pipeline: three buffer sets of one sub-group's master weights,
+  gradients, moments and low-precision weights.
+
+Disk: compute weights, fp32 master (mixed precision), two moments and an fp32
+gradient per trainable parameter, rounded to 4 KiB. The predicted peak adds the
+resident (small) parameters and a fixed allowance for the Python/PyTorch process
+itself; activations depend on the batch and are not included unless given.
+
+When a ``host_memory_budget`` is set, ``prefetch_depth`` and ``sub_group_size``
+left at ``"auto"`` are chosen as large as fit (prefetch up to 2, sub-groups up to
+64 Mi elements); if even the smallest choice does not fit, planning fails with
+what is needed and what is available - before any allocation or write.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..errors import EngineError
+from ..units import format_bytes
+
+IO_ALIGNMENT = 4096
+PROCESS_OVERHEAD = 400 << 20  # Python + torch + the engine, measured RSS after import (~350-400 MiB)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PlanError(EngineError, MemoryError):
+    """The configured budget (host memory or disk) cannot hold the run."""
+
+
+def _round_up(n: int) -> int:
+    return -(-n // IO_ALIGNMENT) * IO_ALIGNMENT
+
+
+@dataclass
+class MemoryPlan:
+    """What a run needs. All sizes in bytes."""
+
+    prefetch_depth: int
+    sub_group_elements: int
+    segment_elements: int
+    staging_bytes: int          # parameter streaming slots
+    grad_staging_bytes: int     # gradients in flight to NVMe
+    optimizer_bytes: int        # three optimizer buffer sets
+    pool_bytes: int             # the PinnedPool: the sum of the three
+    resident_bytes: int         # small parameters kept in memory (compute dtype)
+    flat_grad_bytes: int        # the flat gradient buffer (grad_buffer="flat" ablation only)
+    activation_bytes: int       # as given (0: not included)
+    predicted_peak_bytes: int
+    disk_bytes: int
+    disk_per_path: dict
+    budget_bytes: Optional[int]
+    streamed_params: int
+    trainable_params: int
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_bytes is None or self.predicted_peak_bytes <= self.budget_bytes
+
+    def table(self) -> str:
+        """A human-readable summary (the CLI's ``plan`` prints it)."""
+        rows = [
+            ("parameters streamed / trainable", f"{self.streamed_params:,} / {self.trainable_params:,}"),
+            ("prefetch depth", str(self.prefetch_depth)),
+            ("optimizer sub-group", f"{self.sub_group_elements:,} elements"),
+            ("pinned pool: parameter staging", format_bytes(self.staging_bytes)),
+            ("pinned pool: gradient staging", format_bytes(self.grad_staging_bytes)),
+            ("pinned pool: optimizer pipeline", format_bytes(self.optimizer_bytes)),
+            ("pinned pool total", format_bytes(self.pool_bytes)),
+            ("resident parameters", format_bytes(self.resident_bytes)),
+            ("flat gradient buffer (ablation)", format_bytes(self.flat_grad_bytes)),
+            ("activations", format_bytes(self.activation_bytes) if self.activation_bytes else "not included"),
+            ("process overhead (allowance)", format_bytes(PROCESS_OVERHEAD)),
+            ("predicted peak host memory", format_bytes(self.predicted_peak_bytes)),
+            ("host memory budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none"),
+            ("fits", "yes" if self.fits else "NO"),
+        ] + [(f"disk on {p}", format_bytes(b)) for p, b in self.disk_per_path.items()]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    seen, out = set(), []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, tuple(p.shape)))
+    return out
+
+
+def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, segment_elements: int = 1 << 22) -> MemoryPlan:
+    """Plans host and disk memory for training ``model`` (real or meta device) with ``config``.
+
+    Raises :class:`PlanError` when ``config.host_memory_budget`` cannot be met.
+    """
+    from ..offload.stepper import OptimizerStepper, ParamSpec
+    from ..offload.streamer import plan_staging
+    from ..offload.params import discover
+
+    compute = DTYPES[config.dtype]
+    state = torch.float32 if config.optimizer_state_dtype == "fp32" else torch.bfloat16
+    threshold = config.resident_threshold_bytes
+    params = discover(model, threshold)
+    # Sizes in the compute dtype, whatever dtype the model was built in.
+    scale = torch.empty((), dtype=compute).element_size()
+    trainable = _trainable(model)
+    specs = [ParamSpec(n, s) for n, s in trainable]
+    largest = max((math.prod(s) for _, s in trainable), default=0)
+    grad_staging = max(64 << 20, _round_up(largest * 4))
+    resident = sum(p.numel() * scale for _, p in params.resident)
+    flat = sum(math.prod(s) for _, s in trainable) * scale if config.grad_buffer == "flat" else 0
+    numel_trainable = sum(math.prod(s) for _, s in trainable)
+
+    def staging_for(depth: int) -> int:
+        if config.offload_params != "nvme":
+            return 0
+        sized = model
+        bp = plan_staging(sized, prefetch_depth=depth, resident_threshold_bytes=threshold,
+                          buffer_pool=config.buffer_pool,
+                          buffer_count=config.buffer_count if config.buffer_pool == "uniform" else None)
+        # plan_staging sizes slots in the model's dtype; rescale to the compute dtype.
+        model_itemsize = next((p.element_size() for p in model.parameters()), scale)
+        return sum(_round_up(size * scale // model_itemsize) * n for size, n in bp.classes.items())
+
+    def optimizer_for(sub_group: int) -> int:
+        return OptimizerStepper.buffer_bytes(specs, segment_elements, sub_group, compute, state)
+
+    budget = config.budget_bytes
+    depths = [config.prefetch_depth] if config.prefetch_depth != "auto" else [2, 1, 0]
+    groups = [config.sub_group_size] if config.sub_group_size != "auto" else \
+        [g for g in (1 << 26, 1 << 25, 1 << 24, 1 << 23, 1 << 22) if g >= segment_elements] or [segment_elements]
+
+    def build(depth: int, group: int) -> MemoryPlan:
+        staging, optimizer = staging_for(depth), optimizer_for(group)
+        pool = staging + grad_staging + optimizer
+        peak = pool + resident + flat + activation_bytes + PROCESS_OVERHEAD
+        disk = _disk_bytes(trainable, params, compute, state, config)
+        paths = config.nvme_paths or ["(private temporary directory)"]
+        return MemoryPlan(depth, group, segment_elements, staging, grad_staging, optimizer, pool, resident, flat,
+                          activation_bytes, peak, disk, {p: -(-disk // len(paths)) for p in paths}, budget,
+                          sum(math.prod(sp.shape) for sp in params.streamed.values()), numel_trainable)
+
+    candidates = [build(d, g) for d in depths for g in groups]
+    if budget is None:
+        return candidates[0]
+    fitting = [c for c in candidates if c.fits]
+    if fitting:
+        return fitting[0]
+    smallest = min(candidates, key=lambda c: c.predicted_peak_bytes)
+    raise PlanError(
+        f"host_memory_budget {format_bytes(budget)} is too small: the smallest plan needs "
+        f"{format_bytes(smallest.predicted_peak_bytes)} (pinned pool {format_bytes(smallest.pool_bytes)}, resident "
+        f"parameters {format_bytes(smallest.resident_bytes)}, process {format_bytes(PROCESS_OVERHEAD)}"
+        + (f", activations {format_bytes(activation_bytes)}" if activation_bytes else "") + ")")
+
+
+def _disk_bytes(trainable, params, compute: torch.dtype, state: torch.dtype, config: Config) -> int:
+    itemsize = torch.empty((), dtype=compute).element_size()
+    s_itemsize = torch.empty((), dtype=state).element_size()
+    total = 0
+    for _, shape in trainable:
+        n = math.prod(shape)
+        total += _round_up(n * itemsize)                 # compute weights ("param")
+        if compute != torch.float32:
+            total += _round_up(n * 4)                    # fp32 master
+        total += 2 * _round_up(n * s_itemsize)           # Adam moments
+        if config.grad_buffer == "streamed":
+            total += _round_up(n * 4)                    # fp32 gradient
+    frozen = [sp for sp in params.streamed.values() if not sp.param.requires_grad]
+    total += sum(_round_up(math.prod(sp.shape) * itemsize) for sp in frozen)
+    return total
+
+
+def check_disk(plan: MemoryPlan, paths: list[str]) -> None:
+    """Raises :class:`PlanError` when the paths' file systems cannot hold the plan's disk bytes."""
+    available, seen = 0, set()
+    for p in paths:
+        st = os.stat(p)
+        if st.st_dev in seen:
+            continue
+        seen.add(st.st_dev)
+        vfs = os.statvfs(p)
+        available += vfs.f_bavail * vfs.f_frsize
+    if plan.disk_bytes > available:
+        raise PlanError(f"not enough disk space on {', '.join(paths)}: the run needs {format_bytes(plan.disk_bytes)}, "
+                        f"{format_bytes(available)} available")

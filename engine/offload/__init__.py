@@ -1,0 +1,21 @@
+"""Offload: the only layer that knows both modules and storage.
+
+* :class:`ParameterStreamer` - large weights live in the :class:`~engine.storage.TensorStore`
+  and are streamed through pinned staging slots for forward and backward.
+* :func:`initialize_into_store` - materialize a meta-device model straight into the store.
+* :func:`plan_staging` / :class:`BufferPlan` - staging memory from shapes alone.
+* :func:`open_streamer` - pool + store + attached streamer in one call (with the ablation switches).
+
+Ablation switches (DESIGN.md section 5): ``buffer_pool`` = ``adaptive`` | ``uniform``,
+``pinned_alloc`` = ``exact`` | ``torch``, ``store`` = ``direct`` | ``files`` (the TensorStore layout).
+"""
+from .buffers import BUFFER_POOLS, PINNED_ALLOCS, BufferPlan, StagingBuffers, StagingExhaustedError, plan_buffers
+from .materialize import initialize_into_store
+from .params import DEFAULT_RESIDENT_THRESHOLD, is_placeholder, param_key
+from .streamer import ParameterStreamer, open_streamer, plan_staging
+
+__all__ = [
+    "BUFFER_POOLS", "BufferPlan", "DEFAULT_RESIDENT_THRESHOLD", "PINNED_ALLOCS", "ParameterStreamer",
+    "StagingBuffers", "StagingExhaustedError", "initialize_into_store", "is_placeholder", "open_streamer",
+    "param_key", "plan_buffers", "plan_staging",
+]

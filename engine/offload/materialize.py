@@ -1,0 +1,203 @@
+"""Materializing a meta-device model straight into the TensorStore.
+
+A model too large for DRAM is built on the meta device (``with torch.device("meta"):
+model = LlamaForCausalLM(config)``) and its parameters are produced one at a time -
+by an initializer callback or from a state-dict iterator (e.g. a safetensors
+checkpoint read tensor by tensor) - and written to the store through a pinned
+staging block. Peak host memory is one tensor (plus the producer's own), not the
+model. Large parameters become placeholders backed by the store (then
+:class:`~engine.offload.ParameterStreamer` streams them without writing them
+again); small ones become ordinary resident tensors on ``device``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .._log import logger
+from ..errors import PoolExhaustedError
+from ..memory.pool import PinnedPool
+from ..units import format_bytes
+from .params import DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, discover, placeholder, replace_parameter
+
+Initializer = Callable[[str, tuple[int, ...]], Optional[torch.Tensor]]
+StateDictSource = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+def initialize_into_store(model: nn.Module, store, initializer: Optional[Initializer] = None, *,
+                          state_dict: Optional[StateDictSource] = None,
+                          resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD,
+                          device: Union[str, torch.device] = "cpu", pool: Optional[PinnedPool] = None) -> dict:
+    """Gives every meta parameter (and meta buffer) of ``model`` its value; large parameters go to ``store``.
+
+    Exactly one source:
+
+    ``initializer(name, shape) -> tensor``
+        called once per parameter (tied parameters once, under their first name) in
+        registration order, and once per meta buffer (it may return None for a buffer, see below).
+    ``state_dict``
+        a mapping or an iterator of ``(name, tensor)`` pairs; a tied parameter may come under
+        any of its names (the first one wins). Names the model does not have are reported
+        in ``unexpected``.
+
+    Values are cast to the parameter's dtype. Streamed parameters (more than
+    ``resident_threshold_bytes``; use the same threshold as the streamer) are written to key
+    ``("param", name)`` through a pinned block of ``pool`` (default: a private pool of two
+    blocks of the largest tensor, so writing one tensor overlaps producing the next; a shared
+    pool with room for one falls back to one write at a time). Buffers
+    left on the meta device (non-persistent ones such as rotary ``inv_freq``) are recomputed by
+    the Hugging Face model's ``_init_weights`` for parameter-free modules.
+
+    Parameters already off the meta device are left alone. Returns a summary with ``streamed``,
+    ``resident``, ``bytes_written``, ``unexpected`` (state-dict names the model lacks).
+    Raises ValueError for missing parameters or wrong shapes.
+    """
+    if (initializer is None) == (state_dict is None):
+        raise ValueError("pass exactly one of initializer and state_dict")
+    device = torch.device(device)
+    params = discover(model, resident_threshold_bytes)
+    streamed_ids = {id(sp.param): sp for sp in params.streamed.values()}
+    # every meta parameter, deduplicated, with all its names
+    targets: dict[str, tuple[nn.Parameter, str]] = {}  # any name -> (param, canonical name)
+    canonical_of: dict[int, str] = {}
+    order: list[tuple[str, nn.Parameter]] = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.device.type != "meta":
+            continue
+        if id(param) not in canonical_of:
+            canonical_of[id(param)] = name
+            order.append((name, param))
+        targets[name] = (param, canonical_of[id(param)])
+    meta_buffers = {name: buf for name, buf in model.named_buffers(remove_duplicate=False) if buf.device.type == "meta"}
+
+    largest = max((sp.slot_nbytes for sp in params.streamed.values() if id(sp.param) in canonical_of), default=0)
+    own_pool = pool is None and largest > 0
+    if own_pool:
+        pool = PinnedPool(2 * largest)
+    blocks: list = []
+    pending: list = []  # in-flight (request, block)
+    summary = dict(streamed=0, resident=0, bytes_written=0, unexpected=[], buffers=0)
+    done: set[int] = set()
+
+    def take_block(nbytes: int):
+        for i, idle in enumerate(blocks):
+            if idle.size >= nbytes:
+                return blocks.pop(i)
+        blocks.clear()  # idle blocks too small for this tensor: give them back
+        try:
+            return pool.alloc(largest if own_pool else nbytes)
+        except PoolExhaustedError:
+            if not pending:
+                raise
+            # a shared pool with room for one tensor only: finish the writes in flight first
+            while pending:
+                pending.pop(0)[0].wait()  # (its block is freed with the tuple)
+            return pool.alloc(nbytes)
+
+    def put(name: str, value: torch.Tensor) -> None:
+        param, canonical = targets[name]
+        if id(param) in done:
+            return
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{canonical}: got a tensor of shape {list(value.shape)}, the model expects "
+                             f"{list(param.shape)}")
+        value = value.detach()
+        owners = params.owners[id(param)]
+        sp = streamed_ids.get(id(param))
+        if sp is not None:
+            store.allocate(sp.key, sp.shape, sp.dtype)
+            if len(pending) == 2:
+                request, idle = pending.pop(0)
+                request.wait()
+                blocks.append(idle)
+                del idle  # a block is freed when its last reference goes
+            block = take_block(sp.slot_nbytes)
+            block.tensor(sp.shape, sp.dtype).copy_(value)
+            pending.append((store.write_from(sp.key, block), block))
+            new = replace_parameter(owners, param, placeholder(sp.shape, sp.dtype, device))
+            setattr(new, KEY_ATTR, sp.key)
+            sp.param = new
+            summary["streamed"] += 1
+            summary["bytes_written"] += sp.slot_nbytes
+        else:
+            replace_parameter(owners, param, value.to(device=device, dtype=param.dtype, copy=True))
+            summary["resident"] += 1
+        done.add(id(param))
+
+    try:
+        if initializer is not None:
+            for name, param in order:
+                value = initializer(name, tuple(param.shape))
+                if value is None:
+                    raise ValueError(f"initializer returned None for parameter {name}")
+                put(name, value)
+            for name in list(meta_buffers):
+                value = initializer(name, tuple(meta_buffers[name].shape))
+                if value is not None:
+                    _set_buffer(model, name, value, device)
+                    del meta_buffers[name]
+        else:
+            items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+            for name, value in items:
+                if name in targets:
+                    put(name, value)
+                elif name in meta_buffers:
+                    _set_buffer(model, name, value, device)
+                    del meta_buffers[name]
+                else:
+                    summary["unexpected"].append(name)
+        for request, block in pending:
+            request.wait()
+        pending.clear()
+    finally:
+        for request, _block in pending:
+            try:
+                request.wait()
+            except Exception:  # the first error is already propagating
+                pass
+        pending.clear()
+        blocks.clear()
+        if own_pool:
+            pool.close()
+    missing = [name for name, param in order if id(param) not in done]
+    if missing:
+        raise ValueError(f"no value for {len(missing)} parameter(s): {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    summary["buffers"] = _init_meta_buffers(model, meta_buffers, device)
+    logger.info("initialize_into_store: %d tensors (%s) to the store, %d resident", summary["streamed"],
+                format_bytes(summary["bytes_written"]), summary["resident"])
+    return summary
+
+
+def _set_buffer(model: nn.Module, name: str, value: torch.Tensor, device: torch.device) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._buffers[attr]
+    if tuple(value.shape) != tuple(old.shape):
+        raise ValueError(f"buffer {name}: got shape {list(value.shape)}, the model expects {list(old.shape)}")
+    module._buffers[attr] = value.detach().to(device=device, dtype=old.dtype, copy=True)
+
+
+def _init_meta_buffers(model: nn.Module, meta_buffers: dict[str, torch.Tensor], device: torch.device) -> int:
+    """Materializes the remaining meta buffers and lets the HF model's ``_init_weights`` compute them."""
+    if not meta_buffers:
+        return 0
+    modules: dict[int, nn.Module] = {}
+    for name in meta_buffers:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        modules[id(module)] = module
+    init = getattr(model, "_init_weights", None)
+    stuck = [name for name in meta_buffers
+             if init is None or any(True for _ in model.get_submodule(name.rpartition(".")[0]).parameters(recurse=False))]
+    if stuck:
+        raise ValueError(f"no value for meta buffer(s) {', '.join(stuck)}: return them from the initializer "
+                         "or include them in the state dict")
+    for module in modules.values():
+        for attr, buf in list(module._buffers.items()):
+            if buf is not None and buf.device.type == "meta":
+                module._buffers[attr] = torch.empty_like(buf, device=device)
+        init(module)
+    return len(meta_buffers)

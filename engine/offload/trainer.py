@@ -1,0 +1,328 @@
+"""The trainer: a model whose parameters, gradients and optimizer states live on NVMe.
+
+One step, as in DESIGN.md section 3: the :class:`ParameterStreamer` streams weights
+for forward and backward; every gradient contribution goes to
+:class:`GradientOffload` (NVMe, fp32 accumulation, fused norm/overflow statistics);
+at the accumulation boundary the :class:`OptimizerStepper` runs its three-stage
+pipeline over all trainable parameters. Small (resident) parameters take the same
+path - their store copy is the truth, and the module's copy is refreshed after
+every step - so every parameter sees exactly the same arithmetic.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .._log import logger
+from ..config import Config
+from ..memory.planner import DTYPES, MemoryPlan, check_disk, plan as plan_memory
+from ..memory.pool import PinnedPool
+from ..storage import cleanup
+from ..storage.aio import AsyncIO
+from ..storage.store import TensorStore
+from ..units import format_bytes, parse_bytes
+from .gradients import GradientOffload
+from .loss_scaler import DynamicLossScaler
+from .materialize import initialize_into_store
+from .stepper import OptimizerStepper, ParamSpec
+from .streamer import ParameterStreamer
+
+Initializer = Callable[[str, tuple[int, ...]], torch.Tensor]
+
+
+class OffloadedOptimizer(torch.optim.Optimizer):
+    """The trainer's optimizer as torch sees it: ``param_groups`` carry lr and weight decay
+    (so torch LR schedulers work), and :meth:`step` runs the offloaded update."""
+
+    def __init__(self, params, defaults: dict, trainer: "Trainer"):
+        super().__init__(params, defaults)
+        self._trainer = trainer
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch's signature
+        if closure is not None:
+            raise ValueError("the offloaded optimizer does not take a closure")
+        self._trainer._apply_step()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients live on NVMe and are overwritten by the next window's first micro-batch."""
+
+
+class Trainer:
+    """Returned by :func:`engine.initialize`. Use it like the model plus DeepSpeed's engine API."""
+
+    def __init__(self, model: nn.Module, config: Config, initializer: Optional[Initializer] = None):
+        self.config = config
+        self.module = model
+        self.compute_dtype = DTYPES[config.dtype]
+        self.mixed = self.compute_dtype != torch.float32
+        self._closed = False
+        self._tmpdir: Optional[str] = None
+        self._store: Optional[TensorStore] = None
+        self._io: Optional[AsyncIO] = None
+        self._pool: Optional[PinnedPool] = None
+        self._streamer: Optional[ParameterStreamer] = None
+        self._stepper: Optional[OptimizerStepper] = None
+        self._grads: Optional[GradientOffload] = None
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.skipped_steps = 0
+        self._timers = dict(forward_s=0.0, backward_s=0.0, step_s=0.0)
+        try:
+            self._build(initializer)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, initializer: Optional[Initializer]) -> None:
+        cfg, model = self.config, self.module
+        if cfg.offload_params != "nvme" or cfg.offload_optimizer != "nvme":
+            raise NotImplementedError("this engine currently offloads both parameters and optimizer states to NVMe "
+                                      "(offload_params='nvme', offload_optimizer='nvme')")
+        on_meta = any(p.device.type == "meta" for p in model.parameters())
+        if on_meta and initializer is None:
+            raise ValueError("the model is on the meta device: pass initializer(name, shape) -> tensor "
+                             "(or load it with engine.from_pretrained)")
+        self.plan: MemoryPlan = plan_memory(model, cfg)
+        paths = cfg.nvme_paths
+        if paths is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="memascend-")
+            cleanup.register(self._tmpdir)
+            paths = [self._tmpdir]
+        for p in paths:
+            if not os.path.isdir(p):
+                raise FileNotFoundError(2, f"NVMe path {p!r} does not exist or is not a directory", p)
+        check_disk(self.plan, paths)
+        pinned_torch = cfg.pinned_alloc == "torch"
+        self._pool = PinnedPool(self.plan.pool_bytes)
+        self._io = AsyncIO(cfg.aio_backend, queue_depth=cfg.queue_depth, block_size=parse_bytes(cfg.block_size),
+                           pool=self._pool)
+        self._store = TensorStore(paths, layout=cfg.store, io=self._io, checksum=cfg.checksum,
+                                  stripe_size=self.plan.segment_elements * 4)
+        self._store.ensure_capacity(self.plan.disk_bytes)
+        store = self._store
+
+        trainable = self._trainable_names(model)
+        if on_meta:
+            user_init = initializer
+
+            def init(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+                value = user_init(name, shape)
+                if value is not None and self.mixed and name in trainable:
+                    store.put(("master", name), value.detach().float())
+                return value if value is None or not value.is_floating_point() else value.to(self.compute_dtype)
+
+            if self.mixed:
+                model.to(self.compute_dtype)
+            initialize_into_store(model, store, init, resident_threshold_bytes=cfg.resident_threshold_bytes,
+                                  pool=self._pool)
+        else:
+            if self.mixed:
+                for name, p in model.named_parameters():
+                    if name in trainable:
+                        store.put(("master", name), p.detach().float())
+                model.to(self.compute_dtype)
+        self._streamer = ParameterStreamer(
+            model, store, None if pinned_torch else self._pool, prefetch_depth=self.plan.prefetch_depth,
+            resident_threshold_bytes=cfg.resident_threshold_bytes, buffer_pool=cfg.buffer_pool,
+            buffer_count=cfg.buffer_count if cfg.buffer_pool == "uniform" else None, pinned_alloc=cfg.pinned_alloc,
+            on_grad=self._on_grad, restore_on_exit=False)
+        self._streamer.attach()
+        # Resident trainable parameters: their store copy is what the optimizer updates.
+        self._resident = {name: p for name, p in self._streamer.params.resident if name in trainable}
+        for name, p in self._resident.items():
+            store.put(("param", name), p.detach())
+        params = [p for name, p in model.named_parameters() if name in trainable]
+        specs = [ParamSpec(name, tuple(p.shape)) for name, p in model.named_parameters() if name in trainable]
+        self._specs = specs
+        opt = cfg.optimizer
+        if opt.type == "sgd":
+            raise NotImplementedError("SGD is not implemented for NVMe offload yet; use adamw or adam")
+        self.optimizer = OffloadedOptimizer(params, dict(lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                                         weight_decay=opt.weight_decay), self)
+        group = self.optimizer.param_groups[0]
+        self._stepper = OptimizerStepper(
+            store, self._pool, specs, compute_dtype=self.compute_dtype,
+            state_dtype=torch.float32 if cfg.optimizer_state_dtype == "fp32" else torch.bfloat16,
+            sub_group_elements=self.plan.sub_group_elements, betas=opt.betas, eps=opt.eps,
+            adamw_mode=opt.type == "adamw", group_hparams=lambda g: (group["lr"], group["weight_decay"]))
+        self._stepper.initialize_states()
+        self._grads = GradientOffload(store, self._pool, specs, grad_buffer=cfg.grad_buffer,
+                                      overflow_check=cfg.overflow_check, staging_bytes=self.plan.grad_staging_bytes,
+                                      flat_dtype=self.compute_dtype if self.mixed else torch.float32)
+        self._grads.begin_window()
+        self.scaler = DynamicLossScaler(2.0 ** cfg.initial_scale_power, cfg.loss_scale_window, cfg.hysteresis,
+                                        cfg.min_loss_scale, dynamic=cfg.loss_scale == 0) \
+            if cfg.dtype == "fp16" else None
+        if self.scaler is not None and cfg.loss_scale:
+            self.scaler.scale = float(cfg.loss_scale)
+        logger.info("engine initialized: pool %s, disk %s, prefetch %d, backend %s",
+                    format_bytes(self.plan.pool_bytes), format_bytes(self.plan.disk_bytes),
+                    self.plan.prefetch_depth, self._io.backend)
+
+    @staticmethod
+    def _trainable_names(model: nn.Module) -> set[str]:
+        seen, names = set(), set()
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                names.add(name)
+        return names
+
+    # ------------------------------------------------------------------ training API
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.config.gradient_accumulation_steps
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self._timers["forward_s"] += time.perf_counter() - start
+
+    def _window_position(self) -> tuple[bool, bool]:
+        gas = self.gradient_accumulation_steps
+        micro = self.micro_steps % gas
+        return micro == 0, micro == gas - 1
+
+    def _on_grad(self, name: str, grad: torch.Tensor) -> None:
+        first, last = self._window_position()
+        self._grads.add(name, grad, first, last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagates ``loss / gradient_accumulation_steps`` (times the fp16 loss scale)."""
+        start = time.perf_counter()
+        scaled = loss.float() / self.gradient_accumulation_steps
+        if self.scaler is not None:
+            scaled = scaled * self.scaler.scale
+        scaled.backward()
+        self._timers["backward_s"] += time.perf_counter() - start
+
+    def step(self) -> None:
+        """Call after every micro-batch; the optimizer runs at the accumulation boundary."""
+        self.micro_steps += 1
+        if self.micro_steps % self.gradient_accumulation_steps == 0:
+            self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        """Gradients live on NVMe and are overwritten by the next window's first micro-batch."""
+
+    def _apply_step(self) -> None:
+        start = time.perf_counter()
+        norm, overflow = self._grads.finish()
+        scale = self.loss_scale
+        if overflow:
+            if self.scaler is None:
+                logger.warning("non-finite gradient at step %d; the step is skipped", self.global_steps + 1)
+            self.skipped_steps += 1
+            if self.scaler is not None:
+                self.scaler.update(True)
+                logger.info("fp16 overflow: step skipped, loss scale -> %g", self.scaler.scale)
+        else:
+            true_norm = norm / scale
+            clip = 1.0
+            if self.config.gradient_clipping > 0:
+                clip = min(1.0, self.config.gradient_clipping / (true_norm + 1e-6))
+            self.global_steps += 1
+            self._stepper.step(self.global_steps, grad_scale=clip / scale, grad_source=self._grads.grad_source())
+            self._streamer.invalidate()  # staged weights are the old ones now
+            self._refresh_resident()
+            if self.scaler is not None:
+                self.scaler.update(False)
+        self.last_grad_norm = norm / scale if not overflow else math.inf
+        self._grads.begin_window()
+        self._timers["step_s"] += time.perf_counter() - start
+
+    def _refresh_resident(self) -> None:
+        for name, p in self._resident.items():
+            p.data.copy_(self._store.get(("param", name)).view(p.shape))
+
+    def train(self, mode: bool = True) -> "Trainer":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Trainer":
+        return self.train(False)
+
+    # ------------------------------------------------------------------ reporting
+    def parameter(self, name: str) -> torch.Tensor:
+        """The current value of a trainable parameter (fp32 master when mixed precision)."""
+        key = ("master", name) if self.mixed else ("param", name)
+        return self._store.get(key)
+
+    def memory_report(self) -> dict:
+        """Backend, pool stats, peak RSS, bytes read/written and bandwidth, I/O wait vs compute time."""
+        status = _proc_status()
+        store = self._store.stats()
+        streamer = self._streamer.stats()
+        stepper = self._stepper.stats
+        io_wait = streamer.get("wait_s", 0.0) + stepper.read_wait_s + stepper.write_wait_s
+        return dict(
+            backend=self._io.backend, fixed_buffers=self._io.fixed_buffers,
+            pool=self._pool.stats(), plan=dict(pool_bytes=self.plan.pool_bytes, disk_bytes=self.plan.disk_bytes,
+                                               prefetch_depth=self.plan.prefetch_depth,
+                                               predicted_peak_bytes=self.plan.predicted_peak_bytes),
+            peak_rss_bytes=status.get("VmHWM", 0), rss_bytes=status.get("VmRSS", 0),
+            locked_bytes=status.get("VmLck", 0),
+            bytes_read=store["bytes_read"], bytes_written=store["bytes_written"],
+            io_wait_s=io_wait, optimizer_compute_s=stepper.compute_s, **self._timers,
+            steps=self.global_steps, skipped_steps=self.skipped_steps, streamer=streamer,
+        )
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Detaches from the model, closes the store (removing swap files) and frees the pool."""
+        if self._closed:
+            return
+        self._closed = True
+        for part in (self._grads, self._stepper):
+            if part is not None:
+                part.close()
+        if self._streamer is not None:
+            self._streamer.detach(restore=False)
+            self._streamer.close()
+        if self._store is not None:
+            self._store.close()
+        if self._io is not None:
+            self._io.close()
+        if self._pool is not None:
+            self._pool.close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            cleanup.unregister(self._tmpdir)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _proc_status() -> dict:
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "VmLck"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out

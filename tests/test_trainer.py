@@ -1,0 +1,251 @@
+"""Full fine-tuning with parameters, gradients and optimizer states on NVMe vs plain PyTorch."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import engine
+from engine.config import BASELINE
+from engine.memory.planner import PlanError
+
+GAS = 2
+
+
+def tiny_llama(tied: bool = False, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).float()
+
+
+def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (2, 16), generator=g) for _ in range(n)]
+
+
+def reference_run(model, data, steps, lr=1e-3, wd=0.1, clip=1.0, adamw=True):
+    opt_cls = torch.optim.AdamW if adamw else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=lr, weight_decay=wd, foreach=False)
+    losses = []
+    for i in range(steps):
+        for m in range(GAS):
+            x = data[i * GAS + m]
+            out = model(input_ids=x, labels=x)
+            (out.loss / GAS).backward()
+            losses.append(out.loss.item())
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def engine_run(model, data, steps, config, tmp_path):
+    losses = []
+    with engine.initialize(model, config) as trainer:
+        for i in range(steps):
+            for m in range(GAS):
+                x = data[i * GAS + m]
+                out = trainer(input_ids=x, labels=x)
+                trainer.backward(out.loss)
+                trainer.step()
+                losses.append(out.loss.item())
+        weights = {name: trainer.parameter(name).clone() for name, _ in model.named_parameters()}
+        report = trainer.memory_report()
+    assert os.listdir(tmp_path) == []  # swap files removed
+    return losses, weights, report
+
+
+def config(tmp_path, **overrides) -> engine.Config:
+    base = dict(nvme_path=str(tmp_path), optimizer=engine.AdamWConfig(lr=1e-3, weight_decay=0.1),
+                gradient_accumulation_steps=GAS, gradient_clipping=1.0, resident_threshold_bytes=4096)
+    base.update(overrides)
+    return engine.Config(**base)
+
+
+def assert_same_training(ref_model, ref_losses, losses, weights, rtol=1e-5):
+    """Losses within ``rtol`` each; every final weight tensor within ``rtol`` in relative L2 norm.
+
+    Not bit-exact against torch.optim.AdamW: this torch build takes Tensor.sqrt from MKL's
+    vector math, which is not correctly rounded (it differs from the IEEE square root on ~20%
+    of inputs), while the fused kernel's sqrt is IEEE; Adam amplifies those 1-ulp differences
+    on near-zero gradients. Bit-exactness of the offload machinery itself is asserted against
+    the same kernel in memory (test_offload_is_bit_identical_to_the_same_optimizer_in_memory)."""
+    assert len(losses) == len(ref_losses)
+    for a, b in zip(losses, ref_losses):
+        assert math.isclose(a, b, rel_tol=rtol), (losses, ref_losses)
+    for name, p in ref_model.named_parameters():
+        got = weights[name].view(p.shape)
+        rel = ((got - p.detach()).norm() / p.detach().norm()).item()
+        assert rel <= rtol, (name, rel)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fp32_training_matches_torch_adamw(tmp_path, tied):
+    ref = tiny_llama(tied)
+    model = copy.deepcopy(ref)
+    data = batches(20)
+    ref_losses = reference_run(ref, data, 10)
+    losses, weights, report = engine_run(model, data, 10, config(tmp_path), tmp_path)
+    assert_same_training(ref, ref_losses, losses, weights)
+    assert report["steps"] == 10 and report["bytes_read"] > 0 and report["backend"] in ("uring", "threads")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_offload_is_bit_identical_to_the_same_optimizer_in_memory(tmp_path, tied):
+    """Streaming, gradient offload and the pipelined stepper lose nothing: the engine equals
+    CPUAdamW (the same fused kernel) run in memory, bit for bit."""
+    from engine.optim import CPUAdamW
+
+    ref = tiny_llama(tied)
+    model = copy.deepcopy(ref)
+    data = batches(12)
+    opt = CPUAdamW(ref.parameters(), lr=1e-3, weight_decay=0.1)
+    ref_losses = []
+    for i in range(6):
+        for m in range(GAS):
+            x = data[i * GAS + m]
+            out = ref(input_ids=x, labels=x)
+            (out.loss / GAS).backward()
+            ref_losses.append(out.loss.item())
+        opt.step()
+        opt.zero_grad()
+    losses, weights, _ = engine_run(model, data, 6, config(tmp_path, gradient_clipping=0.0), tmp_path)
+    assert losses == ref_losses
+    for name, p in ref.named_parameters():
+        assert torch.equal(weights[name].view(p.shape), p.detach()), name
+
+
+@pytest.mark.parametrize("switch", sorted(BASELINE) + ["all"])
+def test_every_ablation_switch_gives_the_same_training(tmp_path, switch):
+    ref = tiny_llama()
+    model = copy.deepcopy(ref)
+    data = batches(12)
+    ref_losses = reference_run(ref, data, 6)
+    cfg = config(tmp_path)
+    cfg = cfg.with_baseline() if switch == "all" else cfg.with_baseline(switch)
+    losses, weights, _ = engine_run(model, data, 6, cfg, tmp_path)
+    assert_same_training(ref, ref_losses, losses, weights)
+
+
+def test_adam_with_l2_and_no_clipping(tmp_path):
+    ref = tiny_llama()
+    model = copy.deepcopy(ref)
+    data = batches(8)
+    ref_losses = reference_run(ref, data, 4, clip=0.0, adamw=False, wd=0.01)
+    cfg = config(tmp_path, optimizer=engine.OptimizerConfig(type="adam", lr=1e-3, weight_decay=0.01),
+                 gradient_clipping=0.0)
+    losses, weights, _ = engine_run(model, data, 4, cfg, tmp_path)
+    assert_same_training(ref, ref_losses, losses, weights)
+
+
+def test_lr_scheduler_drives_the_offloaded_optimizer(tmp_path):
+    ref = tiny_llama()
+    model = copy.deepcopy(ref)
+    data = batches(8)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for i in range(4):
+        for m in range(GAS):
+            x = data[i * GAS + m]
+            (ref(input_ids=x, labels=x).loss / GAS).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    with engine.initialize(model, config(tmp_path)) as trainer:
+        tsched = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=1, gamma=0.5)
+        for i in range(4):
+            for m in range(GAS):
+                x = data[i * GAS + m]
+                trainer.backward(trainer(input_ids=x, labels=x).loss)
+                trainer.step()
+            tsched.step()
+        assert trainer.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(trainer.parameter(name).view(p.shape), p.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_meta_device_model_is_initialized_into_the_store(tmp_path):
+    ref = tiny_llama()
+    values = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(ref.config)
+    data = batches(4)
+    ref_losses = reference_run(ref, data, 2)
+    with engine.initialize(meta, config(tmp_path), initializer=lambda name, shape: values[name].view(shape) if name in values else None) as tr:
+        losses = []
+        for i in range(2):
+            for m in range(GAS):
+                x = data[i * GAS + m]
+                out = tr(input_ids=x, labels=x)
+                tr.backward(out.loss)
+                tr.step()
+                losses.append(out.loss.item())
+        weights = {name: tr.parameter(name).clone() for name, _ in ref.named_parameters()}
+    assert_same_training(ref, ref_losses, losses, weights)
+
+
+def test_bf16_loss_falls_on_a_repeated_batch(tmp_path):
+    model = tiny_llama()
+    x = batches(1)[0]
+    cfg = config(tmp_path, dtype="bf16", gradient_accumulation_steps=1,
+                 optimizer=engine.AdamWConfig(lr=3e-3, weight_decay=0.0))
+    with engine.initialize(model, cfg) as trainer:
+        losses = []
+        for _ in range(15):
+            out = trainer(input_ids=x, labels=x)
+            trainer.backward(out.loss)
+            trainer.step()
+            losses.append(out.loss.item())
+        assert losses[-1] < 0.7 * losses[0], losses
+        master = trainer.parameter("lm_head.weight")
+        assert master.dtype == torch.float32
+        assert trainer._store.meta(("param", "lm_head.weight")).dtype == torch.bfloat16
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
+    model = tiny_llama()
+    x = batches(1)[0]
+    cfg = config(tmp_path, dtype="fp16", gradient_accumulation_steps=1, hysteresis=1, initial_scale_power=8)
+    with engine.initialize(model, cfg) as trainer:
+        out = trainer(input_ids=x, labels=x)
+        trainer.backward(out.loss)
+        trainer.step()
+        assert trainer.global_steps == 1 and trainer.loss_scale == 256.0
+        before = {n: trainer.parameter(n).clone() for n, _ in model.named_parameters()}
+        out = trainer(input_ids=x, labels=x)
+        trainer.backward(out.loss * float("inf"))
+        trainer.step()
+        assert trainer.skipped_steps == 1 and trainer.global_steps == 1 and trainer.loss_scale == 128.0
+        for n, _ in model.named_parameters():
+            after = trainer.parameter(n)
+            assert torch.equal(after, before[n]) and torch.isfinite(after).all()
+            for state in ("exp_avg", "exp_avg_sq"):
+                assert torch.isfinite(trainer._store.get((state, n))).all()
+        out = trainer(input_ids=x, labels=x)
+        trainer.backward(out.loss)
+        trainer.step()
+        assert trainer.global_steps == 2
+
+
+def test_planner_pool_is_the_allocated_pool_and_budget_errors(tmp_path):
+    model = tiny_llama()
+    cfg = config(tmp_path)
+    plan = engine.plan(model, cfg)
+    with engine.initialize(model, cfg) as trainer:
+        assert trainer.memory_report()["pool"]["capacity"] == plan.pool_bytes
+    with pytest.raises(PlanError, match="too small"):
+        engine.initialize(tiny_llama(), config(tmp_path, host_memory_budget="64MiB"))
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_missing_nvme_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        engine.initialize(tiny_llama(), config(tmp_path / "missing"))

@@ -249,3 +249,34 @@ def test_planner_pool_is_the_allocated_pool_and_budget_errors(tmp_path):
 def test_missing_nvme_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         engine.initialize(tiny_llama(), config(tmp_path / "missing"))
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_soak_200_steps_memory_flat_and_nothing_leaks(tmp_path):
+    model = tiny_llama()
+    data = batches(8)
+    cfg = config(tmp_path, gradient_accumulation_steps=1)
+    with engine.initialize(model, cfg) as trainer:
+        def train(steps, start):
+            for i in range(start, start + steps):
+                x = data[i % len(data)]
+                trainer.backward(trainer(input_ids=x, labels=x).loss)
+                trainer.step()
+
+        train(20, 0)  # warm-up: execution order recorded, allocator caches filled
+        rss, pool = _rss(), trainer.memory_report()["pool"]
+        disk = trainer._store.stats()["disk_used"]
+        swap_files = sorted(os.listdir(trainer._store.directories[0]))
+        train(180, 20)
+        report = trainer.memory_report()
+        assert report["steps"] == 200
+        assert report["pool"]["in_use"] == pool["in_use"] and report["pool"]["live_allocations"] == pool["live_allocations"]
+        assert trainer._store.stats()["disk_used"] == disk
+        assert sorted(os.listdir(trainer._store.directories[0])) == swap_files
+        growth = _rss() - rss
+        assert growth < 16 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 180 steps"
+    assert os.listdir(tmp_path) == []

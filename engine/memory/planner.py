@@ -15,10 +15,11 @@ gradient per trainable parameter, rounded to 4 KiB. The predicted peak adds the
 resident (small) parameters and a fixed allowance for the Python/PyTorch process
 itself; activations depend on the batch and are not included unless given.
 
-When a ``host_memory_budget`` is set, ``prefetch_depth`` and ``sub_group_size``
-left at ``"auto"`` are chosen as large as fit (prefetch up to 2, sub-groups up to
-64 Mi elements); if even the smallest choice does not fit, planning fails with
-what is needed and what is available - before any allocation or write.
+``prefetch_depth`` left at ``"auto"`` is the largest of 2, 1, 0 that fits the
+``host_memory_budget`` (2 without a budget); ``sub_group_size`` ``"auto"`` is one
+store segment (4 Mi elements): the optimizer's I/O is chunked, so larger
+sub-groups only cost memory. If even the smallest choice does not fit, planning
+fails with what is needed and what is available - before any allocation or write.
 """
 from __future__ import annotations
 
@@ -142,8 +143,8 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, segment
 
     budget = config.budget_bytes
     depths = [config.prefetch_depth] if config.prefetch_depth != "auto" else [2, 1, 0]
-    groups = [config.sub_group_size] if config.sub_group_size != "auto" else \
-        [g for g in (1 << 26, 1 << 25, 1 << 24, 1 << 23, 1 << 22) if g >= segment_elements] or [segment_elements]
+    # One segment per sub-group: I/O is chunked anyway, so larger sub-groups only cost memory.
+    groups = [config.sub_group_size] if config.sub_group_size != "auto" else [segment_elements]
 
     def build(depth: int, group: int) -> MemoryPlan:
         staging, optimizer = staging_for(depth), optimizer_for(group)

@@ -26,6 +26,12 @@ def initialize(model: nn.Module, config: ConfigLike = None,
     return Trainer(model, Config.load(config if config is not None else Config()), initializer)
 
 
-def plan(model: nn.Module, config: ConfigLike = None, *, activation_bytes: int = 0) -> MemoryPlan:
-    """What training ``model`` with ``config`` will need (pool, disk, predicted peak), without allocating."""
-    return _plan(model, Config.load(config if config is not None else Config()), activation_bytes=activation_bytes)
+def plan(model: nn.Module, config: ConfigLike = None, *, activation_bytes: int = 0,
+         example_inputs: Optional[dict] = None) -> MemoryPlan:
+    """What training ``model`` with ``config`` will need (pool, disk, predicted peak), without allocating.
+
+    Pass ``example_inputs`` (keyword arguments of one training forward, e.g. ``input_ids`` and
+    ``labels`` of the batch shape) to include an estimate of the activations.
+    """
+    return _plan(model, Config.load(config if config is not None else Config()), activation_bytes=activation_bytes,
+                 example_inputs=example_inputs)

@@ -260,19 +260,6 @@ def test_adam_out_is_torch_cast_of_new_weights(isa, dtype):
     assert torch.isinf(out.float()).any() or dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_large_out_uses_streaming_stores_correctly(isa, dtype):
-    """Outputs of 8 MiB and more are written with non-temporal stores when aligned."""
-    n = (8 << 20) // 2 + 37
-    gen = torch.Generator().manual_seed(13)
-    p0, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    big = torch.empty(n + 1, dtype=dtype)
-    for out in (big[:n], big[1:]):  # aligned (streamed) and misaligned (regular stores)
-        p, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)
-        adam_step(p, g, m, v, step=1, lr=1e-2, weight_decay=0.01, out=out)
-        assert_bits_equal(out, p.to(dtype))
-
-
 # --------------------------------------------------------------------------- gradient statistics
 
 

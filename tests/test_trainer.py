@@ -194,7 +194,17 @@ def test_meta_device_model_is_initialized_into_the_store(tmp_path):
 
 def test_bf16_loss_falls_on_a_repeated_batch(tmp_path):
     model = tiny_llama()
+    ref = copy.deepcopy(model)
     x = batches(1)[0]
+    opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.0)
+    ref_losses = []
+    for _ in range(15):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ref(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(loss.item())
     cfg = config(tmp_path, dtype="bf16", gradient_accumulation_steps=1,
                  optimizer=engine.AdamWConfig(lr=3e-3, weight_decay=0.0))
     with engine.initialize(model, cfg) as trainer:
@@ -205,6 +215,9 @@ def test_bf16_loss_falls_on_a_repeated_batch(tmp_path):
             trainer.step()
             losses.append(out.loss.item())
         assert losses[-1] < 0.7 * losses[0], losses
+        # bf16 weights vs autocast's bf16 matmuls over fp32 weights: the same trajectory within bf16 noise.
+        for ours, theirs in zip(losses, ref_losses):
+            assert abs(ours - theirs) <= 0.03 * theirs, (losses, ref_losses)
         master = trainer.parameter("lm_head.weight")
         assert master.dtype == torch.float32
         assert trainer._store.meta(("param", "lm_head.weight")).dtype == torch.bfloat16
@@ -279,4 +292,56 @@ def test_soak_200_steps_memory_flat_and_nothing_leaks(tmp_path):
         assert sorted(os.listdir(trainer._store.directories[0])) == swap_files
         growth = _rss() - rss
         assert growth < 16 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 180 steps"
+    assert os.listdir(tmp_path) == []
+
+
+PEAK_CHILD = """
+import sys, tempfile, torch, engine
+from transformers import LlamaConfig, LlamaForCausalLM
+hidden, layers, vocab = map(int, sys.argv[1:4])
+cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
+with torch.device("meta"):
+    model = LlamaForCausalLM(cfg)
+x = torch.randint(0, vocab, (2, 256))
+conf = engine.Config(nvme_path=sys.argv[4])
+plan = engine.plan(model, conf, example_inputs=dict(input_ids=x, labels=x))
+g = torch.Generator().manual_seed(0)
+init = lambda n, s: None if n.endswith("inv_freq") else (torch.ones(s) if "norm" in n else torch.randn(s, generator=g) * 0.02)
+with engine.initialize(model, conf, initializer=init) as trainer:
+    for _ in range(2):
+        trainer.backward(trainer(input_ids=x, labels=x).loss)
+        trainer.step()
+    assert trainer.memory_report()["pool"]["capacity"] == plan.pool_bytes
+    peak = trainer.memory_report()["peak_rss_bytes"]
+print(plan.predicted_peak_bytes, peak)
+"""
+
+
+@pytest.mark.parametrize("hidden,layers,vocab", [(256, 4, 8000), (768, 6, 32000)])
+def test_predicted_peak_is_within_20_percent_of_measured(tmp_path, hidden, layers, vocab):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(hidden), str(layers), str(vocab), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0, out.stderr[-3000:]
+    predicted, measured = map(int, out.stdout.split()[-2:])
+    assert abs(predicted - measured) <= 0.2 * measured, (predicted / 2**20, measured / 2**20)
+
+
+def test_too_small_disk_is_refused_before_any_write(tmp_path, monkeypatch):
+    import engine.offload.trainer as trainer_module
+
+    real = trainer_module.check_disk
+
+    def tiny_disk(plan, paths):
+        plan.disk_bytes = 1 << 60  # more than any disk: the check must refuse it
+        return real(plan, paths)
+
+    monkeypatch.setattr(trainer_module, "check_disk", tiny_disk)
+    with pytest.raises(PlanError, match="not enough disk space"):
+        engine.initialize(tiny_llama(), config(tmp_path))
     assert os.listdir(tmp_path) == []

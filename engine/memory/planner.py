@@ -12,8 +12,10 @@ Host staging memory (one PinnedPool, allocated once at ``engine.initialize``):
 
 Disk: compute weights, fp32 master (mixed precision), two moments and an fp32
 gradient per trainable parameter, rounded to 4 KiB. The predicted peak adds the
-resident (small) parameters and a fixed allowance for the Python/PyTorch process
-itself; activations depend on the batch and are not included unless given.
+resident (small) parameters, the process itself (its RSS when planning, less any
+real model weights that are about to move to NVMe) and the activations: given
+as bytes, or estimated from ``example_inputs`` by running forward and backward
+on the meta device and adding up what autograd saves (:func:`estimate_activation_bytes`).
 
 ``prefetch_depth`` left at ``"auto"`` is the largest of 2, 1, 0 that fits the
 ``host_memory_budget`` (2 without a budget); ``sub_group_size`` ``"auto"`` is one
@@ -36,7 +38,7 @@ from ..errors import EngineError
 from ..units import format_bytes
 
 IO_ALIGNMENT = 4096
-PROCESS_OVERHEAD = 400 << 20  # Python + torch + the engine, measured RSS after import (~350-400 MiB)
+PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -61,7 +63,8 @@ class MemoryPlan:
     pool_bytes: int             # the PinnedPool: the sum of the three
     resident_bytes: int         # small parameters kept in memory (compute dtype)
     flat_grad_bytes: int        # the flat gradient buffer (grad_buffer="flat" ablation only)
-    activation_bytes: int       # as given (0: not included)
+    activation_bytes: int       # given or estimated (0: not included)
+    process_bytes: int          # the process itself (RSS when planning, less real model weights)
     predicted_peak_bytes: int
     disk_bytes: int
     disk_per_path: dict
@@ -86,7 +89,7 @@ class MemoryPlan:
             ("resident parameters", format_bytes(self.resident_bytes)),
             ("flat gradient buffer (ablation)", format_bytes(self.flat_grad_bytes)),
             ("activations", format_bytes(self.activation_bytes) if self.activation_bytes else "not included"),
-            ("process overhead (allowance)", format_bytes(PROCESS_OVERHEAD)),
+            ("process (Python, torch, ...)", format_bytes(self.process_bytes)),
             ("predicted peak host memory", format_bytes(self.predicted_peak_bytes)),
             ("host memory budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none"),
             ("fits", "yes" if self.fits else "NO"),
@@ -104,11 +107,17 @@ def _trainable(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, segment_elements: int = 1 << 22) -> MemoryPlan:
+def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example_inputs: Optional[dict] = None,
+         segment_elements: int = 1 << 22) -> MemoryPlan:
     """Plans host and disk memory for training ``model`` (real or meta device) with ``config``.
 
+    ``example_inputs``: keyword arguments of one training forward (e.g. ``input_ids`` and
+    ``labels`` of the batch shape); their activations are estimated on the meta device.
     Raises :class:`PlanError` when ``config.host_memory_budget`` cannot be met.
     """
+    if example_inputs is not None:
+        activation_bytes = estimate_activation_bytes(model, example_inputs, DTYPES[config.dtype])
+    process = _process_bytes(model)
     from ..offload.stepper import OptimizerStepper, ParamSpec
     from ..offload.streamer import plan_staging
     from ..offload.params import discover
@@ -149,11 +158,11 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, segment
     def build(depth: int, group: int) -> MemoryPlan:
         staging, optimizer = staging_for(depth), optimizer_for(group)
         pool = staging + grad_staging + optimizer
-        peak = pool + resident + flat + activation_bytes + PROCESS_OVERHEAD
+        peak = pool + resident + flat + activation_bytes + process
         disk = _disk_bytes(trainable, params, compute, state, config)
         paths = config.nvme_paths or ["(private temporary directory)"]
         return MemoryPlan(depth, group, segment_elements, staging, grad_staging, optimizer, pool, resident, flat,
-                          activation_bytes, peak, disk, {p: -(-disk // len(paths)) for p in paths}, budget,
+                          activation_bytes, process, peak, disk, {p: -(-disk // len(paths)) for p in paths}, budget,
                           sum(math.prod(sp.shape) for sp in params.streamed.values()), numel_trainable)
 
     candidates = [build(d, g) for d in depths for g in groups]
@@ -166,8 +175,49 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, segment
     raise PlanError(
         f"host_memory_budget {format_bytes(budget)} is too small: the smallest plan needs "
         f"{format_bytes(smallest.predicted_peak_bytes)} (pinned pool {format_bytes(smallest.pool_bytes)}, resident "
-        f"parameters {format_bytes(smallest.resident_bytes)}, process {format_bytes(PROCESS_OVERHEAD)}"
+        f"parameters {format_bytes(smallest.resident_bytes)}, process {format_bytes(process)}"
         + (f", activations {format_bytes(activation_bytes)}" if activation_bytes else "") + ")")
+
+
+def _process_bytes(model: nn.Module) -> int:
+    """This process's RSS now, less the bytes of real (CPU) model weights that training moves to NVMe."""
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return PROCESS_OVERHEAD
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
+    return max(rss - weights, 0)
+
+
+def estimate_activation_bytes(model: nn.Module, example_inputs: dict, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the activations one training step keeps, from shapes alone.
+
+    Runs ``model(**example_inputs)`` and its backward on the meta device (parameters replaced
+    by meta stand-ins through ``torch.func.functional_call``; nothing is allocated) and adds up
+    the tensors autograd saves for backward, weights excluded, plus the largest of them once
+    more for the gradient buffers that exist while backward runs.
+    """
+    from torch.func import functional_call
+
+    params = {n: torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device="meta")
+              .requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    buffers = {n: torch.empty(b.shape, dtype=b.dtype, device="meta") for n, b in model.named_buffers()}
+    weights = {id(p) for p in params.values()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(base) not in weights and id(t) not in weights:
+            saved[id(base)] = base.numel() * base.element_size()
+        return t
+
+    inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in example_inputs.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = functional_call(model, {**params, **buffers}, (), inputs)
+    loss = out.loss if hasattr(out, "loss") else out
+    del loss, out
+    return sum(saved.values()) + max(saved.values(), default=0)
 
 
 def _disk_bytes(trainable, params, compute: torch.dtype, state: torch.dtype, config: Config) -> int:

@@ -35,19 +35,15 @@ from torch import nn
 
 from ..config import Config
 from ..errors import EngineError
+from .pool import round_up_io
 from ..units import format_bytes
 
-IO_ALIGNMENT = 4096
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PlanError(EngineError, MemoryError):
     """The configured budget (host memory or disk) cannot hold the run."""
-
-
-def _round_up(n: int) -> int:
-    return -(-n // IO_ALIGNMENT) * IO_ALIGNMENT
 
 
 @dataclass
@@ -131,7 +127,7 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     trainable = _trainable(model)
     specs = [ParamSpec(n, s) for n, s in trainable]
     largest = max((math.prod(s) for _, s in trainable), default=0)
-    grad_staging = max(64 << 20, _round_up(largest * 4))
+    grad_staging = max(64 << 20, round_up_io(largest * 4))
     resident = sum(p.numel() * scale for _, p in params.resident)
     flat = sum(math.prod(s) for _, s in trainable) * scale if config.grad_buffer == "flat" else 0
     numel_trainable = sum(math.prod(s) for _, s in trainable)
@@ -145,7 +141,7 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
                           buffer_count=config.buffer_count if config.buffer_pool == "uniform" else None)
         # plan_staging sizes slots in the model's dtype; rescale to the compute dtype.
         model_itemsize = next((p.element_size() for p in model.parameters()), scale)
-        return sum(_round_up(size * scale // model_itemsize) * n for size, n in bp.classes.items())
+        return sum(round_up_io(size * scale // model_itemsize) * n for size, n in bp.classes.items())
 
     def optimizer_for(sub_group: int) -> int:
         return OptimizerStepper.buffer_bytes(specs, segment_elements, sub_group, compute, state)
@@ -226,14 +222,14 @@ def _disk_bytes(trainable, params, compute: torch.dtype, state: torch.dtype, con
     total = 0
     for _, shape in trainable:
         n = math.prod(shape)
-        total += _round_up(n * itemsize)                 # compute weights ("param")
+        total += round_up_io(n * itemsize)                 # compute weights ("param")
         if compute != torch.float32:
-            total += _round_up(n * 4)                    # fp32 master
-        total += 2 * _round_up(n * s_itemsize)           # Adam moments
+            total += round_up_io(n * 4)                    # fp32 master
+        total += 2 * round_up_io(n * s_itemsize)           # Adam moments
         if config.grad_buffer == "streamed":
-            total += _round_up(n * 4)                    # fp32 gradient
+            total += round_up_io(n * 4)                    # fp32 gradient
     frozen = [sp for sp in params.streamed.values() if not sp.param.requires_grad]
-    total += sum(_round_up(math.prod(sp.shape) * itemsize) for sp in frozen)
+    total += sum(round_up_io(math.prod(sp.shape) * itemsize) for sp in frozen)
     return total
 
 

@@ -28,6 +28,11 @@ from ..units import format_bytes, parse_bytes
 IO_ALIGNMENT = 4096
 
 
+def round_up_io(nbytes: int) -> int:
+    """``nbytes`` rounded up to the I/O alignment (what O_DIRECT transfers and pool blocks take)."""
+    return -(-nbytes // IO_ALIGNMENT) * IO_ALIGNMENT
+
+
 class PoolBlock:
     """One exact-size allocation from a :class:`PinnedPool`."""
 

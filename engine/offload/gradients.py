@@ -20,14 +20,10 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import PoolExhaustedError
-from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
+from ..memory.pool import PinnedPool, PoolBlock, round_up_io
 from ..optim import kernels
 from ..storage.store import StoreRequest, TensorStore
 from .stepper import ParamSpec, Piece
-
-
-def _round_up(n: int) -> int:
-    return -(-n // IO_ALIGNMENT) * IO_ALIGNMENT
 
 
 class GradientOffload:
@@ -97,7 +93,7 @@ class GradientOffload:
             if last:
                 self._account(name, view)
         else:
-            block = self._staging(_round_up(spec.numel * 4))
+            block = self._staging(round_up_io(spec.numel * 4))
             acc = block.tensor(spec.numel, torch.float32)
             if first and name not in self.received:
                 acc.copy_(grad)

@@ -24,15 +24,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
+from ..memory.pool import PinnedPool, PoolBlock, round_up_io
 from ..optim import kernels
 from ..storage.store import StoreRequest, TensorStore
 
 STREAMS = ("master", "grad", "exp_avg", "exp_avg_sq", "out")
-
-
-def _round_up(n: int) -> int:
-    return -(-n // IO_ALIGNMENT) * IO_ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -172,7 +168,7 @@ class OptimizerStepper:
             for piece in group:
                 offsets.append(pos)
                 if dtype is not None:
-                    pos += _round_up(piece.numel * torch.empty((), dtype=dtype).element_size())
+                    pos += round_up_io(piece.numel * torch.empty((), dtype=dtype).element_size())
             out[stream] = offsets + [pos]
         return out
 
@@ -212,19 +208,22 @@ class OptimizerStepper:
                     del low
             staging.wait()
 
-    def _read(self, key, block: PoolBlock, offset: int, piece: Piece, dtype: torch.dtype) -> StoreRequest:
+    def _transfer(self, op: str, key, block: PoolBlock, offset: int, piece: Piece, dtype: torch.dtype) -> StoreRequest:
+        """Reads or writes ``piece`` of ``key`` between the store and ``block`` at byte ``offset``."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = piece.numel * itemsize
-        target = block.tensor(_round_up(nbytes), torch.uint8, offset=offset)
-        self.stats.bytes_read += nbytes
-        return self.store.read_into(key, target, piece.start * itemsize, nbytes)
+        view = block.tensor(round_up_io(nbytes), torch.uint8, offset=offset)
+        if op == "read":
+            self.stats.bytes_read += nbytes
+            return self.store.read_into(key, view, piece.start * itemsize, nbytes)
+        self.stats.bytes_written += nbytes
+        return self.store.write_from(key, view, piece.start * itemsize, nbytes)
+
+    def _read(self, key, block: PoolBlock, offset: int, piece: Piece, dtype: torch.dtype) -> StoreRequest:
+        return self._transfer("read", key, block, offset, piece, dtype)
 
     def _write(self, key, block: PoolBlock, offset: int, piece: Piece, dtype: torch.dtype) -> StoreRequest:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = piece.numel * itemsize
-        source = block.tensor(_round_up(nbytes), torch.uint8, offset=offset)
-        self.stats.bytes_written += nbytes
-        return self.store.write_from(key, source, piece.start * itemsize, nbytes)
+        return self._transfer("write", key, block, offset, piece, dtype)
 
     # ------------------------------------------------------------------ the step
     def step(self, step: int, grad_scale: float = 1.0,

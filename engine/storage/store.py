@@ -44,14 +44,10 @@ from . import cleanup
 from .aio import AsyncFile, AsyncIO, Buffer, IORequest, _buffer_span
 from .extents import ExtentAllocator
 from ..errors import AsyncIOError, IntegrityError, StoreCapacityError
-from ..memory.pool import IO_ALIGNMENT, PinnedPool
+from ..memory.pool import IO_ALIGNMENT, PinnedPool, round_up_io
 from ..units import format_bytes, parse_bytes
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _round_up(n: int, a: int = IO_ALIGNMENT) -> int:
-    return -(-n // a) * a
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,7 @@ class TensorMeta:
 
     @property
     def padded_nbytes(self) -> int:
-        return _round_up(self.nbytes)
+        return round_up_io(self.nbytes)
 
     @property
     def itemsize(self) -> int:
@@ -202,7 +198,7 @@ class TensorStore:
         self.checksum = checksum
         self.grow_step = parse_bytes(grow_step)
         # Elements per segment: a multiple of 4096 keeps every dtype's segments 4 KiB-aligned.
-        self.segment_elements = _round_up(parse_bytes(stripe_size) // 4, IO_ALIGNMENT)
+        self.segment_elements = round_up_io(parse_bytes(stripe_size) // 4)
         if self.segment_elements <= 0:
             raise ValueError("stripe_size must be positive")
         self.allow_raw_device = allow_raw_device
@@ -393,7 +389,7 @@ class TensorStore:
                         (end != meta.nbytes and meta.segments[indices[-1]].tensor_end != end)):
             raise ValueError(f"a partial write of {key!r} must cover whole segments of "
                              f"{self.segment_elements} elements, got bytes [{offset}, {end})")
-        span = _round_up(nbytes)
+        span = round_up_io(nbytes)
         address, size = _buffer_span(buffer, writable=False)
         if size < span:
             raise ValueError(f"writing {key!r} needs a {span}-byte buffer, got {size} bytes")
@@ -438,7 +434,7 @@ class TensorStore:
         if offset % IO_ALIGNMENT:
             raise ValueError(f"partial reads start at multiples of {IO_ALIGNMENT} bytes, got offset {offset}")
         address, size = _buffer_span(buffer, writable=True)
-        span = _round_up(nbytes)
+        span = round_up_io(nbytes)
         if size < span:
             raise ValueError(f"reading {nbytes} bytes of {key!r} needs a {span}-byte buffer, got {size} bytes")
         end = offset + span

@@ -385,6 +385,37 @@ def test_modules_called_twice_tied_and_order_changes(depth, store):
         assert [name for kind, name in order if kind == "F"] == ["embed", "a", "b", "a", "head"]
 
 
+class RootOwnsWeight(nn.Module):
+    """The root module owns a streamed weight and calls a streamed child inside its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 48) / 6)
+        self.lin = nn.Linear(48, 32)
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.w)
+        return (self.lin(h) * x).sum() + (h @ self.w.t()).pow(2).sum()
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_root_and_nested_units(depth, store):
+    torch.manual_seed(0)
+    ref = RootOwnsWeight()
+    model = copy.deepcopy(ref)
+    x = torch.randn(5, 32)
+    ref(x).backward()
+    with ParameterStreamer(model, store, prefetch_depth=depth, resident_threshold_bytes=1024) as streamer:
+        assert [u.name for u in streamer.params.units] == ["", "lin"]
+        for _ in range(2):
+            model.zero_grad()
+            out = model(x)
+            out.backward()
+            assert_close(out.detach(), ref(x).detach(), "output")
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                assert_close(p.grad, q.grad, name)
+
+
 def test_gradient_accumulation_over_two_forwards(store):
     model, _ = streamed_copy("llama", False, "none")
     ref = build("llama", False)

@@ -11,7 +11,7 @@ again); small ones become ordinary resident tensors on ``device``.
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn

@@ -68,7 +68,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Optional, Union
 
 import torch
 from torch import nn
@@ -219,7 +219,12 @@ def plan_staging(model: nn.Module, *, prefetch_depth: int = 1,
 
 
 def _plan(params: ModelParams, prefetch_depth: int, buffer_pool: str, buffer_count: Optional[int]) -> BufferPlan:
-    order = [[(sp.key, sp.slot_nbytes) for _, sp in unit.params] for unit in params.units]
+    # A unit runs inside its ancestors' forwards: their weights are live at the same time.
+    order = []
+    for unit in params.units:
+        live = [u for u in params.units
+                if u is unit or u.name == "" or unit.name.startswith(u.name + ".")]
+        order.append([(sp.key, sp.slot_nbytes) for u in live for _, sp in u.params])
     return plan_buffers(order, prefetch_depth, buffer_pool, buffer_count)
 
 

@@ -345,3 +345,16 @@ def test_too_small_disk_is_refused_before_any_write(tmp_path, monkeypatch):
     with pytest.raises(PlanError, match="not enough disk space"):
         engine.initialize(tiny_llama(), config(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_training_with_activation_checkpointing_matches_torch(tmp_path, reentrant):
+    ref = tiny_llama()
+    model = copy.deepcopy(ref)
+    for m in (ref, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.train()
+    data = batches(8)
+    ref_losses = reference_run(ref, data, 4)
+    losses, weights, _ = engine_run(model, data, 4, config(tmp_path), tmp_path)
+    assert_same_training(ref, ref_losses, losses, weights)

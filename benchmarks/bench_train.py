@@ -84,6 +84,9 @@ def worker(args) -> dict:
     extra = {}
     if args.mode == "torch":
         model = LlamaForCausalLM(cfg)
+        if args.checkpointing:
+            model.gradient_checkpointing_enable()
+            model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
         for x in data:
             start = time.perf_counter()
@@ -96,6 +99,9 @@ def worker(args) -> dict:
 
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
+        if args.checkpointing:
+            model.gradient_checkpointing_enable()
+            model.train()
         gen = torch.Generator().manual_seed(0)
 
         def init(name, shape):
@@ -147,6 +153,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--path", default=None, help="NVMe directory (default: system temp dir)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in every mode")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -162,7 +169,8 @@ def main() -> int:
     for model in args.models.split(","):
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--path", path]
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--path", path] + \
+                (["--checkpointing"] if args.checkpointing else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{model}/{mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -182,7 +190,8 @@ def main() -> int:
                      f"{r['peak_system'] / 2**30:.2f}", f"{r['step_s']:.2f}",
                      f"{r['peak_rss'] / torch_r['peak_rss']:.2f}" if torch_r else "",
                      f"{r['step_s'] / bound:.2f}" if r["mode"] != "torch" and bound else ""])
-    print(f"\nbatch {args.batch} x seq {args.seq}, fp32 AdamW, median step of {args.steps} (first excluded); "
+    print(f"\nbatch {args.batch} x seq {args.seq}, fp32 AdamW{', activation checkpointing' if args.checkpointing else ''}, "
+          f"median step of {args.steps} (first excluded); "
           f"fio 1 MiB QD16 mean(write, read) = {fio_bw / 2**30:.2f} GiB/s")
     print_table(["model", "mode", "params", "peak RSS GiB", "peak sys GiB", "step s", "RSS / torch",
                  "step / max(torch, io/fio)"], rows)
@@ -191,7 +200,7 @@ def main() -> int:
         print(f"engine peak RSS when layers double (125m -> 125m-deep): {growth:+.1%} (target < +5%)")
     if ("1b", "engine") in by:
         print(f"engine peak RSS at 1B: {by[('1b', 'engine')]['peak_rss'] / 2**30:.2f} GiB (target <= 2.7 GiB)")
-    print("saved", save_result("train", dict(fio_bw=fio_bw, results=results)))
+    print("saved", save_result("train", dict(fio_bw=fio_bw, checkpointing=args.checkpointing, results=results)))
     return 0
 
 

@@ -23,6 +23,8 @@ CHOICES = {
     "dtype": DTYPES,
     "offload_params": ("nvme", "none"),
     "offload_optimizer": ("nvme", "none"),
+    # Where trainable parameters and their optimizer state live; "auto": the planner decides.
+    "trainable_placement": ("auto", "memory", "nvme"),
     "optimizer_state_dtype": ("fp32", "bf16"),
     "aio_backend": ("auto", "uring", "threads"),
     # Ablation switches: ours first, then the ZeRO-Infinity-like baseline.
@@ -77,6 +79,12 @@ class Config:
     ``None`` uses a private directory under the system temp dir. Memory:
     ``host_memory_budget`` (bytes or ``"16GiB"``) bounds the planned host memory;
     ``prefetch_depth`` and ``sub_group_size`` are chosen by the planner when ``"auto"``.
+
+    Partial fine-tuning (PEFT): ``frozen_dtype`` is the dtype of parameters with
+    ``requires_grad=False`` in memory and in the store (``None``: ``dtype``), e.g. a bf16
+    base under fp32 LoRA adapters. ``trainable_placement`` keeps trainable parameters with
+    their fp32 gradients and optimizer state in DRAM (``"memory"``) or on NVMe (``"nvme"``);
+    ``"auto"`` lets the planner choose (see :mod:`engine.memory.planner`).
     """
 
     nvme_path: Union[str, list[str], None] = None
@@ -107,6 +115,8 @@ class Config:
     overflow_check: str = "fused"
     store: str = "direct"
     grad_buffer: str = "streamed"
+    frozen_dtype: Optional[str] = None
+    trainable_placement: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict):
@@ -119,6 +129,9 @@ class Config:
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if self.frozen_dtype is not None and self.frozen_dtype not in DTYPES:
+            raise ConfigError(f"frozen_dtype must be None (same as dtype) or one of {', '.join(map(repr, DTYPES))}, "
+                              f"got {self.frozen_dtype!r}")
         if not isinstance(self.optimizer, OptimizerConfig):
             raise ConfigError(f"optimizer must be an OptimizerConfig or a dict, got {type(self.optimizer).__name__}")
         self.optimizer.validate()

@@ -17,6 +17,14 @@ real model weights that are about to move to NVMe) and the activations: given
 as bytes, or estimated from ``example_inputs`` by running forward and backward
 on the meta device and adding up what autograd saves (:func:`estimate_activation_bytes`).
 
+Partial fine-tuning (PEFT): frozen parameters (``requires_grad=False``) are sized in
+``frozen_dtype`` and need only their read-only copy on disk - no gradient, no optimizer
+state. ``trainable_placement`` ``"auto"`` keeps the trainable parameters, their fp32
+gradients and their optimizer state in DRAM (no gradient staging, no optimizer pipeline)
+when the model has frozen parameters and that state is no larger than the pinned
+gradient staging and optimizer pipeline the NVMe path would need; full fine-tuning keeps
+its state on NVMe (DESIGN.md section 3).
+
 ``prefetch_depth`` left at ``"auto"`` is the largest of 2, 1, 0 that fits the
 ``host_memory_budget`` (2 without a budget); ``sub_group_size`` ``"auto"`` is one
 store segment (4 Mi elements): the optimizer's I/O is chunked, so larger
@@ -67,6 +75,8 @@ class MemoryPlan:
     budget_bytes: Optional[int]
     streamed_params: int
     trainable_params: int
+    trainable_in_memory: bool = False  # trainable params, gradients and optimizer state in DRAM
+    trainable_state_bytes: int = 0     # their fp32 master (mixed), gradient and moments, when in DRAM
 
     @property
     def fits(self) -> bool:
@@ -83,6 +93,8 @@ class MemoryPlan:
             ("pinned pool: optimizer pipeline", format_bytes(self.optimizer_bytes)),
             ("pinned pool total", format_bytes(self.pool_bytes)),
             ("resident parameters", format_bytes(self.resident_bytes)),
+            ("trainable state", f"{format_bytes(self.trainable_state_bytes)} in memory" if self.trainable_in_memory
+             else "on NVMe"),
             ("flat gradient buffer (ablation)", format_bytes(self.flat_grad_bytes)),
             ("activations", format_bytes(self.activation_bytes) if self.activation_bytes else "not included"),
             ("process (Python, torch, ...)", format_bytes(self.process_bytes)),
@@ -119,31 +131,44 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     from ..offload.params import discover
 
     compute = DTYPES[config.dtype]
+    frozen_dtype = DTYPES[config.frozen_dtype or config.dtype]
     state = torch.float32 if config.optimizer_state_dtype == "fp32" else torch.bfloat16
     threshold = config.resident_threshold_bytes
-    params = discover(model, threshold)
-    # Sizes in the compute dtype, whatever dtype the model was built in.
-    scale = torch.empty((), dtype=compute).element_size()
+
+    def dtype_of(p: torch.Tensor) -> torch.dtype:
+        """The dtype the trainer gives ``p``, whatever dtype the model was built in."""
+        if not p.is_floating_point():
+            return p.dtype
+        return compute if p.requires_grad else frozen_dtype
+
     trainable = _trainable(model)
     specs = [ParamSpec(n, s) for n, s in trainable]
     largest = max((math.prod(s) for _, s in trainable), default=0)
-    grad_staging = max(64 << 20, round_up_io(largest * 4))
-    resident = sum(p.numel() * scale for _, p in params.resident)
-    flat = sum(math.prod(s) for _, s in trainable) * scale if config.grad_buffer == "flat" else 0
     numel_trainable = sum(math.prod(s) for _, s in trainable)
+    nvme_grad_staging = max(64 << 20, round_up_io(largest * 4)) if trainable else 0
+    in_memory = _trainable_in_memory(model, config, numel_trainable, compute, state,
+                                     nvme_grad_staging + OptimizerStepper.buffer_bytes(
+                                         specs, segment_elements, segment_elements, compute, state))
+    params = discover(model, threshold, resident_trainable=in_memory, dtype_of=dtype_of)
+    grad_staging = 0 if in_memory else nvme_grad_staging
+    resident = sum(p.numel() * _itemsize(dtype_of(p)) for _, p in params.resident)
+    trainable_state = _memory_state_bytes(numel_trainable, compute, state) if in_memory else 0
+    scale = _itemsize(compute)
+    flat = numel_trainable * scale if config.grad_buffer == "flat" and not in_memory else 0
 
     def staging_for(depth: int) -> int:
         if config.offload_params != "nvme":
             return 0
-        sized = model
-        bp = plan_staging(sized, prefetch_depth=depth, resident_threshold_bytes=threshold,
+        # Slots sized in the dtypes the parameters will have (dtype_of), not the model's current ones.
+        bp = plan_staging(model, prefetch_depth=depth, resident_threshold_bytes=threshold,
                           buffer_pool=config.buffer_pool,
-                          buffer_count=config.buffer_count if config.buffer_pool == "uniform" else None)
-        # plan_staging sizes slots in the model's dtype; rescale to the compute dtype.
-        model_itemsize = next((p.element_size() for p in model.parameters()), scale)
-        return sum(round_up_io(size * scale // model_itemsize) * n for size, n in bp.classes.items())
+                          buffer_count=config.buffer_count if config.buffer_pool == "uniform" else None,
+                          resident_trainable=in_memory, dtype_of=dtype_of)
+        return sum(round_up_io(size) * n for size, n in bp.classes.items())
 
     def optimizer_for(sub_group: int) -> int:
+        if in_memory:
+            return 0
         return OptimizerStepper.buffer_bytes(specs, segment_elements, sub_group, compute, state)
 
     budget = config.budget_bytes
@@ -154,12 +179,13 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     def build(depth: int, group: int) -> MemoryPlan:
         staging, optimizer = staging_for(depth), optimizer_for(group)
         pool = staging + grad_staging + optimizer
-        peak = pool + resident + flat + activation_bytes + process
-        disk = _disk_bytes(trainable, params, compute, state, config)
+        peak = pool + resident + flat + activation_bytes + process + trainable_state
+        disk = _disk_bytes([] if in_memory else trainable, params, compute, state, config, frozen_dtype)
         paths = config.nvme_paths or ["(private temporary directory)"]
         return MemoryPlan(depth, group, segment_elements, staging, grad_staging, optimizer, pool, resident, flat,
                           activation_bytes, process, peak, disk, {p: -(-disk // len(paths)) for p in paths}, budget,
-                          sum(math.prod(sp.shape) for sp in params.streamed.values()), numel_trainable)
+                          sum(math.prod(sp.shape) for sp in params.streamed.values()), numel_trainable,
+                          in_memory, trainable_state)
 
     candidates = [build(d, g) for d in depths for g in groups]
     if budget is None:
@@ -173,6 +199,29 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         f"{format_bytes(smallest.predicted_peak_bytes)} (pinned pool {format_bytes(smallest.pool_bytes)}, resident "
         f"parameters {format_bytes(smallest.resident_bytes)}, process {format_bytes(process)}"
         + (f", activations {format_bytes(activation_bytes)}" if activation_bytes else "") + ")")
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _memory_state_bytes(numel: int, compute: torch.dtype, state: torch.dtype) -> int:
+    """DRAM for trainable parameters kept in memory, beyond the parameters themselves: the fp32
+    master (mixed precision only), the fp32 gradient and the two moments."""
+    master = 4 if compute != torch.float32 else 0
+    return numel * (master + 4 + 2 * _itemsize(state))
+
+
+def _trainable_in_memory(model: nn.Module, config: Config, numel_trainable: int, compute: torch.dtype,
+                         state: torch.dtype, nvme_pinned_bytes: int) -> bool:
+    """Where trainable state lives: ``trainable_placement``, or for ``"auto"`` DRAM when some
+    parameters are frozen (PEFT) and the state costs no more than the pinned gradient staging
+    and optimizer pipeline that keeping it on NVMe would take."""
+    if config.trainable_placement != "auto":
+        return config.trainable_placement == "memory"
+    if not any(not p.requires_grad for p in model.parameters()):
+        return False
+    return _memory_state_bytes(numel_trainable, compute, state) <= nvme_pinned_bytes
 
 
 def _process_bytes(model: nn.Module) -> int:
@@ -216,7 +265,8 @@ def estimate_activation_bytes(model: nn.Module, example_inputs: dict, dtype: tor
     return sum(saved.values()) + max(saved.values(), default=0)
 
 
-def _disk_bytes(trainable, params, compute: torch.dtype, state: torch.dtype, config: Config) -> int:
+def _disk_bytes(trainable, params, compute: torch.dtype, state: torch.dtype, config: Config,
+                frozen_dtype: Optional[torch.dtype] = None) -> int:
     itemsize = torch.empty((), dtype=compute).element_size()
     s_itemsize = torch.empty((), dtype=state).element_size()
     total = 0
@@ -229,7 +279,8 @@ def _disk_bytes(trainable, params, compute: torch.dtype, state: torch.dtype, con
         if config.grad_buffer == "streamed":
             total += round_up_io(n * 4)                    # fp32 gradient
     frozen = [sp for sp in params.streamed.values() if not sp.param.requires_grad]
-    total += sum(round_up_io(math.prod(sp.shape) * itemsize) for sp in frozen)
+    frozen_itemsize = _itemsize(frozen_dtype or compute)
+    total += sum(round_up_io(math.prod(sp.shape) * frozen_itemsize) for sp in frozen)
     return total
 
 

@@ -29,7 +29,8 @@ StateDictSource = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Te
 def initialize_into_store(model: nn.Module, store, initializer: Optional[Initializer] = None, *,
                           state_dict: Optional[StateDictSource] = None,
                           resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD,
-                          device: Union[str, torch.device] = "cpu", pool: Optional[PinnedPool] = None) -> dict:
+                          device: Union[str, torch.device] = "cpu", pool: Optional[PinnedPool] = None,
+                          resident_trainable: bool = False) -> dict:
     """Gives every meta parameter (and meta buffer) of ``model`` its value; large parameters go to ``store``.
 
     Exactly one source:
@@ -50,14 +51,15 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
     left on the meta device (non-persistent ones such as rotary ``inv_freq``) are recomputed by
     the Hugging Face model's ``_init_weights`` for parameter-free modules.
 
-    Parameters already off the meta device are left alone. Returns a summary with ``streamed``,
+    ``resident_trainable``: parameters with ``requires_grad`` stay resident whatever their size
+    (as the streamer's option of that name). Parameters already off the meta device are left alone. Returns a summary with ``streamed``,
     ``resident``, ``bytes_written``, ``unexpected`` (state-dict names the model lacks).
     Raises ValueError for missing parameters or wrong shapes.
     """
     if (initializer is None) == (state_dict is None):
         raise ValueError("pass exactly one of initializer and state_dict")
     device = torch.device(device)
-    params = discover(model, resident_threshold_bytes)
+    params = discover(model, resident_threshold_bytes, resident_trainable=resident_trainable)
     streamed_ids = {id(sp.param): sp for sp in params.streamed.values()}
     # every meta parameter, deduplicated, with all its names
     targets: dict[str, tuple[nn.Parameter, str]] = {}  # any name -> (param, canonical name)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Hashable, Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 from torch import nn
@@ -117,10 +117,14 @@ class ModelParams:
         return sum(p.numel() * p.element_size() for _, p in self.resident)
 
 
-def discover(model: nn.Module, resident_threshold_bytes: int) -> ModelParams:
+def discover(model: nn.Module, resident_threshold_bytes: int, *, resident_trainable: bool = False,
+             dtype_of: Optional[Callable[[nn.Parameter], torch.dtype]] = None) -> ModelParams:
     """Splits ``model``'s parameters into streamed and resident ones and finds the units.
 
     Works on models built on the meta device (only shapes and dtypes are read).
+    ``resident_trainable``: parameters with ``requires_grad`` stay resident whatever their size
+    (their optimizer state is in memory too). ``dtype_of(param)``: the dtype the parameter will
+    have when streamed (the planner sizes a model before it is cast); default its own.
     """
     if resident_threshold_bytes < 0:
         raise ValueError(f"resident_threshold_bytes must be >= 0, got {resident_threshold_bytes}")
@@ -142,11 +146,12 @@ def discover(model: nn.Module, resident_threshold_bytes: int) -> ModelParams:
                     sp.aliases.append(full)
                     unit_params.append((attr, sp))
                 continue
-            nbytes = param.numel() * param.element_size()
-            if nbytes > resident_threshold_bytes and param.numel() > 1:
+            dtype = dtype_of(param) if dtype_of is not None else param.dtype
+            nbytes = param.numel() * torch.empty((), dtype=dtype).element_size()
+            if nbytes > resident_threshold_bytes and param.numel() > 1 and not (resident_trainable and param.requires_grad):
                 existing = getattr(param, KEY_ATTR, None)
                 key = existing if existing is not None else param_key(full)
-                sp = StreamedParam(full, key, param, tuple(param.shape), param.dtype, [full])
+                sp = StreamedParam(full, key, param, tuple(param.shape), dtype, [full])
                 streamed[key] = sp
                 by_id[id(param)] = sp
                 unit_params.append((attr, sp))

@@ -208,13 +208,15 @@ class _OrderTracker:
 # ---------------------------------------------------------------------- planning
 def plan_staging(model: nn.Module, *, prefetch_depth: int = 1,
                  resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: str = "adaptive",
-                 buffer_count: Optional[int] = None) -> BufferPlan:
+                 buffer_count: Optional[int] = None, resident_trainable: bool = False,
+                 dtype_of: Optional[Callable[[nn.Parameter], torch.dtype]] = None) -> BufferPlan:
     """The staging plan a :class:`ParameterStreamer` with these settings would use for ``model``.
 
     Use ``plan.total_bytes`` to size the PinnedPool (and register that pool with the
     TensorStore's io_uring) before building the store. Works on meta-device models.
+    ``dtype_of(param)``: the dtype each parameter will be streamed in (default: its own).
     """
-    params = discover(model, resident_threshold_bytes)
+    params = discover(model, resident_threshold_bytes, resident_trainable=resident_trainable, dtype_of=dtype_of)
     return _plan(params, prefetch_depth, buffer_pool, buffer_count)
 
 
@@ -255,6 +257,8 @@ class ParameterStreamer:
         borrow: adaptive pool: a request may use a free slot of a larger class.
         restore_on_exit: leaving the ``with`` block detaches with ``restore=True`` (weights back in
             memory); set False for models that do not fit in DRAM.
+        resident_trainable: parameters with ``requires_grad`` stay resident whatever their size
+            (PEFT: adapters and their optimizer state live in memory; only the frozen base streams).
 
     Use as a context manager (attach on enter, detach on exit) or call :meth:`attach` /
     :meth:`detach`. :meth:`stats` reports staging memory, I/O and prefetch hits/misses.
@@ -264,7 +268,7 @@ class ParameterStreamer:
                  resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: str = "adaptive",
                  buffer_count: Optional[int] = None, pinned_alloc: str = "exact",
                  device: Union[str, torch.device] = "cpu", on_grad: Optional[GradCallback] = None,
-                 borrow: bool = True, restore_on_exit: bool = True):
+                 borrow: bool = True, restore_on_exit: bool = True, resident_trainable: bool = False):
         if buffer_pool not in BUFFER_POOLS:
             raise ValueError(f"buffer_pool must be one of {BUFFER_POOLS}, got {buffer_pool!r}")
         if pinned_alloc not in PINNED_ALLOCS:
@@ -291,7 +295,7 @@ class ParameterStreamer:
         self.on_grad = on_grad
         self.restore_on_exit = restore_on_exit
         self._cuda = self.device.type == "cuda"
-        self.params: ModelParams = discover(model, self.resident_threshold_bytes)
+        self.params: ModelParams = discover(model, self.resident_threshold_bytes, resident_trainable=resident_trainable)
         self.plan: BufferPlan = _plan(self.params, prefetch_depth, buffer_pool, buffer_count)
         self._pool = pool
         self._owns_pool = False

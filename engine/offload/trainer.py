@@ -31,6 +31,8 @@ from ..units import format_bytes, parse_bytes
 from .gradients import GradientOffload
 from .loss_scaler import DynamicLossScaler
 from .materialize import initialize_into_store
+from .params import KEY_ATTR, is_placeholder
+from .resident import ResidentTrainables
 from .stepper import OptimizerStepper, ParamSpec
 from .streamer import ParameterStreamer
 
@@ -63,6 +65,7 @@ class Trainer:
         self.config = config
         self.module = model
         self.compute_dtype = DTYPES[config.dtype]
+        self.frozen_dtype = DTYPES[config.frozen_dtype or config.dtype]  # requires_grad=False parameters
         self.mixed = self.compute_dtype != torch.float32
         self._closed = False
         self._tmpdir: Optional[str] = None
@@ -112,33 +115,45 @@ class Trainer:
         store = self._store
 
         trainable = self._trainable_names(model)
+        in_memory = self.plan.trainable_in_memory
+        masters: dict[str, torch.Tensor] = {}  # fp32 masters of in-memory trainable parameters (mixed)
+
+        def keep_master(name: str, value: torch.Tensor) -> None:
+            if not self.mixed:
+                return
+            if in_memory:
+                masters[name] = value.detach().float().clone()
+            else:
+                store.put(("master", name), value.detach().float())
+
+        for name, p in model.named_parameters():  # real trainable ones (e.g. adapters on a meta base)
+            if name in trainable and p.device.type != "meta":
+                keep_master(name, p)
         if on_meta:
             user_init = initializer
 
             def init(name: str, shape: tuple[int, ...]) -> torch.Tensor:
                 value = user_init(name, shape)
-                if value is not None and self.mixed and name in trainable:
-                    store.put(("master", name), value.detach().float())
-                return value if value is None or not value.is_floating_point() else value.to(self.compute_dtype)
+                if value is not None and name in trainable:
+                    keep_master(name, value)
+                return value  # cast to the parameter's dtype by initialize_into_store
 
-            if self.mixed:
-                model.to(self.compute_dtype)
+            self._cast_parameters(model)
             initialize_into_store(model, store, init, resident_threshold_bytes=cfg.resident_threshold_bytes,
-                                  pool=self._pool)
+                                  pool=self._pool, resident_trainable=in_memory)
         else:
-            if self.mixed:
-                for name, p in model.named_parameters():
-                    if name in trainable:
-                        store.put(("master", name), p.detach().float())
-                model.to(self.compute_dtype)
+            self._cast_parameters(model)
         self._streamer = ParameterStreamer(
             model, store, None if pinned_torch else self._pool, prefetch_depth=self.plan.prefetch_depth,
             resident_threshold_bytes=cfg.resident_threshold_bytes, buffer_pool=cfg.buffer_pool,
             buffer_count=cfg.buffer_count if cfg.buffer_pool == "uniform" else None, pinned_alloc=cfg.pinned_alloc,
-            on_grad=self._on_grad, restore_on_exit=False)
+            on_grad=self._on_grad, restore_on_exit=False, resident_trainable=in_memory)
         self._streamer.attach()
-        # Resident trainable parameters: their store copy is what the optimizer updates.
-        self._resident = {name: p for name, p in self._streamer.params.resident if name in trainable}
+        # Only an optimizer step on a streamed weight makes staged copies stale (PEFT: never).
+        self._streamed_trainable = any(sp.param.requires_grad for sp in self._streamer.params.streamed.values())
+        # Resident trainable parameters on the NVMe path: their store copy is what the optimizer updates.
+        self._resident = {} if in_memory else \
+            {name: p for name, p in self._streamer.params.resident if name in trainable}
         for name, p in self._resident.items():
             store.put(("param", name), p.detach())
         params = [p for name, p in model.named_parameters() if name in trainable]
@@ -150,6 +165,28 @@ class Trainer:
         self.optimizer = OffloadedOptimizer(params, dict(lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                                          weight_decay=opt.weight_decay), self)
         group = self.optimizer.param_groups[0]
+        if in_memory:
+            # One object in both roles: gradients and optimizer state stay in DRAM.
+            self._stepper = self._grads = ResidentTrainables(
+                [(n, p) for n, p in model.named_parameters() if n in trainable], masters,
+                state_dtype=torch.float32 if cfg.optimizer_state_dtype == "fp32" else torch.bfloat16,
+                betas=opt.betas, eps=opt.eps, adamw_mode=opt.type == "adamw",
+                group_hparams=lambda g: (group["lr"], group["weight_decay"]), overflow_check=cfg.overflow_check)
+            self._grads.begin_window()
+        else:
+            self._build_nvme_optimizer(cfg, store, specs, group)
+        self.scaler = DynamicLossScaler(2.0 ** cfg.initial_scale_power, cfg.loss_scale_window, cfg.hysteresis,
+                                        cfg.min_loss_scale, dynamic=cfg.loss_scale == 0) \
+            if cfg.dtype == "fp16" else None
+        if self.scaler is not None and cfg.loss_scale:
+            self.scaler.scale = float(cfg.loss_scale)
+        logger.info("engine initialized: pool %s, disk %s, prefetch %d, backend %s",
+                    format_bytes(self.plan.pool_bytes), format_bytes(self.plan.disk_bytes),
+                    self.plan.prefetch_depth, self._io.backend)
+
+    def _build_nvme_optimizer(self, cfg: Config, store: TensorStore, specs: list[ParamSpec], group: dict) -> None:
+        """The NVMe path: pipelined stepper over store-resident states, gradients offloaded as produced."""
+        opt = cfg.optimizer
         self._stepper = OptimizerStepper(
             store, self._pool, specs, compute_dtype=self.compute_dtype,
             state_dtype=torch.float32 if cfg.optimizer_state_dtype == "fp32" else torch.bfloat16,
@@ -160,14 +197,17 @@ class Trainer:
                                       overflow_check=cfg.overflow_check, staging_bytes=self.plan.grad_staging_bytes,
                                       flat_dtype=self.compute_dtype if self.mixed else torch.float32)
         self._grads.begin_window()
-        self.scaler = DynamicLossScaler(2.0 ** cfg.initial_scale_power, cfg.loss_scale_window, cfg.hysteresis,
-                                        cfg.min_loss_scale, dynamic=cfg.loss_scale == 0) \
-            if cfg.dtype == "fp16" else None
-        if self.scaler is not None and cfg.loss_scale:
-            self.scaler.scale = float(cfg.loss_scale)
-        logger.info("engine initialized: pool %s, disk %s, prefetch %d, backend %s",
-                    format_bytes(self.plan.pool_bytes), format_bytes(self.plan.disk_bytes),
-                    self.plan.prefetch_depth, self._io.backend)
+
+    def _cast_parameters(self, model: nn.Module) -> None:
+        """Trainable parameters to the compute dtype, frozen ones to ``frozen_dtype``."""
+        if self.frozen_dtype == self.compute_dtype:
+            if self.mixed:
+                model.to(self.compute_dtype)
+            return
+        for p in {id(p): p for p in model.parameters()}.values():
+            target = self.compute_dtype if p.requires_grad else self.frozen_dtype
+            if p.is_floating_point() and p.dtype != target:
+                p.data = p.data.to(target)
 
     @staticmethod
     def _trainable_names(model: nn.Module) -> set[str]:
@@ -242,7 +282,8 @@ class Trainer:
                 clip = min(1.0, self.config.gradient_clipping / (true_norm + 1e-6))
             self.global_steps += 1
             self._stepper.step(self.global_steps, grad_scale=clip / scale, grad_source=self._grads.grad_source())
-            self._streamer.invalidate()  # staged weights are the old ones now
+            if self._streamed_trainable:
+                self._streamer.invalidate()  # staged weights are the old ones now
             self._refresh_resident()
             if self.scaler is not None:
                 self.scaler.update(False)
@@ -264,8 +305,36 @@ class Trainer:
     # ------------------------------------------------------------------ reporting
     def parameter(self, name: str) -> torch.Tensor:
         """The current value of a trainable parameter (fp32 master when mixed precision)."""
+        if isinstance(self._stepper, ResidentTrainables):
+            return self._stepper.master(name).detach()
         key = ("master", name) if self.mixed else ("param", name)
         return self._store.get(key)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The current value of any parameter, trainable or frozen, read on its own (frozen streamed
+        weights from the store, one tensor at a time): trainable ones as :meth:`parameter`."""
+        param = dict(self.module.named_parameters(remove_duplicate=False)).get(name)
+        if param is None:
+            raise KeyError(f"{name!r} is not a parameter of the model")
+        if param.requires_grad:
+            canonical = next(n for n, p in self.module.named_parameters() if p is param)
+            return self.parameter(canonical).view(param.shape)
+        key = getattr(param, KEY_ATTR, None)
+        if key is not None and is_placeholder(param.data):
+            return self._store.get(key).view(param.shape)
+        return param.detach()
+
+    def save_adapter(self, directory: str) -> list[str]:
+        """Saves the LoRA adapters in peft's format (``PeftModel.from_pretrained`` loads them)."""
+        from ..peft import save_adapter
+
+        return save_adapter(self, directory)
+
+    def merge_and_export(self, directory: str, *, max_shard_size="5GB", dtype: Optional[torch.dtype] = None) -> list[str]:
+        """Streams the base weights with the adapters merged to safetensors shards, one tensor at a time."""
+        from ..peft import merge_and_export
+
+        return merge_and_export(self, directory, max_shard_size=max_shard_size, dtype=dtype)
 
     def memory_report(self) -> dict:
         """Backend, pool stats, peak RSS, bytes read/written and bandwidth, I/O wait vs compute time."""

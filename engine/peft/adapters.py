@@ -1,0 +1,179 @@
+"""Finding LoRA layers (built-in or Hugging Face peft) and saving adapters in peft's format.
+
+A saved adapter is the directory ``PeftModel.from_pretrained(base_model, directory)``
+loads: ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight``)
+and ``adapter_config.json``. For a model wrapped with ``peft.get_peft_model`` peft's own
+``save_pretrained`` writes both, given the trained values; for the built-in LoRA this
+module writes them. Values come from the trainer: the fp32 master weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .lora import LoraConfig, LoraLinear
+
+if TYPE_CHECKING:
+    from ..offload.trainer import Trainer
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class AdapterLayer:
+    """One LoRA-adapted linear layer; parameter names are relative to the model given."""
+
+    module: str          # the LoRA module's name in the model
+    path: str            # its name in the base model (peft's key naming)
+    base_weight: str     # the frozen weight
+    base_bias: Optional[str]
+    lora_A: str
+    lora_B: str
+    scaling: float
+    fan_in_fan_out: bool  # base weight stored (in, out) - GPT-2's Conv1D
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a model wrapped by Hugging Face ``peft.get_peft_model``."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model: ``get_base_model()`` of a peft model, else ``model``."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def lora_layers(model: nn.Module) -> list[AdapterLayer]:
+    """Every LoRA layer of ``model`` (built-in :class:`LoraLinear` or peft's ``LoraLayer``), in order.
+
+    Raises NotImplementedError for peft variants this engine cannot merge (DoRA, several
+    active adapters) and ValueError when the model has no LoRA layer.
+    """
+    peft_wrapped = is_peft_model(model)
+    out: list[AdapterLayer] = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            path = name[len(PEFT_PREFIX):] if peft_wrapped and name.startswith(PEFT_PREFIX) else name
+            out.append(AdapterLayer(name, path, f"{name}.base_layer.weight",
+                                    f"{name}.base_layer.bias" if module.base_layer.bias is not None else None,
+                                    f"{name}.lora_A.weight", f"{name}.lora_B.weight", module.scaling, False))
+        elif peft_wrapped:
+            layer = _peft_lora_layer(name, module)
+            if layer is not None:
+                out.append(layer)
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers (use engine.peft.apply_lora or peft.get_peft_model)")
+    return out
+
+
+def _peft_lora_layer(name: str, module: nn.Module) -> Optional[AdapterLayer]:
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer):
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        raise NotImplementedError(f"{name}: exactly one active LoRA adapter is supported, found {active}")
+    adapter = active[0]
+    if getattr(module, "use_dora", {}).get(adapter, False):
+        raise NotImplementedError(f"{name}: DoRA adapters are not supported")
+    base = module.get_base_layer()
+    if not hasattr(base, "weight") or base.weight.dim() != 2:
+        raise NotImplementedError(f"{name}: LoRA on {type(base).__name__} is not supported (linear layers only)")
+    path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    base_name = next(n for n, m in module.named_modules() if m is base)
+    prefix = f"{name}.{base_name}" if base_name else name
+    return AdapterLayer(name, path, f"{prefix}.weight",
+                        f"{prefix}.bias" if getattr(base, "bias", None) is not None else None,
+                        f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight",
+                        float(module.scaling[adapter]), bool(getattr(module, "fan_in_fan_out", False)))
+
+
+def _values(source: Union["Trainer", nn.Module]) -> tuple[nn.Module, Callable[[str], torch.Tensor]]:
+    """The model and a reader of a parameter's current value (trainer: fp32 masters / the store)."""
+    from ..offload.trainer import Trainer
+
+    if isinstance(source, Trainer):
+        return source.module, source.weight
+    if isinstance(source, nn.Module):
+        params = dict(source.named_parameters(remove_duplicate=False))
+        return source, lambda name: params[name].detach()
+    raise TypeError(f"expected an engine Trainer or an nn.Module, got {type(source).__name__}")
+
+
+def save_adapter(source: Union["Trainer", nn.Module], directory: Union[str, "os.PathLike[str]"], *,
+                 base_model_name_or_path: Optional[str] = None) -> list[str]:
+    """Saves the LoRA adapters of a trainer (or an in-memory model) in peft's format.
+
+    ``PeftModel.from_pretrained(base, directory)`` loads the result. A peft-wrapped model is
+    saved by peft itself (with the trainer's values); a built-in LoRA model as peft would save
+    it. Returns the paths written.
+    """
+    model, value = _values(source)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    if is_peft_model(model):
+        seen, state = set(), {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                state[name] = value(name).detach().contiguous()
+        model.save_pretrained(directory, state_dict=state)
+        return [os.path.join(directory, f) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
+    from safetensors.torch import save_file
+
+    config = getattr(model, "lora_config", None)
+    if not isinstance(config, LoraConfig):
+        raise ValueError("the model has no built-in LoRA config: apply adapters with engine.peft.apply_lora "
+                         "(or wrap it with peft.get_peft_model)")
+    tensors = {}
+    for layer in lora_layers(model):
+        tensors[f"{PEFT_PREFIX}{layer.path}.lora_A.weight"] = value(layer.lora_A).detach().contiguous()
+        tensors[f"{PEFT_PREFIX}{layer.path}.lora_B.weight"] = value(layer.lora_B).detach().contiguous()
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    _atomic(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    hf_config = getattr(model, "config", None)
+    name = base_model_name_or_path or getattr(hf_config, "_name_or_path", None) or None
+    causal = type(model).__name__.endswith("ForCausalLM")
+    cfg = dict(peft_type="LORA", task_type="CAUSAL_LM" if causal else None, base_model_name_or_path=name,
+               r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+               target_modules=config.target_modules, use_rslora=config.use_rslora, bias="none",
+               fan_in_fan_out=False, init_lora_weights=True, inference_mode=True, modules_to_save=None,
+               use_dora=False, layers_to_transform=None, revision=None)
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    _atomic(path, lambda tmp: _write_json(tmp, cfg))
+    return [weights, path]
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> None:
+    """Writes through ``write(tmp)`` to a temporary name, fsyncs and renames it to ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -115,6 +115,8 @@ class Config:
     overflow_check: str = "fused"
     store: str = "direct"
     grad_buffer: str = "streamed"
+    # Trainer.save_checkpoint keeps this many newest checkpoints per directory (0 keeps all).
+    checkpoint_keep_last: int = 2
     frozen_dtype: Optional[str] = None
     trainable_placement: str = "auto"
 
@@ -154,6 +156,10 @@ class Config:
                                     or (name == "sub_group_size" and value == 0)):
                 raise ConfigError(f"{name} must be 'auto' or a {'non-negative' if name == 'prefetch_depth' else 'positive'} "
                                   f"integer, got {value!r}")
+        if not isinstance(self.checkpoint_keep_last, int) or isinstance(self.checkpoint_keep_last, bool) \
+                or self.checkpoint_keep_last < 0:
+            raise ConfigError(f"checkpoint_keep_last must be a non-negative integer (0 keeps all), "
+                              f"got {self.checkpoint_keep_last!r}")
         if not isinstance(self.resident_threshold_bytes, int) or self.resident_threshold_bytes < 0:
             raise ConfigError(f"resident_threshold_bytes must be a non-negative integer, got {self.resident_threshold_bytes!r}")
         try:

@@ -383,6 +383,48 @@ class Trainer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ checkpoints (engine/checkpoint)
+    def save_checkpoint(self, save_dir: str, client_state: Optional[dict] = None, *, tag: Optional[str] = None,
+                        lr_scheduler: Any = None, keep_last: Optional[int] = None,
+                        max_shard_size: "int | str" = "2GiB") -> str:
+        """Saves the complete training state under ``save_dir/<tag>`` and points ``save_dir/latest`` at it.
+
+        Weights, fp32 masters, Adam moments, step counters, loss scaler, optimizer param groups,
+        ``lr_scheduler.state_dict()`` (when given), RNG states and ``client_state`` (JSON values,
+        e.g. the data position), as safetensors shards plus ``manifest.json`` with CRC32Cs. Crash
+        safe: written under a temporary name, fsync'ed, renamed; ``latest`` moves last. Keeps the
+        ``keep_last`` newest checkpoints (default ``config.checkpoint_keep_last``; 0 keeps all).
+        Call at an accumulation boundary. ``tag`` defaults to ``step-<global_steps>``. Returns
+        the checkpoint's directory."""
+        from ..checkpoint.state import save_checkpoint
+
+        return save_checkpoint(self, save_dir, client_state, tag=tag, lr_scheduler=lr_scheduler, keep_last=keep_last,
+                               max_shard_size=max_shard_size)
+
+    def load_checkpoint(self, load_dir: str, *, tag: Optional[str] = None, lr_scheduler: Any = None,
+                        load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
+        """Restores what :meth:`save_checkpoint` saved (``latest`` unless ``tag``; ``load_dir`` may
+        also be a checkpoint directory itself) and returns ``(path, client_state)``.
+
+        Every file and tensor is checked against the manifest's CRC32Cs; shape mismatches are
+        listed in one error. A checkpoint saved with another ``dtype``/``optimizer_state_dtype`` is
+        refused unless ``convert_dtype=True``. Pass the same kind of ``lr_scheduler`` to restore
+        its state; ``load_rng=False`` leaves the RNGs alone."""
+        from ..checkpoint.state import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag=tag, lr_scheduler=lr_scheduler, load_rng=load_rng,
+                               convert_dtype=convert_dtype)
+
+    def save_pretrained(self, save_dir: str, *, max_shard_size: "int | str" = "5GB",
+                        dtype: Optional[torch.dtype] = None) -> list[str]:
+        """Writes the weights as Hugging Face sharded safetensors (``model.safetensors`` or
+        ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) with ``config.json``,
+        streamed from the store one tensor at a time. ``dtype``: export dtype (default: the
+        model's compute dtype; ``torch.float32`` exports the fp32 masters). Returns the files."""
+        from ..checkpoint.hf import save_pretrained
+
+        return save_pretrained(self, save_dir, max_shard_size=max_shard_size, dtype=dtype)
+
 
 def _proc_status() -> dict:
     out = {}

@@ -1,0 +1,242 @@
+"""Crash-safe checkpoint directories: temporary name, fsync, rename, ``latest`` last, retention.
+
+Layout of a checkpoint root::
+
+    root/                     0700
+      latest                  "<tag>\\n" - replaced atomically, after the checkpoint it names is complete
+      <tag>/                  0700, one complete checkpoint: manifest.json + safetensors shards (0600)
+      .tmp-<tag>-<pid>-<id>/  a save in progress (or killed): ignored, removed by the next save
+      .trash-<tag>-<pid>-<id>/ a checkpoint being deleted (retention, or replaced by a save of the same tag)
+
+A save writes everything under ``.tmp-*``, fsyncs every file and the directory,
+renames it to ``<tag>`` (an atomic exchange when the tag already exists), fsyncs
+the root, then replaces ``latest`` the same way. A process killed at any point
+leaves ``latest`` naming a complete checkpoint. Deletion renames to ``.trash-*``
+first, so a half-deleted directory is never mistaken for a checkpoint.
+One process saves to a root at a time.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import secrets
+import shutil
+import sys
+import time
+from typing import Optional
+
+from .._log import logger
+from .format import CheckpointError
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+PAUSE_ENV = "MEMASCEND_CHECKPOINT_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    """Test hook for the crash tests: when ``$MEMASCEND_CHECKPOINT_PAUSE_AT`` names this point,
+    print ``PAUSED <name>`` on stdout and wait to be killed. Costs one environment lookup."""
+    if os.environ.get(PAUSE_ENV) == name:
+        sys.stdout.write(f"PAUSED {name}\n")
+        sys.stdout.flush()
+        while True:
+            time.sleep(3600)
+
+
+def check_name(name: str, what: str = "file name") -> str:
+    """Refuses anything but a plain name inside the checkpoint directory (no separators, no
+    ``..``, no leading dot)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise CheckpointError(f"refusing {what} {name!r}: it must be a plain name inside the checkpoint directory")
+    return name
+
+
+def inside(directory: str, name: str, what: str = "file") -> str:
+    """``directory/name`` after checking it resolves (symlinks followed) inside ``directory``."""
+    check_name(name, what)
+    path = os.path.join(directory, name)
+    real_dir = os.path.realpath(directory)
+    if os.path.dirname(os.path.realpath(path)) != real_dir:
+        raise CheckpointError(f"refusing {what} {name!r}: it resolves to {os.path.realpath(path)!r}, outside the "
+                              f"checkpoint directory {real_dir!r}")
+    return path
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: str) -> None:
+    """Creates ``path`` (and parents) 0700; an existing directory is left as it is."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def write_file(directory: str, name: str, data: bytes) -> None:
+    """Writes a new private file and fsyncs it."""
+    fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _renameat2_exchange(a: str, b: str) -> bool:
+    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a!r} <-> {b!r} failed: {os.strerror(err)}")
+
+
+class CheckpointRoot:
+    """A directory of checkpoints with a ``latest`` pointer."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.fspath(root))
+
+    # ---------------------------------------------------------------- reading
+    def latest(self) -> Optional[str]:
+        """The tag ``latest`` names, or None when there is no ``latest``."""
+        try:
+            with open(os.path.join(self.root, LATEST)) as f:
+                tag = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return check_name(tag, "checkpoint tag in 'latest'")
+
+    def resolve(self, tag: Optional[str] = None) -> str:
+        """The directory of checkpoint ``tag`` (default: the one ``latest`` names). ``root`` may
+        also be a checkpoint directory itself (it holds a manifest)."""
+        if tag is None and os.path.isfile(os.path.join(self.root, MANIFEST)):
+            return self.root
+        if tag is None:
+            tag = self.latest()
+            if tag is None:
+                raise CheckpointError(f"{self.root}: no checkpoint here (no {LATEST!r} pointer and no {MANIFEST})")
+        path = inside(self.root, tag, "checkpoint tag")
+        if not os.path.isfile(os.path.join(path, MANIFEST)):
+            raise CheckpointError(f"{path}: checkpoint {tag!r} is missing or incomplete (no {MANIFEST})")
+        return path
+
+    def complete(self) -> list[str]:
+        """Tags of the complete checkpoints here (a manifest inside, not temporary or trash)."""
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(name for name in os.listdir(self.root)
+                      if _NAME.match(name) and os.path.isfile(os.path.join(self.root, name, MANIFEST)))
+
+    # ---------------------------------------------------------------- writing
+    def begin(self, tag: str) -> str:
+        """Removes leftovers of killed saves and returns a new private temporary directory."""
+        check_name(tag, "checkpoint tag")
+        make_private_dir(self.root)
+        self.clean_partials()
+        path = os.path.join(self.root, f"{TMP_PREFIX}{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+        os.mkdir(path, 0o700)
+        return path
+
+    def clean_partials(self) -> list[str]:
+        """Removes ``.tmp-*`` / ``.trash-*`` directories left by saves that were killed (those of a
+        live process other than this one are left alone)."""
+        removed = []
+        for name in os.listdir(self.root):
+            if not name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                continue
+            pid = _pid_of(name)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                continue
+            path = os.path.join(self.root, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            removed.append(name)
+        if removed:
+            logger.info("checkpoint: removed %d partial save(s) in %s: %s", len(removed), self.root, ", ".join(removed))
+        return removed
+
+    def commit(self, tmp: str, tag: str) -> str:
+        """Makes the finished ``tmp`` directory checkpoint ``tag`` and points ``latest`` at it."""
+        fsync_path(tmp)
+        final = os.path.join(self.root, tag)
+        pause_point("before-rename")
+        if os.path.lexists(final):
+            # Replacing a tag: swap atomically, so ``tag`` is complete at every instant.
+            if _renameat2_exchange(tmp, final):
+                old = tmp
+            else:
+                old = tmp + ".old"
+                os.rename(final, old)
+                os.rename(tmp, final)
+            trash = os.path.join(self.root, f"{TRASH_PREFIX}{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(old, trash)
+            fsync_path(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_path(self.root)
+        pause_point("before-latest")
+        self.set_latest(tag)
+        pause_point("after-latest")
+        return final
+
+    def set_latest(self, tag: str) -> None:
+        check_name(tag, "checkpoint tag")
+        name = f"{TMP_PREFIX}{LATEST}-{os.getpid()}-{secrets.token_hex(4)}"
+        write_file(self.root, name, (tag + "\n").encode())
+        os.rename(os.path.join(self.root, name), os.path.join(self.root, LATEST))
+        fsync_path(self.root)
+
+    def retain(self, keep_last: int, order: dict[str, int]) -> list[str]:
+        """Deletes all but the ``keep_last`` newest complete checkpoints (by ``order``, e.g. the save
+        time in each manifest); never the one ``latest`` names. 0 keeps everything."""
+        if keep_last <= 0:
+            return []
+        latest = self.latest()
+        tags = sorted((t for t in self.complete() if t in order), key=lambda t: (order[t], t))
+        doomed = [t for t in tags[:-keep_last] if t != latest]
+        for tag in doomed:
+            trash = os.path.join(self.root, f"{TRASH_PREFIX}{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(os.path.join(self.root, tag), trash)
+            fsync_path(self.root)
+            pause_point("retention")
+            shutil.rmtree(trash, ignore_errors=True)
+        if doomed:
+            logger.info("checkpoint: removed old checkpoint(s) %s (keep_last=%d)", ", ".join(doomed), keep_last)
+        return doomed
+
+
+def _pid_of(name: str) -> Optional[int]:
+    match = re.search(r"-(\d+)-[0-9a-f]{8}(\.old)?$", name)
+    return int(match.group(1)) if match else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,312 @@
+"""Chunked copies between the TensorStore and safetensors files, through pinned pool blocks.
+
+Saving reads a tensor from the store one segment at a time into a pool block
+(whole segments, so the store's CRC32C is verified) and writes it to the file
+while the next segment is read; loading reads a segment from the file into a
+block and writes it to the store while the next one is read. Host memory is two
+blocks of one segment (16 MiB of fp32 by default), whatever the model size.
+Every byte written gets a CRC32C (per tensor and per file), checked on load.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterator, Optional, Union
+
+import crc32c
+import torch
+
+from .._log import logger
+from ..errors import PoolExhaustedError
+from ..memory.pool import PinnedPool, PoolBlock, round_up_io
+from ..storage.store import TensorStore
+from ..units import format_bytes
+from .atomic import pause_point
+from .format import CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, pread_into, write_all
+
+STAGING_BLOCKS = 2
+
+
+@dataclass
+class StoreSource:
+    """A tensor to save that lives in the store under ``key``."""
+
+    key: Hashable
+
+
+@dataclass
+class Entry:
+    """One tensor of a file being written: from the store or from a (small) CPU tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: Union[StoreSource, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@contextmanager
+def staging_blocks(pool: Optional[PinnedPool], nbytes: int, count: int = STAGING_BLOCKS) -> Iterator[list[PoolBlock]]:
+    """``count`` pinned blocks of ``nbytes`` from ``pool`` (between steps the trainer's pool has
+    its gradient staging free). If the pool has no room, a private pool of exactly that size is
+    made for the copy and the fact is logged."""
+    blocks: list[PoolBlock] = []
+    private: Optional[PinnedPool] = None
+    try:
+        try:
+            if pool is None:
+                raise PoolExhaustedError(nbytes, 0, 0, 0)
+            for _ in range(count):
+                blocks.append(pool.alloc(nbytes))
+        except PoolExhaustedError:
+            if not blocks:
+                logger.info("checkpoint I/O: the trainer's pool has no free %s block; using a private %s pool",
+                            format_bytes(nbytes), format_bytes(count * nbytes))
+                private = PinnedPool(count * nbytes)
+                blocks = [private.alloc(nbytes) for _ in range(count)]
+        yield blocks
+    finally:
+        blocks.clear()  # a block returns to its pool with its last reference
+        if private is not None:
+            private.close()
+
+
+def chunk_elements(store: TensorStore, dtype: torch.dtype, block_bytes: int) -> int:
+    """Elements per chunk: one store segment when it fits the block (whole segments are the unit
+    of the store's partial writes and of its CRC checks)."""
+    seg = store.segment_elements
+    if seg * itemsize(dtype) <= block_bytes:
+        return seg
+    return max(4096, block_bytes // itemsize(dtype) // 4096 * 4096)
+
+
+def staging_bytes_for(store: TensorStore, largest_nbytes: int) -> int:
+    """Block size for chunked copies: one fp32 segment, or less when every tensor is smaller."""
+    return round_up_io(max(1, min(store.segment_elements * 4, largest_nbytes)))
+
+
+# ---------------------------------------------------------------------------------------------- save
+def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorStore], blocks: list[PoolBlock],
+                      metadata: Optional[dict] = None) -> dict:
+    """Writes ``entries`` to a new file ``path`` (0600, fsync'ed before returning).
+
+    Store tensors are read segment by segment into ``blocks`` while the previous segment is
+    written to the file. Returns ``bytes``, ``crc32c`` of the whole file and per-tensor ``tensors``
+    CRCs."""
+    header, infos = build_header([(e.name, e.dtype, e.shape) for e in entries], metadata)
+    tensor_crcs = {e.name: 0 for e in entries}
+    file_crc = crc32c.crc32c(header)
+    block_bytes = blocks[0].size if blocks else 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, memoryview(header))
+        written = 0
+
+        def emit(name: str, data: memoryview) -> None:
+            nonlocal file_crc, written
+            write_all(fd, data)
+            tensor_crcs[name] = crc32c.crc32c(data, tensor_crcs[name])
+            file_crc = crc32c.crc32c(data, file_crc)
+            written += len(data)
+            if written == len(data):
+                pause_point("file-data")
+
+        free = list(blocks)
+        inflight: deque = deque()
+
+        def complete() -> None:
+            entry, block, view, request, nbytes = inflight.popleft()
+            if request is not None:
+                request.wait()
+                emit(entry.name, memoryview(view.numpy())[:nbytes])
+                free.append(block)
+            else:
+                emit(entry.name, memoryview(view.numpy()))
+
+        for entry in entries:
+            if entry.nbytes == 0:
+                continue
+            if isinstance(entry.source, StoreSource):
+                meta = store.meta(entry.source.key)
+                if meta.dtype != entry.dtype or tuple(meta.shape) != tuple(entry.shape):
+                    raise CheckpointError(f"{entry.name}: the store holds {meta.dtype}{list(meta.shape)}, "
+                                          f"expected {entry.dtype}{list(entry.shape)}")
+                size = itemsize(entry.dtype)
+                step = chunk_elements(store, entry.dtype, block_bytes) * size
+                for offset in range(0, entry.nbytes, step):
+                    nbytes = min(step, entry.nbytes - offset)
+                    while not free:
+                        complete()
+                    block = free.pop()
+                    view = block.tensor(round_up_io(nbytes), torch.uint8)
+                    inflight.append((entry, block, view, store.read_into(entry.source.key, view, offset, nbytes), nbytes))
+            else:
+                tensor = entry.source.detach().to("cpu").contiguous()
+                if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
+                    raise CheckpointError(f"{entry.name}: got {tensor.dtype}{list(tensor.shape)}, "
+                                          f"expected {entry.dtype}{list(entry.shape)}")
+                inflight.append((entry, None, tensor.reshape(-1).view(torch.uint8), None, entry.nbytes))
+        while inflight:
+            complete()
+        os.fsync(fd)
+    except BaseException:
+        for _entry, _block, _view, request, _n in inflight:
+            if request is not None:
+                try:
+                    request.wait()
+                except Exception:  # the first error is already propagating
+                    pass
+        inflight.clear()
+        raise
+    finally:
+        os.close(fd)
+    return dict(bytes=len(header) + sum(e.nbytes for e in entries), crc32c=file_crc, tensors=tensor_crcs,
+                infos=infos)
+
+
+# ---------------------------------------------------------------------------------------------- load
+@dataclass
+class StoreTarget:
+    """Load a tensor into the store under ``key`` (converting to the key's dtype when ``convert``)."""
+
+    key: Hashable
+
+
+@dataclass
+class TensorTarget:
+    """Load a (small) tensor whole and hand it to ``accept``."""
+
+    accept: Callable[[torch.Tensor], None]
+
+
+Target = Union[StoreTarget, TensorTarget, None]  # None: read only to check the file's CRC
+
+
+def load_safetensors(parsed: SafetensorsFile, targets: dict[str, list[Target]], store: Optional[TensorStore],
+                     blocks: list[PoolBlock], tensor_crcs: Optional[dict[str, int]] = None,
+                     file_crc: Optional[int] = None) -> None:
+    """Streams every tensor of ``parsed`` named in ``targets`` to its targets, in file order (a tensor
+    with several targets, e.g. an fp32 weight that becomes both a bf16 weight and an fp32 master
+    when converting, is read once per target).
+
+    With ``tensor_crcs`` each tensor's CRC32C is checked (a whole tensor is handed to a
+    :class:`TensorTarget` only after that); with ``file_crc`` every byte of the file is read
+    (tensors without a target too) and the whole file is checked. Mismatches raise
+    :class:`CheckpointError` naming the file and the tensor."""
+    path = parsed.path
+    full = file_crc is not None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    free = list(blocks)
+    inflight: deque = deque()  # (store request, block)
+
+    def reclaim() -> None:
+        request, block = inflight.popleft()
+        request.wait()
+        free.append(block)
+
+    def to_store(info: TensorInfo, key: Hashable, running: Optional[int]) -> tuple[int, Optional[int]]:
+        """Streams ``info`` into store tensor ``key`` one segment at a time; returns its CRC and
+        ``running`` (the file CRC so far) extended by its bytes."""
+        meta = store.meta(key)
+        if tuple(meta.shape) != info.shape:
+            raise CheckpointError(f"{path}: tensor {info.name!r} has shape {list(info.shape)}, "
+                                  f"the model expects {list(meta.shape)}")
+        src_size, dst_size = itemsize(info.dtype), itemsize(meta.dtype)
+        block_bytes = blocks[0].size
+        elems = chunk_elements(store, info.dtype if src_size > dst_size else meta.dtype, block_bytes)
+        if elems % store.segment_elements and elems < info.numel:
+            raise CheckpointError(f"a {block_bytes}-byte staging block cannot hold a store segment of {info.name!r}")
+        crc = 0
+        for start in range(0, info.numel, elems):
+            n = min(elems, info.numel - start)
+            while not free:
+                reclaim()
+            block = free.pop()
+            if meta.dtype == info.dtype:
+                src = memoryview(block.tensor(round_up_io(n * src_size), torch.uint8).numpy())[: n * src_size]
+            else:  # explicit conversion: the source chunk is read aside and cast into the block
+                raw = torch.empty(n, dtype=info.dtype)
+                src = memoryview(raw.view(torch.uint8).numpy())
+            pread_into(fd, src, parsed.offset(info) + start * src_size, path, info.name)
+            crc = crc32c.crc32c(src, crc)
+            if running is not None:
+                running = crc32c.crc32c(src, running)
+            if meta.dtype != info.dtype:
+                block.tensor(n, meta.dtype).copy_(raw)
+                del raw
+            del src
+            inflight.append((store.write_from(key, block.tensor(round_up_io(n * dst_size), torch.uint8),
+                                              start * dst_size, n * dst_size), block))
+        return crc, running
+
+    def check(info: TensorInfo, crc: int) -> None:
+        if tensor_crcs is not None and info.name in tensor_crcs and crc != tensor_crcs[info.name]:
+            raise CheckpointError(f"{path}: tensor {info.name!r} is corrupt (CRC32C 0x{crc:08x}, the manifest "
+                                  f"says 0x{tensor_crcs[info.name]:08x})")
+
+    try:
+        running = 0
+        if full:
+            head = bytearray(parsed.header_bytes)
+            pread_into(fd, memoryview(head), 0, path, "(header)")
+            running = crc32c.crc32c(bytes(head))
+        for info in sorted(parsed.tensors.values(), key=lambda t: t.begin):
+            wanted = list(targets.get(info.name) or [])
+            if not wanted and not full:
+                continue
+            for i, target in enumerate(wanted or [None]):
+                track = full and i == 0  # the file checksum takes the bytes once, in file order
+                whole = None
+                if isinstance(target, StoreTarget):
+                    crc, after = to_store(info, target.key, running if track else None)
+                else:
+                    crc, after, whole = _read_whole(fd, parsed, info, target is not None, running if track else 0)
+                if track:
+                    running = after
+                check(info, crc)
+                if whole is not None:
+                    target.accept(whole)  # only once its checksum is known good
+                del whole
+        while inflight:
+            reclaim()
+        if full and running != file_crc:
+            raise CheckpointError(f"{path}: file checksum mismatch (CRC32C 0x{running:08x}, the manifest says "
+                                  f"0x{file_crc:08x}); the header is corrupt")
+    finally:
+        while inflight:
+            request, _block = inflight.popleft()
+            try:
+                request.wait()
+            except Exception:  # the first error is already propagating
+                pass
+        free.clear()
+        os.close(fd)
+
+
+def _read_whole(fd: int, parsed: SafetensorsFile, info: TensorInfo, keep: bool,
+                running: int) -> tuple[int, int, Optional[torch.Tensor]]:
+    """Reads one tensor whole (``keep``: small tensors, returned) or only checksums it in
+    16 MiB pieces. Returns (tensor CRC, running file CRC, tensor or None)."""
+    crc = 0
+    if not keep:
+        piece = bytearray(min(max(info.nbytes, 1), 16 << 20))
+        view = memoryview(piece)
+        for start in range(0, info.nbytes, len(piece)):
+            n = min(len(piece), info.nbytes - start)
+            pread_into(fd, view[:n], parsed.offset(info) + start, parsed.path, info.name)
+            crc = crc32c.crc32c(view[:n], crc)
+            running = crc32c.crc32c(view[:n], running)
+        return crc, running, None
+    out = torch.empty(info.shape, dtype=info.dtype)
+    if info.nbytes:
+        data = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        pread_into(fd, data, parsed.offset(info), parsed.path, info.name)
+        crc = crc32c.crc32c(data, crc)
+        running = crc32c.crc32c(data, running)
+    return crc, running, out

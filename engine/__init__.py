@@ -6,7 +6,7 @@ and the :class:`AsyncIO` NVMe engine; the rest of the package builds on them.
 from __future__ import annotations
 
 from . import _native
-from .api import initialize, plan
+from .api import from_pretrained, initialize, plan
 from .config import AdamWConfig, Config, ConfigError, OptimizerConfig
 from .errors import AsyncIOError, EngineError, PinnedMemoryError, PoolExhaustedError
 from .memory.pool import PinnedPool, PoolBlock
@@ -15,7 +15,7 @@ from .storage.aio import AsyncFile, AsyncIO, IORequest
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamWConfig", "Config", "ConfigError", "OptimizerConfig", "initialize", "plan",
+    "AdamWConfig", "Config", "ConfigError", "OptimizerConfig", "from_pretrained", "initialize", "plan",
     "AsyncFile", "AsyncIO", "AsyncIOError", "EngineError", "IORequest", "PinnedMemoryError",
     "PinnedPool", "PoolBlock", "PoolExhaustedError", "__version__",
 ]

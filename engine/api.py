@@ -35,3 +35,22 @@ def plan(model: nn.Module, config: ConfigLike = None, *, activation_bytes: int =
     """
     return _plan(model, Config.load(config if config is not None else Config()), activation_bytes=activation_bytes,
                  example_inputs=example_inputs)
+
+
+def from_pretrained(path: Union[str, "os.PathLike[str]"], config: ConfigLike = None, *, hf_config=None,
+                    model_class=None, trust_remote_code: bool = False):
+    """A trainer for a Hugging Face model whose safetensors checkpoint may be larger than DRAM.
+
+    ``path``: a directory with ``config.json`` and ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json`` (or one ``.safetensors`` file with ``hf_config``). The model
+    is built on the meta device (``model_class.from_config``, default
+    ``transformers.AutoModelForCausalLM``) and each tensor goes from the file straight into the
+    TensorStore, one at a time, cast to ``config.dtype`` (bf16/fp16: the fp32 master is the
+    checkpoint's value). Peak DRAM: about the largest tensor plus the pinned pool. Missing
+    parameters and shape mismatches are all listed in one :class:`~engine.checkpoint.CheckpointError`;
+    a truncated file names the file and tensor. Returns a :class:`~engine.offload.trainer.Trainer`.
+    """
+    from .checkpoint.hf import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, config, hf_config=hf_config, model_class=model_class,
+                            trust_remote_code=trust_remote_code)

@@ -124,7 +124,14 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
             entry, block, view, request, nbytes = inflight.popleft()
             if request is not None:
                 request.wait()
-                emit(entry.name, memoryview(view.numpy())[:nbytes])
+                source = store.meta(entry.source.key).dtype
+                if source != entry.dtype:  # explicit export conversion, one chunk at a time
+                    converted = view[:nbytes].view(source).to(entry.dtype)
+                    emit(entry.name, memoryview(converted.view(torch.uint8).numpy()))
+                    del converted
+                else:
+                    emit(entry.name, memoryview(view.numpy())[:nbytes])
+                del view
                 free.append(block)
             else:
                 emit(entry.name, memoryview(view.numpy()))
@@ -134,21 +141,22 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
                 continue
             if isinstance(entry.source, StoreSource):
                 meta = store.meta(entry.source.key)
-                if meta.dtype != entry.dtype or tuple(meta.shape) != tuple(entry.shape):
+                if tuple(meta.shape) != tuple(entry.shape):
                     raise CheckpointError(f"{entry.name}: the store holds {meta.dtype}{list(meta.shape)}, "
                                           f"expected {entry.dtype}{list(entry.shape)}")
-                size = itemsize(entry.dtype)
-                step = chunk_elements(store, entry.dtype, block_bytes) * size
-                for offset in range(0, entry.nbytes, step):
-                    nbytes = min(step, entry.nbytes - offset)
+                size = itemsize(meta.dtype)  # chunks in the store's dtype; converted when written
+                step = chunk_elements(store, meta.dtype, block_bytes) * size
+                total = meta.nbytes
+                for offset in range(0, total, step):
+                    nbytes = min(step, total - offset)
                     while not free:
                         complete()
                     block = free.pop()
                     view = block.tensor(round_up_io(nbytes), torch.uint8)
                     inflight.append((entry, block, view, store.read_into(entry.source.key, view, offset, nbytes), nbytes))
             else:
-                tensor = entry.source.detach().to("cpu").contiguous()
-                if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
+                tensor = entry.source.detach().to("cpu", entry.dtype).contiguous()
+                if tuple(tensor.shape) != tuple(entry.shape):
                     raise CheckpointError(f"{entry.name}: got {tensor.dtype}{list(tensor.shape)}, "
                                           f"expected {entry.dtype}{list(entry.shape)}")
                 inflight.append((entry, None, tensor.reshape(-1).view(torch.uint8), None, entry.nbytes))

@@ -1,0 +1,276 @@
+"""Hugging Face safetensors checkpoints in and out, never holding the model in DRAM.
+
+:func:`from_pretrained` builds the model on the meta device from its ``config.json``
+and streams each tensor of the (sharded) safetensors checkpoint straight into the
+TensorStore - peak DRAM is about the largest tensor (a few copies of it while it is
+cast) plus the pinned pool, whatever the model size. Files are read with ``pread``
+(see :mod:`engine.checkpoint.format` for why not ``mmap``); ``pytorch_model.bin``
+pickles are refused.
+
+:meth:`Trainer.save_pretrained <engine.offload.trainer.Trainer.save_pretrained>` writes
+``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` plus
+``model.safetensors.index.json``), ``config.json`` and ``generation_config.json``,
+copying store -> pool -> file one segment at a time. Tied weights are written once,
+under the name Hugging Face keeps (the one not listed in ``_tied_weights_keys``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import secrets
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .._log import logger
+from ..offload.params import KEY_ATTR, is_placeholder
+from ..units import parse_bytes
+from .atomic import fsync_path, make_private_dir, write_file
+from .format import CheckpointError, SafetensorsFile, read_header, read_tensor
+from .transfer import Entry, StoreSource, staging_blocks, staging_bytes_for, write_safetensors
+
+if TYPE_CHECKING:
+    from ..offload.trainer import Trainer
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ---------------------------------------------------------------------------------------------- import
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint: a file, or a directory with ``model.safetensors``
+    or ``model.safetensors.index.json``."""
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: not a .safetensors file")
+        return [path]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    index = os.path.join(path, SAFE_INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: malformed index ({exc})") from None
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            if not isinstance(name, str) or os.path.basename(name) != name or name in (".", ".."):
+                raise CheckpointError(f"{index}: refusing shard {name!r}: not a plain file name in {path}")
+            full = os.path.join(path, name)
+            if os.path.dirname(os.path.realpath(full)) != os.path.realpath(path):
+                raise CheckpointError(f"{index}: refusing shard {name!r}: it resolves outside {path}")
+            files.append(full)
+        return files
+    single = os.path.join(path, SAFE_WEIGHTS)
+    if os.path.isfile(single):
+        return [single]
+    pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
+    hint = f" ({', '.join(pickles)} are pickle files, which this engine does not load: convert them to safetensors)" \
+        if pickles else ""
+    raise CheckpointError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX}{hint}")
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Every parameter's names (tied parameters have several), in registration order."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return list(groups.values())
+
+
+def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None, model_class: Any = None,
+                    trust_remote_code: bool = False) -> "Trainer":
+    """See :func:`engine.from_pretrained`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..api import initialize
+
+    path = os.fspath(path)
+    files = checkpoint_files(path)
+    if hf_config is None:
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        hf_config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    builder = model_class or AutoModelForCausalLM
+    with torch.device("meta"):
+        model = builder.from_config(hf_config, trust_remote_code=trust_remote_code) if hasattr(builder, "from_config") \
+            else builder(hf_config)
+
+    # Where each tensor is; then every problem at once, before anything is written.
+    where: dict[str, SafetensorsFile] = {}
+    for file in files:
+        parsed = read_header(file)
+        for name in parsed.tensors:
+            if name in where:
+                raise CheckpointError(f"tensor {name!r} is in both {where[name].path} and {file}")
+            where[name] = parsed
+    source: dict[str, str] = {}  # model name -> checkpoint name
+    missing, shapes = [], []
+    for names in _alias_groups(model):
+        found = next((n for n in names if n in where), None)
+        if found is None:
+            missing.append(names[0])
+            continue
+        shape = tuple(model.get_parameter(names[0]).shape)
+        got = where[found].tensors[found].shape
+        if got != shape:
+            shapes.append(f"{found}: checkpoint {list(got)}, model {list(shape)}")
+        for n in names:
+            source[n] = found
+    buffers = {name for name, _ in model.named_buffers()}
+    for name in buffers & set(where):
+        source[name] = name
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es): " + "; ".join(shapes))
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) missing: " + ", ".join(missing[:12]) +
+                        (" ..." if len(missing) > 12 else ""))
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match {type(model).__name__}: " + " | ".join(problems))
+    unused = sorted(set(where) - set(source.values()))
+    if unused:
+        logger.warning("from_pretrained: %d checkpoint tensor(s) the model does not use: %s", len(unused),
+                       ", ".join(unused[:12]))
+
+    fds: dict[str, int] = {}
+
+    def initializer(name: str, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+        found = source.get(name)
+        if found is None:
+            return None  # a buffer the model computes itself (rotary inv_freq)
+        parsed = where[found]
+        if parsed.path not in fds:
+            fds[parsed.path] = os.open(parsed.path, os.O_RDONLY | os.O_CLOEXEC)
+        # One tensor at a time, cast by the trainer to the configured dtype (and kept in fp32 as
+        # the master when training in bf16/fp16).
+        return read_tensor(parsed, found, fds[parsed.path])
+
+    try:
+        trainer = initialize(model, config, initializer=initializer)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    trainer.pretrained_path = path
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _kept_name(model: nn.Module, names: list[str]) -> str:
+    """The name Hugging Face keeps for a tied group: one not declared as a tied copy."""
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    patterns = list(tied.keys()) if isinstance(tied, dict) else list(tied)
+    for name in names:
+        if not any(re.search(p, name) for p in patterns):
+            return name
+    return names[0]
+
+
+def export_entries(trainer: "Trainer", dtype: Optional[torch.dtype] = None) -> list[Entry]:
+    """The model's weights (and persistent buffers) as Hugging Face names them, each from where it
+    lives now: the store, the trainer's in-memory masters, or the module."""
+    model, store = trainer.module, trainer._store
+    trainable = {spec.name for spec in trainer._specs}
+    masters = getattr(trainer._stepper, "masters", None)  # in-memory trainable placement
+    entries = []
+    for names in _alias_groups(model):
+        canonical = names[0]
+        p = model.get_parameter(canonical)
+        want = dtype or p.dtype
+        source: Any
+        if want == torch.float32 and trainer.mixed and canonical in trainable:  # the fp32 master
+            source = masters[canonical] if masters is not None else StoreSource(("master", canonical))
+        elif getattr(p, KEY_ATTR, None) is not None and getattr(p, KEY_ATTR) in store and is_placeholder(p.data):
+            source = StoreSource(getattr(p, KEY_ATTR))
+        elif canonical in getattr(trainer, "_resident", {}):
+            source = StoreSource(("param", canonical))  # the store copy is the truth
+        else:
+            source = p.detach()
+        entries.append(Entry(_kept_name(model, names), want, tuple(p.shape), source))
+    seen = set()
+    for module_name, module in model.named_modules():
+        for attr, buf in module._buffers.items():
+            if buf is None or attr in module._non_persistent_buffers_set or id(buf) in seen:
+                continue
+            seen.add(id(buf))
+            full = f"{module_name}.{attr}" if module_name else attr
+            entries.append(Entry(full, buf.dtype if not buf.is_floating_point() else (dtype or buf.dtype),
+                                 tuple(buf.shape), buf.detach()))
+    return entries
+
+
+def save_pretrained(trainer: "Trainer", save_dir: PathLike, *, max_shard_size: Union[int, str] = "5GB",
+                    dtype: Optional[torch.dtype] = None) -> list[str]:
+    """See :meth:`Trainer.save_pretrained`."""
+    if trainer._closed:
+        raise ValueError("the trainer is closed")
+    save_dir = os.fspath(save_dir)
+    limit = parse_bytes(max_shard_size)
+    entries = export_entries(trainer, dtype)
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    names = [SAFE_WEIGHTS] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    make_private_dir(save_dir)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    written = []
+    store = trainer._store
+    largest = max((e.nbytes for e in entries if isinstance(e.source, StoreSource)), default=1)
+    # Each file is written under a temporary name, fsync'ed and renamed; the index comes last.
+    with staging_blocks(trainer._pool, staging_bytes_for(store, 4 * largest)) as blocks:
+        for name, shard in zip(names, shards):
+            tmp = os.path.join(save_dir, f".{name}.tmp-{token}")
+            try:
+                write_safetensors(tmp, shard, store, blocks, metadata={"format": "pt"})
+                os.rename(tmp, os.path.join(save_dir, name))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            written.append(os.path.join(save_dir, name))
+    config = copy.deepcopy(getattr(trainer.module, "config", None))
+    if config is not None:
+        config.dtype = dtype or trainer.compute_dtype
+        _replace(save_dir, "config.json", config.to_json_string(use_diff=True).encode(), token)
+        written.append(os.path.join(save_dir, "config.json"))
+        generation = getattr(trainer.module, "generation_config", None)
+        if generation is not None and getattr(trainer.module, "can_generate", lambda: False)():
+            _replace(save_dir, "generation_config.json", generation.to_json_string(use_diff=True).encode(), token)
+            written.append(os.path.join(save_dir, "generation_config.json"))
+    index = os.path.join(save_dir, SAFE_INDEX)
+    if len(shards) > 1:
+        weight_map = {e.name: name for name, shard in zip(names, shards) for e in shard}
+        body = dict(metadata=dict(total_size=sum(e.nbytes for e in entries),
+                                  total_parameters=sum(math.prod(e.shape) for e in entries)),
+                    weight_map=dict(sorted(weight_map.items())))
+        _replace(save_dir, SAFE_INDEX, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), token)
+        written.append(index)
+        stale = [os.path.join(save_dir, SAFE_WEIGHTS)]
+    else:
+        stale = [index]
+    # Files of an earlier export that this one does not replace would confuse a loader.
+    stale += [os.path.join(save_dir, n) for n in os.listdir(save_dir) if _SHARD.match(n) and n not in names]
+    for file in stale:
+        if os.path.isfile(file):
+            os.unlink(file)
+    fsync_path(save_dir)
+    logger.info("save_pretrained: %d tensors in %d file(s) in %s", len(entries), len(shards), save_dir)
+    return written
+
+
+def _replace(directory: str, name: str, data: bytes, token: str) -> None:
+    tmp = f".{name}.tmp-{token}"
+    write_file(directory, tmp, data)
+    os.rename(os.path.join(directory, tmp), os.path.join(directory, name))

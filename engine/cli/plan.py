@@ -1,0 +1,77 @@
+"""``python -m engine plan MODEL``: the memory planner's table for a model and a budget.
+
+MODEL is a preset (``llama-7b``, ``llama-13b``, ``llama-70b``, ``1b``, ``350m``, ``125m``,
+``tiny``) or a Hugging Face ``config.json`` (or a directory with one). The model is built
+on the meta device: nothing is allocated, nothing is written. Exit status 0 when the
+plan fits the budget (and the disk), 1 when it does not.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+from ..config import Config
+from ..memory.planner import PlanError, check_disk, plan as plan_memory
+from ..presets import PRESETS, build_model
+from . import CLIError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="pool size, disk and predicted peak memory for a model, without allocating",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a config.json / model directory")
+    p.add_argument("--memory-budget", "--budget", dest="memory_budget", metavar="BYTES",
+                   help="host memory budget, e.g. 16GiB")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="compute dtype (default: the config's, fp32)")
+    p.add_argument("--nvme-path", action="append", metavar="DIR", help="swap directories (disk is checked there)")
+    p.add_argument("--config", metavar="FILE", help="engine config (YAML/JSON) or a DeepSpeed JSON")
+    p.add_argument("--batch", type=int, default=0, help="with --seq-len: include the activations of this batch")
+    p.add_argument("--seq-len", type=int, default=0, help="sequence length for the activation estimate")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = Config.load(args.config) if args.config else Config()
+    overrides = {}
+    if args.dtype:
+        overrides["dtype"] = args.dtype
+    if args.memory_budget:
+        overrides["host_memory_budget"] = args.memory_budget
+    if args.nvme_path:
+        for path in args.nvme_path:
+            if not os.path.isdir(path):
+                raise CLIError(f"--nvme-path {path!r} does not exist or is not a directory")
+        overrides["nvme_path"] = args.nvme_path if len(args.nvme_path) > 1 else args.nvme_path[0]
+    cfg = dataclasses.replace(cfg, **overrides)
+    if (args.batch > 0) != (args.seq_len > 0) or args.batch < 0 or args.seq_len < 0:
+        raise CLIError("--batch and --seq-len go together (both positive) to include activations")
+    model = build_model(args.model, "meta", max_positions=max(args.seq_len, 4096))
+    example = None
+    if args.batch:
+        ids = torch.zeros(args.batch, args.seq_len, dtype=torch.long, device="meta")
+        example = dict(input_ids=ids, labels=ids)
+    fits = True
+    try:
+        result = plan_memory(model, cfg, example_inputs=example)
+    except PlanError as exc:
+        # Show the smallest plan anyway, marked as not fitting.
+        smallest = dataclasses.replace(cfg, host_memory_budget=None,
+                                       prefetch_depth=0 if cfg.prefetch_depth == "auto" else cfg.prefetch_depth)
+        result = dataclasses.replace(plan_memory(model, smallest, example_inputs=example),
+                                     budget_bytes=cfg.budget_bytes)
+        fits, reason = False, str(exc)
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), dtype {cfg.dtype}")
+    print(result.table())
+    if fits and cfg.nvme_paths:
+        try:
+            check_disk(result, cfg.nvme_paths)
+        except PlanError as exc:
+            fits, reason = False, str(exc)
+    if not fits:
+        print(f"does not fit: {reason}", file=sys.stderr)
+        return 1
+    return 0

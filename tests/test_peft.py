@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -202,6 +203,37 @@ def test_bf16_base_with_fp32_adapters_matches_torch(tmp_path):
             assert p.dtype == torch.float32 and trainer.parameter(name).dtype == torch.float32
         losses = train(trainer, data, 4)
         assert_same_training(ref, ref_losses, losses, trainer)
+        out = tmp_path.parent / f"{tmp_path.name}-merged"
+        trainer.merge_and_export(str(out))
+        layer = model.model.layers[1].mlp.down_proj
+        a = trainer.parameter("model.layers.1.mlp.down_proj.lora_A.weight")
+        b = trainer.parameter("model.layers.1.mlp.down_proj.lora_B.weight")
+        base = trainer.weight("model.layers.1.mlp.down_proj.base_layer.weight")
+    from safetensors.torch import load_file
+
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16  # the base's dtype
+    assert torch.equal(exported["model.layers.1.mlp.down_proj.weight"],
+                       (base.float() + (b @ a) * layer.scaling).to(torch.bfloat16))  # merged in fp32, rounded once
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_peft_wrapped_bf16_base_matches_peft_in_memory(tmp_path):
+    """A peft model over a bf16 base (peft keeps the adapters in fp32) trains as in memory."""
+    def build():
+        base = tiny_llama().to(torch.bfloat16)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+        perturb_adapters(model)
+        return model
+
+    ref, model = build(), build()
+    assert all(p.dtype == torch.float32 for _, p in trainable(ref))
+    data = batches(8)
+    ref_losses = reference_run(ref, data, 4)
+    with engine.initialize(model, config(tmp_path, frozen_dtype="bf16")) as trainer:
+        assert all(trainer._store.meta(k).dtype == torch.bfloat16 for k in frozen_streamed_keys(trainer))
+        losses = train(trainer, data, 4)
+        assert_same_training(ref, ref_losses, losses, trainer)
 
 
 def test_bf16_compute_keeps_fp32_masters_for_adapters(tmp_path):
@@ -332,7 +364,20 @@ def test_merge_and_export_loads_in_transformers(tmp_path, wrapped):
         adapter = tmp_path.parent / f"{tmp_path.name}-adapter"
         trainer.save_adapter(str(adapter))
         reads = trainer._store.stats()["bytes_read"]
+        base_keys = {sp.name for sp in trainer._streamer.params.streamed.values()}
+        alive, real_weight = [], trainer.weight
+
+        def weight(name):  # one base tensor in memory at a time: every earlier one is gone
+            if name in base_keys:
+                assert all(ref() is None for ref in alive), name
+            value = real_weight(name)
+            if name in base_keys:
+                alive.append(weakref.ref(value))
+            return value
+
+        trainer.weight = weight
         files = trainer.merge_and_export(str(out), max_shard_size="40KiB")
+        assert len(alive) == len(base_keys)
         # every base tensor was read from the store once, one at a time
         assert trainer._store.stats()["bytes_read"] - reads == trainer._streamer.params.streamed_bytes
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -343,6 +388,7 @@ def test_merge_and_export_loads_in_transformers(tmp_path, wrapped):
     assert all(str(out / f).startswith(str(out)) for f in files)
     merged_ref = peft.PeftModel.from_pretrained(tiny_llama(), str(adapter)).merge_and_unload()
     exported = LlamaForCausalLM.from_pretrained(str(out))
+    assert exported.config.dtype == torch.float32
     x = batches(1, seed=9)[0]
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=x).logits, merged_ref(input_ids=x).logits, rtol=1e-6, atol=1e-6)

@@ -13,6 +13,7 @@ with them, so ``AutoModelForCausalLM.from_pretrained(directory)`` loads the resu
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -81,8 +82,10 @@ def merge_and_export(source: Union["Trainer", nn.Module], directory: Union[str, 
         written.append(path)
     config = getattr(base_model(model), "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
-        if dtype is not None:
-            config.dtype = dtype
+        config = copy.deepcopy(config)  # the user's model keeps its own
+        floating = [e.dtype for e in entries if e.dtype.is_floating_point]
+        if floating:  # what the weights are stored in (e.g. the bf16 base), so loaders keep it
+            config.dtype = max(set(floating), key=floating.count)
         config.save_pretrained(directory)
         written.append(os.path.join(directory, "config.json"))
     return written

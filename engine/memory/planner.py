@@ -124,7 +124,8 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     Raises :class:`PlanError` when ``config.host_memory_budget`` cannot be met.
     """
     if example_inputs is not None:
-        activation_bytes = estimate_activation_bytes(model, example_inputs, DTYPES[config.dtype])
+        activation_bytes = estimate_activation_bytes(model, example_inputs, DTYPES[config.dtype],
+                                                     frozen_dtype=DTYPES[config.frozen_dtype or config.dtype])
     process = _process_bytes(model)
     from ..offload.stepper import OptimizerStepper, ParamSpec
     from ..offload.streamer import plan_staging
@@ -235,17 +236,24 @@ def _process_bytes(model: nn.Module) -> int:
     return max(rss - weights, 0)
 
 
-def estimate_activation_bytes(model: nn.Module, example_inputs: dict, dtype: torch.dtype = torch.float32) -> int:
+def estimate_activation_bytes(model: nn.Module, example_inputs: dict, dtype: torch.dtype = torch.float32, *,
+                              frozen_dtype: Optional[torch.dtype] = None) -> int:
     """Bytes of the activations one training step keeps, from shapes alone.
 
     Runs ``model(**example_inputs)`` and its backward on the meta device (parameters replaced
     by meta stand-ins through ``torch.func.functional_call``; nothing is allocated) and adds up
     the tensors autograd saves for backward, weights excluded, plus the largest of them once
-    more for the gradient buffers that exist while backward runs.
+    more for the gradient buffers that exist while backward runs. ``frozen_dtype``: the dtype of
+    parameters with ``requires_grad=False`` (default ``dtype``), e.g. a bf16 base under fp32 adapters.
     """
     from torch.func import functional_call
 
-    params = {n: torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device="meta")
+    def meta_dtype(p: torch.Tensor) -> torch.dtype:
+        if not p.is_floating_point():
+            return p.dtype
+        return dtype if p.requires_grad or frozen_dtype is None else frozen_dtype
+
+    params = {n: torch.empty(p.shape, dtype=meta_dtype(p), device="meta")
               .requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
     buffers = {n: torch.empty(b.shape, dtype=b.dtype, device="meta") for n, b in model.named_buffers()}
     weights = {id(p) for p in params.values()}

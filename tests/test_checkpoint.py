@@ -1,0 +1,602 @@
+"""Checkpoints: exact resume in a new process, crash safety, HF safetensors in and out, bad input."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import engine
+from engine.checkpoint import CheckpointError
+from engine.checkpoint.format import read_header
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+# Shared by the test process and its children (exec'd here, run with ``python -c`` there).
+HELPERS = r'''
+import json, os, random, sys
+import numpy as np
+import torch
+import engine
+
+def llama(seed, dropout=0.1, tied=False, inter=128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=inter, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attention_dropout=dropout, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).float()
+
+class Net(torch.nn.Module):
+    """A plain two-layer model (no transformers import: the crash children start fast)."""
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 256)
+        self.b = torch.nn.Linear(256, 64)
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+def make_config(nvme, dtype="fp32", **kw):
+    base = dict(nvme_path=nvme, dtype=dtype, optimizer=engine.AdamWConfig(lr=1e-3, weight_decay=0.1),
+                gradient_accumulation_steps=2, gradient_clipping=1.0, resident_threshold_bytes=4096)
+    base.update(kw)
+    return engine.Config(**base)
+
+DATA = torch.randint(0, 256, (16, 2, 16), generator=torch.Generator().manual_seed(3))
+
+def seed_all(s):
+    torch.manual_seed(s); np.random.seed(s); random.seed(s)
+
+def make_sched(trainer):
+    return torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=2, gamma=0.5)
+
+def train(trainer, sched, steps, losses):
+    for _ in range(steps):
+        for _ in range(trainer.gradient_accumulation_steps):
+            x = DATA[int(np.random.randint(0, len(DATA)))]  # data order: numpy's RNG
+            if random.random() < 0.5:                      # python's RNG
+                x = x.flip(1)
+            out = trainer(input_ids=x, labels=x)           # dropout: torch's RNG
+            trainer.backward(out.loss)
+            trainer.step()
+            losses.append(out.loss.item())
+        sched.step()
+
+def net_step(trainer, n=1):
+    for _ in range(n * trainer.gradient_accumulation_steps):
+        x = torch.randn(8, 64)
+        trainer.backward(trainer(x).pow(2).mean())
+        trainer.step()
+
+def weights(trainer, model):
+    return {n: trainer.parameter(n).clone().contiguous() for n, _ in model.named_parameters()}
+
+def resume(ckpt, nvme, dtype, out):
+    seed_all(999)           # other RNG states: the checkpoint must restore them
+    model = llama(seed=42)  # other initial weights: the checkpoint must replace them
+    with engine.initialize(model, make_config(nvme, dtype)) as trainer:
+        sched = make_sched(trainer)
+        path, client = trainer.load_checkpoint(ckpt, lr_scheduler=sched)
+        losses = list(client["losses"])
+        train(trainer, sched, 3, losses)
+        from safetensors.torch import save_file
+        save_file(weights(trainer, model), out + ".safetensors")
+        with open(out + ".json", "w") as f:
+            json.dump(dict(losses=losses, lr=trainer.optimizer.param_groups[0]["lr"], steps=trainer.global_steps), f)
+
+def crash(root, nvme, point, expected):
+    """Saves step 1, then step 2 with the pause hook armed at ``point`` (or, for "loop", saves
+    forever); writes each step's weights to ``expected``-<step> before saving it."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = Net()
+    with engine.initialize(model, make_config(nvme, checkpoint_keep_last=1)) as trainer:
+        step = 0
+        while True:
+            net_step(trainer)
+            step += 1
+            save_file(weights(trainer, model), f"{expected}-{step}.safetensors")
+            if step == 2 and point != "loop":
+                os.environ["MEMASCEND_CHECKPOINT_PAUSE_AT"] = point
+            trainer.save_checkpoint(root, {"step": step}, max_shard_size="96KiB")
+            if step == 1:
+                print("READY", flush=True)
+            if step == 2 and point != "loop":
+                print("FINISHED", flush=True)
+                return
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]](*sys.argv[2:])
+'''
+
+
+def helpers() -> dict:
+    ns = {"__name__": "checkpoint_helpers"}
+    exec(compile(HELPERS, "checkpoint_helpers", "exec"), ns)
+    return ns
+
+
+H = helpers()
+
+
+def run_child(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-c", HELPERS, *args], capture_output=True, text=True, timeout=timeout,
+                         env=ENV)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def trained_trainer(tmp_path, steps=2, dtype="fp32", model=None, **kw):
+    H["seed_all"](0)
+    model = model if model is not None else H["llama"](seed=0)
+    trainer = engine.initialize(model, H["make_config"](str(tmp_path / "nvme"), dtype, **kw))
+    sched = H["make_sched"](trainer)
+    H["train"](trainer, sched, steps, [])
+    return trainer, model
+
+
+@pytest.fixture
+def nvme(tmp_path):
+    path = tmp_path / "nvme"
+    path.mkdir()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("dtype,new_process", [("fp32", True), ("bf16", False)])
+def test_resume_in_a_new_process_is_bit_identical(tmp_path, nvme, dtype, new_process):
+    """6 steps straight == 3 steps, save, load in a new process, 3 more: losses and weights bit for bit
+    (dropout, numpy/python data order and a StepLR schedule make every piece of state matter).
+    bf16 (fp32 masters, bf16 weights) resumes in the same process to keep the suite fast."""
+    H["seed_all"](0)
+    model = H["llama"](seed=0)
+    with engine.initialize(model, H["make_config"](str(nvme), dtype)) as trainer:
+        sched = H["make_sched"](trainer)
+        ref_losses: list[float] = []
+        H["train"](trainer, sched, 6, ref_losses)
+        ref = H["weights"](trainer, model)
+        ref_lr = trainer.optimizer.param_groups[0]["lr"]
+
+    H["seed_all"](0)
+    model = H["llama"](seed=0)
+    ckpt = tmp_path / "ckpt"
+    with engine.initialize(model, H["make_config"](str(nvme), dtype)) as trainer:
+        sched = H["make_sched"](trainer)
+        losses: list[float] = []
+        H["train"](trainer, sched, 3, losses)
+        assert losses == ref_losses[:6]
+        trainer.save_checkpoint(str(ckpt), {"losses": losses}, lr_scheduler=sched, max_shard_size="100KiB")
+    assert len([f for f in os.listdir(ckpt / "step-00000003") if f.endswith(".safetensors")]) > 1  # sharded
+
+    out = str(tmp_path / "resumed")
+    if new_process:
+        run_child("resume", str(ckpt), str(nvme), dtype, out)
+    else:
+        H["resume"](str(ckpt), str(nvme), dtype, out)
+    with open(out + ".json") as f:
+        resumed = json.load(f)
+    assert resumed["losses"] == ref_losses  # exact float equality, all 12 micro-batches
+    assert resumed["steps"] == 6 and resumed["lr"] == ref_lr
+    got = load_file(out + ".safetensors")
+    assert got.keys() == ref.keys()
+    for name, value in ref.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_resume_with_trainable_state_in_memory(tmp_path, nvme):
+    """The in-DRAM trainable placement (masters and CPUAdamW moments in memory) resumes exactly too."""
+    def partial(model):  # PEFT-like: only the attention outputs and norms train, the frozen rest streams
+        for name, p in model.named_parameters():
+            p.requires_grad_("o_proj" in name or "norm" in name)
+        return model
+
+    kw = dict(trainable_placement="memory", dtype="bf16")
+    H["seed_all"](0)
+    model = partial(H["llama"](seed=0))
+    cfg = H["make_config"](str(nvme), **kw)
+    with engine.initialize(model, cfg) as trainer:
+        sched = H["make_sched"](trainer)
+        ref_losses: list[float] = []
+        H["train"](trainer, sched, 4, ref_losses)
+        ref = {n: trainer.weight(n).clone() for n, _ in model.named_parameters()}  # masters of the trainable ones
+    H["seed_all"](0)
+    model = partial(H["llama"](seed=0))
+    with engine.initialize(model, cfg) as trainer:
+        sched = H["make_sched"](trainer)
+        H["train"](trainer, sched, 2, [])
+        trainer.save_checkpoint(str(tmp_path / "ckpt"), lr_scheduler=sched)
+    H["seed_all"](5)
+    model = partial(H["llama"](seed=7))
+    with engine.initialize(model, cfg) as trainer:
+        sched = H["make_sched"](trainer)
+        trainer.load_checkpoint(str(tmp_path / "ckpt"), lr_scheduler=sched)
+        losses: list[float] = []
+        H["train"](trainer, sched, 2, losses)
+        assert losses == ref_losses[4:]
+        for name, value in ref.items():
+            assert torch.equal(trainer.weight(name), value), name
+
+
+# ---------------------------------------------------------------------------------------------- crash safety
+# point -> the step `latest` must name after a SIGKILL there
+CRASH_POINTS = {"file-data": 1, "shard-written": 1, "manifest-written": 1, "before-latest": 1, "after-latest": 2,
+                "retention": 2}
+
+
+def _crash_run(base, point: str, delay) -> None:
+    """Starts a ``crash`` child, waits for READY (step 1 saved) and for it to pause at ``point``
+    (or sleeps ``delay`` seconds while it saves in a loop), then SIGKILLs it."""
+    (base / "nvme").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", HELPERS, "crash", str(base / "ckpt"), str(base / "nvme"),
+                             "loop" if delay is not None else point, str(base / "expected")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        lines = [proc.stdout.readline().strip()]
+        if lines[0] == "READY":
+            if delay is None:
+                lines.append(proc.stdout.readline().strip())
+            else:
+                time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        expected = ["READY"] + ([f"PAUSED {point}"] if delay is None else [])
+        assert lines == expected, (point, lines, proc.stderr.read()[-3000:])
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """Children are SIGKILLed at each pause point of a save (and at seeded random moments of a save
+    loop); `latest` always names a complete checkpoint with the right weights, and the next save
+    removes the killed one's leftovers."""
+    rng = random.Random(7)
+    runs = {point: None for point in CRASH_POINTS}
+    runs["random-kill"] = rng.uniform(0.1, 0.8)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two cores
+        for future in [pool.submit(_crash_run, tmp_path / name, name, delay) for name, delay in runs.items()]:
+            future.result()
+
+    for name in runs:
+        base = tmp_path / name
+        root = base / "ckpt"
+        torch.manual_seed(1)
+        model = H["Net"]()
+        with engine.initialize(model, H["make_config"](str(tmp_path / name / "nvme"), checkpoint_keep_last=1)) as tr:
+            leftovers = [e for e in os.listdir(root) if e.startswith(".")]
+            if name in ("file-data", "shard-written", "manifest-written", "retention"):
+                assert leftovers, name  # a partial save (or half-deleted old one) is there...
+            _, client = tr.load_checkpoint(str(root))  # ...and ignored
+            step = client["step"]
+            if name in CRASH_POINTS:
+                assert step == CRASH_POINTS[name], (name, step)
+            assert tr.global_steps == step
+            expected = load_file(str(base / f"expected-{step}.safetensors"))
+            for pname, value in expected.items():
+                assert torch.equal(tr.parameter(pname), value), (name, pname)
+            tr.save_checkpoint(str(root), {"step": step}, tag="after-crash")
+        # the killed save's leftovers are gone; keep_last=1 leaves only the new one
+        assert sorted(os.listdir(root)) == ["after-crash", "latest"], (name, os.listdir(root))
+
+
+def test_layout_permissions_retention_and_refusals(tmp_path, nvme):
+    trainer, model = trained_trainer(tmp_path, steps=1)
+    root = tmp_path / "ckpt"
+    with trainer:
+        for _ in range(3):
+            H["train"](trainer, H["make_sched"](trainer), 1, [])
+            trainer.save_checkpoint(str(root), {"note": "x"}, keep_last=2)
+        assert sorted(os.listdir(root)) == ["latest", "step-00000003", "step-00000004"]
+        assert (root / "latest").read_text() == "step-00000004\n"
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+        for d in ("step-00000003", "step-00000004"):
+            assert stat.S_IMODE(os.stat(root / d).st_mode) == 0o700
+            for f in os.listdir(root / d):
+                assert stat.S_IMODE(os.stat(root / d / f).st_mode) == 0o600, f
+        assert stat.S_IMODE(os.stat(root / "latest").st_mode) == 0o600
+        # Saving the same tag again replaces it atomically.
+        trainer.save_checkpoint(str(root), {"note": "again"}, tag="step-00000004")
+        _, client = trainer.load_checkpoint(str(root))
+        assert client == {"note": "again"}
+        # Refused before anything is written: non-JSON client state, a save inside an accumulation window.
+        with pytest.raises(CheckpointError, match="client_state"):
+            trainer.save_checkpoint(str(root), {"t": torch.zeros(1)})
+        with pytest.raises(CheckpointError, match="tuples become lists"):
+            trainer.save_checkpoint(str(root), {"pos": (1, 2)})
+        x = H["DATA"][0]
+        trainer.backward(trainer(input_ids=x, labels=x).loss)
+        trainer.step()
+        with pytest.raises(CheckpointError, match="accumulation boundary"):
+            trainer.save_checkpoint(str(root))
+        assert sorted(os.listdir(root)) == ["latest", "step-00000003", "step-00000004"]
+    # Only JSON and safetensors in a checkpoint: nothing is unpickled on load.
+    for f in os.listdir(root / "step-00000004"):
+        assert f == "manifest.json" or f.endswith(".safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def saved(tmp_path, nvme):
+    """A checkpoint of a trained tiny Llama (two shards) and its directory."""
+    trainer, model = trained_trainer(tmp_path)
+    with trainer:
+        path = trainer.save_checkpoint(str(tmp_path / "ckpt"), max_shard_size="150KiB")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    assert len(files) >= 2
+    return path, files
+
+
+def _fresh(tmp_path, **kw):
+    model = H["llama"](seed=3, **{k: kw.pop(k) for k in ("inter",) if k in kw})
+    return engine.initialize(model, H["make_config"](str(tmp_path / "nvme"), **kw))
+
+
+def test_truncated_file_is_named_with_its_tensor(tmp_path, saved):
+    path, files = saved
+    victim = os.path.join(path, files[-1])
+    header = read_header(victim)
+    last = max(header.tensors.values(), key=lambda t: t.begin)
+    with open(victim, "r+b") as f:
+        f.truncate(header.file_size - 100)
+    with _fresh(tmp_path) as tr, pytest.raises(CheckpointError) as err:
+        tr.load_checkpoint(path)
+    assert victim in str(err.value) and "truncated" in str(err.value) and last.name in str(err.value)
+
+
+def test_corrupted_tensor_is_named_with_its_file(tmp_path, saved):
+    path, files = saved
+    victim = os.path.join(path, files[0])
+    header = read_header(victim)
+    target = next(t for t in header.tensors.values() if t.name.startswith("exp_avg/"))
+    with open(victim, "r+b") as f:
+        f.seek(header.offset(target) + target.nbytes // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with _fresh(tmp_path) as tr:
+        with pytest.raises(CheckpointError) as err:
+            tr.load_checkpoint(path)
+        assert victim in str(err.value) and repr(target.name) in str(err.value) and "corrupt" in str(err.value)
+        # The state is half-loaded now: saving it over good checkpoints is refused.
+        with pytest.raises(CheckpointError, match="failed part-way"):
+            tr.save_checkpoint(str(tmp_path / "other"))
+
+
+def test_shape_mismatches_are_all_listed(tmp_path, saved):
+    path, _ = saved
+    with _fresh(tmp_path, inter=96) as tr, pytest.raises(CheckpointError) as err:
+        tr.load_checkpoint(path)
+    message = str(err.value)
+    assert "shape mismatch" in message
+    for layer in (0, 1):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            for kind in ("param", "exp_avg", "exp_avg_sq"):
+                assert f"{kind}/model.layers.{layer}.mlp.{proj}.weight" in message
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "link.safetensors"])
+def test_manifest_paths_outside_the_checkpoint_are_refused(tmp_path, saved, name):
+    path, files = saved
+    outside = tmp_path / "outside.safetensors"
+    os.replace(os.path.join(path, files[0]), outside)
+    if name == "link.safetensors":
+        os.symlink(outside, os.path.join(path, name))
+    manifest_file = os.path.join(path, "manifest.json")
+    with open(manifest_file) as f:
+        manifest = json.load(f)
+    manifest["files"][name] = manifest["files"].pop(files[0])
+    for entry in manifest["tensors"].values():
+        if entry["file"] == files[0]:
+            entry["file"] = name
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    with _fresh(tmp_path) as tr, pytest.raises(CheckpointError, match="refusing") as err:
+        tr.load_checkpoint(path)
+    assert name in str(err.value)
+
+
+def test_latest_pointing_outside_is_refused(tmp_path, saved):
+    path, _ = saved
+    root = os.path.dirname(path)
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("../elsewhere\n")
+    with _fresh(tmp_path) as tr, pytest.raises(CheckpointError, match="refusing"):
+        tr.load_checkpoint(root)
+
+
+def test_other_dtype_is_refused_or_converted_explicitly(tmp_path):
+    trainer, model = trained_trainer(tmp_path, dtype="bf16")
+    with trainer:
+        path = trainer.save_checkpoint(str(tmp_path / "ckpt"))
+        masters = H["weights"](trainer, model)
+        moments = {n: trainer._store.get(("exp_avg", n)).clone() for n in masters}
+    with _fresh(tmp_path) as tr:
+        with pytest.raises(CheckpointError, match="dtype='bf16'.*convert_dtype=True"):
+            tr.load_checkpoint(path)
+        tr.load_checkpoint(path, convert_dtype=True)
+        for name, value in masters.items():  # fp32 weights = the saved fp32 masters, exactly
+            assert torch.equal(tr.parameter(name), value), name
+            assert torch.equal(tr._store.get(("exp_avg", name)), moments[name]), name
+        assert tr.global_steps == 2
+        H["train"](tr, H["make_sched"](tr), 1, [])  # and it trains on
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_then_from_pretrained_gives_identical_logits(tmp_path, nvme, tied):
+    from transformers import AutoModelForCausalLM
+
+    model = H["llama"](seed=0, tied=tied, dropout=0.0)
+    trainer, model = trained_trainer(tmp_path, model=model)
+    x = H["DATA"][0]
+    out = tmp_path / "export"
+    with trainer:
+        files = trainer.save_pretrained(str(out), max_shard_size="60KB")
+        trainer.eval()
+        with torch.no_grad():
+            ref = trainer(input_ids=x).logits
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and str(out / "config.json") in files
+    assert ("lm_head.weight" in index["weight_map"]) == (not tied)  # a tied weight is written once, as HF does
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=x).logits, ref)
+    with engine.from_pretrained(str(out), H["make_config"](str(nvme))) as tr:
+        tr.eval()
+        with torch.no_grad():
+            assert torch.equal(tr(input_ids=x).logits, ref)
+
+
+def test_from_pretrained_reads_a_checkpoint_written_by_transformers(tmp_path, nvme):
+    model = H["llama"](seed=0, dropout=0.0).eval()
+    model.save_pretrained(str(tmp_path / "hf"), max_shard_size="50KB")
+    x = H["DATA"][1]
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    with engine.from_pretrained(str(tmp_path / "hf"), H["make_config"](str(nvme))) as tr:
+        tr.eval()
+        with torch.no_grad():
+            assert torch.equal(tr(input_ids=x).logits, ref)
+    # bf16 training from an fp32 checkpoint: fp32 masters are the checkpoint's values exactly
+    with engine.from_pretrained(str(tmp_path / "hf"), H["make_config"](str(nvme), "bf16")) as tr:
+        for name, p in model.named_parameters():
+            assert torch.equal(tr.parameter(name), p.detach()), name
+
+
+def test_from_pretrained_bad_checkpoints(tmp_path, nvme):
+    from transformers import LlamaConfig
+
+    model = H["llama"](seed=0, dropout=0.0)
+    good = tmp_path / "hf"
+    model.save_pretrained(str(good), max_shard_size="50KB")
+    cfg = H["make_config"](str(nvme))
+    # shapes that do not match the config: all listed, nothing written
+    other = LlamaConfig.from_pretrained(str(good))
+    other.intermediate_size = 96
+    with pytest.raises(CheckpointError) as err:
+        engine.from_pretrained(str(good), cfg, hf_config=other)
+    for layer in (0, 1):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert f"model.layers.{layer}.mlp.{proj}.weight" in str(err.value)
+    assert os.listdir(nvme) == []
+    # a truncated shard: the file and the tensor cut off are named
+    cut = tmp_path / "cut"
+    shutil.copytree(good, cut)
+    index = json.loads((cut / "model.safetensors.index.json").read_text())
+    victim = str(cut / sorted(set(index["weight_map"].values()))[-1])
+    header = read_header(victim)
+    last = max(header.tensors.values(), key=lambda t: t.begin)
+    with open(victim, "r+b") as f:
+        f.truncate(header.file_size - 8)
+    with pytest.raises(CheckpointError) as err:
+        engine.from_pretrained(str(cut), cfg)
+    assert victim in str(err.value) and last.name in str(err.value)
+    # a parameter missing from the checkpoint
+    lacking = tmp_path / "lacking"
+    lacking.mkdir()
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if n != "model.norm.weight"}
+    save_file(state, str(lacking / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(good / "config.json", lacking / "config.json")
+    with pytest.raises(CheckpointError, match=r"1 parameter\(s\) missing: model\.norm\.weight"):
+        engine.from_pretrained(str(lacking), cfg)
+    # pickles are not loaded
+    bad = tmp_path / "pickle"
+    bad.mkdir()
+    (bad / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pickle"):
+        engine.from_pretrained(str(bad), cfg, hf_config=other)
+    assert os.listdir(nvme) == []
+
+
+DRAM_CHILD = r'''
+import json, re, sys
+import torch, engine
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+path, nvme = sys.argv[1:3]
+from transformers import AutoConfig
+AutoConfig.from_pretrained(path)  # import everything lazily loaded first
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS
+base = status("VmRSS")
+trainer = engine.from_pretrained(path, engine.Config(nvme_path=nvme, sub_group_size=1 << 20))
+peak = status("VmHWM") - base
+pool = trainer._pool.stats()["capacity"]
+from safetensors import safe_open
+index = json.load(open(path + "/model.safetensors.index.json"))["weight_map"]
+checked = 0
+for name in ("model.embed_tokens.weight", "model.layers.5.mlp.down_proj.weight", "lm_head.weight"):
+    with safe_open(path + "/" + index[name], "pt") as f:
+        assert torch.equal(trainer.parameter(name), f.get_tensor(name)), name
+        checked += 1
+trainer.close()
+print(json.dumps(dict(peak=peak, pool=pool, checked=checked)))
+'''
+
+
+def test_import_of_a_checkpoint_larger_than_the_dram_budget(tmp_path, nvme):
+    """A 24-layer model (~330 MB of fp32 safetensors in 20 MB shards) imports with peak RSS growth
+    under a budget of the pool + 4 x the largest tensor + 48 MiB - far below the checkpoint size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=24,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(cfg)
+    # Written tensor by tensor (random values) in HF's sharded layout: the test process never holds it all.
+    names = [(n, tuple(p.shape)) for n, p in meta.named_parameters()]
+    g = torch.Generator().manual_seed(0)
+    out = tmp_path / "big"
+    out.mkdir()
+    shards, current, size = [], {}, 0
+    for name, shape in names:
+        current[name] = torch.randn(shape, generator=g) * 0.02
+        size += current[name].numel() * 4
+        if size >= 20 << 20:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+        total += sum(t.numel() * 4 for t in shard.values())
+    del shards, current
+    (out / "model.safetensors.index.json").write_text(json.dumps(dict(metadata=dict(total_size=total),
+                                                                      weight_map=weight_map)))
+    cfg.save_pretrained(str(out))
+    largest = max(torch.Size(s).numel() * 4 for _, s in names)
+
+    result = subprocess.run([sys.executable, "-c", DRAM_CHILD, str(out), str(nvme)], capture_output=True, text=True,
+                            timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    budget = stats["pool"] + 4 * largest + (48 << 20)
+    assert stats["checked"] == 3
+    assert total > 2 * budget, (total, budget)  # the budget really is smaller than the checkpoint
+    assert stats["peak"] < budget, (stats["peak"] / 2**20, budget / 2**20, total / 2**20)

@@ -182,6 +182,7 @@ def _run_engine(spec, config, data, times, losses, extra, prof, phase) -> int:
 
         _timed_steps(data, step, times, losses, phase)
         report = trainer.memory_report()
+        prof.detach()  # before the pool and store close
     extra.update(bytes_read=report["bytes_read"], bytes_written=report["bytes_written"],
                  pool_bytes=report["pool"]["capacity"], predicted_peak=report["plan"]["predicted_peak_bytes"],
                  io_wait_s=report["io_wait_s"], backend=report["backend"])

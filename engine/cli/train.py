@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only (engine.peft)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", metavar="NAMES",
+                   help="comma-separated names of the linear layers to adapt (default q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"micro-batch size (default {DEFAULT_BATCH})")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ, help=f"tokens per sequence (default {DEFAULT_SEQ})")
@@ -116,13 +118,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--resume: no checkpoint directory {args.checkpoint_dir!r}")
 
 
-def _require(obj: Any, attr: str, option: str, what: str) -> Any:
-    value = getattr(obj, attr, None)
-    if value is None:
-        raise CLIError(f"{option} needs {what}, which this build of the engine does not provide yet")
-    return value
-
-
 def _build_trainer(args: argparse.Namespace, cfg: Config):
     """The trainer and the tokenizer (None: byte-level) for the chosen model."""
     import engine
@@ -134,27 +129,72 @@ def _build_trainer(args: argparse.Namespace, cfg: Config):
 
         torch.manual_seed(args.seed)
         model = LlamaForCausalLM(llama_config("tiny", max_positions=max(args.seq_len, 128)))
-        _maybe_lora(args, model)
+        if args.lora:
+            _apply_lora(args, model)
         return engine.initialize(model, cfg), None
-    from_pretrained = _require(engine, "from_pretrained", "--model", "engine.from_pretrained")
     if args.lora:
-        # LoRA must wrap the model before its weights go to NVMe: build on meta, wrap, then load.
-        trainer = from_pretrained(args.model, cfg, prepare=lambda m: _maybe_lora(args, m))
+        trainer = _lora_from_pretrained(args, cfg)
     else:
-        trainer = from_pretrained(args.model, cfg)
+        trainer = engine.from_pretrained(args.model, cfg)
     return trainer, _tokenizer(args.model, trainer.module)
 
 
-def _maybe_lora(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    if not args.lora:
-        return
+def _lora_config(args: argparse.Namespace):
+    from ..peft import LoraConfig
+
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, target_modules=targets)
+
+
+def _apply_lora(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    from ..peft import apply_lora
+
+    apply_lora(model, _lora_config(args))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"LoRA: r={args.lora_rank}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
+          f"{trainable:,} trainable parameters", file=sys.stderr)
+
+
+def _lora_from_pretrained(args: argparse.Namespace, cfg: Config):
+    """A Hugging Face checkpoint with LoRA adapters: the model is built on the meta device,
+    wrapped, and each base tensor read from the safetensors files straight into the store
+    (``engine.from_pretrained`` loads the unwrapped model, whose parameter names differ)."""
+    import engine
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..checkpoint.format import read_header, read_tensor
+    from ..checkpoint.hf import checkpoint_files
+
+    hf_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    _apply_lora(args, model)
+    where = {}
+    for file in checkpoint_files(args.model):
+        parsed = read_header(file)
+        where.update(dict.fromkeys(parsed.tensors, parsed))
+
+    def source(name: str) -> str:
+        return name.replace(".base_layer.", ".")  # LoraLinear keeps the original Linear as base_layer
+
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and source(n) not in where]
+    if missing:
+        raise CLIError(f"--model {args.model!r}: the checkpoint lacks {len(missing)} parameter(s), e.g. {missing[0]}")
+    fds: dict[str, int] = {}
+
+    def initializer(name: str, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+        parsed = where.get(source(name))
+        if parsed is None:
+            return None  # a buffer the model computes itself (rotary inv_freq)
+        if parsed.path not in fds:
+            fds[parsed.path] = os.open(parsed.path, os.O_RDONLY | os.O_CLOEXEC)
+        return read_tensor(parsed, source(name), fds[parsed.path])
+
     try:
-        from .. import peft
-    except ImportError:
-        raise CLIError("--lora needs engine.peft, which this build of the engine does not provide yet") from None
-    lora_config = _require(peft, "LoraConfig", "--lora", "engine.peft.LoraConfig")
-    apply = getattr(peft, "apply_lora", None) or _require(peft, "get_peft_model", "--lora", "engine.peft.apply_lora")
-    apply(model, lora_config(r=args.lora_rank, alpha=args.lora_alpha))
+        return engine.initialize(model, cfg, initializer=initializer)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _tokenizer(model_dir: str, model: torch.nn.Module) -> Optional[Callable[[str], list[int]]]:
@@ -203,15 +243,16 @@ def run(args: argparse.Namespace) -> int:
         if int(batches.train.max()) >= vocab:
             raise CLIError(f"the data has token id {int(batches.train.max())} but the model's vocabulary is {vocab}")
         if args.resume:
-            load = _require(trainer, "load_checkpoint", "--resume", "Trainer.load_checkpoint")
             with prof.phase("checkpoint"):
-                load(args.checkpoint_dir)
+                path, _ = trainer.load_checkpoint(args.checkpoint_dir)
+            print(f"resumed from {path} at step {trainer.global_steps}", file=sys.stderr)
         start_step = trainer.global_steps
         if start_step >= args.steps:
             raise CLIError(f"the checkpoint is at step {start_step}: nothing to do for --steps {args.steps}")
         result = _train_loop(args, trainer, batches, prof, start_step)
         report = trainer.memory_report()
     finally:
+        prof.detach()  # before the pool and store close
         if trainer is not None:
             trainer.close()
         prof.stop()
@@ -268,10 +309,9 @@ def _train_loop(args, trainer, batches: TokenBatches, prof: MemoryProfiler, star
                 eval_loss_before=eval_before, eval_loss_after=eval_after)
 
 
-def _save(trainer, directory: str, prof: MemoryProfiler) -> None:
-    save = _require(trainer, "save_checkpoint", "--checkpoint-dir", "Trainer.save_checkpoint")
+def _save(trainer, directory: str, prof: MemoryProfiler) -> str:
     with prof.phase("checkpoint"):
-        save(directory)
+        return trainer.save_checkpoint(directory)
 
 
 def _moved(trainer) -> int:

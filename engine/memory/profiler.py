@@ -108,6 +108,7 @@ class MemoryProfiler:
         self.include_children = include_children
         self.label = label
         self._lock = threading.Lock()
+        self._source_lock = threading.Lock()
         self._pool = self._store = None
         self._store0: Optional[tuple[int, int]] = None
         self._carry = (0, 0)
@@ -132,7 +133,7 @@ class MemoryProfiler:
             pool = pool or getattr(trainer, "_pool", None)
             store = store or getattr(trainer, "_store", None)
             self.extra["backend"] = getattr(getattr(trainer, "_io", None), "backend", None)
-        with self._lock:
+        with self._source_lock:
             if pool is not None:
                 self._pool = pool
             if store is not None:
@@ -141,6 +142,12 @@ class MemoryProfiler:
                 self._store0 = None
                 self._carry = (_last(self.series["read"]) or 0, _last(self.series["written"]) or 0) \
                     if hasattr(self, "series") else (0, 0)
+        return self
+
+    def detach(self) -> "MemoryProfiler":
+        """Stops sampling the pool and store (call before closing them); waits for a sample in progress."""
+        with self._source_lock:
+            self._pool = self._store = None
         return self
 
     def _sample(self) -> None:
@@ -163,15 +170,21 @@ class MemoryProfiler:
                     pass  # exited between listing and reading
         values.update(rss=rss, vm_hwm=status.get("VmHWM"), locked=status.get("VmLck"),
                       system_used=system_used_bytes())
+        with self._source_lock:  # detach() waits for this: a closed pool must not be read
+            self._sample_sources(values)
         with self._lock:
-            pool, store = self._pool, self._store
+            self.times.append(t)
+            for k in SERIES:
+                self.series[k].append(values[k])
+
+    def _sample_sources(self, values: dict[str, Optional[int]]) -> None:
+        pool, store = self._pool, self._store
         if pool is not None:
             try:
                 stats = pool.stats()
                 values.update(pool_reserved=stats["capacity"], pool_in_use=stats["in_use"])
             except Exception:  # noqa: BLE001 - a closed pool ends its series, not the profile
-                with self._lock:
-                    self._pool = None
+                self._pool = None
         if store is not None:
             try:
                 counters = store.stats()
@@ -184,8 +197,7 @@ class MemoryProfiler:
             except RuntimeError:
                 pass  # the store's tensor table changed under us (files layout); next sample
             except Exception:  # noqa: BLE001 - a closed store ends its series, not the profile
-                with self._lock:
-                    self._store = None
+                self._store = None
         if values["read"] is None and self.io_source != "store":
             try:
                 io = _read_kv(f"/proc/{self.pid}/io", ("read_bytes", "write_bytes"))
@@ -195,10 +207,6 @@ class MemoryProfiler:
                               written=io["write_bytes"] - self._io0["write_bytes"])
             except (OSError, KeyError, ValueError):
                 pass
-        with self._lock:
-            self.times.append(t)
-            for k in SERIES:
-                self.series[k].append(values[k])
 
     def _run(self) -> None:
         while not self._halt.is_set():

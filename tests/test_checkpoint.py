@@ -423,7 +423,7 @@ def test_latest_pointing_outside_is_refused(tmp_path, saved):
         tr.load_checkpoint(root)
 
 
-def test_other_dtype_is_refused_or_converted_explicitly(tmp_path):
+def test_other_dtype_is_refused_or_converted_explicitly(tmp_path, nvme):
     trainer, model = trained_trainer(tmp_path, dtype="bf16")
     with trainer:
         path = trainer.save_checkpoint(str(tmp_path / "ckpt"))
@@ -536,12 +536,14 @@ def status(key):
         return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) * 1024
 
 path, nvme = sys.argv[1:3]
-from transformers import AutoConfig
-AutoConfig.from_pretrained(path)  # import everything lazily loaded first
+from transformers import AutoConfig, AutoModelForCausalLM
+with torch.device("meta"):  # import everything transformers loads lazily before measuring
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current RSS
 base = status("VmRSS")
-trainer = engine.from_pretrained(path, engine.Config(nvme_path=nvme, sub_group_size=1 << 20))
+trainer = engine.from_pretrained(path, engine.Config(nvme_path=nvme, sub_group_size=1 << 20,
+                                                     resident_threshold_bytes=64 << 10))
 peak = status("VmHWM") - base
 pool = trainer._pool.stats()["capacity"]
 from safetensors import safe_open
@@ -557,11 +559,12 @@ print(json.dumps(dict(peak=peak, pool=pool, checked=checked)))
 
 
 def test_import_of_a_checkpoint_larger_than_the_dram_budget(tmp_path, nvme):
-    """A 24-layer model (~330 MB of fp32 safetensors in 20 MB shards) imports with peak RSS growth
-    under a budget of the pool + 4 x the largest tensor + 48 MiB - far below the checkpoint size."""
+    """A 32-layer model (~460 MB of fp32 safetensors in 20 MB shards) imports with peak RSS growth
+    under a budget of the pinned pool (fixed by the planner: optimizer pipeline, staging) + 4 x the
+    largest tensor + 24 MiB, which is smaller than the checkpoint: nothing scales with the model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=24,
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=32,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
                       tie_word_embeddings=False)
     with torch.device("meta"):
@@ -596,7 +599,7 @@ def test_import_of_a_checkpoint_larger_than_the_dram_budget(tmp_path, nvme):
                             timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-4000:]
     stats = json.loads(result.stdout.strip().splitlines()[-1])
-    budget = stats["pool"] + 4 * largest + (48 << 20)
+    budget = stats["pool"] + 4 * largest + (24 << 20)
     assert stats["checked"] == 3
-    assert total > 2 * budget, (total, budget)  # the budget really is smaller than the checkpoint
+    assert total > 1.3 * budget, (total, budget)  # the budget really is smaller than the checkpoint
     assert stats["peak"] < budget, (stats["peak"] / 2**20, budget / 2**20, total / 2**20)

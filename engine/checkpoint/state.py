@@ -151,7 +151,7 @@ def _nan_equal(a: Any, b: Any) -> bool:
         return a == b or (math.isnan(a) and math.isnan(b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_nan_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, (list, tuple)):
+    if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_nan_equal(x, y) for x, y in zip(a, b))
     return a == b
 

@@ -127,6 +127,14 @@ def test_plan_llama_7b_fits_or_not(capsys):
     assert "does not fit" in captured.err and "1.00 GiB is too small" in captured.err
 
 
+def test_plan_checks_the_disk_of_the_nvme_paths(tmp_path, capsys):
+    # 70B in fp32 needs well over 1 TiB of swap space: no test machine's disk holds it.
+    assert main(["plan", "llama-70b", "--nvme-path", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1].split() == ["fits", "on", "disk", "NO"]
+    assert "not enough disk space" in captured.err
+
+
 def test_plan_reads_a_config_json(hf_model_dir, capsys):
     assert main(["plan", str(hf_model_dir / "config.json"), "--batch", "2", "--seq-len", "64"]) == 0
     out = capsys.readouterr().out

@@ -65,12 +65,18 @@ def run(args: argparse.Namespace) -> int:
                                      budget_bytes=cfg.budget_bytes)
         fits, reason = False, str(exc)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), dtype {cfg.dtype}")
-    print(result.table())
-    if fits and cfg.nvme_paths:
+    table = result.table()
+    print(table)
+    if cfg.nvme_paths:
+        fits_row = next(line for line in table.splitlines() if line.startswith("fits "))
+        width = len(fits_row) - len(fits_row.split()[-1]) - 2  # the table's key column
         try:
             check_disk(result, cfg.nvme_paths)
+            print(f"{'fits on disk'.ljust(width)}  yes")
         except PlanError as exc:
-            fits, reason = False, str(exc)
+            print(f"{'fits on disk'.ljust(width)}  NO")
+            reason = f"{reason}; {exc}" if not fits else str(exc)
+            fits = False
     if not fits:
         print(f"does not fit: {reason}", file=sys.stderr)
         return 1

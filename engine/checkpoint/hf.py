@@ -31,7 +31,7 @@ from ..offload.params import KEY_ATTR, is_placeholder
 from ..units import parse_bytes
 from .atomic import fsync_path, make_private_dir, write_file
 from .format import CheckpointError, SafetensorsFile, read_header, read_tensor
-from .transfer import Entry, StoreSource, staging_blocks, staging_bytes_for, write_safetensors
+from .transfer import STAGING_BLOCKS, Entry, StoreSource, staging_blocks, staging_bytes_for, write_safetensors
 
 if TYPE_CHECKING:
     from ..offload.trainer import Trainer
@@ -229,11 +229,11 @@ def save_pretrained(trainer: "Trainer", save_dir: PathLike, *, max_shard_size: U
     store = trainer._store
     largest = max((e.nbytes for e in entries if isinstance(e.source, StoreSource)), default=1)
     # Each file is written under a temporary name, fsync'ed and renamed; the index comes last.
-    with staging_blocks(trainer._pool, staging_bytes_for(store, 4 * largest)) as blocks:
+    with staging_blocks(trainer._pool, staging_bytes_for(store, 4 * largest), 2 * STAGING_BLOCKS) as blocks:
         for name, shard in zip(names, shards):
             tmp = os.path.join(save_dir, f".{name}.tmp-{token}")
             try:
-                write_safetensors(tmp, shard, store, blocks, metadata={"format": "pt"})
+                write_safetensors(tmp, shard, store, blocks, metadata={"format": "pt"}, io=trainer._io)
                 os.rename(tmp, os.path.join(save_dir, name))
             except BaseException:
                 if os.path.exists(tmp):

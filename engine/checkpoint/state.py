@@ -37,8 +37,8 @@ from ..offload.params import KEY_ATTR
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
 from .format import CheckpointError, DTYPE_TO_ST, ST_TO_DTYPE, read_header
-from .transfer import (Entry, StoreSource, StoreTarget, TensorTarget, load_safetensors, staging_blocks,
-                       staging_bytes_for, write_safetensors)
+from .transfer import (STAGING_BLOCKS, Entry, StoreSource, StoreTarget, TensorTarget, load_safetensors,
+                       staging_blocks, staging_bytes_for, write_safetensors)
 
 if TYPE_CHECKING:
     from ..offload.trainer import Trainer
@@ -221,12 +221,12 @@ def save_checkpoint(trainer: "Trainer", save_dir: PathLike, client_state: Option
     store = trainer._store
     largest = max((math.prod(s.shape) * torch.empty((), dtype=s.dtype).element_size() for s in slots
                    if isinstance(s.source, StoreSource)), default=1)
-    with staging_blocks(trainer._pool, staging_bytes_for(store, largest)) as blocks:
+    with staging_blocks(trainer._pool, staging_bytes_for(store, largest), 2 * STAGING_BLOCKS) as blocks:
         for index, group in enumerate(shards):
             fname = f"state-{index + 1:05d}-of-{len(shards):05d}.safetensors"
             entries = [Entry(s.name, s.dtype, s.shape, s.source) for s in group]
             result = write_safetensors(os.path.join(tmp, fname), entries, store, blocks,
-                                       metadata={"format": "pt", "producer": FORMAT})
+                                       metadata={"format": "pt", "producer": FORMAT}, io=trainer._io)
             files[fname] = dict(bytes=result["bytes"], crc32c=result["crc32c"])
             for info in result["infos"]:
                 tensors[info.name] = dict(file=fname, dtype=DTYPE_TO_ST[info.dtype], shape=list(info.shape),

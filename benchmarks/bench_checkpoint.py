@@ -1,0 +1,178 @@
+"""Import and export of a Hugging Face safetensors checkpoint (~1B parameters by default): peak
+RSS and throughput, next to the disk's sequential bandwidth measured by fio in the same run.
+
+1. A bf16 Llama-style checkpoint is written in HF's sharded layout (random values, tensor by
+   tensor; not measured).
+2. In a fresh child process (imports done, then ``VmHWM`` reset through ``/proc/self/clear_refs``):
+   ``engine.from_pretrained`` (bf16 training: the store receives the bf16 weights, the fp32
+   masters and the zeroed fp32 Adam moments) and then ``trainer.save_pretrained`` (store ->
+   pool -> file), each with its own peak-RSS growth and wall time.
+3. fio: sequential 1 MiB O_DIRECT writes and reads (io_uring, QD16) on the same file system.
+
+Throughput is reported two ways: checkpoint bytes per second (what the user waits for) and all
+bytes moved per second (checkpoint read + store writes for the import; store reads + file writes
+for the export), the latter against fio's bandwidth.
+
+Targets (issue 7): peak RSS <= 1 GiB + the largest tensor; throughput >= 70% of the sequential
+disk bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from _common import print_table, save_result
+
+CHILD = r'''
+import json, re, sys, time
+import torch, engine
+from transformers import AutoConfig, AutoModelForCausalLM
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+def reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status("VmRSS")
+
+src, dst, nvme = sys.argv[1:4]
+with torch.device("meta"):
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))  # lazy imports before measuring
+out = {}
+base = reset()
+start = time.perf_counter()
+trainer = engine.from_pretrained(src, engine.Config(nvme_path=nvme, dtype="bf16"))
+out["import_s"] = time.perf_counter() - start
+out["import_peak_growth"] = status("VmHWM") - base
+out["import_store_written"] = trainer._store.stats()["bytes_written"]
+out["pool"] = trainer._pool.stats()["capacity"]
+read_before = trainer._store.stats()["bytes_read"]
+base = reset()
+start = time.perf_counter()
+trainer.save_pretrained(dst)
+out["export_s"] = time.perf_counter() - start
+out["export_peak_growth"] = status("VmHWM") - base
+out["export_store_read"] = trainer._store.stats()["bytes_read"] - read_before
+trainer.close()
+print(json.dumps(out))
+'''
+
+
+def llama_config(params: float):
+    """A Llama shape with about ``params`` parameters (hidden 2048, 32k vocabulary)."""
+    from transformers import LlamaConfig
+
+    hidden, inter, vocab = 2048, 5504, 32000
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter
+    layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+                       tie_word_embeddings=False, dtype="bfloat16")
+
+
+def write_checkpoint(cfg, directory: str, shard_bytes: int = 1 << 30) -> tuple[int, int]:
+    """Random bf16 tensors in HF's sharded layout; returns (total bytes, largest tensor bytes)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    shards, current, size, largest = [], {}, 0, 0
+    names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    groups: list[list[tuple[str, tuple]]] = [[]]
+    for name, shape in names:
+        nbytes = math.prod(shape) * 2
+        largest = max(largest, nbytes)
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for n, s in group}
+        save_file(tensors, os.path.join(directory, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in tensors})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        del tensors
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f)
+    cfg.save_pretrained(directory)
+    return total, largest
+
+
+def fio(path: str, rw: str, size: str, seconds: int) -> float:
+    cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", "--bs=1M", "--iodepth=16",
+           "--ioengine=io_uring", "--direct=1", f"--size={size}", "--numjobs=1", "--time_based",
+           f"--runtime={seconds}s", "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return float(job["read" if "read" in rw else "write"]["bw_bytes"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--path", default=None, help="directory on the drive to test (default: system temp dir)")
+    parser.add_argument("--params", type=float, default=1e9, help="model size in parameters")
+    parser.add_argument("--fio-seconds", type=int, default=5)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.path)
+    try:
+        src, dst, nvme = (os.path.join(work, d) for d in ("src", "dst", "nvme"))
+        for d in (src, nvme):
+            os.makedirs(d)
+        cfg = llama_config(args.params)
+        total, largest = write_checkpoint(cfg, src)
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        res = subprocess.run([sys.executable, "-c", CHILD, src, dst, nvme], capture_output=True, text=True, env=env)
+        if res.returncode:
+            print(res.stderr[-4000:])
+            return 1
+        child = json.loads(res.stdout.strip().splitlines()[-1])
+        shutil.rmtree(nvme, ignore_errors=True)
+        bw = {}
+        if shutil.which("fio"):
+            probe = os.path.join(work, "fio.bin")
+            bw["write"] = fio(probe, "write", "4G", args.fio_seconds)
+            bw["read"] = fio(probe, "read", "4G", args.fio_seconds)
+            os.unlink(probe)
+        else:
+            print("fio not found: no disk baseline (apt-get install fio)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    gib = 2 ** 30
+    moved_import = total + child["import_store_written"]
+    moved_export = child["export_store_read"] + total
+    rows = []
+    for phase, seconds, moved, peak in (("import", child["import_s"], moved_import, child["import_peak_growth"]),
+                                        ("export", child["export_s"], moved_export, child["export_peak_growth"])):
+        disk = bw.get("write")
+        rows.append([phase, f"{seconds:.1f}", f"{total / seconds / gib:.2f}", f"{moved / seconds / gib:.2f}",
+                     f"{moved / seconds / disk:.2f}" if disk else "-", f"{peak / 2**20:.0f}",
+                     f"{(gib + largest) / 2**20:.0f}"])
+    print(f"checkpoint: {cfg.num_hidden_layers} layers, {total / gib:.2f} GiB bf16, "
+          f"largest tensor {largest / 2**20:.0f} MiB, pinned pool {child['pool'] / 2**20:.0f} MiB")
+    if bw:
+        print(f"fio seq 1 MiB QD16 O_DIRECT: write {bw['write'] / gib:.2f} GiB/s, read {bw['read'] / gib:.2f} GiB/s")
+    print_table(["phase", "seconds", "ckpt GiB/s", "moved GiB/s", "moved/fio write", "peak RSS growth MiB",
+                 "target MiB"], rows)
+    path = save_result("checkpoint", dict(params=args.params, layers=cfg.num_hidden_layers, checkpoint_bytes=total,
+                                          largest_tensor=largest, fio=bw, **child))
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,6 @@ end the memory report is printed and the profiler's timeline (PNG + JSON) is wri
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -243,8 +242,7 @@ def run(args: argparse.Namespace) -> int:
         if int(batches.train.max()) >= vocab:
             raise CLIError(f"the data has token id {int(batches.train.max())} but the model's vocabulary is {vocab}")
         if args.resume:
-            with prof.phase("checkpoint"):
-                path, _ = trainer.load_checkpoint(args.checkpoint_dir)
+            path, _ = trainer.load_checkpoint(args.checkpoint_dir)
             print(f"resumed from {path} at step {trainer.global_steps}", file=sys.stderr)
         start_step = trainer.global_steps
         if start_step >= args.steps:
@@ -279,18 +277,15 @@ def _train_loop(args, trainer, batches: TokenBatches, prof: MemoryProfiler, star
             step_loss = 0.0
             for micro in range(gas):
                 x = batches.batch_at(step * gas + micro)
-                with prof.phase("forward"):
-                    out = trainer(input_ids=x, labels=x)
-                with prof.phase("backward"):
-                    trainer.backward(out.loss)
-                # The optimizer runs inside step() at the accumulation boundary only.
-                with prof.phase("optimizer") if micro == gas - 1 else contextlib.nullcontext():
-                    trainer.step()
+                # The trainer marks the forward, backward, optimizer and checkpoint phases itself.
+                out = trainer(input_ids=x, labels=x)
+                trainer.backward(out.loss)
+                trainer.step()
                 step_loss += out.loss.detach().item() / gas
             if not math.isfinite(step_loss):
                 raise CLIError(f"the loss is {step_loss} at step {step + 1}: lower --lr or use --dtype fp32")
             if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
-                _save(trainer, args.checkpoint_dir, prof)
+                trainer.save_checkpoint(args.checkpoint_dir)
             dt = time.perf_counter() - t0
             now_moved = _moved(trainer)
             losses.append(step_loss)
@@ -303,15 +298,10 @@ def _train_loop(args, trainer, batches: TokenBatches, prof: MemoryProfiler, star
     finally:
         bar.close()
     if args.checkpoint_dir and not (args.save_every and args.steps % args.save_every == 0):
-        _save(trainer, args.checkpoint_dir, prof)
+        trainer.save_checkpoint(args.checkpoint_dir)
     eval_after = _eval_loss(trainer, eval_batch)
     return dict(start_step=start_step, steps=args.steps, losses=losses, step_times=step_times,
                 eval_loss_before=eval_before, eval_loss_after=eval_after)
-
-
-def _save(trainer, directory: str, prof: MemoryProfiler) -> str:
-    with prof.phase("checkpoint"):
-        return trainer.save_checkpoint(directory)
 
 
 def _moved(trainer) -> int:

@@ -24,6 +24,7 @@ from .._log import logger
 from ..config import Config
 from ..memory.planner import DTYPES, MemoryPlan, check_disk, plan as plan_memory
 from ..memory.pool import PinnedPool
+from ..memory.profiler import phase as profile_phase
 from ..storage import cleanup
 from ..storage.aio import AsyncIO
 from ..storage.store import TensorStore
@@ -233,7 +234,8 @@ class Trainer:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return self.module(*args, **kwargs)
+            with profile_phase("forward"):  # shaded in a running MemoryProfiler's timeline
+                return self.module(*args, **kwargs)
         finally:
             self._timers["forward_s"] += time.perf_counter() - start
 
@@ -252,14 +254,16 @@ class Trainer:
         scaled = loss.float() / self.gradient_accumulation_steps
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
-        scaled.backward()
+        with profile_phase("backward"):
+            scaled.backward()
         self._timers["backward_s"] += time.perf_counter() - start
 
     def step(self) -> None:
         """Call after every micro-batch; the optimizer runs at the accumulation boundary."""
         self.micro_steps += 1
         if self.micro_steps % self.gradient_accumulation_steps == 0:
-            self.optimizer.step()
+            with profile_phase("optimizer"):
+                self.optimizer.step()
 
     def zero_grad(self) -> None:
         """Gradients live on NVMe and are overwritten by the next window's first micro-batch."""
@@ -398,8 +402,9 @@ class Trainer:
         the checkpoint's directory."""
         from ..checkpoint.state import save_checkpoint
 
-        return save_checkpoint(self, save_dir, client_state, tag=tag, lr_scheduler=lr_scheduler, keep_last=keep_last,
-                               max_shard_size=max_shard_size)
+        with profile_phase("checkpoint"):
+            return save_checkpoint(self, save_dir, client_state, tag=tag, lr_scheduler=lr_scheduler,
+                                   keep_last=keep_last, max_shard_size=max_shard_size)
 
     def load_checkpoint(self, load_dir: str, *, tag: Optional[str] = None, lr_scheduler: Any = None,
                         load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
@@ -412,8 +417,9 @@ class Trainer:
         its state; ``load_rng=False`` leaves the RNGs alone."""
         from ..checkpoint.state import load_checkpoint
 
-        return load_checkpoint(self, load_dir, tag=tag, lr_scheduler=lr_scheduler, load_rng=load_rng,
-                               convert_dtype=convert_dtype)
+        with profile_phase("checkpoint"):
+            return load_checkpoint(self, load_dir, tag=tag, lr_scheduler=lr_scheduler, load_rng=load_rng,
+                                   convert_dtype=convert_dtype)
 
     def save_pretrained(self, save_dir: str, *, max_shard_size: "int | str" = "5GB",
                         dtype: Optional[torch.dtype] = None) -> list[str]:

@@ -1,4 +1,5 @@
-"""Host memory: the pinned pool (and, in later layers, the planner and profiler)."""
+"""Host memory: the pinned pool, the planner (:mod:`.planner`) and the profiler."""
 from .pool import PinnedPool, PoolBlock
+from .profiler import MemoryProfiler
 
-__all__ = ["PinnedPool", "PoolBlock"]
+__all__ = ["MemoryProfiler", "PinnedPool", "PoolBlock"]

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -36,7 +37,7 @@ from .._log import logger
 from ..offload.params import KEY_ATTR
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
-from .format import CheckpointError, DTYPE_TO_ST, ST_TO_DTYPE, read_header
+from .format import CheckpointError, DTYPE_TO_ST, read_header
 from .transfer import (STAGING_BLOCKS, Entry, StoreSource, StoreTarget, TensorTarget, load_safetensors,
                        staging_blocks, staging_bytes_for, write_safetensors)
 
@@ -211,16 +212,54 @@ def save_checkpoint(trainer: "Trainer", save_dir: PathLike, client_state: Option
     client = _json(client_state if client_state is not None else {}, "client_state", exact=True)
     scheduler = _json(lr_scheduler.state_dict(), "the LR scheduler's state_dict", exact=False) \
         if lr_scheduler is not None else None
+    groups = _json(_param_groups(trainer), "the optimizer's param_groups", exact=False)
     slots = [s for s in _state_slots(trainer) if s.source is not None]
     shards = _shard(slots, max_shard)
 
     root = CheckpointRoot(os.fspath(save_dir))
     tmp = root.begin(tag)
+    try:
+        files, tensors = _write_state(trainer, tmp, shards)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves it to the next save)
+        raise
+    scaler = trainer.scaler.state_dict() if trainer.scaler is not None else None
+    manifest = dict(
+        format=FORMAT, version=VERSION, tag=tag, created_ns=time.time_ns(),
+        dtype=trainer.config.dtype, optimizer_state_dtype=trainer.config.optimizer_state_dtype,
+        optimizer=trainer.config.optimizer.type, gradient_accumulation_steps=gas,
+        files=files, tensors=tensors,
+        trainer=dict(micro_steps=trainer.micro_steps, global_steps=trainer.global_steps,
+                     skipped_steps=trainer.skipped_steps, last_grad_norm=getattr(trainer, "last_grad_norm", None),
+                     loss_scaler=scaler, param_groups=groups),
+        lr_scheduler=scheduler, rng=_rng_state(), client_state=client)
+    try:
+        write_file(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
+        pause_point("manifest-written")
+        final = root.commit(tmp, tag)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    order = {}
+    for name in root.complete():
+        try:
+            with open(os.path.join(root.root, name, MANIFEST)) as f:
+                order[name] = int(json.load(f).get("created_ns", 0))
+        except (OSError, ValueError, AttributeError):
+            continue  # not one of ours: retention leaves it alone
+    root.retain(keep_last, order)
+    logger.info("checkpoint saved: %s (%d tensors in %d files)", final, len(tensors), len(files))
+    return final
+
+
+def _write_state(trainer: "Trainer", tmp: str, shards: list[list[_Slot]]) -> tuple[dict, dict]:
+    """Writes the shards into ``tmp``; returns the manifest's ``files`` and ``tensors``."""
     pause_point("tmp-created")
     files, tensors = {}, {}
     store = trainer._store
-    largest = max((math.prod(s.shape) * torch.empty((), dtype=s.dtype).element_size() for s in slots
-                   if isinstance(s.source, StoreSource)), default=1)
+    largest = max((math.prod(s.shape) * torch.empty((), dtype=s.dtype).element_size() for group in shards
+                   for s in group if isinstance(s.source, StoreSource)), default=1)
     with staging_blocks(trainer._pool, staging_bytes_for(store, largest), 2 * STAGING_BLOCKS) as blocks:
         for index, group in enumerate(shards):
             fname = f"state-{index + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -232,29 +271,7 @@ def save_checkpoint(trainer: "Trainer", save_dir: PathLike, client_state: Option
                 tensors[info.name] = dict(file=fname, dtype=DTYPE_TO_ST[info.dtype], shape=list(info.shape),
                                           crc32c=result["tensors"][info.name])
             pause_point("shard-written")
-    scaler = trainer.scaler.state_dict() if trainer.scaler is not None else None
-    manifest = dict(
-        format=FORMAT, version=VERSION, tag=tag, created_ns=time.time_ns(),
-        dtype=trainer.config.dtype, optimizer_state_dtype=trainer.config.optimizer_state_dtype,
-        optimizer=trainer.config.optimizer.type, gradient_accumulation_steps=gas,
-        files=files, tensors=tensors,
-        trainer=dict(micro_steps=trainer.micro_steps, global_steps=trainer.global_steps,
-                     skipped_steps=trainer.skipped_steps, last_grad_norm=getattr(trainer, "last_grad_norm", None),
-                     loss_scaler=scaler, param_groups=_param_groups(trainer)),
-        lr_scheduler=scheduler, rng=_rng_state(), client_state=client)
-    write_file(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
-    pause_point("manifest-written")
-    final = root.commit(tmp, tag)
-    order = {}
-    for name in root.complete():
-        try:
-            with open(os.path.join(root.root, name, MANIFEST)) as f:
-                order[name] = int(json.load(f).get("created_ns", 0))
-        except (OSError, ValueError, AttributeError):
-            continue  # not one of ours: retention leaves it alone
-    root.retain(keep_last, order)
-    logger.info("checkpoint saved: %s (%d tensors in %d files)", final, len(tensors), len(files))
-    return final
+    return files, tensors
 
 
 def _shard(slots: list[_Slot], max_bytes: int) -> list[list[_Slot]]:

@@ -4,9 +4,11 @@ ablation switch off (ZeRO-Infinity-like), side by side in one run.
 HF Llama-style presets (vocab 32000, fp32, AdamW, batch 2 x seq 256):
   125m: 768 hidden / 12 layers     350m: 1024 / 24     1b: 2048 / 16
   125m-deep: 768 / 24 (doubles the layers at equal width: peak RSS must rise < 5%)
-Each configuration runs in a fresh subprocess; a sampler thread records the peak of
-RSS (VmHWM) and of system-wide used memory (MemTotal - MemAvailable). Step time is
-the median of the steps after the first (which records the execution order).
+Each configuration runs in a fresh subprocess (the runner is engine.bench, also behind
+`python -m engine bench`), from the same weights and batches; the memory profiler
+records the peak of RSS (VmHWM) and of system-wide used memory (MemTotal -
+MemAvailable). Step time is the median of the steps after the first (which records
+the execution order). Mode "deepspeed" adds DeepSpeed ZeRO-3 on NVMe when installed.
 
 Targets (issue 5): engine peak RSS at 1B <= 2.7 GiB; RSS +< 5% when layers double;
 step time <= 1.15 x max(in-memory torch step, bytes moved / fio bandwidth).
@@ -17,117 +19,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
-PRESETS = {
-    "125m": dict(hidden=768, layers=12, intermediate=2048, heads=12),
-    "125m-deep": dict(hidden=768, layers=24, intermediate=2048, heads=12),
-    "350m": dict(hidden=1024, layers=24, intermediate=2816, heads=16),
-    "1b": dict(hidden=2048, layers=16, intermediate=5632, heads=32),
-}
-MODES = ("engine", "torch", "baseline")
+from engine.bench import BenchError, BenchSpec, deepspeed_missing, run_isolated, run_mode
 
-
-def _meminfo() -> tuple[int, int]:
-    fields = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = int(value.split()[0]) * 1024
-    return fields["MemTotal"], fields["MemAvailable"]
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-class Sampler(threading.Thread):
-    """Peak system-wide used memory, sampled every 20 ms."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak_system = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            total, available = _meminfo()
-            self.peak_system = max(self.peak_system, total - available)
-            self._halt.wait(0.02)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return self.peak_system
-
-
-def worker(args) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    p = PRESETS[args.model]
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=p["hidden"], intermediate_size=p["intermediate"],
-                      num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["heads"],
-                      max_position_embeddings=args.seq, tie_word_embeddings=False)
-    baseline_system = _meminfo()[0] - _meminfo()[1]
-    sampler = Sampler()
-    sampler.start()
-    data = [torch.randint(0, 32000, (args.batch, args.seq)) for _ in range(args.steps)]
-    times = []
-    extra = {}
-    if args.mode == "torch":
-        model = LlamaForCausalLM(cfg)
-        if args.checkpointing:
-            model.gradient_checkpointing_enable()
-            model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-        for x in data:
-            start = time.perf_counter()
-            model(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - start)
-    else:
-        import engine
-
-        with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
-        if args.checkpointing:
-            model.gradient_checkpointing_enable()
-            model.train()
-        gen = torch.Generator().manual_seed(0)
-
-        def init(name, shape):
-            if "norm" in name:
-                return torch.ones(shape)
-            if name.endswith("inv_freq"):
-                return None
-            return torch.randn(shape, generator=gen) * 0.02
-
-        conf = engine.Config(nvme_path=args.path, optimizer=engine.AdamWConfig(lr=1e-5))
-        if args.mode == "baseline":
-            conf = conf.with_baseline()
-        with engine.initialize(model, conf, initializer=init) as trainer:
-            for x in data:
-                start = time.perf_counter()
-                trainer.backward(trainer(input_ids=x, labels=x).loss)
-                trainer.step()
-                times.append(time.perf_counter() - start)
-            report = trainer.memory_report()
-        extra = dict(bytes_read=report["bytes_read"], bytes_written=report["bytes_written"],
-                     pool_bytes=report["pool"]["capacity"], predicted_peak=report["plan"]["predicted_peak_bytes"],
-                     io_wait_s=report["io_wait_s"], backend=report["backend"])
-    peak_system = sampler.stop()
-    return dict(model=args.model, mode=args.mode, params=sum(p.numel() for p in model.parameters()),
-                peak_rss=_status("VmHWM"), peak_system=peak_system - baseline_system,
-                step_s=statistics.median(times[1:]) if len(times) > 1 else times[0], times=times, **extra)
+MODES = ("engine", "torch", "baseline")  # and "deepspeed" (ZeRO-3 on NVMe) when installed
 
 
 def fio_write_read_bandwidth(path: str) -> float:
@@ -148,7 +46,7 @@ def fio_write_read_bandwidth(path: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="125m,125m-deep,350m,1b")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), help="engine, torch, baseline, deepspeed")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
@@ -158,8 +56,9 @@ def main() -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)))
+    spec = dict(steps=args.steps, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing)
+    if args.worker:  # kept for runs started by an older driver
+        print(json.dumps(run_mode(BenchSpec(model=args.model, mode=args.mode, path=args.path, **spec))))
         return 0
     from _common import print_table, save_result
 
@@ -168,16 +67,17 @@ def main() -> int:
     results = []
     for model in args.models.split(","):
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--path", path] + \
-                (["--checkpointing"] if args.checkpointing else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{model}/{mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            if mode == "deepspeed" and deepspeed_missing():
+                print(deepspeed_missing(), file=sys.stderr)
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            try:
+                # Each configuration in a fresh process (engine.bench), from the same weights and batches.
+                r = run_isolated(BenchSpec(model=model, mode=mode, path=path, **spec))
+            except BenchError as exc:
+                print(exc, file=sys.stderr)
+                continue
             results.append(r)
-            print(f"{model:10s} {mode:8s} peak RSS {r['peak_rss'] / 2**30:6.2f} GiB  step {r['step_s']:7.2f} s",
+            print(f"{model:10s} {mode:9s} peak RSS {r['peak_rss'] / 2**30:6.2f} GiB  step {r['step_s']:7.2f} s",
                   flush=True)
     by = {(r["model"], r["mode"]): r for r in results}
     rows = []

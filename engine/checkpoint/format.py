@@ -175,16 +175,32 @@ def write_all(fd: int, view: memoryview) -> None:
         done += os.write(fd, view[done:])
 
 
-def read_tensor(parsed: SafetensorsFile, name: str, fd: Optional[int] = None) -> torch.Tensor:
-    """Reads one whole tensor into a new CPU tensor (for small tensors and one-at-a-time imports)."""
+def read_tensor(parsed: SafetensorsFile, name: str, fd: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """Reads one whole tensor into a new CPU tensor (for small tensors and one-at-a-time imports).
+
+    With ``dtype`` the result has that dtype, converted ``chunk_bytes`` of the file at a time (no
+    second full-size copy)."""
     info = parsed.tensors[name]
-    out = torch.empty(info.shape, dtype=info.dtype)
-    if info.nbytes:
-        own = fd is None
-        fd = os.open(parsed.path, os.O_RDONLY) if own else fd
-        try:
+    dtype = dtype or info.dtype
+    out = torch.empty(info.shape, dtype=dtype)
+    if not info.nbytes:
+        return out
+    own = fd is None
+    fd = os.open(parsed.path, os.O_RDONLY) if own else fd
+    try:
+        if dtype == info.dtype:
             pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), parsed.offset(info), parsed.path, name)
-        finally:
-            if own:
-                os.close(fd)
-    return out
+            return out
+        flat, size = out.view(-1), itemsize(info.dtype)
+        step = max(1, chunk_bytes // size)
+        raw = torch.empty(min(step, info.numel), dtype=info.dtype)
+        for start in range(0, info.numel, step):
+            n = min(step, info.numel - start)
+            pread_into(fd, memoryview(raw[:n].view(torch.uint8).numpy()), parsed.offset(info) + start * size,
+                       parsed.path, name)
+            flat[start:start + n].copy_(raw[:n])
+        return out
+    finally:
+        if own:
+            os.close(fd)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._log import logger
+from ..config import Config
 from ..offload.params import KEY_ATTR, is_placeholder
 from ..units import parse_bytes
 from .atomic import fsync_path, make_private_dir, write_file
@@ -140,6 +141,11 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
                        ", ".join(unused[:12]))
 
     fds: dict[str, int] = {}
+    engine_config = Config.load(config if config is not None else Config())
+    # bf16/fp16 training keeps an fp32 master of each trainable weight: those are read as fp32
+    # directly (converted chunk by chunk), one full-size copy fewer at the peak.
+    as_fp32 = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad} \
+        if engine_config.dtype != "fp32" else set()
 
     def initializer(name: str, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
         found = source.get(name)
@@ -148,12 +154,13 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
         parsed = where[found]
         if parsed.path not in fds:
             fds[parsed.path] = os.open(parsed.path, os.O_RDONLY | os.O_CLOEXEC)
-        # One tensor at a time, cast by the trainer to the configured dtype (and kept in fp32 as
-        # the master when training in bf16/fp16).
-        return read_tensor(parsed, found, fds[parsed.path])
+        # One tensor at a time, cast by the trainer to the configured dtype.
+        floating = parsed.tensors[found].dtype.is_floating_point
+        return read_tensor(parsed, found, fds[parsed.path],
+                           dtype=torch.float32 if name in as_fp32 and floating else None)
 
     try:
-        trainer = initialize(model, config, initializer=initializer)
+        trainer = initialize(model, engine_config, initializer=initializer)
     finally:
         for fd in fds.values():
             os.close(fd)

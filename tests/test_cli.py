@@ -228,3 +228,28 @@ def test_bench_compares_engine_and_torch_on_the_same_weights_and_data(monkeypatc
     headers, rows = bench.table_rows(results)
     assert rows[0][headers.index("max |loss-torch|")] != "" and rows[1][headers.index("RSS/torch")] == "1.00"
     assert "| model" in bench.format_table(headers, rows, markdown=True)
+
+
+def test_dataset_files_and_batches(tmp_path):
+    from engine.data import TokenBatches, byte_tokens, default_corpus, load_text
+
+    assert len(default_corpus().encode()) > 20_000  # the shipped corpus is package data
+    txt = write(tmp_path / "a.txt", "héllo world\n" * 50)
+    assert load_text(txt).startswith("héllo")
+    jsonl = write(tmp_path / "a.jsonl", '{"text": "first"}\n\n{"text": "second", "id": 2}\n')
+    assert load_text(jsonl) == "first\n\nsecond"
+    bad = write(tmp_path / "b.jsonl", '{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(ValueError, match=r"b\.jsonl:2: expected an object with a string \"text\" field"):
+        load_text(bad)
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: not valid JSON"):
+        load_text(write(tmp_path / "c.jsonl", "{oops\n"))
+    with pytest.raises(ValueError, match="expected a .txt or .jsonl"):
+        load_text(write(tmp_path / "d.csv", "a,b"))
+    tokens = byte_tokens(load_text(txt))
+    assert tokens.dtype == torch.int64 and int(tokens.max()) < 256 and len(tokens) == len("héllo world\n".encode()) * 50
+    batches = TokenBatches(tokens, batch=3, seq_len=16, seed=5)
+    assert batches.batch_at(7).shape == (3, 16)
+    assert torch.equal(batches.batch_at(7), TokenBatches(tokens, 3, 16, seed=5).batch_at(7))  # resumable
+    assert not torch.equal(batches.batch_at(7), batches.batch_at(8))
+    with pytest.raises(ValueError, match="too few for --seq-len 4096"):
+        TokenBatches(tokens, batch=1, seq_len=4096)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -37,7 +38,9 @@ def _add_selfcheck(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import bench, plan, profile, train
 
-    parser = argparse.ArgumentParser(prog="python -m engine", description="MemAscend SSD-offload training engine",
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = invoked if invoked and not invoked.endswith(".py") else "python -m engine"  # or the console script
+    parser = argparse.ArgumentParser(prog=prog, description="MemAscend SSD-offload training engine",
                                      epilog="`python -m engine COMMAND --help` describes each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train.add_parser(sub)

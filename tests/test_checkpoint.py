@@ -333,6 +333,35 @@ def test_layout_permissions_retention_and_refusals(tmp_path, nvme):
         assert f == "manifest.json" or f.endswith(".safetensors")
 
 
+def test_fp16_loss_scaler_and_counters_come_back(tmp_path, nvme):
+    """An fp16 run with a skipped (overflow) step: scale, hysteresis, counters and the last
+    gradient norm are restored; tags and checkpoint directories can be loaded directly."""
+    H["seed_all"](0)
+    model = H["llama"](seed=0)
+    cfg = H["make_config"](str(nvme), "fp16", hysteresis=1, initial_scale_power=8)
+    x = H["DATA"][0]
+    with engine.initialize(model, cfg) as trainer:
+        for scale_loss in (1.0, 1.0, float("inf"), float("inf"), 1.0, 1.0):
+            trainer.backward(trainer(input_ids=x, labels=x).loss * scale_loss)
+            trainer.step()
+        assert trainer.skipped_steps == 1 and trainer.loss_scale == 128.0
+        first = trainer.save_checkpoint(str(tmp_path / "ckpt"))
+        scaler, norm = trainer.scaler.state_dict(), trainer.last_grad_norm
+        trainer.backward(trainer(input_ids=x, labels=x).loss)
+        trainer.step()
+        trainer.backward(trainer(input_ids=x, labels=x).loss)
+        trainer.step()
+        trainer.save_checkpoint(str(tmp_path / "ckpt"), tag="later")
+    with engine.initialize(H["llama"](seed=1), cfg) as tr:
+        for source, tag in ((str(tmp_path / "ckpt"), "step-00000002"), (first, None)):
+            path, _ = tr.load_checkpoint(source, tag=tag)
+            assert path == first
+            assert tr.scaler.state_dict() == scaler and tr.last_grad_norm == norm
+            assert (tr.micro_steps, tr.global_steps, tr.skipped_steps) == (6, 2, 1)
+        tr.load_checkpoint(str(tmp_path / "ckpt"))
+        assert tr.global_steps == 3
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.fixture
 def saved(tmp_path, nvme):

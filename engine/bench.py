@@ -301,7 +301,7 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     torch and vs DeepSpeed (when measured), and the largest loss difference vs torch."""
     by = {(r["model"], r["mode"]): r for r in results}
     headers = ["model", "mode", "params", "peak RSS GiB", "peak sys GiB", "step s", "moved GiB/step",
-               "RSS/torch", "RSS/DS", "step/DS", "max |loss-torch|"]
+               "RSS/torch", "RSS/DS", "step/DS", "max loss diff vs torch"]
     rows = []
     for r in results:
         t, ds = by.get((r["model"], "torch")), by.get((r["model"], "deepspeed"))

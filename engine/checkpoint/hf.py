@@ -113,8 +113,15 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
             where[name] = parsed
     source: dict[str, str] = {}  # model name -> checkpoint name
     missing, shapes = [], []
+    prefix = getattr(model, "base_model_prefix", "") or ""
     for names in _alias_groups(model):
-        found = next((n for n in names if n in where), None)
+        # As transformers does, a checkpoint of the bare base model (no "model." prefix) or of a
+        # model with a head (prefixed) fits the other kind too.
+        candidates = list(names)
+        if prefix:
+            candidates += [n[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")]
+            candidates += [f"{prefix}.{n}" for n in names if not n.startswith(prefix + ".")]
+        found = next((n for n in candidates if n in where), None)
         if found is None:
             missing.append(names[0])
             continue

@@ -495,6 +495,22 @@ def test_export_then_from_pretrained_gives_identical_logits(tmp_path, nvme, tied
             assert torch.equal(tr(input_ids=x).logits, ref)
 
 
+def test_export_of_a_bf16_run(tmp_path, nvme):
+    """bf16 training exports its bf16 weights by default and its fp32 masters with dtype=float32."""
+    trainer, model = trained_trainer(tmp_path, dtype="bf16")
+    with trainer:
+        trainer.save_pretrained(str(tmp_path / "bf16"))
+        trainer.save_pretrained(str(tmp_path / "fp32"), dtype=torch.float32)
+        low = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+        high = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+        for name, _ in model.named_parameters():
+            assert torch.equal(high[name], trainer.parameter(name)), name
+            weight = trainer._store.get(("param", name)).view(low[name].shape)  # the bf16 compute weights
+            assert low[name].dtype == torch.bfloat16 and torch.equal(low[name], weight), name
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_from_pretrained_reads_a_checkpoint_written_by_transformers(tmp_path, nvme):
     model = H["llama"](seed=0, dropout=0.0).eval()
     model.save_pretrained(str(tmp_path / "hf"), max_shard_size="50KB")

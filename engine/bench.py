@@ -24,7 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from .config import BASELINE
+
 MODES = ("engine", "torch", "baseline", "deepspeed")
+# Also: "no-<switch>" (the engine with one MemAscend technique off, e.g. "no-buffer_pool") and
+# "deepspeed-default" (ZeRO-3 on NVMe with DeepSpeed's default offload settings).
+ABLATIONS = tuple(f"no-{switch}" for switch in BASELINE)
+ALL_MODES = MODES + ABLATIONS + ("deepspeed-default",)
 DTYPES = ("fp32", "bf16")
 
 
@@ -52,8 +58,8 @@ class BenchSpec:
 
         if self.model not in PRESETS:
             raise ValueError(f"unknown model preset {self.model!r}; known: {', '.join(PRESETS)}")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.mode not in ALL_MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; known: {', '.join(ALL_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.steps < 1 or self.batch < 1 or self.seq < 2:
@@ -98,7 +104,7 @@ def run_mode(spec: BenchSpec) -> dict:
     """Runs ``spec`` in this process and returns its measurements (call it in a fresh process)."""
     import torch
 
-    from .memory.profiler import MemoryProfiler, phase
+    from .memory.profiler import MemoryProfiler
     from .presets import llama_config
 
     spec.validate()
@@ -107,27 +113,35 @@ def run_mode(spec: BenchSpec) -> dict:
     data = _batches(spec, config.vocab_size)
     prof = MemoryProfiler(label=f"{spec.model}/{spec.mode}").start()
     times, losses, extra = [], [], {}
-    runner = {"torch": _run_torch, "engine": _run_engine, "baseline": _run_engine, "deepspeed": _run_deepspeed}
+    runner = _run_torch if spec.mode == "torch" else _run_deepspeed if spec.mode.startswith("deepspeed") \
+        else _run_engine
     try:
-        params = runner[spec.mode](spec, config, data, times, losses, extra, prof, phase)
+        params = runner(spec, config, data, times, losses, extra, prof)
     finally:
         prof.stop()
     report = prof.report(include_series=False)
+    # Bytes moved: the store's counters for the engine, the process's storage I/O otherwise.
+    extra.setdefault("bytes_read", report["totals"]["read"] or 0)
+    extra.setdefault("bytes_written", report["totals"]["written"] or 0)
     return dict(model=spec.model, mode=spec.mode, dtype=spec.dtype, params=params, peak_rss=_status_bytes("VmHWM"),
                 peak_system=report["peak_system_used_over_baseline"], peak_system_abs=report["peaks"]["system_used"],
                 step_s=statistics.median(times[1:]) if len(times) > 1 else times[0], times=times, losses=losses,
                 **extra)
 
 
-def _timed_steps(data, step_fn, times, losses, phase) -> None:
+def _timed_steps(data, step_fn, times, losses, extra, prof) -> None:
+    moved = []
     for x in data:
         start = time.perf_counter()
-        with phase("step"):
-            losses.append(float(step_fn(x)))
+        losses.append(float(step_fn(x)))
         times.append(time.perf_counter() - start)
+        prof.sample()
+        moved.append((prof.latest("read") or 0) + (prof.latest("written") or 0))
+    # Steady state: what the steps after the first moved (initialization and first-step set-up excluded).
+    extra["moved_per_step"] = (moved[-1] - moved[0]) / (len(moved) - 1) if len(moved) > 1 else moved[0]
 
 
-def _run_torch(spec, config, data, times, losses, extra, prof, phase) -> int:
+def _run_torch(spec, config, data, times, losses, extra, prof) -> int:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -149,11 +163,11 @@ def _run_torch(spec, config, data, times, losses, extra, prof, phase) -> int:
         opt.zero_grad()
         return loss.detach()
 
-    _timed_steps(data, step, times, losses, phase)
+    _timed_steps(data, step, times, losses, extra, prof)
     return sum(p.numel() for p in model.parameters())
 
 
-def _run_engine(spec, config, data, times, losses, extra, prof, phase) -> int:
+def _run_engine(spec, config, data, times, losses, extra, prof) -> int:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -167,6 +181,8 @@ def _run_engine(spec, config, data, times, losses, extra, prof, phase) -> int:
     conf = Config(nvme_path=spec.path, dtype=spec.dtype, optimizer=AdamWConfig(lr=spec.lr))
     if spec.mode == "baseline":
         conf = conf.with_baseline()
+    elif spec.mode.startswith("no-"):
+        conf = conf.with_baseline(spec.mode[3:])
 
     def init(name, shape):
         return None if name.endswith("inv_freq") else init_value(name, shape, spec.seed)
@@ -180,7 +196,7 @@ def _run_engine(spec, config, data, times, losses, extra, prof, phase) -> int:
             trainer.step()
             return loss.detach()
 
-        _timed_steps(data, step, times, losses, phase)
+        _timed_steps(data, step, times, losses, extra, prof)
         report = trainer.memory_report()
         prof.detach()  # before the pool and store close
     extra.update(bytes_read=report["bytes_read"], bytes_written=report["bytes_written"],
@@ -191,7 +207,17 @@ def _run_engine(spec, config, data, times, losses, extra, prof, phase) -> int:
 
 def deepspeed_config(spec: BenchSpec, nvme: str) -> dict:
     """ZeRO-3, parameters and optimizer states on NVMe, configured so that parameters really
-    stay there (no CPU cache of them: ``max_in_cpu`` 0, no reuse)."""
+    stay there (no CPU cache of them: ``max_in_cpu`` 0, no reuse); mode ``deepspeed-default``
+    leaves every offload setting at DeepSpeed's default."""
+    if spec.mode == "deepspeed-default":
+        return {
+            "train_micro_batch_size_per_gpu": spec.batch, "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": spec.lr, "weight_decay": 0.0}},
+            "bf16": {"enabled": spec.dtype == "bf16"},
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": nvme},
+                                  "offload_optimizer": {"device": "nvme", "nvme_path": nvme}},
+            "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        }
     return {
         "train_micro_batch_size_per_gpu": spec.batch, "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": spec.lr, "weight_decay": 0.0}},
@@ -210,7 +236,7 @@ def deepspeed_config(spec: BenchSpec, nvme: str) -> dict:
     }
 
 
-def _run_deepspeed(spec, config, data, times, losses, extra, prof, phase) -> int:
+def _run_deepspeed(spec, config, data, times, losses, extra, prof) -> int:
     import shutil
 
     import torch
@@ -247,7 +273,7 @@ def _run_deepspeed(spec, config, data, times, losses, extra, prof, phase) -> int
             engine.step()
             return loss.detach()
 
-        _timed_steps(data, step, times, losses, phase)
+        _timed_steps(data, step, times, losses, extra, prof)
         params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         extra.update(deepspeed=deepspeed.__version__)
         return params
@@ -260,7 +286,7 @@ def run_isolated(spec: BenchSpec, timeout: float = 3600.0) -> dict:
     """Runs ``spec`` in a fresh Python process; raises :class:`BenchError` if it fails."""
     spec.validate()
     env = dict(os.environ)
-    if spec.mode == "deepspeed":
+    if spec.mode.startswith("deepspeed"):
         env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [sys.executable, "-m", "engine.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
     try:
@@ -278,9 +304,9 @@ def compare(models: Sequence[str], modes: Sequence[str] = MODES, *, steps: int =
     """Runs every model x mode side by side; DeepSpeed is skipped (with a message) when absent,
     and a failing configuration is reported and skipped, not fatal."""
     modes = list(modes)
-    if "deepspeed" in modes and deepspeed_missing():
+    if any(m.startswith("deepspeed") for m in modes) and deepspeed_missing():
         log(deepspeed_missing())
-        modes.remove("deepspeed")
+        modes = [m for m in modes if not m.startswith("deepspeed")]
     specs = [BenchSpec(model=m, mode=mode, steps=steps, batch=batch, seq=seq, dtype=dtype, path=path,
                        checkpointing=checkpointing, lr=lr).validate() for m in models for mode in modes]
     results = []
@@ -305,7 +331,7 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in results:
         t, ds = by.get((r["model"], "torch")), by.get((r["model"], "deepspeed"))
-        moved = (r.get("bytes_read", 0) + r.get("bytes_written", 0)) / max(1, len(r["times"]))
+        moved = r.get("moved_per_step", 0)
         diff = max((abs(a - b) for a, b in zip(r["losses"], t["losses"])), default=0.0) if t else None
         rows.append([r["model"], r["mode"], f"{r['params'] / 1e6:.1f}M", f"{r['peak_rss'] / 2**30:.2f}",
                      f"{r['peak_system'] / 2**30:.2f}", f"{r['step_s']:.2f}",

@@ -225,6 +225,10 @@ def test_bench_compares_engine_and_torch_on_the_same_weights_and_data(monkeypatc
     # Same starting weights and batches: the engine's losses are torch's (fp32 AdamW parity).
     assert engine_r["losses"] == pytest.approx(torch_r["losses"], rel=1e-4)
     assert engine_r["bytes_written"] > 0 and engine_r["peak_rss"] > 0 and torch_r["step_s"] > 0
+    assert engine_r["moved_per_step"] > 0  # steady-state NVMe traffic of a step
+    assert bench.BenchSpec(mode="no-store").validate().mode == "no-store"  # one technique off
+    with pytest.raises(ValueError, match="unknown mode 'no-bogus'"):
+        bench.BenchSpec(mode="no-bogus").validate()
     headers, rows = bench.table_rows(results)
     assert rows[0][headers.index("max loss diff vs torch")] != "" and rows[1][headers.index("RSS/torch")] == "1.00"
     assert "| model" in bench.format_table(headers, rows, markdown=True)

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from ..bench import DTYPES, MODES, compare, format_table, table_rows
+from ..bench import ALL_MODES, DTYPES, MODES, compare, format_table, table_rows
 from ..presets import PRESETS
 from . import CLIError
 
@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side training benchmark: engine vs torch vs baseline vs DeepSpeed",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="125m", help=f"comma-separated presets ({', '.join(PRESETS)}; default 125m)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (default: all)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated, of {', '.join(ALL_MODES)} (default: {','.join(MODES)}); no-SWITCH is "
+                   "the engine with one technique off, deepspeed-default DeepSpeed's default offload settings")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
@@ -41,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         if m not in PRESETS:
             raise CLIError(f"unknown model preset {m!r}; known: {', '.join(PRESETS)}")
     for m in modes:
-        if m not in MODES:
-            raise CLIError(f"unknown mode {m!r}; known: {', '.join(MODES)}")
+        if m not in ALL_MODES:
+            raise CLIError(f"unknown mode {m!r}; known: {', '.join(ALL_MODES)}")
     if args.nvme_path and not os.path.isdir(args.nvme_path):
         raise CLIError(f"--nvme-path {args.nvme_path!r} does not exist or is not a directory")
     results = compare(models, modes, steps=args.steps, batch=args.batch, seq=args.seq_len, dtype=args.dtype,

@@ -208,6 +208,12 @@ class MemoryProfiler:
             except (OSError, KeyError, ValueError):
                 pass
 
+    def sample(self) -> None:
+        """Takes one sample now (besides the periodic ones), e.g. at the end of a training step."""
+        if self._thread is None:
+            raise RuntimeError("the profiler is not running")
+        self._sample()
+
     def _run(self) -> None:
         while not self._halt.is_set():
             self._sample()

@@ -245,9 +245,11 @@ def save_checkpoint(trainer: "Trainer", save_dir: PathLike, client_state: Option
     for name in root.complete():
         try:
             with open(os.path.join(root.root, name, MANIFEST)) as f:
-                order[name] = int(json.load(f).get("created_ns", 0))
-        except (OSError, ValueError, AttributeError):
-            continue  # not one of ours: retention leaves it alone
+                meta = json.load(f)
+            if meta.get("format") == FORMAT:
+                order[name] = int(meta["created_ns"])
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            pass  # not one of ours: retention leaves it alone
     root.retain(keep_last, order)
     logger.info("checkpoint saved: %s (%d tensors in %d files)", final, len(tensors), len(files))
     return final

@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     report = prof.report(include_series=False)
     print(f"profile of: {label} (exit status {child.returncode}, {report['duration_s']:.2f} s, "
           f"{report['samples']} samples)", file=sys.stderr)
-    print(f"  peak RSS:             {format_bytes(max(peaks['rss'] or 0, usage.ru_maxrss * 1024))}"
-          f" (kernel ru_maxrss {format_bytes(usage.ru_maxrss * 1024)})", file=sys.stderr)
+    print(f"  peak RSS:             {format_bytes(peaks['rss'] or 0)} (sampled"
+          f"{', with child processes' if not args.no_children else ''}); the command's own high-water mark "
+          f"{format_bytes(usage.ru_maxrss * 1024)} (ru_maxrss)", file=sys.stderr)
     print(f"  peak system used:     {format_bytes(peaks['system_used'] or 0)} "
           f"(+{format_bytes(report['peak_system_used_over_baseline'] or 0)} over the start)", file=sys.stderr)
     print(f"  peak locked:          {format_bytes(peaks['locked'] or 0)}", file=sys.stderr)

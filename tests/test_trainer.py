@@ -303,6 +303,8 @@ cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden
                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
 with torch.device("meta"):
     model = LlamaForCausalLM(cfg)
+if sys.argv[5] == "checkpointing":
+    model.gradient_checkpointing_enable()
 x = torch.randint(0, vocab, (2, 256))
 conf = engine.Config(nvme_path=sys.argv[4])
 plan = engine.plan(model, conf, example_inputs=dict(input_ids=x, labels=x))
@@ -318,14 +320,16 @@ print(plan.predicted_peak_bytes, peak)
 """
 
 
-@pytest.mark.parametrize("hidden,layers,vocab", [(256, 4, 8000), (768, 6, 32000)])
-def test_predicted_peak_is_within_20_percent_of_measured(tmp_path, hidden, layers, vocab):
+@pytest.mark.parametrize("hidden,layers,vocab,activations",
+                         [(256, 4, 8000, "stored"), (768, 6, 32000, "stored"), (768, 6, 32000, "checkpointing")])
+def test_predicted_peak_is_within_20_percent_of_measured(tmp_path, hidden, layers, vocab, activations):
     import subprocess
     import sys
 
     from conftest import REPO
 
-    out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(hidden), str(layers), str(vocab), str(tmp_path)],
+    out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(hidden), str(layers), str(vocab), str(tmp_path),
+                          activations],
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 0, out.stderr[-3000:]
     predicted, measured = map(int, out.stdout.split()[-2:])

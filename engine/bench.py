@@ -52,6 +52,7 @@ class BenchSpec:
     checkpointing: bool = False
     lr: float = 1e-5
     seed: int = 0
+    timeline_dir: Optional[str] = None  # write <model>-<mode>-<dtype>.png/.json (the profiler's timeline) here
 
     def validate(self) -> "BenchSpec":
         from .presets import PRESETS
@@ -119,6 +120,8 @@ def run_mode(spec: BenchSpec) -> dict:
         params = runner(spec, config, data, times, losses, extra, prof)
     finally:
         prof.stop()
+    if spec.timeline_dir:
+        prof.save(spec.timeline_dir, f"{spec.model}-{spec.mode}-{spec.dtype}")
     report = prof.report(include_series=False)
     # Bytes moved: the store's counters for the engine, the process's storage I/O otherwise.
     extra.setdefault("bytes_read", report["totals"]["read"] or 0)
@@ -300,7 +303,7 @@ def run_isolated(spec: BenchSpec, timeout: float = 3600.0) -> dict:
 
 def compare(models: Sequence[str], modes: Sequence[str] = MODES, *, steps: int = 3, batch: int = 2, seq: int = 256,
             dtype: str = "fp32", path: Optional[str] = None, checkpointing: bool = False, lr: float = 1e-5,
-            log: Callable[[str], None] = print) -> list[dict]:
+            timeline_dir: Optional[str] = None, log: Callable[[str], None] = print) -> list[dict]:
     """Runs every model x mode side by side; DeepSpeed is skipped (with a message) when absent,
     and a failing configuration is reported and skipped, not fatal."""
     modes = list(modes)
@@ -308,7 +311,8 @@ def compare(models: Sequence[str], modes: Sequence[str] = MODES, *, steps: int =
         log(deepspeed_missing())
         modes = [m for m in modes if not m.startswith("deepspeed")]
     specs = [BenchSpec(model=m, mode=mode, steps=steps, batch=batch, seq=seq, dtype=dtype, path=path,
-                       checkpointing=checkpointing, lr=lr).validate() for m in models for mode in modes]
+                       checkpointing=checkpointing, lr=lr, timeline_dir=timeline_dir).validate()
+             for m in models for mode in modes]
     results = []
     for spec in specs:
         try:

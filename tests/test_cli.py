@@ -212,13 +212,13 @@ def test_profile_runs_a_command_and_reports_its_peak(tmp_path, capfd):
     assert main(["profile", "--output-dir", str(tmp_path), "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
 
 
-def test_bench_compares_engine_and_torch_on_the_same_weights_and_data(monkeypatch):
+def test_bench_compares_engine_and_torch_on_the_same_weights_and_data(monkeypatch, tmp_path):
     import engine.bench as bench
 
     monkeypatch.setattr(bench, "deepspeed_missing", lambda: "DeepSpeed is not installed (test)")
     lines: list[str] = []
     results = bench.compare(["tiny"], ["engine", "torch", "deepspeed"], steps=2, batch=2, seq=32, lr=1e-3,
-                            log=lines.append)
+                            timeline_dir=str(tmp_path), log=lines.append)
     assert lines[0] == "DeepSpeed is not installed (test)"
     assert [r["mode"] for r in results] == ["engine", "torch"]
     engine_r, torch_r = results
@@ -232,6 +232,8 @@ def test_bench_compares_engine_and_torch_on_the_same_weights_and_data(monkeypatc
     headers, rows = bench.table_rows(results)
     assert rows[0][headers.index("max loss diff vs torch")] != "" and rows[1][headers.index("RSS/torch")] == "1.00"
     assert "| model" in bench.format_table(headers, rows, markdown=True)
+    assert sorted(os.listdir(tmp_path)) == ["tiny-engine-fp32.json", "tiny-engine-fp32.png", "tiny-torch-fp32.json",
+                                            "tiny-torch-fp32.png"]
 
 
 def test_dataset_files_and_batches(tmp_path):

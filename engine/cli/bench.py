@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="125m", help=f"comma-separated presets ({', '.join(PRESETS)}; default 125m)")
     p.add_argument("--modes", default=",".join(MODES),
-                   help=f"comma-separated, of {', '.join(ALL_MODES)} (default: {','.join(MODES)}); no-SWITCH is "
+                   help=f"comma-separated, of {', '.join(ALL_MODES)} (default: {','.join(MODES)}; 'all': every one); no-SWITCH is "
                    "the engine with one technique off, deepspeed-default DeepSpeed's default offload settings")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)
@@ -33,12 +33,13 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in every mode")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON here")
+    p.add_argument("--timelines", metavar="DIR", help="write each configuration's memory timeline (PNG + JSON) here")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = list(ALL_MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in models:
         if m not in PRESETS:
             raise CLIError(f"unknown model preset {m!r}; known: {', '.join(PRESETS)}")
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--nvme-path {args.nvme_path!r} does not exist or is not a directory")
     results = compare(models, modes, steps=args.steps, batch=args.batch, seq=args.seq_len, dtype=args.dtype,
                       path=args.nvme_path, checkpointing=args.checkpointing, lr=args.lr,
+                      timeline_dir=os.path.abspath(args.timelines) if args.timelines else None,
                       log=lambda line: print(line, file=sys.stderr, flush=True))
     if not results:
         raise CLIError("every benchmark configuration failed (see above)")

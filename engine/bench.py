@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from .config import BASELINE
+from .memory.profiler import phase
 
 MODES = ("engine", "torch", "baseline", "deepspeed")
 # Also: "no-<switch>" (the engine with one MemAscend technique off, e.g. "no-buffer_pool") and
@@ -158,12 +159,14 @@ def _run_torch(spec, config, data, times, losses, extra, prof) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.dtype == "bf16")
 
-    def step(x):
-        with autocast:
+    def step(x):  # phases marked as the engine's trainer marks them, for comparable timelines
+        with phase("forward"), autocast:
             loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            opt.step()
+            opt.zero_grad()
         return loss.detach()
 
     _timed_steps(data, step, times, losses, extra, prof)
@@ -271,9 +274,12 @@ def _run_deepspeed(spec, config, data, times, losses, extra, prof) -> int:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
         def step(x):
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
+            with phase("forward"):
+                loss = engine(input_ids=x, labels=x).loss
+            with phase("backward"):
+                engine.backward(loss)
+            with phase("optimizer"):
+                engine.step()
             return loss.detach()
 
         _timed_steps(data, step, times, losses, extra, prof)

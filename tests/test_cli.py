@@ -146,7 +146,8 @@ def write(path, text: str) -> str:
     return str(path)
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written to the working directory either
     bad_ds = write(tmp_path / "ds.json", json.dumps(
         {"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}))
     typo = write(tmp_path / "engine.json", json.dumps({"dtyp": "bf16"}))
@@ -159,6 +160,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         (["train", "--data", str(tmp_path / "none.txt")], "no such file"),
         (["train", "--resume"], "--resume needs --checkpoint-dir"),
         (["train", "--nvme-path", str(tmp_path / "nope")], "does not exist"),
+        (["train", "--output-dir", str(tmp_path / "ds.json" / "out")], "is not a writable directory"),
         (["plan", "llama-3b"], "unknown model preset 'llama-3b'"),
         (["plan", "llama-7b", "--memory-budget", "lots"], "not a byte size"),
         (["bench", "--models", "2b"], "unknown model preset '2b'"),
@@ -169,6 +171,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+    assert not os.path.exists(tmp_path / "memascend-output")
 
 
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):

@@ -36,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("no command given: python -m engine profile -- CMD [ARGS...]")
     if args.interval <= 0:
         raise CLIError(f"--interval must be positive, got {args.interval}")
-    os.makedirs(args.output_dir, exist_ok=True)
     label = shlex.join(cmd)
     try:
         child = subprocess.Popen(cmd)

@@ -117,6 +117,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--resume: no checkpoint directory {args.checkpoint_dir!r}")
 
 
+def _check_writable(directory: str) -> None:
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--output-dir {directory!r}: {existing!r} is not a writable directory")
+
+
 def _build_trainer(args: argparse.Namespace, cfg: Config):
     """The trainer and the tokenizer (None: byte-level) for the chosen model."""
     import engine
@@ -229,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     embedded = args.model is None
     cfg = build_config(args, embedded)
     text = load_text(args.data) if args.data else default_corpus()
-    os.makedirs(args.output_dir, exist_ok=True)
+    _check_writable(args.output_dir)  # created at the end; a run must not fail only then
 
     prof = MemoryProfiler(args.profile_interval, label="python -m engine train").start()
     started = time.perf_counter()

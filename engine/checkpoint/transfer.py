@@ -93,6 +93,42 @@ def staging_bytes_for(store: TensorStore, largest_nbytes: int) -> int:
     return round_up_io(max(1, min(store.segment_elements * 4, largest_nbytes)))
 
 
+def put_chunked(store: TensorStore, key: Hashable, tensor: torch.Tensor, pool: Optional[PinnedPool]) -> None:
+    """``store.put`` without its full-size staging copy: the tensor goes to the store one segment
+    at a time through two pool blocks (for importing tensors as large as DRAM allows)."""
+    tensor = tensor.detach().contiguous()
+    store.allocate(key, tensor.shape, tensor.dtype)
+    numel, size = tensor.numel(), tensor.element_size()
+    if numel == 0:
+        store.write_from(key, torch.empty(0, dtype=torch.uint8), 0, 0).wait()
+        return
+    flat = tensor.reshape(-1)
+    seg = store.segment_elements
+    with staging_blocks(pool, round_up_io(min(seg, numel) * size)) as blocks:
+        free, inflight = list(blocks), deque()
+        try:
+            for start in range(0, numel, seg):
+                n = min(seg, numel - start)
+                if not free:
+                    request, block = inflight.popleft()
+                    request.wait()
+                    free.append(block)
+                block = free.pop()
+                block.tensor(n, tensor.dtype).copy_(flat[start:start + n])
+                inflight.append((store.write_from(key, block.tensor(round_up_io(n * size), torch.uint8),
+                                                  start * size, n * size), block))
+            while inflight:
+                inflight.popleft()[0].wait()
+        finally:
+            for request, _block in inflight:
+                try:
+                    request.wait()
+                except Exception:  # the first error is already propagating
+                    pass
+            inflight.clear()
+            free.clear()
+
+
 # ---------------------------------------------------------------------------------------------- save
 class _BufferedSink:
     """Appends to a new file through the page cache (file systems without O_DIRECT, e.g. tmpfs)."""

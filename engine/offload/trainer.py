@@ -125,7 +125,9 @@ class Trainer:
             if in_memory:
                 masters[name] = value.detach().float().clone()
             else:
-                store.put(("master", name), value.detach().float())
+                from ..checkpoint.transfer import put_chunked  # segment by segment: no full-size staging copy
+
+                put_chunked(store, ("master", name), value.detach().float(), self._pool)
 
         for name, p in model.named_parameters():  # real trainable ones (e.g. adapters on a meta base)
             if name in trainable and p.device.type != "meta":

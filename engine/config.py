@@ -85,6 +85,10 @@ class Config:
     base under fp32 LoRA adapters. ``trainable_placement`` keeps trainable parameters with
     their fp32 gradients and optimizer state in DRAM (``"memory"``) or on NVMe (``"nvme"``);
     ``"auto"`` lets the planner choose (see :mod:`engine.memory.planner`).
+
+    Host memory: ``malloc_mmap_threshold`` (default 1 MiB) is set as glibc's mmap threshold
+    at initialize, so freed activations return to the OS and peak RSS does not grow with
+    depth (:mod:`engine.memory.malloc`); ``None`` leaves glibc's dynamic threshold.
     """
 
     nvme_path: Union[str, list[str], None] = None
@@ -119,6 +123,8 @@ class Config:
     checkpoint_keep_last: int = 2
     frozen_dtype: Optional[str] = None
     trainable_placement: str = "auto"
+    # glibc mmap threshold set at initialize (None: leave glibc's dynamic one); see engine.memory.malloc.
+    malloc_mmap_threshold: Union[int, str, None] = "1MiB"
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict):
@@ -166,6 +172,10 @@ class Config:
             if self.host_memory_budget is not None and parse_bytes(self.host_memory_budget) <= 0:
                 raise ConfigError("host_memory_budget must be positive")
             block = parse_bytes(self.block_size)
+            if self.malloc_mmap_threshold is not None and not \
+                    0 < parse_bytes(self.malloc_mmap_threshold) <= 32 << 20:
+                raise ConfigError(f"malloc_mmap_threshold must be None or in (0, 32MiB], "
+                                  f"got {self.malloc_mmap_threshold!r}")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if block <= 0 or block % 4096:

@@ -29,6 +29,8 @@ def test_defaults_are_ours_and_valid():
     ({"optimizer": {"type": "lion"}}, "optimizer.type must be one of"),
     ({"optimizer": {"betas": (0.9, 1.5)}}, "optimizer.betas"),
     ({"optimizer": {"lr": -1}}, "optimizer.lr must be a non-negative"),
+    ({"malloc_mmap_threshold": "64MiB"}, "malloc_mmap_threshold must be None or in"),
+    ({"malloc_mmap_threshold": 0}, "malloc_mmap_threshold must be None or in"),
 ])
 def test_invalid_values_are_named(kwargs, message):
     with pytest.raises(ConfigError, match=message):

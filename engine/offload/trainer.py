@@ -23,6 +23,7 @@ from torch import nn
 from .._log import logger
 from ..config import Config
 from ..memory.planner import DTYPES, MemoryPlan, check_disk, plan as plan_memory
+from ..memory.malloc import applied_mmap_threshold, set_mmap_threshold
 from ..memory.pool import PinnedPool
 from ..memory.profiler import phase as profile_phase
 from ..storage import cleanup
@@ -92,6 +93,8 @@ class Trainer:
         if cfg.offload_params != "nvme" or cfg.offload_optimizer != "nvme":
             raise NotImplementedError("this engine currently offloads both parameters and optimizer states to NVMe "
                                       "(offload_params='nvme', offload_optimizer='nvme')")
+        if cfg.malloc_mmap_threshold is not None:
+            set_mmap_threshold(parse_bytes(cfg.malloc_mmap_threshold))
         on_meta = any(p.device.type == "meta" for p in model.parameters())
         if on_meta and initializer is None:
             raise ValueError("the model is on the meta device: pass initializer(name, shape) -> tensor "
@@ -350,7 +353,7 @@ class Trainer:
         stepper = self._stepper.stats
         io_wait = streamer.get("wait_s", 0.0) + stepper.read_wait_s + stepper.write_wait_s
         return dict(
-            backend=self._io.backend, fixed_buffers=self._io.fixed_buffers,
+            backend=self._io.backend, fixed_buffers=self._io.fixed_buffers, malloc_mmap_threshold=applied_mmap_threshold(),
             pool=self._pool.stats(), plan=dict(pool_bytes=self.plan.pool_bytes, disk_bytes=self.plan.disk_bytes,
                                                prefetch_depth=self.plan.prefetch_depth,
                                                predicted_peak_bytes=self.plan.predicted_peak_bytes),

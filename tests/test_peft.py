@@ -137,6 +137,19 @@ def test_builtin_lora_fp32_matches_torch_in_memory(tmp_path, placement):
     assert os.listdir(tmp_path) == []
 
 
+def test_model_small_enough_to_stay_resident_trains_with_adapters_in_memory(tmp_path):
+    """Nothing above the resident threshold and adapters in DRAM: the plan needs no staging at
+    all, and the trainer still builds (a minimal pool) and trains like torch."""
+    ref = lora_llama()
+    model = copy.deepcopy(ref)
+    data = batches(2 * 3)
+    ref_losses = reference_run(ref, data, 3)
+    with engine.initialize(model, config(tmp_path, resident_threshold_bytes=1 << 20)) as trainer:
+        assert trainer.plan.trainable_in_memory and not trainer._streamer.params.streamed
+        assert trainer.memory_report()["pool"]["capacity"] == trainer.plan.pool_bytes
+        assert_same_training(ref, ref_losses, train(trainer, data, 3), trainer)
+
+
 def test_planner_keeps_small_adapters_in_memory_and_sizes_for_a_read_only_base(tmp_path):
     model = lora_llama()
     plan = engine.plan(model, config(tmp_path))

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import EngineError
-from .pool import round_up_io
+from .pool import IO_ALIGNMENT, round_up_io
 from ..units import format_bytes
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
@@ -179,7 +179,9 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
 
     def build(depth: int, group: int) -> MemoryPlan:
         staging, optimizer = staging_for(depth), optimizer_for(group)
-        pool = staging + grad_staging + optimizer
+        # At least one I/O page: a model whose weights all stay resident and whose adapters train
+        # in DRAM stages nothing, but the pool (and its registrations) must still exist.
+        pool = max(staging + grad_staging + optimizer, IO_ALIGNMENT)
         peak = pool + resident + flat + activation_bytes + process + trainable_state
         disk = _disk_bytes([] if in_memory else trainable, params, compute, state, config, frozen_dtype)
         paths = config.nvme_paths or ["(private temporary directory)"]

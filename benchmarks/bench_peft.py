@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-from bench_train import Sampler, _meminfo, _status
 
 PRESETS = {
     "125m": dict(hidden=768, layers=12, intermediate=2048, heads=12),
@@ -41,9 +40,9 @@ def worker(args) -> dict:
     cfg = LlamaConfig(vocab_size=32000, hidden_size=p["hidden"], intermediate_size=p["intermediate"],
                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["heads"],
                       max_position_embeddings=args.seq, tie_word_embeddings=False)
-    baseline_system = _meminfo()[0] - _meminfo()[1]
-    sampler = Sampler()
-    sampler.start()
+    from engine.memory.profiler import MemoryProfiler
+
+    sampler = MemoryProfiler().start()  # peak of system-wide used memory over its baseline
     data = [torch.randint(0, 32000, (args.batch, args.seq)) for _ in range(args.steps)]
     times, extra = [], {}
     if args.mode == "peft":
@@ -94,11 +93,16 @@ def worker(args) -> dict:
                      pool_bytes=report["pool"]["capacity"], predicted_peak=plan.predicted_peak_bytes,
                      activations=plan.activation_bytes, trainable_state=plan.trainable_state_bytes,
                      stall_s=streamer["stall_seconds"], misses=streamer["misses"], backend=report["backend"])
-    peak_system = sampler.stop()
+    peak_system = sampler.stop().report(include_series=False)["peak_system_used_over_baseline"]
     return dict(model=args.model, mode=args.mode, params=sum(q.numel() for q in model.parameters()),
                 trainable=sum(q.numel() for q in model.parameters() if q.requires_grad),
-                peak_rss=_status("VmHWM"), peak_system=peak_system - baseline_system,
+                peak_rss=_vm_hwm(), peak_system=peak_system,
                 step_s=statistics.median(times[1:]) if len(times) > 1 else times[0], times=times, **extra)
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def main() -> int:

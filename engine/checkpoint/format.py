@@ -16,7 +16,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, TypeVar
 
 import torch
 
@@ -33,6 +33,9 @@ for _name in ("uint16", "uint32", "uint64"):
     if hasattr(torch, _name):
         DTYPE_TO_ST[getattr(torch, _name)] = "U" + _name[4:]
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+
+
+T = TypeVar("T")
 
 
 class CheckpointError(EngineError, ValueError):
@@ -204,3 +207,17 @@ def read_tensor(parsed: SafetensorsFile, name: str, fd: Optional[int] = None, dt
     finally:
         if own:
             os.close(fd)
+
+
+def split_shards(entries: Sequence[T], limit: int) -> list[list[T]]:
+    """Consecutive entries (anything with ``nbytes``) into shards of at most ``limit`` bytes;
+    a larger entry gets a shard of its own."""
+    shards: list[list[T]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards

@@ -28,10 +28,10 @@ from torch import nn
 
 from .._log import logger
 from ..config import Config
-from ..offload.params import KEY_ATTR, is_placeholder
+from ..offload.params import KEY_ATTR, is_placeholder, persistent_buffers
 from ..units import parse_bytes
 from .atomic import fsync_path, make_private_dir, write_file
-from .format import CheckpointError, SafetensorsFile, read_header, read_tensor
+from .format import CheckpointError, SafetensorsFile, read_header, read_tensor, split_shards
 from .transfer import STAGING_BLOCKS, Entry, StoreSource, staging_blocks, staging_bytes_for, write_safetensors
 
 if TYPE_CHECKING:
@@ -207,15 +207,9 @@ def export_entries(trainer: "Trainer", dtype: Optional[torch.dtype] = None) -> l
         else:
             source = p.detach()
         entries.append(Entry(_kept_name(model, names), want, tuple(p.shape), source))
-    seen = set()
-    for module_name, module in model.named_modules():
-        for attr, buf in module._buffers.items():
-            if buf is None or attr in module._non_persistent_buffers_set or id(buf) in seen:
-                continue
-            seen.add(id(buf))
-            full = f"{module_name}.{attr}" if module_name else attr
-            entries.append(Entry(full, buf.dtype if not buf.is_floating_point() else (dtype or buf.dtype),
-                                 tuple(buf.shape), buf.detach()))
+    for full, buf in persistent_buffers(model):
+        entries.append(Entry(full, buf.dtype if not buf.is_floating_point() else (dtype or buf.dtype),
+                             tuple(buf.shape), buf.detach()))
     return entries
 
 
@@ -227,14 +221,7 @@ def save_pretrained(trainer: "Trainer", save_dir: PathLike, *, max_shard_size: U
     save_dir = os.fspath(save_dir)
     limit = parse_bytes(max_shard_size)
     entries = export_entries(trainer, dtype)
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        if shards[-1] and size + entry.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry.nbytes
+    shards = split_shards(entries, limit)
     names = [SAFE_WEIGHTS] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     make_private_dir(save_dir)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .._log import logger
-from ..offload.params import KEY_ATTR
+from ..offload.params import KEY_ATTR, persistent_buffers
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
 from .format import CheckpointError, DTYPE_TO_ST, read_header
@@ -96,15 +96,9 @@ def _state_slots(trainer: "Trainer") -> list[_Slot]:
                 slots.append(from_store(f"master/{name}", ("master", name)))
             for state in ("exp_avg", "exp_avg_sq"):
                 slots.append(from_store(f"{state}/{name}", (state, name)))
-    seen = set()
-    for module_name, module in model.named_modules():
-        for attr, buf in module._buffers.items():
-            if buf is None or attr in module._non_persistent_buffers_set or id(buf) in seen:
-                continue
-            seen.add(id(buf))
-            full = f"{module_name}.{attr}" if module_name else attr
-            slots.append(_Slot(f"buffer/{full}", buf.dtype, tuple(buf.shape), buf.detach(),
-                               TensorTarget(lambda t, buf=buf: buf.copy_(t))))
+    for full, buf in persistent_buffers(model):
+        slots.append(_Slot(f"buffer/{full}", buf.dtype, tuple(buf.shape), buf.detach(),
+                           TensorTarget(lambda t, buf=buf: buf.copy_(t))))
     return slots
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Optional
+from typing import Callable, Hashable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -175,3 +175,14 @@ def replace_parameter(owners: list[tuple[nn.Module, str]], old: nn.Parameter, da
         if module._parameters.get(attr) is old:
             module._parameters[attr] = new
     return new
+
+
+def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(qualified name, buffer)`` of each persistent buffer once (what ``state_dict`` saves)."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for attr, buf in module._buffers.items():
+            if buf is None or attr in module._non_persistent_buffers_set or id(buf) in seen:
+                continue
+            seen.add(id(buf))
+            yield (f"{module_name}.{attr}" if module_name else attr), buf

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..checkpoint.format import split_shards
 from ..units import parse_bytes
 from .adapters import _atomic, _values, _write_json, base_model, lora_layers
 
@@ -66,7 +67,7 @@ def merge_and_export(source: Union["Trainer", nn.Module], directory: Union[str, 
     entries = _entries(model, value, dtype)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    shards = _split(entries, limit)
+    shards = split_shards(entries, limit)
     written: list[str] = []
     names = [SINGLE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -134,18 +135,6 @@ def _merged(layer, value: Callable[[str], torch.Tensor], dtype: torch.dtype) -> 
         return (weight + delta).to(dtype)
     return read
 
-
-def _split(entries: list[_Entry], limit: int) -> list[list[_Entry]]:
-    """Consecutive tensors into shards of at most ``limit`` bytes (a larger tensor gets its own)."""
-    shards: list[list[_Entry]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
-    return shards
 
 
 def _write_shard(path: str, entries: list[_Entry]) -> None:

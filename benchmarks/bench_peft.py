@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -78,7 +79,8 @@ def worker(args) -> dict:
                 return None
             return torch.randn(shape, generator=gen) * 0.02
 
-        conf = engine.Config(nvme_path=args.path, frozen_dtype="bf16", optimizer=engine.AdamWConfig(lr=1e-4))
+        conf = engine.Config(nvme_path=args.path, frozen_dtype="bf16", optimizer=engine.AdamWConfig(lr=1e-4),
+                             **json.loads(os.environ.get("BENCH_PEFT_CONFIG", "{}")))
         x0 = data[0]
         plan = engine.plan(model, conf, example_inputs=dict(input_ids=x0, labels=x0))
         with engine.initialize(model, conf, initializer=init) as trainer:

@@ -8,6 +8,8 @@ Each configuration runs in a fresh subprocess; a sampler thread records the peak
 system-wide used memory (MemTotal - MemAvailable) beside the process's peak RSS (VmHWM).
 Step time is the median of the steps after the first (which records the execution order).
 The activation estimate is the planner's (forward and backward on the meta device).
+BENCH_PEFT_CONFIG='{"malloc_mmap_threshold": null}' (JSON) overrides engine.Config fields,
+e.g. for ablations: {"resident_threshold_bytes": 1099511627776} keeps the base in DRAM.
 
 Targets (issue 6), 1b: engine peak RSS <= 1.5 GiB + activations; step time <= 1.1 x peft in memory.
 """

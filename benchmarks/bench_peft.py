@@ -67,19 +67,15 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - start)
     else:
         import engine
+        from engine.bench import init_value
         from engine.peft import LoraConfig, apply_lora
 
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
         apply_lora(model, LoraConfig(r=16, alpha=32, target_modules=TARGETS))
-        gen = torch.Generator().manual_seed(0)
 
         def init(name, shape):
-            if "norm" in name:
-                return torch.ones(shape)
-            if name.endswith("inv_freq"):
-                return None
-            return torch.randn(shape, generator=gen) * 0.02
+            return None if name.endswith("inv_freq") else init_value(name, shape)
 
         conf = engine.Config(nvme_path=args.path, frozen_dtype="bf16", optimizer=engine.AdamWConfig(lr=1e-4),
                              **json.loads(os.environ.get("BENCH_PEFT_CONFIG", "{}")))

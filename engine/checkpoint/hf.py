@@ -29,10 +29,11 @@ from torch import nn
 from .._log import logger
 from ..config import Config
 from ..offload.params import KEY_ATTR, is_placeholder, persistent_buffers
+from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import fsync_path, make_private_dir, write_file
 from .format import CheckpointError, SafetensorsFile, read_header, read_tensor, split_shards
-from .transfer import STAGING_BLOCKS, Entry, StoreSource, staging_blocks, staging_bytes_for, write_safetensors
+from .transfer import Entry, StoreSource, staging_bytes_for, write_safetensors
 
 if TYPE_CHECKING:
     from ..offload.trainer import Trainer

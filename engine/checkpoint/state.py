@@ -35,11 +35,12 @@ import torch
 
 from .._log import logger
 from ..offload.params import KEY_ATTR, persistent_buffers
+from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
 from .format import CheckpointError, DTYPE_TO_ST, read_header
-from .transfer import (STAGING_BLOCKS, Entry, StoreSource, StoreTarget, TensorTarget, load_safetensors,
-                       staging_blocks, staging_bytes_for, write_safetensors)
+from .transfer import (Entry, StoreSource, StoreTarget, TensorTarget, load_safetensors, staging_bytes_for,
+                       write_safetensors)
 
 if TYPE_CHECKING:
     from ..offload.trainer import Trainer

@@ -13,23 +13,20 @@ import errno
 import math
 import os
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterator, Optional, Union
+from typing import Callable, Hashable, Optional, Union
 
 import crc32c
 import torch
 
-from .._log import logger, warn_once
-from ..errors import PoolExhaustedError
-from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock, round_up_io
+from .._log import warn_once
+from ..memory.pool import IO_ALIGNMENT, PoolBlock, round_up_io
 from ..storage.aio import AsyncIO
+from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
-from ..units import format_bytes
 from .atomic import pause_point
 from .format import CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, pread_into, write_all
 
-STAGING_BLOCKS = 2
 
 
 @dataclass
@@ -53,32 +50,6 @@ class Entry:
         return math.prod(self.shape) * itemsize(self.dtype)
 
 
-@contextmanager
-def staging_blocks(pool: Optional[PinnedPool], nbytes: int, count: int = STAGING_BLOCKS) -> Iterator[list[PoolBlock]]:
-    """``count`` pinned blocks of ``nbytes`` from ``pool`` (between steps the trainer's pool has
-    its gradient staging free). If the pool has no room, a private pool of exactly that size is
-    made for the copy and the fact is logged."""
-    blocks: list[PoolBlock] = []
-    private: Optional[PinnedPool] = None
-    try:
-        try:
-            if pool is None:
-                raise PoolExhaustedError(nbytes, 0, 0, 0)
-            for _ in range(count):
-                blocks.append(pool.alloc(nbytes))
-        except PoolExhaustedError:
-            if not blocks:
-                logger.info("checkpoint I/O: the trainer's pool has no free %s block; using a private %s pool",
-                            format_bytes(nbytes), format_bytes(count * nbytes))
-                private = PinnedPool(count * nbytes)
-                blocks = [private.alloc(nbytes) for _ in range(count)]
-        yield blocks
-    finally:
-        blocks.clear()  # a block returns to its pool with its last reference
-        if private is not None:
-            private.close()
-
-
 def chunk_elements(store: TensorStore, dtype: torch.dtype, block_bytes: int) -> int:
     """Elements per chunk: one store segment when it fits the block (whole segments are the unit
     of the store's partial writes and of its CRC checks)."""
@@ -91,42 +62,6 @@ def chunk_elements(store: TensorStore, dtype: torch.dtype, block_bytes: int) -> 
 def staging_bytes_for(store: TensorStore, largest_nbytes: int) -> int:
     """Block size for chunked copies: one fp32 segment, or less when every tensor is smaller."""
     return round_up_io(max(1, min(store.segment_elements * 4, largest_nbytes)))
-
-
-def put_chunked(store: TensorStore, key: Hashable, tensor: torch.Tensor, pool: Optional[PinnedPool]) -> None:
-    """``store.put`` without its full-size staging copy: the tensor goes to the store one segment
-    at a time through two pool blocks (for importing tensors as large as DRAM allows)."""
-    tensor = tensor.detach().contiguous()
-    store.allocate(key, tensor.shape, tensor.dtype)
-    numel, size = tensor.numel(), tensor.element_size()
-    if numel == 0:
-        store.write_from(key, torch.empty(0, dtype=torch.uint8), 0, 0).wait()
-        return
-    flat = tensor.reshape(-1)
-    seg = store.segment_elements
-    with staging_blocks(pool, round_up_io(min(seg, numel) * size)) as blocks:
-        free, inflight = list(blocks), deque()
-        try:
-            for start in range(0, numel, seg):
-                n = min(seg, numel - start)
-                if not free:
-                    request, block = inflight.popleft()
-                    request.wait()
-                    free.append(block)
-                block = free.pop()
-                block.tensor(n, tensor.dtype).copy_(flat[start:start + n])
-                inflight.append((store.write_from(key, block.tensor(round_up_io(n * size), torch.uint8),
-                                                  start * size, n * size), block))
-            while inflight:
-                inflight.popleft()[0].wait()
-        finally:
-            for request, _block in inflight:
-                try:
-                    request.wait()
-                except Exception:  # the first error is already propagating
-                    pass
-            inflight.clear()
-            free.clear()
 
 
 # ---------------------------------------------------------------------------------------------- save

@@ -133,7 +133,7 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
 
     compute = DTYPES[config.dtype]
     frozen_dtype = DTYPES[config.frozen_dtype or config.dtype]
-    state = torch.float32 if config.optimizer_state_dtype == "fp32" else torch.bfloat16
+    state = DTYPES[config.optimizer_state_dtype]
     threshold = config.resident_threshold_bytes
 
     def dtype_of(p: torch.Tensor) -> torch.dtype:

@@ -28,6 +28,7 @@ from ..memory.pool import PinnedPool
 from ..memory.profiler import phase as profile_phase
 from ..storage import cleanup
 from ..storage.aio import AsyncIO
+from ..storage.staging import put_chunked  # segment by segment: no full-size staging copy
 from ..storage.store import TensorStore
 from ..units import format_bytes, parse_bytes
 from .gradients import GradientOffload
@@ -128,8 +129,6 @@ class Trainer:
             if in_memory:
                 masters[name] = value.detach().float().clone()
             else:
-                from ..checkpoint.transfer import put_chunked  # segment by segment: no full-size staging copy
-
                 put_chunked(store, ("master", name), value.detach().float(), self._pool)
 
         for name, p in model.named_parameters():  # real trainable ones (e.g. adapters on a meta base)
@@ -175,7 +174,7 @@ class Trainer:
             # One object in both roles: gradients and optimizer state stay in DRAM.
             self._stepper = self._grads = ResidentTrainables(
                 [(n, p) for n, p in model.named_parameters() if n in trainable], masters,
-                state_dtype=torch.float32 if cfg.optimizer_state_dtype == "fp32" else torch.bfloat16,
+                state_dtype=DTYPES[cfg.optimizer_state_dtype],
                 betas=opt.betas, eps=opt.eps, adamw_mode=opt.type == "adamw",
                 group_hparams=lambda g: (group["lr"], group["weight_decay"]), overflow_check=cfg.overflow_check)
             self._grads.begin_window()
@@ -195,7 +194,7 @@ class Trainer:
         opt = cfg.optimizer
         self._stepper = OptimizerStepper(
             store, self._pool, specs, compute_dtype=self.compute_dtype,
-            state_dtype=torch.float32 if cfg.optimizer_state_dtype == "fp32" else torch.bfloat16,
+            state_dtype=DTYPES[cfg.optimizer_state_dtype],
             sub_group_elements=self.plan.sub_group_elements, betas=opt.betas, eps=opt.eps,
             adamw_mode=opt.type == "adamw", group_hparams=lambda g: (group["lr"], group["weight_decay"]))
         self._stepper.initialize_states()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the engine needs on a fresh machine: liburing (io_uring
 # backend), fio (benchmark baseline), then the package itself in editable mode,
-# with torch pinned by constraints.txt.
+# within the tested set of constraints.txt (torch==2.13.0, the Hugging Face libraries
+# within their tested minor releases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

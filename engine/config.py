@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Any, Callable, Mapping, Optional, TypedDict, Union
 
 from ._log import logger
+from .errors import EngineError
 from .units import parse_bytes
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -38,8 +40,73 @@ BASELINE = {"buffer_pool": "uniform", "pinned_alloc": "torch", "overflow_check":
             "grad_buffer": "flat"}
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the field and what is allowed."""
+class ConfigError(EngineError, ValueError):
+    """An invalid configuration; the message names the field and what is allowed.
+    ``field``: the engine field at fault (``optimizer.lr``), when there is one."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
+
+
+# Upper bounds, each with its reason.
+FP32_MAX = 3.4028234663852886e38   # a loss scale is applied in fp32: larger is inf
+MAX_SCALE_POWER = 127              # 2**127 is the largest power of two finite in fp32
+MAX_QUEUE_DEPTH = 4096             # what csrc/aio_uring.cpp accepts for one ring
+MAX_BLOCK_SIZE = 1 << 30           # one Linux read/write moves at most 2 GiB - 4 KiB
+MAX_COUNT = 2**31 - 1              # counts are C ints in the native core
+MAX_BYTES = 1 << 60                # sizes are int64 byte counts (elements x 8 bytes must fit)
+MAX_ELEMENTS = MAX_BYTES // 8
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if high == math.inf:
+        return ("positive" if low_open else "non-negative") if low == 0 else f"{low} or more"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) within the bounds;
+    otherwise a :class:`ConfigError` naming ``name``, the value and the allowed range."""
+    ok = _is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low) \
+        and (value < high if high_open else value <= high)
+    if not ok:
+        where = _interval(low, high, low_open, high_open)
+        words = f"a {where} finite number" if not where.startswith("in") else f"a finite number {where}"
+        raise ConfigError(f"{name} must be {words}, got {value!r}", name)
+    return float(value)
+
+
+def check_int(name: str, value: Any, low: int = 1, high: int = MAX_COUNT) -> int:
+    """``value`` if it is an int (not a bool) in ``[low, high]``; otherwise a :class:`ConfigError`."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        sign = {0: "non-negative ", 1: "positive "}.get(low, "")
+        where = f"<= {high}" if sign else f"in [{low}, {high}]"
+        raise ConfigError(f"{name} must be a {sign}integer {where}, got {value!r}", name)
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool: the strings "false"/"true" and 0/1 are refused (both truthy traps)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false (a boolean, not a string or a number), got {value!r}", name)
+    return value
+
+
+def check_bytes(name: str, value: Any, low: int, high: int) -> int:
+    """A byte size (``4096`` or ``"1MiB"``) in ``[low, high]`` as an int."""
+    try:
+        n = parse_bytes(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a byte size in [{low}, {high}], got {value!r}: {exc}", name) from None
+    if not low <= n <= high:
+        raise ConfigError(f"{name} must be a byte size in [{low}, {high}], got {value!r}", name)
+    return n
 
 
 @dataclass
@@ -55,20 +122,51 @@ class OptimizerConfig:
     momentum: float = 0.0
 
     def validate(self) -> None:
-        if self.type not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.type must be one of {', '.join(OPTIMIZERS)}, got {self.type!r}")
-        self.betas = tuple(float(b) for b in self.betas)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
-        for name in ("lr", "eps", "weight_decay", "momentum"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"optimizer.{name} must be a non-negative number, got {value!r}")
+        if not isinstance(self.type, str) or self.type not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.type must be one of {', '.join(OPTIMIZERS)}, got {self.type!r}",
+                              "optimizer.type")
+        self.betas = _check_betas(self.betas)
+        check_number("optimizer.lr", self.lr)
+        check_number("optimizer.eps", self.eps, low_open=True)  # divides by sqrt(v) + eps: 0 gives 0/0
+        check_number("optimizer.weight_decay", self.weight_decay)
+        check_number("optimizer.momentum", self.momentum, 0.0, 1.0, high_open=True)  # >= 1 grows without bound
+
+
+def _check_betas(betas: Any) -> tuple[float, float]:
+    ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and \
+        all(_is_number(b) and math.isfinite(b) and 0.0 <= b < 1.0 for b in betas)
+    if not ok:
+        raise ConfigError(f"optimizer.betas must be two finite numbers in [0, 1), got {betas!r}", "optimizer.betas")
+    return (float(betas[0]), float(betas[1]))
 
 
 def AdamWConfig(**kwargs: Any) -> OptimizerConfig:
     """An AdamW :class:`OptimizerConfig` (``engine.AdamWConfig(lr=1e-5)``)."""
     return OptimizerConfig(type="adamw", **kwargs)
+
+
+def _check_auto_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        kind = "non-negative" if low == 0 else "positive"
+        raise ConfigError(f"{name} must be 'auto' or a {kind} integer <= {high}, got {value!r}", name)
+
+
+def _nvme_paths(nvme_path: Any) -> Optional[list[str]]:
+    """``nvme_path`` as a list of str paths (None: a private temp dir); a ConfigError if it is not one."""
+    if nvme_path is None:
+        return None
+    single = isinstance(nvme_path, (str, os.PathLike))
+    paths = [nvme_path] if single else list(nvme_path) if isinstance(nvme_path, (list, tuple)) else []
+    out = [_fspath(p) for p in paths]
+    if not out or not all(out):
+        raise ConfigError(f"nvme_path must be a directory or a non-empty list of them, got {nvme_path!r}", "nvme_path")
+    return out
+
+
+def _fspath(path: Any) -> str:
+    """A path as a str; '' for anything that is not a usable one (a number, None, a NUL byte)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
+    return text if isinstance(text, str) and "\0" not in text else ""
 
 
 @dataclass
@@ -135,52 +233,53 @@ class Config:
         """Checks every field; raises :class:`ConfigError` naming the first bad one."""
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        if self.frozen_dtype is not None and self.frozen_dtype not in DTYPES:
+            if not isinstance(value, str) or value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}", name)
+        if self.frozen_dtype is not None and (not isinstance(self.frozen_dtype, str) or self.frozen_dtype not in DTYPES):
             raise ConfigError(f"frozen_dtype must be None (same as dtype) or one of {', '.join(map(repr, DTYPES))}, "
-                              f"got {self.frozen_dtype!r}")
+                              f"got {self.frozen_dtype!r}", "frozen_dtype")
         if not isinstance(self.optimizer, OptimizerConfig):
-            raise ConfigError(f"optimizer must be an OptimizerConfig or a dict, got {type(self.optimizer).__name__}")
+            raise ConfigError(f"optimizer must be an OptimizerConfig or a dict, got {type(self.optimizer).__name__}",
+                              "optimizer")
         self.optimizer.validate()
-        if self.nvme_path is not None:
-            paths = [self.nvme_path] if isinstance(self.nvme_path, (str, os.PathLike)) else list(self.nvme_path)
-            if not paths or not all(isinstance(p, (str, os.PathLike)) and str(p) for p in paths):
-                raise ConfigError(f"nvme_path must be a directory or a non-empty list of them, got {self.nvme_path!r}")
-        for name in ("gradient_accumulation_steps", "initial_scale_power", "loss_scale_window", "hysteresis",
-                     "queue_depth", "buffer_count"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("gradient_clipping", "loss_scale", "min_loss_scale"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        for name in ("prefetch_depth", "sub_group_size"):
-            value = getattr(self, name)
-            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 0
-                                    or (name == "sub_group_size" and value == 0)):
-                raise ConfigError(f"{name} must be 'auto' or a {'non-negative' if name == 'prefetch_depth' else 'positive'} "
-                                  f"integer, got {value!r}")
-        if not isinstance(self.checkpoint_keep_last, int) or isinstance(self.checkpoint_keep_last, bool) \
-                or self.checkpoint_keep_last < 0:
-            raise ConfigError(f"checkpoint_keep_last must be a non-negative integer (0 keeps all), "
-                              f"got {self.checkpoint_keep_last!r}")
-        if not isinstance(self.resident_threshold_bytes, int) or self.resident_threshold_bytes < 0:
-            raise ConfigError(f"resident_threshold_bytes must be a non-negative integer, got {self.resident_threshold_bytes!r}")
-        try:
-            if self.host_memory_budget is not None and parse_bytes(self.host_memory_budget) <= 0:
-                raise ConfigError("host_memory_budget must be positive")
-            block = parse_bytes(self.block_size)
-            if self.malloc_mmap_threshold is not None and not \
-                    0 < parse_bytes(self.malloc_mmap_threshold) <= 32 << 20:
-                raise ConfigError(f"malloc_mmap_threshold must be None or in (0, 32MiB], "
-                                  f"got {self.malloc_mmap_threshold!r}")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if block <= 0 or block % 4096:
-            raise ConfigError(f"block_size must be a positive multiple of 4096 bytes, got {self.block_size!r}")
+        _nvme_paths(self.nvme_path)
+        self._validate_numbers()
+        self._validate_sizes()
+        check_bool("checksum", self.checksum)
         return self
+
+    def _validate_numbers(self) -> None:
+        for name in ("gradient_accumulation_steps", "loss_scale_window", "hysteresis", "buffer_count"):
+            check_int(name, getattr(self, name))
+        check_int("queue_depth", self.queue_depth, 1, MAX_QUEUE_DEPTH)
+        check_int("initial_scale_power", self.initial_scale_power, 0, MAX_SCALE_POWER)
+        check_int("checkpoint_keep_last", self.checkpoint_keep_last, 0)
+        check_number("gradient_clipping", self.gradient_clipping)  # 0: off
+        check_number("loss_scale", self.loss_scale, 0.0, FP32_MAX)  # 0: dynamic
+        check_number("min_loss_scale", self.min_loss_scale, 0.0, FP32_MAX, low_open=True)
+        if self.prefetch_depth != "auto":
+            _check_auto_int("prefetch_depth", self.prefetch_depth, 0, MAX_COUNT)
+        if self.sub_group_size != "auto":
+            _check_auto_int("sub_group_size", self.sub_group_size, 1, MAX_ELEMENTS)
+
+    def _validate_sizes(self) -> None:
+        check_int("resident_threshold_bytes", self.resident_threshold_bytes, 0, MAX_BYTES)
+        if self.host_memory_budget is not None:
+            check_bytes("host_memory_budget", self.host_memory_budget, 1, MAX_BYTES)
+        block = check_bytes("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        if block % 4096:
+            raise ConfigError(f"block_size must be a positive multiple of 4096 bytes, got {self.block_size!r}",
+                              "block_size")
+        if self.malloc_mmap_threshold is not None:
+            try:
+                threshold = parse_bytes(self.malloc_mmap_threshold)
+            except ValueError as exc:
+                threshold, reason = 0, f": {exc}"
+            else:
+                reason = ""
+            if not 0 < threshold <= 32 << 20:
+                raise ConfigError(f"malloc_mmap_threshold must be None or in (0, 32MiB], "
+                                  f"got {self.malloc_mmap_threshold!r}{reason}", "malloc_mmap_threshold")
 
     @property
     def budget_bytes(self) -> Optional[int]:
@@ -188,10 +287,7 @@ class Config:
 
     @property
     def nvme_paths(self) -> Optional[list[str]]:
-        if self.nvme_path is None:
-            return None
-        return [os.fspath(self.nvme_path)] if isinstance(self.nvme_path, (str, os.PathLike)) else \
-            [os.fspath(p) for p in self.nvme_path]
+        return _nvme_paths(self.nvme_path)
 
     def with_baseline(self, *switches: str) -> "Config":
         """A copy with the named ablation switches (default: all) set to the ZeRO-Infinity-like baseline."""

@@ -269,8 +269,8 @@ def test_deepspeed_auto_takes_the_given_values():
 
 
 def test_deepspeed_auto_values_are_checked():
-    with pytest.raises(ConfigError, match=r"unknown 'auto' value name\(s\): 'learning_rate' \(did you mean 'lr'\?\)"):
-        Config.from_deepspeed(hf_zero3_config(), auto={"learning_rate": 1e-4})
+    with pytest.raises(ConfigError, match=r"unknown 'auto' value name\(s\): 'weight_decy' \(did you mean 'weight_decay'\?\)"):
+        Config.from_deepspeed(hf_zero3_config(), auto={"weight_decy": 0.1})
     with pytest.raises(ConfigError, match=r"optimizer\.lr must be .*got nan.*optimizer\.params\.lr"):
         Config.from_deepspeed(hf_zero3_config(), auto={"lr": NAN})
     with pytest.raises(ConfigError, match=r"auto\['dtype'\] must be one of"):
@@ -339,3 +339,14 @@ def test_deepspeed_values_get_the_same_validation_naming_the_deepspeed_key(ds, k
     with pytest.raises(ConfigError) as info:
         Config.from_dict(ds)
     assert key in str(info.value), str(info.value)
+
+
+def test_initialize_with_a_deepspeed_path_refuses_bad_values_before_building(tmp_path):
+    import torch
+
+    import engine
+
+    path = tmp_path / "ds_config.json"
+    path.write_text('{"train_batch_size": "auto", "optimizer": {"type": "AdamW", "params": {"lr": Infinity}}}')
+    with pytest.raises(ConfigError, match=r"optimizer\.lr must be .*got inf \(DeepSpeed key optimizer\.params\.lr\)"):
+        engine.initialize(torch.nn.Linear(4, 4), str(path))

@@ -240,7 +240,8 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}", name)
-        if self.frozen_dtype is not None and (not isinstance(self.frozen_dtype, str) or self.frozen_dtype not in DTYPES):
+        frozen = self.frozen_dtype
+        if frozen is not None and (not isinstance(frozen, str) or frozen not in DTYPES):
             raise ConfigError(f"frozen_dtype must be None (same as dtype) or one of {', '.join(map(repr, DTYPES))}, "
                               f"got {self.frozen_dtype!r}", "frozen_dtype")
         if not isinstance(self.optimizer, OptimizerConfig):
@@ -437,12 +438,16 @@ def _check_auto_values(auto: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(str(k), known, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown 'auto' value name(s): {', '.join(hints)}; known: {', '.join(known)}", "auto")
-    if "dtype" in auto and auto["dtype"] not in DTYPES:
-        raise ConfigError(f"auto['dtype'] must be one of {', '.join(map(repr, DTYPES))}, got {auto['dtype']!r}",
-                          "auto")
     for k in _BATCH_KEYS:
         if k in auto:
             check_int(f"auto[{k!r}]", auto[k])
+    # Every given value gets Config's checks, used or not: a bad one is a bug in the caller.
+    values = {k: v for k, v in auto.items() if k not in _BATCH_KEYS}
+    optimizer = {k: values.pop(k) for k in _OPTIMIZER_FIELDS if k in values}
+    try:
+        Config(**values, optimizer=optimizer)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in the values given for 'auto')", exc.field) from None
 
 
 class _Translation:
@@ -465,8 +470,8 @@ class _Translation:
             if name not in self.auto:
                 self.resolved.append(f"{path}={_default(name)!r} (engine default)")
                 return
-            value, path = self.auto[name], f"{path} ('auto': the given {name})"
-            self.resolved.append(f"{path}={value!r}")
+            value = self.auto[name]  # checked by _check_auto_values
+            self.resolved.append(f"{path}={value!r} (given)")
         elif convert is not None:
             value = convert(path, value)
         optimizer = name in _OPTIMIZER_FIELDS

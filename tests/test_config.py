@@ -269,12 +269,17 @@ def test_deepspeed_auto_takes_the_given_values():
 
 
 def test_deepspeed_auto_values_are_checked():
-    with pytest.raises(ConfigError, match=r"unknown 'auto' value name\(s\): 'weight_decy' \(did you mean 'weight_decay'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown 'auto' value name\(s\): 'weight_decy' "
+                                          r"\(did you mean 'weight_decay'\?\)"):
         Config.from_deepspeed(hf_zero3_config(), auto={"weight_decy": 0.1})
-    with pytest.raises(ConfigError, match=r"optimizer\.lr must be .*got nan.*optimizer\.params\.lr"):
+    with pytest.raises(ConfigError, match=r"optimizer\.lr must be .*got nan \(in the values given for 'auto'\)"):
         Config.from_deepspeed(hf_zero3_config(), auto={"lr": NAN})
-    with pytest.raises(ConfigError, match=r"auto\['dtype'\] must be one of"):
+    with pytest.raises(ConfigError, match=r"dtype must be one of .* \(in the values given for 'auto'\)"):
         Config.from_deepspeed(hf_zero3_config(), auto={"dtype": "fp8"})
+    with pytest.raises(ConfigError, match=r"auto\['train_batch_size'\] must be a positive integer"):
+        Config.from_deepspeed(hf_zero3_config(), auto={"train_batch_size": 0})
+    with pytest.raises(ConfigError, match=r"gradient_clipping must be .*got nan \(in the values given"):
+        Config.from_deepspeed(hf_zero3_config(gradient_clipping=1.0), auto={"gradient_clipping": NAN})  # even unused
 
 
 def test_deepspeed_auto_without_a_meaning_is_refused_naming_every_key():

@@ -104,7 +104,7 @@ def _defaults(embedded: bool) -> AutoValues:
 def _auto_values(args: argparse.Namespace, defaults: AutoValues) -> AutoValues:
     """What a DeepSpeed ``"auto"`` stands for here: the options given, else this command's defaults
     (as the Hugging Face Trainer fills them from its TrainingArguments)."""
-    auto = AutoValues(defaults, train_micro_batch_size_per_gpu=args.batch,
+    auto = AutoValues(**defaults, train_micro_batch_size_per_gpu=args.batch,
                       train_batch_size=args.batch * (args.grad_accum or 1))
     if args.lr is not None:
         auto["lr"] = args.lr

@@ -262,3 +262,45 @@ def test_dataset_files_and_batches(tmp_path):
     assert not torch.equal(batches.batch_at(7), batches.batch_at(8))
     with pytest.raises(ValueError, match="too few for --seq-len 4096"):
         TokenBatches(tokens, batch=1, seq_len=4096)
+
+
+# ---------------------------------------------------------------------- --config with DeepSpeed "auto" (hardening item 8)
+HF_AUTO_DS = {
+    "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}, "offload_optimizer": {"device": "nvme"},
+                          "stage3_param_persistence_threshold": "auto"},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+}
+
+
+def test_deepspeed_auto_is_resolved_from_the_command_line(tmp_path):
+    from engine.cli import build_parser, train
+
+    ds = write(tmp_path / "ds.json", json.dumps(HF_AUTO_DS))
+    parse = build_parser().parse_args
+    cfg = train.build_config(parse(["train", "--config", ds, "--lr", "1e-4", "--dtype", "bf16", "--grad-accum", "2"]),
+                             embedded=True)
+    assert (cfg.optimizer.lr, cfg.dtype, cfg.gradient_accumulation_steps) == (1e-4, "bf16", 2)
+    # Without options: this command's own defaults (those of a run without --config).
+    cfg = train.build_config(parse(["train", "--config", ds]), embedded=True)
+    plain = train.build_config(parse(["train"]), embedded=True)
+    assert (cfg.optimizer.lr, cfg.gradient_clipping, cfg.resident_threshold_bytes) == \
+           (plain.optimizer.lr, plain.gradient_clipping, plain.resident_threshold_bytes)
+    assert (cfg.dtype, cfg.gradient_accumulation_steps) == ("fp32", 1)  # fp16/bf16 "auto": not bf16 unasked
+    assert cfg.optimizer.betas == plain.optimizer.betas and cfg.optimizer.eps == plain.optimizer.eps
+
+
+def test_deepspeed_auto_without_a_meaning_and_bad_values_are_one_line_errors(tmp_path, capsys):
+    unresolved = write(tmp_path / "a.json", json.dumps(dict(HF_AUTO_DS, zero_optimization={
+        "stage": 3, "offload_param": {"device": "auto", "nvme_path": "auto"}})))
+    string_bool = write(tmp_path / "b.json", json.dumps(dict(HF_AUTO_DS, bf16={"enabled": "false"})))
+    nan_lr = write(tmp_path / "c.json", '{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": NaN}}}')
+    cases = [(unresolved, "zero_optimization.offload_param.device, zero_optimization.offload_param.nvme_path"),
+             (string_bool, "bf16.enabled must be true or false"),
+             (nan_lr, "optimizer.params.lr")]
+    for path, message in cases:
+        assert main(["train", "--config", path, "--output-dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (path, err)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import AdamWConfig, Config
+from ..config import AdamWConfig, AutoValues, Config
 from ..data import BYTE_VOCAB, TokenBatches, default_corpus, load_text, tokenize
 from ..memory.profiler import MemoryProfiler
 from ..units import format_bytes
@@ -69,13 +69,14 @@ def add_parser(sub) -> None:
 
 # ---------------------------------------------------------------------- set-up
 def build_config(args: argparse.Namespace, embedded: bool) -> Config:
-    """The engine config: ``--config`` (or this command's defaults), then the explicit options."""
+    """The engine config: ``--config`` (or this command's defaults), then the explicit options.
+    A DeepSpeed file's ``"auto"`` values take the options, else this command's defaults."""
+    defaults = _defaults(embedded)
     if args.config:
-        cfg = Config.load(args.config)
+        cfg = Config.load(args.config, auto=_auto_values(args, defaults))
     else:
-        # Streaming even the small default model's matrices (threshold 16 KiB) exercises the real path.
-        cfg = Config(optimizer=AdamWConfig(lr=DEFAULT_LR_SCRATCH if embedded else DEFAULT_LR_PRETRAINED),
-                     gradient_clipping=1.0, resident_threshold_bytes=(16 << 10) if embedded else 1 << 20)
+        cfg = Config(optimizer=AdamWConfig(lr=defaults["lr"]), gradient_clipping=defaults["gradient_clipping"],
+                     resident_threshold_bytes=defaults["resident_threshold_bytes"])
     overrides: dict[str, Any] = {}
     if args.dtype:
         overrides["dtype"] = args.dtype
@@ -91,6 +92,27 @@ def build_config(args: argparse.Namespace, embedded: bool) -> Config:
         cfg.optimizer = dataclasses.replace(cfg.optimizer, lr=args.lr)
         cfg.validate()
     return cfg
+
+
+def _defaults(embedded: bool) -> AutoValues:
+    """This command's settings where neither an option nor the config file gives one."""
+    # Streaming even the small default model's matrices (threshold 16 KiB) exercises the real path.
+    return AutoValues(lr=DEFAULT_LR_SCRATCH if embedded else DEFAULT_LR_PRETRAINED, gradient_clipping=1.0,
+                      resident_threshold_bytes=(16 << 10) if embedded else 1 << 20)
+
+
+def _auto_values(args: argparse.Namespace, defaults: AutoValues) -> AutoValues:
+    """What a DeepSpeed ``"auto"`` stands for here: the options given, else this command's defaults
+    (as the Hugging Face Trainer fills them from its TrainingArguments)."""
+    auto = AutoValues(**defaults, train_micro_batch_size_per_gpu=args.batch,
+                      train_batch_size=args.batch * (args.grad_accum or 1))
+    if args.lr is not None:
+        auto["lr"] = args.lr
+    if args.dtype:
+        auto["dtype"] = args.dtype
+    if args.grad_accum:
+        auto["gradient_accumulation_steps"] = args.grad_accum
+    return auto
 
 
 def _check_args(args: argparse.Namespace) -> None:

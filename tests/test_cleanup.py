@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from engine.cli import main
@@ -121,7 +120,7 @@ def test_a_live_owners_directory_is_never_removed_then_clean_removes_it_once_dea
         finish(child)
 
 
-def test_only_unmistakable_swap_directories_are_removed(tmp_path, monkeypatch):
+def test_only_unmistakable_swap_directories_are_removed(tmp_path):
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     target = tmp_path / "target"

@@ -160,7 +160,7 @@ def make_swap_dir(root: str) -> tuple[str, int]:
     """Creates a private (0700) swap directory under ``root`` named after this process and
     locked by it; returns its path and the fd holding the lock (pass it to :func:`register`)."""
     owner = this_process()
-    while True:
+    for _ in range(100):
         name = f"{PREFIX}{owner.boot}-{owner.pidns}-{owner.pid}-{owner.start}-{secrets.token_hex(8)}"
         path = os.path.join(root, name)
         try:
@@ -179,6 +179,7 @@ def make_swap_dir(root: str) -> tuple[str, int]:
             os.close(fd)
             raise
         os.close(fd)
+    raise FileExistsError(f"could not create a private swap directory under {root!r} in 100 attempts")
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -208,7 +209,9 @@ def sweep(root: str, dry_run: bool = False) -> SweepResult:
             path = os.path.join(root, name)
             try:
                 outcome = _reclaim(root_fd, name, me, local, dry_run)
-            except OSError as exc:  # e.g. it vanished, or another sweeper is removing it
+            except FileNotFoundError:
+                continue  # another sweep removed it meanwhile
+            except OSError as exc:
                 outcome = f"not removed: {exc.strerror or exc}"
             if isinstance(outcome, int):
                 result.removed.append((path, outcome))

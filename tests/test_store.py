@@ -445,6 +445,9 @@ def test_ensure_capacity_reserves_exactly_what_is_asked_and_allocations_fit_in_i
         store.put("a", torch.zeros(MiB // 4))
         store.put("b", torch.zeros(2 * MiB // 4 + 25))
         assert store.stats()["disk_reserved"] == reserved and os.stat(swap).st_size == reserved
+        # Beyond the reservation (grow_step 1 GiB): at most the file's size more, not 1 GiB.
+        store.put("c", torch.zeros(MiB // 4))
+        assert reserved + MiB <= store.stats()["disk_reserved"] <= 2 * reserved
     with TensorStore(make_paths(tmp_path, 2), stripe_size=64 * KiB) as store:  # split evenly over the paths
         store.ensure_capacity(MiB)
         assert store.stats()["disk_reserved"] == MiB

@@ -5,8 +5,8 @@ extents with a dtype and shape. Two layouts:
 
 ``direct`` (default)
     One preallocated swap file per NVMe path, grown to what the caller reserves
-    (:meth:`TensorStore.ensure_capacity`) and beyond that in steps of ``grow_step``
-    (at most an eighth of the free space),
+    (:meth:`TensorStore.ensure_capacity`) and beyond that in steps of at most
+    ``grow_step``, the file's size and an eighth of the free space,
     with 4 KiB-aligned extents from a best-fit allocator that reuses freed space.
     With several paths, tensors larger than ``stripe_size`` are striped
     round-robin across them. A raw block device can be the backing store with
@@ -263,9 +263,10 @@ class TensorStore:
         return _Backing(root, None, file, ExtentAllocator(size, IO_ALIGNMENT), True)
 
     def _grow_step(self, backing: _Backing) -> int:
-        """Growth beyond what was reserved: ``grow_step``, but at most an eighth of the free space
-        left, so a small file system is not asked for more than the tensors need."""
-        return min(self.grow_step, _available_bytes(backing.root) // 8)
+        """Growth beyond what was reserved: ``grow_step``, but at most the file's current size
+        (geometric growth: a small store stays small) and an eighth of the free space left (a
+        small file system is not asked for more than the tensors need)."""
+        return min(self.grow_step, max(backing.allocator.capacity, IO_ALIGNMENT), _available_bytes(backing.root) // 8)
 
     def _grow(self, backing: _Backing, new_size: int) -> None:
         current = backing.allocator.capacity if backing.allocator else 0

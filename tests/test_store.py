@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -412,3 +413,96 @@ def test_disjoint_ranges_of_one_key_do_not_wait_for_each_other(tmp_path):
         r.wait()
         w.wait()
         assert "k" not in store._inflight
+
+
+# ----------------------------------------------------------------------------- swap growth
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 MiB ext4 file system (a loop mount: needs root); skipped where one cannot be made."""
+    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
+        pytest.skip("a loop-mounted file system needs root and mkfs.ext4")
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+    mnt.mkdir()
+    mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(mnt)],
+                                                      capture_output=True, text=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot loop-mount a file system here")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_ensure_capacity_reserves_exactly_what_is_asked_and_allocations_fit_in_it(tmp_path):
+    with TensorStore(str(tmp_path)) as store:
+        store.ensure_capacity(3 * MiB + 100)
+        reserved = 3 * MiB + 4096  # rounded up to the I/O alignment, no further
+        swap = os.path.join(store.directories[0], "swap.bin")
+        assert store.stats()["disk_reserved"] == reserved and os.stat(swap).st_size == reserved
+        store.put("a", torch.zeros(MiB // 4))
+        store.put("b", torch.zeros(2 * MiB // 4 + 25))
+        assert store.stats()["disk_reserved"] == reserved and os.stat(swap).st_size == reserved
+        # Beyond the reservation (grow_step 1 GiB): at most the file's size more, not 1 GiB.
+        store.put("c", torch.zeros(MiB // 4))
+        assert reserved + MiB <= store.stats()["disk_reserved"] <= 2 * reserved
+    with TensorStore(make_paths(tmp_path, 2), stripe_size=64 * KiB) as store:  # split evenly over the paths
+        store.ensure_capacity(MiB)
+        assert store.stats()["disk_reserved"] == MiB
+        assert [os.stat(os.path.join(d, "swap.bin")).st_size for d in store.directories] == [MiB // 2] * 2
+
+
+def test_growth_beyond_the_reservation_is_bounded_by_the_free_space(small_fs):
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    with TensorStore(small_fs) as store:  # grow_step 1 GiB by default: far more than this file system
+        store.put("w", torch.ones(MiB // 4))
+        assert MiB <= store.stats()["disk_reserved"] <= max(MiB, free // 8)
+        assert torch.equal(store.get("w"), torch.ones(MiB // 4))
+
+
+def tiny_llama_config(hidden=64, inter=128, vocab=256, layers=2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def test_plan_and_initialize_agree_on_a_small_file_system(small_fs, tmp_path, capsys):
+    """A model whose plan fits a 64 MiB file system trains there (its swap file is exactly the
+    planned size); one that does not fit is refused by plan, the plan command and initialize alike."""
+    import engine
+    from engine.cli import main
+    from engine.memory.planner import PlanError, check_disk
+    from transformers import LlamaForCausalLM
+
+    cfg = engine.Config(nvme_path=small_fs, optimizer=engine.AdamWConfig(lr=1e-3))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).float()
+    plan = engine.plan(model, cfg)
+    check_disk(plan, [small_fs])  # "fits"
+    with engine.initialize(model, cfg) as trainer:
+        (swap_dir,) = [d for d in os.listdir(small_fs) if d.startswith("memascend-swap-")]
+        swap = os.path.join(small_fs, swap_dir, "swap.bin")
+        assert os.stat(swap).st_size == plan.disk_bytes
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        for _ in range(trainer.gradient_accumulation_steps):
+            trainer.backward(trainer(input_ids=x, labels=x).loss)
+        trainer.step()
+        assert trainer.global_steps == 1 and trainer.skipped_steps == 0
+        assert os.stat(swap).st_size == plan.disk_bytes  # the plan was the whole of it
+    assert os.listdir(small_fs) == ["lost+found"]
+
+    big = tiny_llama_config(hidden=512, inter=1024, vocab=8192, layers=4)  # ~18M parameters, ~290 MiB on disk
+    with torch.device("meta"):
+        model = LlamaForCausalLM(big)
+    with pytest.raises(PlanError) as planned:
+        check_disk(engine.plan(model, cfg), [small_fs])
+    with pytest.raises(PlanError) as initialized:
+        engine.initialize(model, cfg, initializer=lambda name, shape: torch.zeros(shape))
+    assert str(planned.value) == str(initialized.value) and "not enough disk space" in str(planned.value)
+    big.save_pretrained(tmp_path / "big")
+    assert main(["plan", str(tmp_path / "big"), "--nvme-path", small_fs]) == 1
+    assert str(planned.value) in capsys.readouterr().err
+    assert os.listdir(small_fs) == ["lost+found"]

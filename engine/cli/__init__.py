@@ -7,6 +7,7 @@ Commands:
     bench       this engine vs plain PyTorch vs the ablation baseline (vs DeepSpeed when installed)
     profile     run any command under the memory profiler (JSON + PNG timeline)
     selfcheck   round-trip data through the pinned pool and the NVMe I/O engine
+    clean       remove the swap directories of killed processes from NVMe paths
 
 Bad input (a missing file, an invalid config, a budget that cannot fit, an unknown
 preset) is reported as one line on stderr with exit status 2, never a traceback.
@@ -36,7 +37,7 @@ def _add_selfcheck(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, plan, profile, train
+    from . import bench, clean, plan, profile, train
 
     invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     prog = invoked if invoked and not invoked.endswith(".py") else "python -m engine"  # or the console script
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     profile.add_parser(sub)
     _add_selfcheck(sub)
+    clean.add_parser(sub)
     return parser
 
 

@@ -1,13 +1,14 @@
 """Extent allocator for one swap file (or raw device): aligned, best-fit, coalescing.
 
 Free space is kept by offset (to merge neighbours on free) and as a sorted list of
-(size, offset) for best-fit lookup. A file-backed allocator grows its file in
-``grow_step`` increments when nothing fits; a device-backed one has a fixed size.
+(size, offset) for best-fit lookup. A file-backed allocator grows its file when
+nothing fits, by at least ``grow_step`` (a number, or a function giving the step now),
+or up front by :meth:`ExtentAllocator.reserve`; a device-backed one has a fixed size.
 """
 from __future__ import annotations
 
 import bisect
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 
 class ExtentAllocator:
@@ -18,15 +19,16 @@ class ExtentAllocator:
         alignment: every extent's offset and length are multiples of this.
         grow: called with the new total size when the space must grow; ``None`` for a
             fixed-size space. It raises (e.g. StoreCapacityError) when it cannot grow.
-        grow_step: minimum growth.
+        grow_step: minimum growth in bytes, or a function returning it (asked at each growth,
+            e.g. to bound the step by the free space left).
         max_capacity: growth limit (None: unbounded).
     """
 
     def __init__(self, capacity: int, alignment: int = 4096, grow: Optional[Callable[[int], None]] = None,
-                 grow_step: int = 1 << 30, max_capacity: Optional[int] = None):
+                 grow_step: Union[int, Callable[[], int]] = 1 << 30, max_capacity: Optional[int] = None):
         self.alignment = alignment
         self.capacity = capacity // alignment * alignment
-        self.grow_step = max(alignment, grow_step // alignment * alignment)
+        self._grow_step = grow_step
         self.max_capacity = max_capacity
         self._grow = grow
         self._free: dict[int, int] = {}            # offset -> size
@@ -34,6 +36,12 @@ class ExtentAllocator:
         self._used: dict[int, int] = {}            # offset -> size
         if self.capacity:
             self._insert(0, self.capacity)
+
+    @property
+    def grow_step(self) -> int:
+        """The growth step now: at least one alignment unit, a multiple of it."""
+        step = self._grow_step() if callable(self._grow_step) else self._grow_step
+        return max(self.alignment, step // self.alignment * self.alignment)
 
     @property
     def used_bytes(self) -> int:
@@ -79,13 +87,25 @@ class ExtentAllocator:
         if self._grow is None:
             raise MemoryError(f"no free extent of {size} bytes (fixed-size space of {self.capacity} bytes, "
                               f"{self.free_bytes} free, largest {self._by_size[-1][0] if self._by_size else 0})")
-        # Grow so that the free tail plus the growth holds the request, in grow_step increments.
+        # Grow so that the free tail plus the growth holds the request, by at least grow_step.
         missing = size - self._tail_free()
         new_capacity = self.capacity + max(self.grow_step, -(-missing // self.alignment) * self.alignment)
         if self.max_capacity is not None:
             new_capacity = min(new_capacity, self.max_capacity)
             if new_capacity - self.capacity < missing:
                 raise MemoryError(f"no free extent of {size} bytes within the {self.max_capacity}-byte limit")
+        self._extend_to(new_capacity)
+
+    def reserve(self, nbytes: int) -> None:
+        """Grows the space now (exactly, aligned) so that ``nbytes`` more fit in its free tail:
+        a caller that knows its total grows once instead of in steps. A fixed-size space is left as it is."""
+        missing = -(-nbytes // self.alignment) * self.alignment - self._tail_free()
+        if missing > 0 and self._grow is not None:
+            if self.max_capacity is not None and self.capacity + missing > self.max_capacity:
+                raise MemoryError(f"cannot reserve {nbytes} bytes within the {self.max_capacity}-byte limit")
+            self._extend_to(self.capacity + missing)
+
+    def _extend_to(self, new_capacity: int) -> None:
         self._grow(new_capacity)
         old, self.capacity = self.capacity, new_capacity
         self._insert(old, new_capacity - old)

@@ -4,7 +4,9 @@ Keys (any hashable, e.g. ``("param", name)``, ``("exp_avg", name)``) map to
 extents with a dtype and shape. Two layouts:
 
 ``direct`` (default)
-    One preallocated swap file per NVMe path, grown in ``grow_step`` increments,
+    One preallocated swap file per NVMe path, grown to what the caller reserves
+    (:meth:`TensorStore.ensure_capacity`) and beyond that in steps of at most
+    ``grow_step``, the file's size and an eighth of the free space,
     with 4 KiB-aligned extents from a best-fit allocator that reuses freed space.
     With several paths, tensors larger than ``stripe_size`` are striped
     round-robin across them. A raw block device can be the backing store with
@@ -23,7 +25,9 @@ covers completely). A mismatch raises :class:`~engine.errors.IntegrityError`
 naming the key, file and offset. ``checksum=False`` turns this off.
 
 Swap files live in a private directory (0700; files 0600) under each path and
-are removed when the store closes, at process exit, and on SIGTERM.
+are removed when the store closes, at process exit, and on SIGTERM. The directory's
+name records its owner (see :mod:`engine.storage.cleanup`): when a store opens on a
+path it reclaims the directories of processes that died without removing theirs.
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ import errno
 import math
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Optional, Sequence, Union
@@ -230,17 +233,18 @@ class TensorStore:
             return self._open_device(root, st)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, f"NVMe path {root!r} is not a directory or block device", root)
+        cleanup.reclaim(root)  # swap directories of processes that died without removing them
         try:
-            directory = tempfile.mkdtemp(prefix="memascend-swap-", dir=root)  # 0700
+            directory, lock_fd = cleanup.make_swap_dir(root)  # 0700, named and locked by this process
         except PermissionError:
             raise PermissionError(errno.EACCES, f"NVMe path {root!r} is not writable", root) from None
-        cleanup.register(directory)
+        cleanup.register(directory, lock_fd)
         if self.layout == "files":
             return _Backing(root, directory, None, None, False)
         file = self._io.open(os.path.join(directory, "swap.bin"), "rw", create=True)
         backing = _Backing(root, directory, file, None, False)
         backing.allocator = ExtentAllocator(0, IO_ALIGNMENT, grow=lambda size: self._grow(backing, size),
-                                            grow_step=self.grow_step)
+                                            grow_step=lambda: self._grow_step(backing))
         return backing
 
     def _open_device(self, root: str, st: os.stat_result) -> _Backing:
@@ -258,6 +262,12 @@ class TensorStore:
             os.close(fd)
         return _Backing(root, None, file, ExtentAllocator(size, IO_ALIGNMENT), True)
 
+    def _grow_step(self, backing: _Backing) -> int:
+        """Growth beyond what was reserved: ``grow_step``, but at most the file's current size
+        (geometric growth: a small store stays small) and an eighth of the free space left (a
+        small file system is not asked for more than the tensors need)."""
+        return min(self.grow_step, max(backing.allocator.capacity, IO_ALIGNMENT), _available_bytes(backing.root) // 8)
+
     def _grow(self, backing: _Backing, new_size: int) -> None:
         current = backing.allocator.capacity if backing.allocator else 0
         available = _available_bytes(backing.root)
@@ -274,7 +284,15 @@ class TensorStore:
             os.close(fd)
 
     def ensure_capacity(self, nbytes: int) -> None:
-        """Raises :class:`StoreCapacityError` unless the paths can hold ``nbytes`` more (checked before writing)."""
+        """Makes room for ``nbytes`` more: raises :class:`StoreCapacityError` unless the paths can hold
+        them (checked before writing), then grows the swap files by exactly that much, split evenly
+        over the paths, so the first ``nbytes`` of allocations need no further growth."""
+        self._check_room(nbytes)
+        growable = [b for b in self._backings if b.allocator is not None and not b.is_device]
+        for b in growable:
+            b.allocator.reserve(-(-nbytes // len(growable)))
+
+    def _check_room(self, nbytes: int) -> None:
         self._check_open()
         available, seen = 0, set()
         for b in self._backings:

@@ -1,0 +1,179 @@
+"""Swap directories of processes that died without removing them (SIGKILL, OOM kill, power cut):
+named after their owner, reclaimed by the next store opened on the path and by
+``python -m engine clean``; a live owner's directory, and anything not unmistakably a swap
+directory, is never touched."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from engine.cli import main
+from engine.storage import TensorStore, cleanup
+from conftest import REPO
+
+OWNER = """
+import sys, torch
+from engine.storage import TensorStore
+store = TensorStore(sys.argv[1])
+store.put("w", torch.ones(1000))
+print(store.directories[0], flush=True)
+sys.stdin.readline()  # alive until the parent says or kills it
+"""
+
+
+def spawn_owner(path) -> tuple[subprocess.Popen, str]:
+    """A child process with a store open on ``path``; returns it and its swap directory."""
+    child = subprocess.Popen([sys.executable, "-c", OWNER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    directory = child.stdout.readline().strip()
+    assert directory and os.path.isdir(directory), child.stderr.read()[-3000:]
+    return child, directory
+
+
+def finish(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait(60)
+    child.stdin.close()
+    child.stdout.close()
+    child.stderr.close()
+
+
+def dead_name(boot: str | None = None, pidns: int | None = None) -> str:
+    """A swap directory name whose owner cannot be running: this pid with a start time in the future."""
+    me = cleanup.this_process()
+    return (f"{cleanup.PREFIX}{boot or me.boot}-{pidns if pidns is not None else me.pidns}-{me.pid}-"
+            f"{me.start + 10**9}-0123456789abcdef")
+
+
+def fake_swap_dir(root, name: str, files=("swap.bin",)) -> str:
+    path = os.path.join(root, name)
+    os.mkdir(path, 0o700)
+    for f in files:
+        with open(os.path.join(path, f), "wb") as fh:
+            fh.write(b"\0" * 8192)
+    return path
+
+
+def test_name_records_the_owner_and_is_unpredictable(tmp_path):
+    with TensorStore(str(tmp_path)) as a, TensorStore(str(tmp_path)) as b:
+        names = [os.path.basename(d) for d in a.directories + b.directories]
+    assert names[0] != names[1]
+    for name in names:
+        assert cleanup.parse_owner(name) == cleanup.this_process(), name
+        assert len(name.rsplit("-", 1)[1]) == 16  # 64 random bits
+
+
+def test_private_even_under_umask_000(tmp_path):
+    old = os.umask(0)
+    try:
+        with TensorStore(str(tmp_path)) as store:
+            store.put("x", torch.ones(10))
+            (directory,) = store.directories
+            assert os.stat(directory).st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old)
+
+
+def test_a_sigkilled_owners_directory_is_reclaimed_by_the_next_store(tmp_path, caplog):
+    child, directory = spawn_owner(tmp_path)
+    child.send_signal(signal.SIGKILL)
+    finish(child)
+    assert os.path.isdir(directory)  # what a SIGKILL leaves behind
+    size = sum(os.stat(os.path.join(directory, f)).st_blocks * 512 for f in os.listdir(directory))
+    with caplog.at_level(logging.WARNING, logger="engine"), TensorStore(str(tmp_path)) as store:
+        assert not os.path.exists(directory)
+        assert os.listdir(tmp_path) == [os.path.basename(store.directories[0])]
+    assert "reclaimed" in caplog.text and os.path.basename(directory) in caplog.text
+    from engine.units import format_bytes
+    assert format_bytes(size) in caplog.text  # says how much disk came back
+
+
+def test_a_live_owners_directory_is_never_removed_then_clean_removes_it_once_dead(tmp_path, capsys):
+    child, directory = spawn_owner(tmp_path)
+    try:
+        with TensorStore(str(tmp_path)) as s1, TensorStore(str(tmp_path)) as s2:  # two more live stores
+            assert os.path.isdir(directory) and os.path.isdir(s1.directories[0])
+            s2.put("y", torch.ones(10))
+            assert main(["clean", str(tmp_path)]) == 0
+            out = capsys.readouterr().out
+            assert f"kept {directory}: its owner, pid {child.pid}, is running" in out
+            assert f"kept {s1.directories[0]}: this process's own" in out
+            assert os.path.isdir(directory) and all(os.path.isdir(d) for d in s1.directories + s2.directories)
+        child.send_signal(signal.SIGKILL)
+        child.wait(60)  # reaped: the pid is gone (a zombie counts as gone too)
+        assert main(["clean", "--dry-run", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"would remove {directory} (" in out and "would remove 1 swap directory" in out
+        assert os.path.isdir(directory)
+        assert main(["clean", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"removed {directory} (" in out and "removed 1 swap directory" in out
+        assert os.listdir(tmp_path) == []
+    finally:
+        finish(child)
+
+
+def test_only_unmistakable_swap_directories_are_removed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "swap.bin").write_bytes(b"x")
+    root = tmp_path / "nvme"
+    root.mkdir()
+    gone = fake_swap_dir(root, dead_name())                                          # removed
+    extra = fake_swap_dir(root, dead_name()[:-1] + "1", ("swap.bin", "notes.txt"))   # kept: a user file
+    linked = fake_swap_dir(root, dead_name()[:-1] + "2", ())                         # kept: a symlink inside
+    os.symlink(victim, os.path.join(linked, "swap.bin"))
+    nested = fake_swap_dir(root, dead_name()[:-1] + "3", ())                         # kept: a subdirectory
+    os.mkdir(os.path.join(nested, "tensor-00000001.bin"))
+    os.symlink(target, root / (dead_name()[:-1] + "4"))                              # kept: a symlink
+    old_style = fake_swap_dir(root, "memascend-swap-k2j4h5l1")                      # kept: no owner recorded
+    other_user = fake_swap_dir(root, dead_name()[:-1] + "5")                        # kept: not ours
+    os.chown(other_user, os.geteuid() + 1000, -1)
+    result = cleanup.sweep(str(root))
+    assert [p for p, _ in result.removed] == [gone] and result.removed[0][1] >= 8192
+    kept = dict(result.kept)
+    assert "notes.txt" in kept[extra] and "swap.bin" in kept[linked] and "tensor-00000001.bin" in kept[nested]
+    assert kept[str(root / (dead_name()[:-1] + "4"))] == "not a directory"
+    assert kept[old_style] == "not named by this engine's owner scheme"
+    assert kept[other_user].startswith("owned by uid")
+    assert victim.read_bytes() == b"precious" and (target / "swap.bin").exists()
+    assert all(os.path.exists(p) for p in kept)
+
+
+def test_owners_in_other_pid_namespaces_and_boots(tmp_path, monkeypatch):
+    me = cleanup.this_process()
+    # Another pid namespace on this kernel (a container sharing the path): its owner lock decides.
+    held = fake_swap_dir(tmp_path, dead_name(pidns=me.pidns + 1))
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        result = cleanup.sweep(str(tmp_path))
+        assert result.removed == [] and "locked" in dict(result.kept)[held]
+    finally:
+        os.close(fd)
+    assert [p for p, _ in cleanup.sweep(str(tmp_path)).removed] == [held]
+    # Another boot: gone on a local file system; on a shared one another machine may own it.
+    other_boot = "f" * 16 if me.boot != "f" * 16 else "e" * 16
+    shared = fake_swap_dir(tmp_path, dead_name(boot=other_boot))
+    monkeypatch.setattr(cleanup, "_file_system_type", lambda dev: "nfs4")
+    result = cleanup.sweep(str(tmp_path))
+    assert result.removed == [] and "another boot or machine" in dict(result.kept)[shared]
+    monkeypatch.setattr(cleanup, "_file_system_type", lambda dev: "ext4")
+    assert [p for p, _ in cleanup.sweep(str(tmp_path)).removed] == [shared]
+
+
+def test_clean_bad_path_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "missing", tmp_path / "file"):
+        assert main(["clean", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0]

@@ -16,9 +16,11 @@ CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_l
 
 
 def weight(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A deterministic per-name weight, as DeepSpeed users write for ``zero.Init``."""
+    """A deterministic per-name weight, as DeepSpeed users write for ``zero.Init``. Scale 0.2, not
+    0.02: at 0.02 attention of this tiny model is so flat that noise in the rotary frequencies
+    does not change the fp32 loss (measured: 4.851992607 either way; 4.85645 vs 4.85492 at 0.2)."""
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.2
 
 
 def engine_config(tmp_path, **overrides) -> engine.Config:

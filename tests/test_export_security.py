@@ -109,3 +109,17 @@ def test_planted_symlinks_do_not_redirect_an_export(kind, tmp_path):
         if link.is_symlink():
             link.unlink()
     assert_loads(kind, model, out)
+
+
+def test_a_named_peft_adapter_goes_to_its_private_subdirectory(tmp_path, umask_000):
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS),
+                                adapter_name="custom")
+    out = tmp_path / "out"
+    files = engine.peft.save_adapter(model, out)
+    assert {os.path.relpath(f, out) for f in files} >= {"custom/adapter_model.safetensors",
+                                                        "custom/adapter_config.json"}
+    for root, dirs, names in os.walk(out):
+        assert stat.S_IMODE(os.lstat(root).st_mode) == 0o700, root
+        assert all(stat.S_IMODE(os.lstat(os.path.join(root, n)).st_mode) == 0o600 for n in names), names
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    peft.PeftModel.from_pretrained(tiny_llama(), str(out / "custom"))

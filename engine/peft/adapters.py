@@ -214,13 +214,21 @@ class PrivateOutput:
         self.written.append(final)
         return final
 
-    def commit_all(self) -> list[str]:
-        """Commits every file a library wrote into :attr:`tmp` (only plain files at its top level)."""
-        for entry in sorted(os.scandir(self.tmp), key=lambda e: e.name):
-            if not entry.is_file(follow_symlinks=False):
-                raise ValueError(f"{entry.path}: the export wrote something that is not a plain file; only "
-                                 "files at the top level of the output directory are supported")
-            self.commit(entry.name)
+    def commit_all(self, sub: str = "") -> list[str]:
+        """Commits every file a library wrote into :attr:`tmp` (peft writes a non-default adapter
+        into a subdirectory: created 0700, a symlink planted there is refused)."""
+        for entry in sorted(os.scandir(os.path.join(self.tmp, sub)), key=lambda e: e.name):
+            name = os.path.join(sub, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                final = os.path.join(self.directory, name)
+                if os.path.islink(final):
+                    raise ValueError(f"{final}: is a symbolic link, refusing to write through it")
+                make_private_dir(final)
+                self.commit_all(name)
+            elif entry.is_file(follow_symlinks=False):
+                self.commit(name)
+            else:
+                raise ValueError(f"{entry.path}: the export wrote something that is not a plain file or directory")
         return self.written
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import engine
+from engine.errors import InitializationError
 from engine.offload.materialize import initialize_into_store
 
 CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -113,7 +114,7 @@ def test_a_meta_buffer_nothing_computes_is_an_error_naming_it(cls, tmp_path):
         calls.append(name)
         return torch.zeros(shape)
 
-    with pytest.raises(ValueError, match=r"(?s)buffer.*\bscale\b.*buffer_initializer"):
+    with pytest.raises(InitializationError, match=r"(?s)buffer.*\bscale\b.*buffer_initializer"):
         initialize_into_store(model, store=None, initializer=init, resident_threshold_bytes=1 << 20)
     assert "scale" not in calls
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._log import logger
-from ..errors import PoolExhaustedError
+from ..errors import InitializationError, PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..units import format_bytes
 from .params import DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, discover, placeholder, replace_parameter
@@ -189,7 +189,8 @@ def initialize_meta_buffers(model: nn.Module, buffer_initializer: Optional[Initi
     are computed the way a Hugging Face model computes them for a meta-built model: its
     ``_init_weights`` on each parameter-free module that owns them (rotary embeddings). Anything
     else - a plain module's buffer computed in ``__init__``, or one ``_init_weights`` leaves
-    untouched - is a ValueError naming the buffers and the fix; never an uninitialized value.
+    untouched - is an :class:`~engine.errors.InitializationError` naming the buffers and the fix;
+    never an uninitialized value.
     """
     device = torch.device(device)
     pending = {name: buf for name, buf in model.named_buffers(remove_duplicate=False)
@@ -222,14 +223,16 @@ def _compute_meta_buffers(model: nn.Module, meta_buffers: dict[str, torch.Tensor
     for module, names in modules.values():
         stuck += _run_init(init, module, names, device)
     if stuck:
-        raise ValueError(f"no value for meta buffer(s) {', '.join(stuck)}: the model does not compute them on its "
-                         "own (it has no _init_weights that does). Pass buffer_initializer=fn(name, shape) -> tensor "
-                         "to engine.initialize, include them in the state dict, or build them on the CPU "
-                         "(register them after constructing the model on the meta device)")
+        raise InitializationError(
+            f"no value for meta buffer(s) {', '.join(stuck)}: the model does not compute them itself (no "
+            "_init_weights that does, on a module without parameters). Pass buffer_initializer=fn(name, shape) -> "
+            "tensor to engine.initialize, include them in the state dict, or create the module that owns them on "
+            "the CPU")
     return len(meta_buffers)
 
 
-def _run_init(init: Callable[[nn.Module], None], module: nn.Module, names: list[str], device: torch.device) -> list[str]:
+def _run_init(init: Callable[[nn.Module], None], module: nn.Module, names: list[str],
+              device: torch.device) -> list[str]:
     """Runs ``init(module)`` over two different fills of its meta buffers; returns the names it did
     not determine (still showing the fill), which are left on the meta device."""
     attrs = {attr: buf for attr, buf in module._buffers.items() if buf is not None and buf.device.type == "meta"}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.atomic import fsync_path, make_private_dir, write_file
+from ..checkpoint.format import CheckpointError
 from .lora import LoraConfig, LoraLinear
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ class PrivateOutput:
         fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError(f"{self.path(name)}: not a regular file, refusing to export it")
+                raise CheckpointError(f"{self.path(name)}: not a regular file, refusing to export it")
             os.fchmod(fd, 0o600)
             os.fsync(fd)
         finally:
@@ -222,13 +223,14 @@ class PrivateOutput:
             if entry.is_dir(follow_symlinks=False):
                 final = os.path.join(self.directory, name)
                 if os.path.islink(final):
-                    raise ValueError(f"{final}: is a symbolic link, refusing to write through it")
+                    raise CheckpointError(f"{final}: is a symbolic link, refusing to write through it (remove it)")
                 make_private_dir(final)
                 self.commit_all(name)
             elif entry.is_file(follow_symlinks=False):
                 self.commit(name)
             else:
-                raise ValueError(f"{entry.path}: the export wrote something that is not a plain file or directory")
+                raise CheckpointError(f"{entry.path}: the export wrote something that is not a plain file or "
+                                      "directory, refusing to export it")
         return self.written
 
 

@@ -9,21 +9,30 @@ from torch import nn
 
 from .config import Config
 from .memory.planner import MemoryPlan, plan as _plan
+from .offload.materialize import Initializer, initialize_meta_buffers
 
 ConfigLike = Union[Config, dict, str, "os.PathLike[str]", None]
 
 
 def initialize(model: nn.Module, config: ConfigLike = None,
-               initializer: Optional[Callable[[str, tuple[int, ...]], torch.Tensor]] = None):
+               initializer: Optional[Callable[[str, tuple[int, ...]], torch.Tensor]] = None, *,
+               buffer_initializer: Optional[Initializer] = None):
     """Prepares ``model`` for training with parameters, gradients and optimizer states on NVMe.
 
     ``config``: an :class:`engine.Config`, a dict, or a JSON/YAML path (engine or DeepSpeed
     format). A model on the meta device is materialized straight into the store, tensor by
-    tensor, by ``initializer(name, shape) -> tensor``. Returns a :class:`~engine.offload.trainer.Trainer`.
+    tensor, by ``initializer(name, shape) -> tensor``, called for parameters only. Its meta
+    buffers (rotary ``inv_freq``) are computed as the model computes them; to give them
+    yourself (e.g. persistent buffers from a checkpoint), pass
+    ``buffer_initializer(name, shape) -> tensor or None`` (None: computed by the model).
+    Returns a :class:`~engine.offload.trainer.Trainer`.
     """
     from .offload.trainer import Trainer
 
-    return Trainer(model, Config.load(config if config is not None else Config()), initializer)
+    config = Config.load(config if config is not None else Config())
+    if buffer_initializer is not None:
+        initialize_meta_buffers(model, buffer_initializer)
+    return Trainer(model, config, initializer)
 
 
 def plan(model: nn.Module, config: ConfigLike = None, *, activation_bytes: int = 0,

@@ -24,6 +24,10 @@ class PinnedMemoryError(EngineError, OSError):
     """Page-locking the pool failed and the caller required it (``require_locked=True``)."""
 
 
+class InitializationError(EngineError, ValueError):
+    """A meta-device model cannot be given a value (a parameter or buffer); names it and the fix."""
+
+
 class AsyncIOError(EngineError, OSError):
     """An I/O request failed; names the file, the offset and the byte count."""
 

@@ -168,7 +168,7 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
                            dtype=torch.float32 if name in as_fp32 and floating else None)
 
     try:
-        trainer = initialize(model, engine_config, initializer=initializer)
+        trainer = initialize(model, engine_config, initializer=initializer, buffer_initializer=initializer)
     finally:
         for fd in fds.values():
             os.close(fd)

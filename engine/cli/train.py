@@ -220,7 +220,7 @@ def _lora_from_pretrained(args: argparse.Namespace, cfg: Config):
         return read_tensor(parsed, source(name), fds[parsed.path])
 
     try:
-        return engine.initialize(model, cfg, initializer=initializer)
+        return engine.initialize(model, cfg, initializer=initializer, buffer_initializer=initializer)
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._log import logger
-from ..errors import PoolExhaustedError
+from ..errors import InitializationError, PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..units import format_bytes
 from .params import DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, discover, placeholder, replace_parameter
@@ -28,33 +28,37 @@ StateDictSource = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Te
 
 def initialize_into_store(model: nn.Module, store, initializer: Optional[Initializer] = None, *,
                           state_dict: Optional[StateDictSource] = None,
+                          buffer_initializer: Optional[Initializer] = None,
                           resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD,
                           device: Union[str, torch.device] = "cpu", pool: Optional[PinnedPool] = None,
                           resident_trainable: bool = False) -> dict:
     """Gives every meta parameter (and meta buffer) of ``model`` its value; large parameters go to ``store``.
 
-    Exactly one source:
+    Exactly one source of parameters:
 
     ``initializer(name, shape) -> tensor``
         called once per parameter (tied parameters once, under their first name) in
-        registration order, and once per meta buffer (it may return None for a buffer, see below).
+        registration order - never for a buffer.
     ``state_dict``
         a mapping or an iterator of ``(name, tensor)`` pairs; a tied parameter may come under
-        any of its names (the first one wins). Names the model does not have are reported
-        in ``unexpected``.
+        any of its names (the first one wins). Buffers in it are used too. Names the model
+        does not have are reported in ``unexpected``.
+
+    Buffers left on the meta device (non-persistent ones such as rotary ``inv_freq``) are
+    computed as the model computes them, see :func:`initialize_meta_buffers`;
+    ``buffer_initializer(name, shape) -> tensor or None`` opts in to giving them first (None:
+    computed by the model).
 
     Values are cast to the parameter's dtype. Streamed parameters (more than
     ``resident_threshold_bytes``; use the same threshold as the streamer) are written to key
     ``("param", name)`` through a pinned block of ``pool`` (default: a private pool of two
     blocks of the largest tensor, so writing one tensor overlaps producing the next; a shared
-    pool with room for one falls back to one write at a time). Buffers
-    left on the meta device (non-persistent ones such as rotary ``inv_freq``) are recomputed by
-    the Hugging Face model's ``_init_weights`` for parameter-free modules.
+    pool with room for one falls back to one write at a time).
 
     ``resident_trainable``: parameters with ``requires_grad`` stay resident whatever their size
     (as the streamer's option of that name). Parameters already off the meta device are left alone. Returns a summary with ``streamed``,
-    ``resident``, ``bytes_written``, ``unexpected`` (state-dict names the model lacks).
-    Raises ValueError for missing parameters or wrong shapes.
+    ``resident``, ``bytes_written``, ``unexpected`` (state-dict names the model lacks), ``buffers``.
+    Raises ValueError for missing parameters or wrong shapes, or a meta buffer nothing computes.
     """
     if (initializer is None) == (state_dict is None):
         raise ValueError("pass exactly one of initializer and state_dict")
@@ -135,11 +139,6 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
                 if value is None:
                     raise ValueError(f"initializer returned None for parameter {name}")
                 put(name, value)
-            for name in list(meta_buffers):
-                value = initializer(name, tuple(meta_buffers[name].shape))
-                if value is not None:
-                    _set_buffer(model, name, value, device)
-                    del meta_buffers[name]
         else:
             items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
             for name, value in items:
@@ -167,7 +166,7 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
     if missing:
         raise ValueError(f"no value for {len(missing)} parameter(s): {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}")
-    summary["buffers"] = _init_meta_buffers(model, meta_buffers, device)
+    summary["buffers"] = initialize_meta_buffers(model, buffer_initializer, device, only=set(meta_buffers))
     logger.info("initialize_into_store: %d tensors (%s) to the store, %d resident", summary["streamed"],
                 format_bytes(summary["bytes_written"]), summary["resident"])
     return summary
@@ -182,24 +181,73 @@ def _set_buffer(model: nn.Module, name: str, value: torch.Tensor, device: torch.
     module._buffers[attr] = value.detach().to(device=device, dtype=old.dtype, copy=True)
 
 
-def _init_meta_buffers(model: nn.Module, meta_buffers: dict[str, torch.Tensor], device: torch.device) -> int:
-    """Materializes the remaining meta buffers and lets the HF model's ``_init_weights`` compute them."""
+def initialize_meta_buffers(model: nn.Module, buffer_initializer: Optional[Initializer] = None,
+                            device: Union[str, torch.device] = "cpu", *, only: Optional[set[str]] = None) -> int:
+    """Gives every meta buffer of ``model`` (those named in ``only``, if given) its value; returns how many.
+
+    ``buffer_initializer(name, shape)`` is asked first (opt-in; None: not its business). The rest
+    are computed the way a Hugging Face model computes them for a meta-built model: its
+    ``_init_weights`` on each parameter-free module that owns them (rotary embeddings). Anything
+    else - a plain module's buffer computed in ``__init__``, or one ``_init_weights`` leaves
+    untouched - is an :class:`~engine.errors.InitializationError` naming the buffers and the fix;
+    never an uninitialized value.
+    """
+    device = torch.device(device)
+    pending = {name: buf for name, buf in model.named_buffers(remove_duplicate=False)
+               if buf.device.type == "meta" and (only is None or name in only)}
+    count = 0
+    if buffer_initializer is not None:
+        for name in list(pending):
+            value = buffer_initializer(name, tuple(pending[name].shape))
+            if value is not None:
+                _set_buffer(model, name, value, device)
+                del pending[name]
+                count += 1
+    return count + _compute_meta_buffers(model, pending, device)
+
+
+def _compute_meta_buffers(model: nn.Module, meta_buffers: dict[str, torch.Tensor], device: torch.device) -> int:
+    """Computes the remaining meta buffers with the HF model's ``_init_weights``, module by module."""
     if not meta_buffers:
         return 0
-    modules: dict[int, nn.Module] = {}
-    for name in meta_buffers:
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        modules[id(module)] = module
     init = getattr(model, "_init_weights", None)
-    stuck = [name for name in meta_buffers
-             if init is None or any(True for _ in model.get_submodule(name.rpartition(".")[0]).parameters(recurse=False))]
+    modules: dict[int, tuple[nn.Module, list[str]]] = {}
+    stuck: list[str] = []
+    for name in meta_buffers:
+        module = model.get_submodule(name.rpartition(".")[0])
+        # _init_weights would also re-initialize the module's own (already given) parameters
+        if init is None or any(True for _ in module.parameters(recurse=False)):
+            stuck.append(name)
+        else:
+            modules.setdefault(id(module), (module, []))[1].append(name)
+    for module, names in modules.values():
+        stuck += _run_init(init, module, names, device)
     if stuck:
-        raise ValueError(f"no value for meta buffer(s) {', '.join(stuck)}: return them from the initializer "
-                         "or include them in the state dict")
-    for module in modules.values():
-        for attr, buf in list(module._buffers.items()):
-            if buf is not None and buf.device.type == "meta":
-                module._buffers[attr] = torch.empty_like(buf, device=device)
-        init(module)
+        raise InitializationError(
+            f"no value for meta buffer(s) {', '.join(stuck)}: the model does not compute them itself (no "
+            "_init_weights that does, on a module without parameters). Pass buffer_initializer=fn(name, shape) -> "
+            "tensor to engine.initialize, include them in the state dict, or create the module that owns them on "
+            "the CPU")
     return len(meta_buffers)
+
+
+def _run_init(init: Callable[[nn.Module], None], module: nn.Module, names: list[str],
+              device: torch.device) -> list[str]:
+    """Runs ``init(module)`` over two different fills of its meta buffers; returns the names it did
+    not determine (still showing the fill), which are left on the meta device."""
+    attrs = {attr: buf for attr, buf in module._buffers.items() if buf is not None and buf.device.type == "meta"}
+    given = {attr: buf for attr, buf in module._buffers.items() if buf is not None and attr not in attrs}
+    results = []
+    for fill in (0, 1):
+        for attr, buf in attrs.items():
+            module._buffers[attr] = torch.full(buf.shape, fill, dtype=buf.dtype, device=device)
+        for attr, buf in given.items():  # init writes all of the module's buffers: keep the given values
+            module._buffers[attr] = buf.clone()
+        init(module)
+        results.append({attr: module._buffers[attr] for attr in attrs})
+    module._buffers.update(given)
+    undetermined = [attr for attr in attrs if not torch.equal(results[0][attr], results[1][attr])]
+    for attr in undetermined:
+        module._buffers[attr] = attrs[attr]
+    prefix = names[0].rpartition(".")[0]
+    return [f"{prefix}.{attr}" if prefix else attr for attr in undetermined]

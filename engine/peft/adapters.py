@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from ..checkpoint.atomic import fsync_path, make_private_dir, write_file
+from ..checkpoint.format import CheckpointError
 from .lora import LoraConfig, LoraLinear
 
 if TYPE_CHECKING:
@@ -118,20 +123,25 @@ def save_adapter(source: Union["Trainer", nn.Module], directory: Union[str, "os.
 
     ``PeftModel.from_pretrained(base, directory)`` loads the result. A peft-wrapped model is
     saved by peft itself (with the trainer's values); a built-in LoRA model as peft would save
-    it. Returns the paths written.
+    it. Files are written privately (see :class:`PrivateOutput`). Returns the paths written.
     """
     model, value = _values(source)
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    if is_peft_model(model):
-        seen, state = set(), {}
-        for name, p in model.named_parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                state[name] = value(name).detach().contiguous()
-        model.save_pretrained(directory, state_dict=state)
-        return [os.path.join(directory, f) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
-    from safetensors.torch import save_file
+    with PrivateOutput(directory) as out:
+        if is_peft_model(model):
+            seen, state = set(), {}
+            for name, p in model.named_parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    state[name] = value(name).detach().contiguous()
+            model.save_pretrained(out.tmp, state_dict=state)  # it writes with the umask: fixed by commit
+            return out.commit_all()
+        _save_builtin(model, value, out, base_model_name_or_path)
+        return out.written
+
+
+def _save_builtin(model: nn.Module, value: Callable[[str], torch.Tensor], out: "PrivateOutput",
+                  base_model_name_or_path: Optional[str]) -> None:
+    from safetensors.torch import save
 
     config = getattr(model, "lora_config", None)
     if not isinstance(config, LoraConfig):
@@ -141,8 +151,7 @@ def save_adapter(source: Union["Trainer", nn.Module], directory: Union[str, "os.
     for layer in lora_layers(model):
         tensors[f"{PEFT_PREFIX}{layer.path}.lora_A.weight"] = value(layer.lora_A).detach().contiguous()
         tensors[f"{PEFT_PREFIX}{layer.path}.lora_B.weight"] = value(layer.lora_B).detach().contiguous()
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    _atomic(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    out.write(ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))  # adapters are small: one buffer
     hf_config = getattr(model, "config", None)
     name = base_model_name_or_path or getattr(hf_config, "_name_or_path", None) or None
     causal = type(model).__name__.endswith("ForCausalLM")
@@ -151,29 +160,80 @@ def save_adapter(source: Union["Trainer", nn.Module], directory: Union[str, "os.
                target_modules=config.target_modules, use_rslora=config.use_rslora, bias="none",
                fan_in_fan_out=False, init_lora_weights=True, inference_mode=True, modules_to_save=None,
                use_dora=False, layers_to_transform=None, revision=None)
-    path = os.path.join(directory, ADAPTER_CONFIG)
-    _atomic(path, lambda tmp: _write_json(tmp, cfg))
-    return [weights, path]
+    out.write(ADAPTER_CONFIG, json_bytes(cfg))
 
 
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+def json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _atomic(path: str, write: Callable[[str], None]) -> None:
-    """Writes through ``write(tmp)`` to a temporary name, fsyncs and renames it to ``path``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+class PrivateOutput:
+    """Output files for ``directory`` (created 0700 if missing), like every other output of the engine.
+
+    Each file is written in a private temporary directory inside it (``mkdtemp``: 0700, an
+    unpredictable name, so no planted symlink can redirect a write), then made 0600, fsync'ed
+    and renamed into place - a link planted at a final name is replaced, not followed. The
+    temporary directory is removed on exit, also after an error (files committed before it
+    stay: each is complete).
+    """
+
+    def __init__(self, directory: Union[str, "os.PathLike[str]"]):
+        self.directory = os.fspath(directory)
+        self.tmp = ""
+        self.written: list[str] = []
+
+    def __enter__(self) -> "PrivateOutput":
+        make_private_dir(self.directory)
+        self.tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=self.directory)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc[0] is None:
+            fsync_path(self.directory)
+
+    def path(self, name: str) -> str:
+        """Where to write ``name`` before :meth:`commit` (opened O_EXCL | O_NOFOLLOW, see :func:`create`)."""
+        return os.path.join(self.tmp, name)
+
+    def write(self, name: str, data: bytes) -> str:
+        write_file(self.tmp, name, data)
+        return self.commit(name)
+
+    def commit(self, name: str) -> str:
+        """Makes the finished temporary file ``name`` private, fsyncs it and renames it into place."""
+        fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CheckpointError(f"{self.path(name)}: not a regular file, refusing to export it")
+            os.fchmod(fd, 0o600)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        final = os.path.join(self.directory, name)
+        os.replace(self.path(name), final)
+        self.written.append(final)
+        return final
+
+    def commit_all(self, sub: str = "") -> list[str]:
+        """Commits every file a library wrote into :attr:`tmp` (peft writes a non-default adapter
+        into a subdirectory: created 0700, a symlink planted there is refused)."""
+        for entry in sorted(os.scandir(os.path.join(self.tmp, sub)), key=lambda e: e.name):
+            name = os.path.join(sub, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                final = os.path.join(self.directory, name)
+                if os.path.islink(final):
+                    raise CheckpointError(f"{final}: is a symbolic link, refusing to write through it (remove it)")
+                make_private_dir(final)
+                self.commit_all(name)
+            elif entry.is_file(follow_symlinks=False):
+                self.commit(name)
+            else:
+                raise CheckpointError(f"{entry.path}: the export wrote something that is not a plain file or "
+                                      "directory, refusing to export it")
+        return self.written
+
+
+def create(path: str):
+    """A new private file for writing: O_EXCL | O_NOFOLLOW, 0600."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb")

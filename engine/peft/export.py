@@ -25,7 +25,7 @@ from torch import nn
 
 from ..checkpoint.format import split_shards
 from ..units import parse_bytes
-from .adapters import _atomic, _values, _write_json, base_model, lora_layers
+from .adapters import PrivateOutput, _values, base_model, create, json_bytes, lora_layers
 
 if TYPE_CHECKING:
     from ..offload.trainer import Trainer
@@ -65,31 +65,25 @@ def merge_and_export(source: Union["Trainer", nn.Module], directory: Union[str, 
     if dtype is not None and dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype {dtype} cannot be written to safetensors")
     entries = _entries(model, value, dtype)
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     shards = split_shards(entries, limit)
-    written: list[str] = []
     names = [SINGLE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for fname, shard in zip(names, shards):
-        path = os.path.join(directory, fname)
-        _atomic(path, lambda tmp, shard=shard: _write_shard(tmp, shard))
-        written.append(path)
-    if len(shards) > 1:
-        index = dict(metadata=dict(total_size=sum(e.nbytes for e in entries)),
-                     weight_map={e.name: fname for fname, shard in zip(names, shards) for e in shard})
-        path = os.path.join(directory, INDEX)
-        _atomic(path, lambda tmp: _write_json(tmp, index))
-        written.append(path)
-    config = getattr(base_model(model), "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config = copy.deepcopy(config)  # the user's model keeps its own
-        floating = [e.dtype for e in entries if e.dtype.is_floating_point]
-        if floating:  # what the weights are stored in (e.g. the bf16 base), so loaders keep it
-            config.dtype = max(set(floating), key=floating.count)
-        config.save_pretrained(directory)
-        written.append(os.path.join(directory, "config.json"))
-    return written
+    with PrivateOutput(directory) as out:
+        for fname, shard in zip(names, shards):
+            _write_shard(out.path(fname), shard)
+            out.commit(fname)
+        if len(shards) > 1:
+            index = dict(metadata=dict(total_size=sum(e.nbytes for e in entries)),
+                         weight_map={e.name: fname for fname, shard in zip(names, shards) for e in shard})
+            out.write(INDEX, json_bytes(index))
+        config = getattr(base_model(model), "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            config = copy.deepcopy(config)  # the user's model keeps its own
+            floating = [e.dtype for e in entries if e.dtype.is_floating_point]
+            if floating:  # what the weights are stored in (e.g. the bf16 base), so loaders keep it
+                config.dtype = max(set(floating), key=floating.count)
+            out.write("config.json", config.to_json_string(use_diff=True).encode())  # as config.save_pretrained
+        return out.written
 
 
 def _entries(model: nn.Module, value: Callable[[str], torch.Tensor], dtype: Optional[torch.dtype]) -> list[_Entry]:
@@ -147,7 +141,7 @@ def _write_shard(path: str, entries: list[_Entry]) -> None:
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with create(path) as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for e in entries:

@@ -1,0 +1,125 @@
+"""save_adapter / merge_and_export: private files whatever the umask, and no write follows a planted symlink."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import engine
+from engine.peft import LoraConfig, apply_lora
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj"]
+KINDS = ["adapter-builtin", "adapter-peft", "merge-builtin", "merge-peft"]
+# every name an export writes (merge with a small max_shard_size: several shards and an index)
+FINAL_NAMES = ["adapter_model.safetensors", "adapter_config.json", "README.md", "model.safetensors",
+               "model.safetensors.index.json", "config.json"] + \
+              [f"model-{i:05d}-of-{n:05d}.safetensors" for n in range(1, 9) for i in range(1, n + 1)]
+SHARD = "20KiB"
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=32)).float()
+
+
+def lora_model(kind: str) -> torch.nn.Module:
+    if kind.endswith("builtin"):
+        model = apply_lora(tiny_llama(), LoraConfig(r=2, alpha=4, target_modules=TARGETS))
+    else:
+        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the adapter an effect the loads can check
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def export(kind: str, model: torch.nn.Module, out) -> list[str]:
+    if kind.startswith("adapter"):
+        return engine.peft.save_adapter(model, out)
+    return engine.peft.merge_and_export(model, out, max_shard_size=SHARD)
+
+
+def assert_loads(kind: str, model: torch.nn.Module, out) -> None:
+    """The export loads in peft / transformers and computes what the model computes."""
+    x = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        if kind.startswith("adapter"):
+            loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(out))
+        else:
+            loaded = LlamaForCausalLM.from_pretrained(str(out))
+        # merged: W + s*B@A rounded once; in memory x@W + s*(x@A)@B - a different fp32 summation order
+        torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def umask_000():
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exports_are_private_under_umask_000(kind, tmp_path, umask_000):
+    model = lora_model(kind)
+    out = tmp_path / "out"  # created by the export
+    files = export(kind, model, out)
+    assert files and all(os.path.dirname(f) == str(out) for f in files)
+    seen = []
+    for root, dirs, names in os.walk(out):
+        assert stat.S_IMODE(os.lstat(root).st_mode) == 0o700, root
+        for name in names:
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            assert stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o600, (name, oct(mode))
+            seen.append(name)
+    assert sorted(seen) == sorted(os.path.basename(f) for f in files)  # no temporary left behind
+    if kind.startswith("merge"):
+        assert "model.safetensors.index.json" in seen
+    assert_loads(kind, model, out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_planted_symlinks_do_not_redirect_an_export(kind, tmp_path):
+    model = lora_model(kind)
+    out = tmp_path / "out"
+    out.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"must stay")
+    planted = []
+    for name in FINAL_NAMES:  # the old predictable temporary names, and the final ones
+        for link in (out / f"{name}.tmp-{os.getpid()}", out / name):
+            link.symlink_to(victim)
+            planted.append(link)
+    files = export(kind, model, out)
+    assert victim.read_bytes() == b"must stay"
+    for f in files:
+        assert stat.S_ISREG(os.lstat(f).st_mode), f  # the link was replaced, not followed
+    for link in planted:  # links at names this export does not write would only confuse the loaders
+        if link.is_symlink():
+            link.unlink()
+    assert_loads(kind, model, out)
+
+
+def test_a_named_peft_adapter_goes_to_its_private_subdirectory(tmp_path, umask_000):
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS),
+                                adapter_name="custom")
+    out = tmp_path / "out"
+    files = engine.peft.save_adapter(model, out)
+    assert {os.path.relpath(f, out) for f in files} >= {"custom/adapter_model.safetensors",
+                                                        "custom/adapter_config.json"}
+    for root, dirs, names in os.walk(out):
+        assert stat.S_IMODE(os.lstat(root).st_mode) == 0o700, root
+        assert all(stat.S_IMODE(os.lstat(os.path.join(root, n)).st_mode) == 0o600 for n in names), names
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    peft.PeftModel.from_pretrained(tiny_llama(), str(out / "custom"))

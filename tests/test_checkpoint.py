@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import random
 import re
@@ -118,6 +119,40 @@ def crash(root, nvme, point, expected):
                 print("FINISHED", flush=True)
                 return
 
+def small_llama(seed):
+    """The odd-sized Llama of the hardening report: an 89x48 fp32 embedding is 17088 bytes, not a
+    multiple of 4 KiB, and smaller than a store segment."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)
+    return LlamaForCausalLM(cfg).float()
+
+def small_config(nvme):
+    return engine.Config(nvme_path=nvme, dtype="fp32", offload_params="nvme", offload_optimizer="nvme",
+                         resident_threshold_bytes=0, optimizer=engine.AdamWConfig(lr=1e-3, weight_decay=0.1))
+
+SMALL_DATA = torch.randint(0, 89, (4, 2, 12), generator=torch.Generator().manual_seed(5))
+
+def small_steps(trainer, start, n, losses):
+    for i in range(start, start + n):
+        x = SMALL_DATA[i]
+        out = trainer(input_ids=x, labels=x)
+        trainer.backward(out.loss)
+        trainer.step()
+        losses.append(out.loss.item())
+
+def small_resume(ckpt, nvme, out):
+    model = small_llama(seed=9)  # other initial weights: the checkpoint must replace them
+    with engine.initialize(model, small_config(nvme)) as trainer:
+        _, client = trainer.load_checkpoint(ckpt)
+        losses = list(client["losses"])
+        small_steps(trainer, 2, 2, losses)
+        from safetensors.torch import save_file
+        save_file(weights(trainer, model), out + ".safetensors")
+        with open(out + ".json", "w") as f:
+            json.dump(dict(losses=losses, steps=trainer.global_steps), f)
+
 if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])
 '''
@@ -194,6 +229,63 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, nvme, dtype, new_pro
     assert got.keys() == ref.keys()
     for name, value in ref.items():
         assert torch.equal(got[name], value), name
+
+
+def test_odd_sized_model_resumes_in_a_new_process(tmp_path, nvme):
+    """Hardening item 2: an 89x48 fp32 embedding (17088 bytes, smaller than a store segment, not a
+    multiple of 4 KiB) used to get a 20480-byte staging block on load and fail "cannot hold a
+    store segment". 4 steps straight == 2 steps, save, load in a new process, 2 more, bit for bit."""
+    model = H["small_llama"](seed=0)
+    ref_losses: list[float] = []
+    with engine.initialize(model, H["small_config"](str(nvme))) as trainer:
+        H["small_steps"](trainer, 0, 4, ref_losses)
+        ref = H["weights"](trainer, model)
+    model = H["small_llama"](seed=0)
+    losses: list[float] = []
+    with engine.initialize(model, H["small_config"](str(nvme))) as trainer:
+        H["small_steps"](trainer, 0, 2, losses)
+        trainer.save_checkpoint(str(tmp_path / "ckpt"), {"losses": losses})
+    out = str(tmp_path / "resumed")
+    run_child("small_resume", str(tmp_path / "ckpt"), str(nvme), out)
+    with open(out + ".json") as f:
+        resumed = json.load(f)
+    assert resumed == dict(losses=ref_losses, steps=4)  # exact float equality
+    got = load_file(out + ".safetensors")
+    assert got.keys() == ref.keys()
+    for name, value in ref.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_file_round_trip_of_odd_shapes(tmp_path, dtype):
+    """Store -> safetensors -> store for sizes around the segment and 4 KiB boundaries, through
+    staging blocks sized the way save and load size them (for the largest tensor, as fp32)."""
+    from engine.checkpoint.transfer import (Entry, StoreSource, StoreTarget, load_safetensors,
+                                            staging_bytes_for, write_safetensors)
+    from engine.storage.staging import staging_blocks
+    from engine.storage.store import TensorStore
+
+    seg = 16384  # a 64 KiB stripe: multi-segment tensors stay small
+    sizes = [(1,), (7, 3), (89, 48), (seg - 1,), (seg,), (seg + 1,), (1023, 5), (3 * seg + 17,), (2, seg + 3)]
+    gen = torch.Generator().manual_seed(0)
+    with TensorStore(str(tmp_path), stripe_size=4 * seg, grow_step="1MiB") as store:
+        assert store.segment_elements == seg
+        for shape in sizes:
+            store.put(("src", shape), torch.randn(shape, generator=gen).to(dtype))
+        # the largest tensor over one segment, under it (blocks smaller than a segment), just over 4 KiB
+        for subset in (sizes, [(1,), (7, 3), (89, 48)], [(1023, 5), (89, 48), (1,)]):
+            largest = max(math.prod(s) * 4 for s in subset)
+            entries = [Entry(f"t{i}", dtype, s, StoreSource(("src", s))) for i, s in enumerate(subset)]
+            file = str(tmp_path / f"f{len(subset)}-{largest}.safetensors")
+            with staging_blocks(None, staging_bytes_for(store, largest)) as blocks:
+                result = write_safetensors(file, entries, store, blocks)
+                for shape in subset:
+                    store.allocate(("dst", shape), shape, dtype)
+                load_safetensors(read_header(file), {e.name: [StoreTarget(("dst", e.shape))] for e in entries},
+                                 store, blocks, result["tensors"], result["crc32c"])
+            for shape in subset:
+                assert torch.equal(store.get(("dst", shape)), store.get(("src", shape))), shape
+                store.free(("dst", shape))
 
 
 def test_resume_with_trainable_state_in_memory(tmp_path, nvme):

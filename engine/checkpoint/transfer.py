@@ -50,17 +50,21 @@ class Entry:
         return math.prod(self.shape) * itemsize(self.dtype)
 
 
-def chunk_elements(store: TensorStore, dtype: torch.dtype, block_bytes: int) -> int:
-    """Elements per chunk: one store segment when it fits the block (whole segments are the unit
-    of the store's partial writes and of its CRC checks)."""
+def chunk_elements(store: TensorStore, dtype: torch.dtype, block_bytes: int, numel: int, name: str) -> int:
+    """Elements per chunk of a ``numel``-element tensor: one store segment (whole segments are the
+    unit of the store's partial writes and of its CRC checks). A tensor smaller than a segment is
+    one chunk, so the block only has to hold the tensor: e.g. an 89x48 fp32 embedding (17088
+    bytes) in a 20480-byte block."""
     seg = store.segment_elements
-    if seg * itemsize(dtype) <= block_bytes:
-        return seg
-    return max(4096, block_bytes // itemsize(dtype) // 4096 * 4096)
+    if min(seg, numel) * itemsize(dtype) > block_bytes:
+        raise CheckpointError(f"tensor {name!r}: a {block_bytes}-byte staging block cannot hold one store segment "
+                              f"({min(seg, numel)} {dtype} elements); this is an engine bug, please report it")
+    return seg
 
 
 def staging_bytes_for(store: TensorStore, largest_nbytes: int) -> int:
-    """Block size for chunked copies: one fp32 segment, or less when every tensor is smaller."""
+    """Block size for chunked copies: one fp32 segment, or less when every tensor is smaller
+    (``largest_nbytes``: the largest tensor as fp32, so every dtype up to 4 bytes fits)."""
     return round_up_io(max(1, min(store.segment_elements * 4, largest_nbytes)))
 
 
@@ -223,7 +227,7 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
                     raise CheckpointError(f"{entry.name}: the store holds {meta.dtype}{list(meta.shape)}, "
                                           f"expected {entry.dtype}{list(entry.shape)}")
                 size = itemsize(meta.dtype)  # chunks in the store's dtype; converted when written
-                step = chunk_elements(store, meta.dtype, block_bytes) * size
+                step = chunk_elements(store, meta.dtype, block_bytes, math.prod(meta.shape), entry.name) * size
                 for offset in range(0, meta.nbytes, step):
                     nbytes = min(step, meta.nbytes - offset)
                     while not free:
@@ -302,10 +306,8 @@ def load_safetensors(parsed: SafetensorsFile, targets: dict[str, list[Target]], 
             raise CheckpointError(f"{path}: tensor {info.name!r} has shape {list(info.shape)}, "
                                   f"the model expects {list(meta.shape)}")
         src_size, dst_size = itemsize(info.dtype), itemsize(meta.dtype)
-        block_bytes = blocks[0].size
-        elems = chunk_elements(store, info.dtype if src_size > dst_size else meta.dtype, block_bytes)
-        if elems % store.segment_elements and elems < info.numel:
-            raise CheckpointError(f"a {block_bytes}-byte staging block cannot hold a store segment of {info.name!r}")
+        # The block holds only the store's bytes (a converted source chunk is read aside).
+        elems = chunk_elements(store, meta.dtype, blocks[0].size, info.numel, f"{path}: {info.name}")
         crc = 0
         for start in range(0, info.numel, elems):
             n = min(elems, info.numel - start)

@@ -744,3 +744,313 @@ def test_import_of_a_checkpoint_larger_than_the_dram_budget(tmp_path, nvme):
     assert stats["checked"] == 3
     assert total > 1.3 * budget, (total, budget)  # the budget really is smaller than the checkpoint
     assert stats["peak"] < budget, (stats["peak"] / 2**20, budget / 2**20, total / 2**20)
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def _without_hanging(fn, fifos, timeout=60):
+    """Runs ``fn`` in a thread; if it is still running after ``timeout`` s (blocked opening a FIFO),
+    opens the FIFOs for writing to release it and fails the test instead of hanging the suite."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the reader sees EOF
+            except OSError:
+                pass
+        thread.join(30)
+        pytest.fail(f"blocked for {timeout}s on a FIFO")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def _fifo_instead_of(path) -> str:
+    path = str(path)
+    os.unlink(path)
+    os.mkfifo(path, 0o600)
+    return path
+
+
+def test_fifo_shard_or_latest_is_refused_not_waited_on(tmp_path, saved):
+    path, files = saved
+    root = os.path.dirname(path)
+    shard = os.path.join(path, files[0])
+    keep = tmp_path / "shard-copy"
+    shutil.copy(shard, keep)
+    with _fresh(tmp_path) as tr:
+        fifo = _fifo_instead_of(shard)
+        with pytest.raises(CheckpointError, match="not a regular file") as err:
+            _without_hanging(lambda: tr.load_checkpoint(path), [fifo])
+        assert fifo in str(err.value)
+        os.unlink(fifo)
+        shutil.copy(keep, shard)
+        fifo = _fifo_instead_of(os.path.join(root, "latest"))
+        with pytest.raises(CheckpointError, match="not a regular file") as err:
+            _without_hanging(lambda: tr.load_checkpoint(root), [fifo])
+        assert "latest" in str(err.value)
+        assert tr.global_steps == 0 and not getattr(tr, "_checkpoint_poisoned", None)  # nothing was loaded
+
+
+def test_from_pretrained_refuses_fifos(tmp_path, nvme):
+    model = H["llama"](seed=0, dropout=0.0)
+    good = tmp_path / "hf"
+    model.save_pretrained(str(good), max_shard_size="50KB")
+    shard = sorted(set(json.loads((good / "model.safetensors.index.json").read_text())["weight_map"].values()))[0]
+    cfg = H["make_config"](str(nvme))
+    for victim in ("model.safetensors.index.json", shard, "config.json"):
+        case = tmp_path / f"case-{victim}"
+        shutil.copytree(good, case)
+        fifo = _fifo_instead_of(case / victim)
+        with pytest.raises(CheckpointError, match="not a regular file") as err:
+            _without_hanging(lambda: engine.from_pretrained(str(case), cfg), [fifo])
+        assert fifo in str(err.value), victim
+    assert os.listdir(nvme) == []
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_is_refused(tmp_path, saved):
+    path, files = saved
+    manifest_file = os.path.join(path, "manifest.json")
+    text = open(manifest_file).read()
+    with open(manifest_file, "w") as f:
+        f.write(text.replace('"client_state": {}', f'"client_state": {_deep(100_000)}'))
+    with _fresh(tmp_path) as tr:
+        with pytest.raises(CheckpointError, match="nested") as err:
+            tr.load_checkpoint(path)
+        assert manifest_file in str(err.value)
+        # Saving what could not be loaded back is refused too.
+        nested: list = []
+        for _ in range(200):
+            nested = [nested]
+        with pytest.raises(CheckpointError, match="nested"):
+            tr.save_checkpoint(str(tmp_path / "other"), {"deep": nested})
+    # A safetensors header, in a checkpoint or in from_pretrained.
+    bad = tmp_path / "deep.safetensors"
+    header = ('{"a":' + _deep(100_000) + "}").encode()
+    bad.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header") as err:
+        read_header(str(bad))
+    assert str(bad) in str(err.value)
+    model_dir = tmp_path / "deep-index"
+    H["llama"](seed=0, dropout=0.0).save_pretrained(str(model_dir), max_shard_size="50KB")
+    (model_dir / "model.safetensors.index.json").write_text('{"weight_map": ' + _deep(100_000) + "}")
+    with pytest.raises(CheckpointError, match="nested"):
+        engine.from_pretrained(str(model_dir), H["make_config"](str(tmp_path / "nvme")))
+
+
+def _edit(manifest: dict, how: str, files: list[str], sched_state: dict) -> str:
+    """Applies one hostile edit; returns the field the error must name."""
+    t = manifest["trainer"]
+    if how == "huge-steps":
+        t["global_steps"] = 10 ** 30
+        return "trainer.global_steps"
+    if how == "negative-steps":
+        t["global_steps"] = -1
+        return "trainer.global_steps"
+    if how == "nan-lr":
+        t["param_groups"][0]["lr"] = float("nan")
+        return "trainer.param_groups[0].lr"
+    if how == "string-lr":
+        t["param_groups"][0]["lr"] = "fast"
+        return "trainer.param_groups[0].lr"
+    if how == "bool-lr":
+        t["param_groups"][0]["lr"] = True
+        return "trainer.param_groups[0].lr"
+    if how == "beta-one":
+        t["param_groups"][0]["betas"] = [0.9, 1.0]
+        return "trainer.param_groups[0].betas[1]"
+    if how == "injected-params":
+        t["param_groups"][0]["params"] = [0, 1]
+        return "trainer.param_groups[0].params"
+    if how == "unknown-group-key":
+        t["param_groups"][0]["foreach"] = True
+        return "trainer.param_groups[0].foreach"
+    if how == "scheduler-overwrites-optimizer":
+        manifest["lr_scheduler"] = dict(sched_state, optimizer="not an optimizer")
+        return "lr_scheduler"
+    if how == "scheduler-string-epoch":
+        manifest["lr_scheduler"] = dict(sched_state, last_epoch="soon")
+        return "lr_scheduler.last_epoch"
+    if how == "no-file-crc":
+        del manifest["files"][files[0]]["crc32c"]
+        return f"files.{files[0]}"
+    if how == "no-tensor-crc":
+        name = next(iter(manifest["tensors"]))
+        del manifest["tensors"][name]["crc32c"]
+        return f"tensors.{name}"
+    if how == "no-counter":
+        del t["micro_steps"]
+        return "trainer"
+    if how == "nan-grad-norm":
+        t["last_grad_norm"] = float("nan")
+        return "trainer.last_grad_norm"
+    if how == "bad-rng":
+        manifest["rng"]["python"][1] = [1, 2, 3]
+        return "rng.python"
+    if how == "unknown-top-key":
+        manifest["extra"] = 1
+        return "(top level)"
+    raise AssertionError(how)
+
+
+HOSTILE_EDITS = ["huge-steps", "negative-steps", "nan-lr", "string-lr", "bool-lr", "beta-one", "injected-params",
+                 "unknown-group-key", "scheduler-overwrites-optimizer", "scheduler-string-epoch", "no-file-crc",
+                 "no-tensor-crc", "no-counter", "nan-grad-norm", "bad-rng", "unknown-top-key"]
+
+
+def test_hostile_manifest_fields_are_refused_before_the_trainer_is_touched(tmp_path, saved):
+    path, files = saved
+    manifest_file = os.path.join(path, "manifest.json")
+    original = open(manifest_file).read()
+    with _fresh(tmp_path) as tr:
+        sched = H["make_sched"](tr)
+        sched_state = json.loads(json.dumps(sched.state_dict()))
+        name = "model.layers.0.mlp.down_proj.weight"
+        before = tr.parameter(name).clone()
+        lr, optimizer, rng = tr.optimizer.param_groups[0]["lr"], sched.optimizer, torch.get_rng_state()
+        for how in HOSTILE_EDITS:
+            manifest = json.loads(original)
+            field = _edit(manifest, how, files, sched_state)
+            with open(manifest_file, "w") as f:
+                json.dump(manifest, f)
+            with pytest.raises(CheckpointError) as err:
+                tr.load_checkpoint(path, lr_scheduler=sched)
+            assert manifest_file in str(err.value) and repr(field) in str(err.value), (how, str(err.value))
+            # untouched: no tensor streamed, no counter, group, scheduler or RNG state written
+            assert not getattr(tr, "_checkpoint_poisoned", None), how
+            assert tr.global_steps == 0 and tr.micro_steps == 0, how
+            assert torch.equal(tr.parameter(name), before), how
+            assert tr.optimizer.param_groups[0]["lr"] == lr and "params" in tr.optimizer.param_groups[0], how
+            assert sched.optimizer is optimizer and torch.equal(torch.get_rng_state(), rng), how
+        with open(manifest_file, "w") as f:
+            f.write(original)
+        tr.load_checkpoint(path)  # the unedited checkpoint still loads
+        assert tr.global_steps == 2
+
+
+def test_a_shard_tensor_the_manifest_does_not_list_is_named(tmp_path, saved):
+    path, files = saved
+    manifest_file = os.path.join(path, "manifest.json")
+    manifest = json.loads(open(manifest_file).read())
+    name = next(n for n, e in manifest["tensors"].items() if e["file"] == files[0])
+    del manifest["tensors"][name]
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    with _fresh(tmp_path) as tr, pytest.raises(CheckpointError, match="does not list") as err:
+        tr.load_checkpoint(path)
+    assert name in str(err.value) and files[0] in str(err.value)
+    assert not getattr(tr, "_checkpoint_poisoned", None)
+
+
+# ---------------------------------------------------------------------------------------------- one saver; ENOSPC
+def test_a_second_saver_to_the_same_directory_is_refused(tmp_path, nvme):
+    """A child pauses mid-save (holding the directory's save lock); a save to the same directory
+    from this process fails at once naming the child's pid instead of racing its retention."""
+    base = tmp_path / "child"
+    (base / "nvme").mkdir(parents=True)
+    root = base / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", HELPERS, "crash", str(root), str(base / "nvme"), "manifest-written",
+                             str(base / "expected")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        lines = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
+        assert lines == ["READY", "PAUSED manifest-written"], (lines, proc.stderr.read()[-3000:])
+        torch.manual_seed(1)
+        model = H["Net"]()
+        with engine.initialize(model, H["make_config"](str(tmp_path / "nvme"), checkpoint_keep_last=1)) as tr:
+            H["net_step"](tr)
+            with pytest.raises(CheckpointError, match="another save") as err:
+                tr.save_checkpoint(str(root), {"step": "other"})
+            assert str(root) in str(err.value) and f"pid {proc.pid}" in str(err.value)
+            assert (root / "latest").read_text() == "step-00000001\n"  # the child's checkpoint is untouched
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            # A killed holder releases the lock: the next save goes through and cleans up after it.
+            tr.save_checkpoint(str(root), {"step": "other"}, tag="after")
+        assert sorted(os.listdir(root)) == ["after", "latest"]
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_two_savers_in_one_process_conflict_too(tmp_path, nvme):
+    from engine.checkpoint.atomic import CheckpointRoot
+
+    root = CheckpointRoot(str(tmp_path / "ckpt"))
+    with root.saving():
+        with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
+            with CheckpointRoot(str(tmp_path / "ckpt")).saving():
+                pass
+    assert os.listdir(tmp_path / "ckpt") == []  # the lock file goes with the save
+    with root.saving():  # and can be taken again
+        pass
+
+
+def _enospc_on(monkeypatch, suffix_or_part: str) -> None:
+    """Writes through ``atomic.write_all`` to a file whose name contains ``suffix_or_part`` fail
+    with ENOSPC, as on a full disk."""
+    import errno as errno_mod
+
+    import engine.checkpoint.atomic as atomic
+
+    real = atomic.write_all
+
+    def write_all(fd, view):
+        if suffix_or_part in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))
+        real(fd, view)
+
+    monkeypatch.setattr(atomic, "write_all", write_all)
+
+
+def test_enospc_on_the_manifest_names_it(tmp_path, nvme, monkeypatch):
+    trainer, model = trained_trainer(tmp_path, steps=1)
+    root = tmp_path / "ckpt"
+    with trainer:
+        trainer.save_checkpoint(str(root))
+        H["train"](trainer, H["make_sched"](trainer), 1, [])
+        _enospc_on(monkeypatch, "manifest.json")
+        with pytest.raises(CheckpointError) as err:  # a CheckpointWriteError: also an OSError
+            trainer.save_checkpoint(str(root))
+        assert err.value.errno == 28 and "manifest.json" in str(err.value) and str(root) in str(err.value)
+        assert isinstance(err.value, OSError) and err.value.filename.endswith("manifest.json")
+    assert sorted(os.listdir(root)) == ["latest", "step-00000001"]  # the failed save left nothing
+
+
+def test_enospc_on_latest_reports_the_committed_checkpoint(tmp_path, nvme, monkeypatch):
+    trainer, model = trained_trainer(tmp_path, steps=1)
+    root = tmp_path / "ckpt"
+    with trainer:
+        trainer.save_checkpoint(str(root))
+        H["train"](trainer, H["make_sched"](trainer), 1, [])
+        _enospc_on(monkeypatch, ".tmp-latest-")
+        with pytest.raises(CheckpointError) as err:  # LatestNotUpdatedError
+            trainer.save_checkpoint(str(root))
+        message = str(err.value)
+        assert "'step-00000002' was committed at" in message and str(root / "step-00000002") in message
+        assert "'latest' still names 'step-00000001'" in message and err.value.errno == 28
+        assert err.value.committed == str(root / "step-00000002")
+        assert sorted(os.listdir(root)) == ["latest", "step-00000001", "step-00000002"]  # no .tmp-latest-* left
+        assert (root / "latest").read_text() == "step-00000001\n"
+        monkeypatch.undo()
+        trainer.load_checkpoint(str(root), tag="step-00000002")  # what the message says is there, is
+        assert trainer.global_steps == 2

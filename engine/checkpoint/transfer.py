@@ -25,7 +25,8 @@ from ..storage.aio import AsyncIO
 from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
 from .atomic import pause_point
-from .format import CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, pread_into, write_all
+from .format import (CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, open_regular, pread_into,
+                     write_all)
 
 
 
@@ -74,7 +75,7 @@ class _BufferedSink:
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def append(self, data: memoryview) -> None:
         write_all(self.fd, data)
@@ -95,7 +96,7 @@ class _DirectSink:
     limits a large checkpoint to a single stream's bandwidth."""
 
     def __init__(self, io: AsyncIO, path: str, total: int, blocks: list[PoolBlock]):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)  # new, private
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # new, private
         os.close(fd)
         self.path, self.total = path, total
         self.file = io.open(path, "w", direct=True, size=max(round_up_io(total), IO_ALIGNMENT))
@@ -289,7 +290,12 @@ def load_safetensors(parsed: SafetensorsFile, targets: dict[str, list[Target]], 
     :class:`CheckpointError` naming the file and the tensor."""
     path = parsed.path
     full = file_crc is not None
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
+    size = os.fstat(fd).st_size
+    if size != parsed.file_size:
+        os.close(fd)
+        raise CheckpointError(f"{path}: the file changed while it was being loaded ({parsed.file_size} bytes when its "
+                              f"header was read, {size} now)")
     free = list(blocks)
     inflight: deque = deque()  # (store request, block)
 

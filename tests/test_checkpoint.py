@@ -923,6 +923,7 @@ def test_hostile_manifest_fields_are_refused_before_the_trainer_is_touched(tmp_p
         lr, optimizer, rng = tr.optimizer.param_groups[0]["lr"], sched.optimizer, torch.get_rng_state()
         for how in HOSTILE_EDITS:
             manifest = json.loads(original)
+            manifest["lr_scheduler"] = sched_state  # (saved without one) a valid base to edit
             field = _edit(manifest, how, files, sched_state)
             with open(manifest_file, "w") as f:
                 json.dump(manifest, f)
@@ -935,9 +936,11 @@ def test_hostile_manifest_fields_are_refused_before_the_trainer_is_touched(tmp_p
             assert torch.equal(tr.parameter(name), before), how
             assert tr.optimizer.param_groups[0]["lr"] == lr and "params" in tr.optimizer.param_groups[0], how
             assert sched.optimizer is optimizer and torch.equal(torch.get_rng_state(), rng), how
+        manifest = json.loads(original)
+        manifest["lr_scheduler"] = sched_state
         with open(manifest_file, "w") as f:
-            f.write(original)
-        tr.load_checkpoint(path)  # the unedited checkpoint still loads
+            json.dump(manifest, f)
+        tr.load_checkpoint(path, lr_scheduler=sched)  # the unedited checkpoint still loads
         assert tr.global_steps == 2
 
 
@@ -1005,21 +1008,19 @@ def test_two_savers_in_one_process_conflict_too(tmp_path, nvme):
         pass
 
 
-def _enospc_on(monkeypatch, suffix_or_part: str) -> None:
-    """Writes through ``atomic.write_all`` to a file whose name contains ``suffix_or_part`` fail
-    with ENOSPC, as on a full disk."""
+def _enospc_on(monkeypatch, part: str) -> None:
+    """``os.write`` to a file whose path contains ``part`` fails with ENOSPC, as on a full disk
+    (other writes go through)."""
     import errno as errno_mod
 
-    import engine.checkpoint.atomic as atomic
+    real = os.write
 
-    real = atomic.write_all
-
-    def write_all(fd, view):
-        if suffix_or_part in os.readlink(f"/proc/self/fd/{fd}"):
+    def write(fd, data):
+        if part in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))
-        real(fd, view)
+        return real(fd, data)
 
-    monkeypatch.setattr(atomic, "write_all", write_all)
+    monkeypatch.setattr(os, "write", write)
 
 
 def test_enospc_on_the_manifest_names_it(tmp_path, nvme, monkeypatch):

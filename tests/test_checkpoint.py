@@ -1055,3 +1055,15 @@ def test_enospc_on_latest_reports_the_committed_checkpoint(tmp_path, nvme, monke
         monkeypatch.undo()
         trainer.load_checkpoint(str(root), tag="step-00000002")  # what the message says is there, is
         assert trainer.global_steps == 2
+
+
+def test_enospc_on_a_buffered_shard_names_it(tmp_path, monkeypatch):
+    """Through the page cache (file systems without O_DIRECT) a full disk fails write(2), which
+    names no file; the error does. (The O_DIRECT path's AsyncIOError names it already.)"""
+    from engine.checkpoint.transfer import Entry, write_safetensors
+
+    file = str(tmp_path / "shard.safetensors")
+    _enospc_on(monkeypatch, "shard.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        write_safetensors(file, [Entry("t", torch.float32, (4,), torch.ones(4))], None, [])
+    assert err.value.errno == 28 and file in str(err.value) and err.value.filename == file

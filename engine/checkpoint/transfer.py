@@ -25,8 +25,8 @@ from ..storage.aio import AsyncIO
 from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
 from .atomic import pause_point
-from .format import (CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, open_regular, pread_into,
-                     write_all)
+from .format import (CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, named_write_error,
+                     open_regular, pread_into, write_all)
 
 
 
@@ -186,6 +186,8 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
     else:
         stream_blocks = []
     block_bytes = blocks[0].size if blocks else 0
+    free = list(blocks)
+    inflight: deque = deque()
     sink = _open_sink(path, total, io, stream_blocks)
     try:
         sink.append(memoryview(header))
@@ -199,9 +201,6 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
             written += len(data)
             if written == len(data):
                 pause_point("file-data")
-
-        free = list(blocks)
-        inflight: deque = deque()
 
         def complete() -> None:
             entry, block, view, request, nbytes = inflight.popleft()
@@ -245,7 +244,7 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
         while inflight:
             complete()
         sink.finish()
-    except BaseException:
+    except BaseException as exc:
         for _entry, _block, _view, request, _n in inflight:
             if request is not None:
                 try:
@@ -253,6 +252,8 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
                 except Exception:  # the first error is already propagating
                     pass
         inflight.clear()
+        if isinstance(exc, OSError):
+            raise named_write_error(path, exc) from exc  # e.g. ENOSPC from write(2): no file name
         raise
     finally:
         sink.close()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import random
 import re
@@ -118,6 +119,40 @@ def crash(root, nvme, point, expected):
                 print("FINISHED", flush=True)
                 return
 
+def small_llama(seed):
+    """The odd-sized Llama of the hardening report: an 89x48 fp32 embedding is 17088 bytes, not a
+    multiple of 4 KiB, and smaller than a store segment."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)
+    return LlamaForCausalLM(cfg).float()
+
+def small_config(nvme):
+    return engine.Config(nvme_path=nvme, dtype="fp32", offload_params="nvme", offload_optimizer="nvme",
+                         resident_threshold_bytes=0, optimizer=engine.AdamWConfig(lr=1e-3, weight_decay=0.1))
+
+SMALL_DATA = torch.randint(0, 89, (4, 2, 12), generator=torch.Generator().manual_seed(5))
+
+def small_steps(trainer, start, n, losses):
+    for i in range(start, start + n):
+        x = SMALL_DATA[i]
+        out = trainer(input_ids=x, labels=x)
+        trainer.backward(out.loss)
+        trainer.step()
+        losses.append(out.loss.item())
+
+def small_resume(ckpt, nvme, out):
+    model = small_llama(seed=9)  # other initial weights: the checkpoint must replace them
+    with engine.initialize(model, small_config(nvme)) as trainer:
+        _, client = trainer.load_checkpoint(ckpt)
+        losses = list(client["losses"])
+        small_steps(trainer, 2, 2, losses)
+        from safetensors.torch import save_file
+        save_file(weights(trainer, model), out + ".safetensors")
+        with open(out + ".json", "w") as f:
+            json.dump(dict(losses=losses, steps=trainer.global_steps), f)
+
 if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])
 '''
@@ -194,6 +229,63 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, nvme, dtype, new_pro
     assert got.keys() == ref.keys()
     for name, value in ref.items():
         assert torch.equal(got[name], value), name
+
+
+def test_odd_sized_model_resumes_in_a_new_process(tmp_path, nvme):
+    """Hardening item 2: an 89x48 fp32 embedding (17088 bytes, smaller than a store segment, not a
+    multiple of 4 KiB) used to get a 20480-byte staging block on load and fail "cannot hold a
+    store segment". 4 steps straight == 2 steps, save, load in a new process, 2 more, bit for bit."""
+    model = H["small_llama"](seed=0)
+    ref_losses: list[float] = []
+    with engine.initialize(model, H["small_config"](str(nvme))) as trainer:
+        H["small_steps"](trainer, 0, 4, ref_losses)
+        ref = H["weights"](trainer, model)
+    model = H["small_llama"](seed=0)
+    losses: list[float] = []
+    with engine.initialize(model, H["small_config"](str(nvme))) as trainer:
+        H["small_steps"](trainer, 0, 2, losses)
+        trainer.save_checkpoint(str(tmp_path / "ckpt"), {"losses": losses})
+    out = str(tmp_path / "resumed")
+    run_child("small_resume", str(tmp_path / "ckpt"), str(nvme), out)
+    with open(out + ".json") as f:
+        resumed = json.load(f)
+    assert resumed == dict(losses=ref_losses, steps=4)  # exact float equality
+    got = load_file(out + ".safetensors")
+    assert got.keys() == ref.keys()
+    for name, value in ref.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_file_round_trip_of_odd_shapes(tmp_path, dtype):
+    """Store -> safetensors -> store for sizes around the segment and 4 KiB boundaries, through
+    staging blocks sized the way save and load size them (for the largest tensor, as fp32)."""
+    from engine.checkpoint.transfer import (Entry, StoreSource, StoreTarget, load_safetensors,
+                                            staging_bytes_for, write_safetensors)
+    from engine.storage.staging import staging_blocks
+    from engine.storage.store import TensorStore
+
+    seg = 16384  # a 64 KiB stripe: multi-segment tensors stay small
+    sizes = [(1,), (7, 3), (89, 48), (seg - 1,), (seg,), (seg + 1,), (1023, 5), (3 * seg + 17,), (2, seg + 3)]
+    gen = torch.Generator().manual_seed(0)
+    with TensorStore(str(tmp_path), stripe_size=4 * seg, grow_step="1MiB") as store:
+        assert store.segment_elements == seg
+        for shape in sizes:
+            store.put(("src", shape), torch.randn(shape, generator=gen).to(dtype))
+        # the largest tensor over one segment, under it (blocks smaller than a segment), just over 4 KiB
+        for subset in (sizes, [(1,), (7, 3), (89, 48)], [(1023, 5), (89, 48), (1,)]):
+            largest = max(math.prod(s) * 4 for s in subset)
+            entries = [Entry(f"t{i}", dtype, s, StoreSource(("src", s))) for i, s in enumerate(subset)]
+            file = str(tmp_path / f"f{len(subset)}-{largest}.safetensors")
+            with staging_blocks(None, staging_bytes_for(store, largest)) as blocks:
+                result = write_safetensors(file, entries, store, blocks)
+                for shape in subset:
+                    store.allocate(("dst", shape), shape, dtype)
+                load_safetensors(read_header(file), {e.name: [StoreTarget(("dst", e.shape))] for e in entries},
+                                 store, blocks, result["tensors"], result["crc32c"])
+            for shape in subset:
+                assert torch.equal(store.get(("dst", shape)), store.get(("src", shape))), shape
+                store.free(("dst", shape))
 
 
 def test_resume_with_trainable_state_in_memory(tmp_path, nvme):
@@ -652,3 +744,326 @@ def test_import_of_a_checkpoint_larger_than_the_dram_budget(tmp_path, nvme):
     assert stats["checked"] == 3
     assert total > 1.3 * budget, (total, budget)  # the budget really is smaller than the checkpoint
     assert stats["peak"] < budget, (stats["peak"] / 2**20, budget / 2**20, total / 2**20)
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def _without_hanging(fn, fifos, timeout=60):
+    """Runs ``fn`` in a thread; if it is still running after ``timeout`` s (blocked opening a FIFO),
+    opens the FIFOs for writing to release it and fails the test instead of hanging the suite."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the reader sees EOF
+            except OSError:
+                pass
+        thread.join(30)
+        pytest.fail(f"blocked for {timeout}s on a FIFO")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def _fifo_instead_of(path) -> str:
+    path = str(path)
+    os.unlink(path)
+    os.mkfifo(path, 0o600)
+    return path
+
+
+def test_fifo_shard_or_latest_is_refused_not_waited_on(tmp_path, saved):
+    path, files = saved
+    root = os.path.dirname(path)
+    shard = os.path.join(path, files[0])
+    keep = tmp_path / "shard-copy"
+    shutil.copy(shard, keep)
+    with _fresh(tmp_path) as tr:
+        fifo = _fifo_instead_of(shard)
+        with pytest.raises(CheckpointError, match="not a regular file") as err:
+            _without_hanging(lambda: tr.load_checkpoint(path), [fifo])
+        assert fifo in str(err.value)
+        os.unlink(fifo)
+        shutil.copy(keep, shard)
+        fifo = _fifo_instead_of(os.path.join(root, "latest"))
+        with pytest.raises(CheckpointError, match="not a regular file") as err:
+            _without_hanging(lambda: tr.load_checkpoint(root), [fifo])
+        assert "latest" in str(err.value)
+        assert tr.global_steps == 0 and not getattr(tr, "_checkpoint_poisoned", None)  # nothing was loaded
+
+
+def test_from_pretrained_refuses_fifos(tmp_path, nvme):
+    model = H["llama"](seed=0, dropout=0.0)
+    good = tmp_path / "hf"
+    model.save_pretrained(str(good), max_shard_size="50KB")
+    shard = sorted(set(json.loads((good / "model.safetensors.index.json").read_text())["weight_map"].values()))[0]
+    cfg = H["make_config"](str(nvme))
+    for victim in ("model.safetensors.index.json", shard, "config.json"):
+        case = tmp_path / f"case-{victim}"
+        shutil.copytree(good, case)
+        fifo = _fifo_instead_of(case / victim)
+        with pytest.raises(CheckpointError, match="not a regular file") as err:
+            _without_hanging(lambda: engine.from_pretrained(str(case), cfg), [fifo])
+        assert fifo in str(err.value), victim
+    assert os.listdir(nvme) == []
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_is_refused(tmp_path, saved):
+    path, files = saved
+    manifest_file = os.path.join(path, "manifest.json")
+    text = open(manifest_file).read()
+    with open(manifest_file, "w") as f:
+        f.write(text.replace('"client_state": {}', f'"client_state": {_deep(100_000)}'))
+    with _fresh(tmp_path) as tr:
+        with pytest.raises(CheckpointError, match="nested") as err:
+            tr.load_checkpoint(path)
+        assert manifest_file in str(err.value)
+        # Saving what could not be loaded back is refused too.
+        nested: list = []
+        for _ in range(200):
+            nested = [nested]
+        with pytest.raises(CheckpointError, match="nested"):
+            tr.save_checkpoint(str(tmp_path / "other"), {"deep": nested})
+    # A safetensors header, in a checkpoint or in from_pretrained.
+    bad = tmp_path / "deep.safetensors"
+    header = ('{"a":' + _deep(100_000) + "}").encode()
+    bad.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header") as err:
+        read_header(str(bad))
+    assert str(bad) in str(err.value)
+    model_dir = tmp_path / "deep-index"
+    H["llama"](seed=0, dropout=0.0).save_pretrained(str(model_dir), max_shard_size="50KB")
+    (model_dir / "model.safetensors.index.json").write_text('{"weight_map": ' + _deep(100_000) + "}")
+    with pytest.raises(CheckpointError, match="nested"):
+        engine.from_pretrained(str(model_dir), H["make_config"](str(tmp_path / "nvme")))
+
+
+def _edit(manifest: dict, how: str, files: list[str], sched_state: dict) -> str:
+    """Applies one hostile edit; returns the field the error must name."""
+    t = manifest["trainer"]
+    if how == "huge-steps":
+        t["global_steps"] = 10 ** 30
+        return "trainer.global_steps"
+    if how == "negative-steps":
+        t["global_steps"] = -1
+        return "trainer.global_steps"
+    if how == "nan-lr":
+        t["param_groups"][0]["lr"] = float("nan")
+        return "trainer.param_groups[0].lr"
+    if how == "string-lr":
+        t["param_groups"][0]["lr"] = "fast"
+        return "trainer.param_groups[0].lr"
+    if how == "bool-lr":
+        t["param_groups"][0]["lr"] = True
+        return "trainer.param_groups[0].lr"
+    if how == "beta-one":
+        t["param_groups"][0]["betas"] = [0.9, 1.0]
+        return "trainer.param_groups[0].betas[1]"
+    if how == "injected-params":
+        t["param_groups"][0]["params"] = [0, 1]
+        return "trainer.param_groups[0].params"
+    if how == "unknown-group-key":
+        t["param_groups"][0]["foreach"] = True
+        return "trainer.param_groups[0].foreach"
+    if how == "scheduler-overwrites-optimizer":
+        manifest["lr_scheduler"] = dict(sched_state, optimizer="not an optimizer")
+        return "lr_scheduler"
+    if how == "scheduler-string-epoch":
+        manifest["lr_scheduler"] = dict(sched_state, last_epoch="soon")
+        return "lr_scheduler.last_epoch"
+    if how == "no-file-crc":
+        del manifest["files"][files[0]]["crc32c"]
+        return f"files.{files[0]}"
+    if how == "no-tensor-crc":
+        name = next(iter(manifest["tensors"]))
+        del manifest["tensors"][name]["crc32c"]
+        return f"tensors.{name}"
+    if how == "no-counter":
+        del t["micro_steps"]
+        return "trainer"
+    if how == "nan-grad-norm":
+        t["last_grad_norm"] = float("nan")
+        return "trainer.last_grad_norm"
+    if how == "bad-rng":
+        manifest["rng"]["python"][1] = [1, 2, 3]
+        return "rng.python"
+    if how == "unknown-top-key":
+        manifest["extra"] = 1
+        return "(top level)"
+    raise AssertionError(how)
+
+
+HOSTILE_EDITS = ["huge-steps", "negative-steps", "nan-lr", "string-lr", "bool-lr", "beta-one", "injected-params",
+                 "unknown-group-key", "scheduler-overwrites-optimizer", "scheduler-string-epoch", "no-file-crc",
+                 "no-tensor-crc", "no-counter", "nan-grad-norm", "bad-rng", "unknown-top-key"]
+
+
+def test_hostile_manifest_fields_are_refused_before_the_trainer_is_touched(tmp_path, saved):
+    path, files = saved
+    manifest_file = os.path.join(path, "manifest.json")
+    original = open(manifest_file).read()
+    with _fresh(tmp_path) as tr:
+        sched = H["make_sched"](tr)
+        sched_state = json.loads(json.dumps(sched.state_dict()))
+        name = "model.layers.0.mlp.down_proj.weight"
+        before = tr.parameter(name).clone()
+        lr, optimizer, rng = tr.optimizer.param_groups[0]["lr"], sched.optimizer, torch.get_rng_state()
+        for how in HOSTILE_EDITS:
+            manifest = json.loads(original)
+            manifest["lr_scheduler"] = sched_state  # (saved without one) a valid base to edit
+            field = _edit(manifest, how, files, sched_state)
+            with open(manifest_file, "w") as f:
+                json.dump(manifest, f)
+            with pytest.raises(CheckpointError) as err:
+                tr.load_checkpoint(path, lr_scheduler=sched)
+            assert manifest_file in str(err.value) and repr(field) in str(err.value), (how, str(err.value))
+            # untouched: no tensor streamed, no counter, group, scheduler or RNG state written
+            assert not getattr(tr, "_checkpoint_poisoned", None), how
+            assert tr.global_steps == 0 and tr.micro_steps == 0, how
+            assert torch.equal(tr.parameter(name), before), how
+            assert tr.optimizer.param_groups[0]["lr"] == lr and "params" in tr.optimizer.param_groups[0], how
+            assert sched.optimizer is optimizer and torch.equal(torch.get_rng_state(), rng), how
+        manifest = json.loads(original)
+        manifest["lr_scheduler"] = sched_state
+        with open(manifest_file, "w") as f:
+            json.dump(manifest, f)
+        tr.load_checkpoint(path, lr_scheduler=sched)  # the unedited checkpoint still loads
+        assert tr.global_steps == 2
+
+
+def test_a_shard_tensor_the_manifest_does_not_list_is_named(tmp_path, saved):
+    path, files = saved
+    manifest_file = os.path.join(path, "manifest.json")
+    manifest = json.loads(open(manifest_file).read())
+    name = next(n for n, e in manifest["tensors"].items() if e["file"] == files[0])
+    del manifest["tensors"][name]
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    with _fresh(tmp_path) as tr, pytest.raises(CheckpointError, match="does not list") as err:
+        tr.load_checkpoint(path)
+    assert name in str(err.value) and files[0] in str(err.value)
+    assert not getattr(tr, "_checkpoint_poisoned", None)
+
+
+# ---------------------------------------------------------------------------------------------- one saver; ENOSPC
+def test_a_second_saver_to_the_same_directory_is_refused(tmp_path, nvme):
+    """A child pauses mid-save (holding the directory's save lock); a save to the same directory
+    from this process fails at once naming the child's pid instead of racing its retention."""
+    base = tmp_path / "child"
+    (base / "nvme").mkdir(parents=True)
+    root = base / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", HELPERS, "crash", str(root), str(base / "nvme"), "manifest-written",
+                             str(base / "expected")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        lines = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
+        assert lines == ["READY", "PAUSED manifest-written"], (lines, proc.stderr.read()[-3000:])
+        torch.manual_seed(1)
+        model = H["Net"]()
+        with engine.initialize(model, H["make_config"](str(tmp_path / "nvme"), checkpoint_keep_last=1)) as tr:
+            H["net_step"](tr)
+            with pytest.raises(CheckpointError, match="another save") as err:
+                tr.save_checkpoint(str(root), {"step": "other"})
+            assert str(root) in str(err.value) and f"pid {proc.pid}" in str(err.value)
+            assert (root / "latest").read_text() == "step-00000001\n"  # the child's checkpoint is untouched
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            # A killed holder releases the lock: the next save goes through and cleans up after it.
+            tr.save_checkpoint(str(root), {"step": "other"}, tag="after")
+        assert sorted(os.listdir(root)) == ["after", "latest"]
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_two_savers_in_one_process_conflict_too(tmp_path, nvme):
+    from engine.checkpoint.atomic import CheckpointRoot
+
+    root = CheckpointRoot(str(tmp_path / "ckpt"))
+    with root.saving():
+        with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
+            with CheckpointRoot(str(tmp_path / "ckpt")).saving():
+                pass
+    assert os.listdir(tmp_path / "ckpt") == []  # the lock file goes with the save
+    with root.saving():  # and can be taken again
+        pass
+
+
+def _enospc_on(monkeypatch, part: str) -> None:
+    """``os.write`` to a file whose path contains ``part`` fails with ENOSPC, as on a full disk
+    (other writes go through)."""
+    import errno as errno_mod
+
+    real = os.write
+
+    def write(fd, data):
+        if part in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_enospc_on_the_manifest_names_it(tmp_path, nvme, monkeypatch):
+    trainer, model = trained_trainer(tmp_path, steps=1)
+    root = tmp_path / "ckpt"
+    with trainer:
+        trainer.save_checkpoint(str(root))
+        H["train"](trainer, H["make_sched"](trainer), 1, [])
+        _enospc_on(monkeypatch, "manifest.json")
+        with pytest.raises(CheckpointError) as err:  # a CheckpointWriteError: also an OSError
+            trainer.save_checkpoint(str(root))
+        assert err.value.errno == 28 and "manifest.json" in str(err.value) and str(root) in str(err.value)
+        assert isinstance(err.value, OSError) and err.value.filename.endswith("manifest.json")
+    assert sorted(os.listdir(root)) == ["latest", "step-00000001"]  # the failed save left nothing
+
+
+def test_enospc_on_latest_reports_the_committed_checkpoint(tmp_path, nvme, monkeypatch):
+    trainer, model = trained_trainer(tmp_path, steps=1)
+    root = tmp_path / "ckpt"
+    with trainer:
+        trainer.save_checkpoint(str(root))
+        H["train"](trainer, H["make_sched"](trainer), 1, [])
+        _enospc_on(monkeypatch, ".tmp-latest-")
+        with pytest.raises(CheckpointError) as err:  # LatestNotUpdatedError
+            trainer.save_checkpoint(str(root))
+        message = str(err.value)
+        assert "'step-00000002' was committed at" in message and str(root / "step-00000002") in message
+        assert "'latest' still names 'step-00000001'" in message and err.value.errno == 28
+        assert err.value.committed == str(root / "step-00000002")
+        assert sorted(os.listdir(root)) == ["latest", "step-00000001", "step-00000002"]  # no .tmp-latest-* left
+        assert (root / "latest").read_text() == "step-00000001\n"
+        monkeypatch.undo()
+        trainer.load_checkpoint(str(root), tag="step-00000002")  # what the message says is there, is
+        assert trainer.global_steps == 2
+
+
+def test_enospc_on_a_buffered_shard_names_it(tmp_path, monkeypatch):
+    """Through the page cache (file systems without O_DIRECT) a full disk fails write(2), which
+    names no file; the error does. (The O_DIRECT path's AsyncIOError names it already.)"""
+    from engine.checkpoint.transfer import Entry, write_safetensors
+
+    file = str(tmp_path / "shard.safetensors")
+    _enospc_on(monkeypatch, "shard.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        write_safetensors(file, [Entry("t", torch.float32, (4,), torch.ones(4))], None, [])
+    assert err.value.errno == 28 and file in str(err.value) and err.value.filename == file

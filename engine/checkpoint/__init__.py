@@ -3,9 +3,10 @@ checkpoints (larger than DRAM) in and out.
 
 - :mod:`.state`: ``Trainer.save_checkpoint`` / ``Trainer.load_checkpoint``
 - :mod:`.hf`: ``engine.from_pretrained`` / ``Trainer.save_pretrained``
-- :mod:`.atomic`: temporary names, fsync, rename, ``latest``, retention
+- :mod:`.atomic`: temporary names, fsync, rename, ``latest``, retention, the save lock
+- :mod:`.manifest`: ``manifest.json``, every field checked before the trainer is touched
 - :mod:`.format` / :mod:`.transfer`: streamed safetensors I/O through pinned pool blocks
 """
-from .format import CheckpointError
+from .format import CheckpointError, CheckpointWriteError, LatestNotUpdatedError
 
-__all__ = ["CheckpointError"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "LatestNotUpdatedError"]

@@ -7,35 +7,43 @@ Layout of a checkpoint root::
       <tag>/                  0700, one complete checkpoint: manifest.json + safetensors shards (0600)
       .tmp-<tag>-<pid>-<id>/  a save in progress (or killed): ignored, removed by the next save
       .trash-<tag>-<pid>-<id>/ a checkpoint being deleted (retention, or replaced by a save of the same tag)
+      .save-lock              held (flock) by the one process saving here; removed when its save ends
 
 A save writes everything under ``.tmp-*``, fsyncs every file and the directory,
 renames it to ``<tag>`` (an atomic exchange when the tag already exists), fsyncs
 the root, then replaces ``latest`` the same way. A process killed at any point
 leaves ``latest`` naming a complete checkpoint. Deletion renames to ``.trash-*``
 first, so a half-deleted directory is never mistaken for a checkpoint.
-One process saves to a root at a time.
+One process saves to a root at a time: :meth:`CheckpointRoot.saving` holds an exclusive
+``flock`` on ``.save-lock`` for the whole save (retention included), and a second saver fails
+at once naming the holder's pid rather than deleting the other's checkpoints through retention.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import secrets
 import shutil
 import sys
+import stat
 import time
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from .._log import logger
-from .format import CheckpointError
+from .format import CheckpointError, LatestNotUpdatedError, named_write_error, open_regular, write_all
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+LOCK = ".save-lock"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 PAUSE_ENV = "MEMASCEND_CHECKPOINT_PAUSE_AT"
+MAX_LATEST_BYTES = 4096  # a tag and a newline
 
 
 def pause_point(name: str) -> None:
@@ -71,6 +79,8 @@ def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        raise named_write_error(path, exc) from exc
     finally:
         os.close(fd)
 
@@ -81,15 +91,21 @@ def make_private_dir(path: str) -> None:
 
 
 def write_file(directory: str, name: str, data: bytes) -> None:
-    """Writes a new private file and fsyncs it."""
-    fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    """Writes a new private file and fsyncs it. If writing fails (e.g. ENOSPC) the partial file
+    is removed and the error names it."""
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, memoryview(data))
         os.fsync(fd)
-    finally:
+    except OSError as exc:
         os.close(fd)
+        fd = -1
+        os.unlink(path)
+        raise named_write_error(path, exc) from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _renameat2_exchange(a: str, b: str) -> bool:
@@ -118,11 +134,17 @@ class CheckpointRoot:
     # ---------------------------------------------------------------- reading
     def latest(self) -> Optional[str]:
         """The tag ``latest`` names, or None when there is no ``latest``."""
-        try:
-            with open(os.path.join(self.root, LATEST)) as f:
-                tag = f.read().strip()
-        except FileNotFoundError:
+        path = os.path.join(self.root, LATEST)
+        if not os.path.lexists(path):
             return None
+        with os.fdopen(open_regular(path, f"the {LATEST!r} pointer"), "rb") as f:
+            data = f.read(MAX_LATEST_BYTES + 1)
+        try:
+            tag = data.decode().strip() if len(data) <= MAX_LATEST_BYTES else None
+        except UnicodeDecodeError:
+            tag = None
+        if tag is None:
+            raise CheckpointError(f"{path}: not a checkpoint tag ({len(data)} bytes, expected one short line of text)")
         return check_name(tag, "checkpoint tag in 'latest'")
 
     def resolve(self, tag: Optional[str] = None) -> str:
@@ -147,6 +169,56 @@ class CheckpointRoot:
                       if _NAME.match(name) and os.path.isfile(os.path.join(self.root, name, MANIFEST)))
 
     # ---------------------------------------------------------------- writing
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """Holds this root's save lock (creating the root 0700) for the duration of a save; a
+        second saver, in this process or another, gets a :class:`CheckpointError` at once."""
+        make_private_dir(self.root)
+        fd = self._lock()
+        try:
+            yield
+        finally:
+            try:
+                os.unlink(os.path.join(self.root, LOCK))  # while locked: see _lock
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # releases the flock
+
+    def _lock(self) -> int:
+        path = os.path.join(self.root, LOCK)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CheckpointError(f"{path}: refusing the save lock: not a regular file; remove it")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise CheckpointError(f"{self.root}: another save to this checkpoint directory is in progress "
+                                          f"(pid {holder}, lock {path}); two savers would delete each other's "
+                                          "checkpoints through keep_last. Save to another directory, or wait for "
+                                          "it to finish") from None
+                # The holder unlinks the lock file before releasing it: if the file locked is no
+                # longer the one at ``path``, a newer saver owns the lock and we try again.
+                try:
+                    current = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    current = None
+                mine = os.fstat(fd)
+                if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+            except BaseException:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                raise
+
     def begin(self, tag: str) -> str:
         """Removes leftovers of killed saves and returns a new private temporary directory."""
         check_name(tag, "checkpoint tag")
@@ -197,15 +269,28 @@ class CheckpointRoot:
             os.rename(tmp, final)
         fsync_path(self.root)
         pause_point("before-latest")
-        self.set_latest(tag)
+        try:
+            previous = self.latest()
+        except CheckpointError:
+            previous = None  # unreadable: replaced below
+        try:
+            self.set_latest(tag)
+        except OSError as exc:
+            raise LatestNotUpdatedError(os.path.join(self.root, LATEST), exc, final, previous) from exc
         pause_point("after-latest")
         return final
 
     def set_latest(self, tag: str) -> None:
+        """Points ``latest`` at ``tag`` atomically; on failure the temporary file is removed."""
         check_name(tag, "checkpoint tag")
         name = f"{TMP_PREFIX}{LATEST}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = os.path.join(self.root, name)
         write_file(self.root, name, (tag + "\n").encode())
-        os.rename(os.path.join(self.root, name), os.path.join(self.root, LATEST))
+        try:
+            os.rename(tmp, os.path.join(self.root, LATEST))
+        except OSError:
+            os.unlink(tmp)
+            raise
         fsync_path(self.root)
 
     def retain(self, keep_last: int, order: dict[str, int]) -> list[str]:

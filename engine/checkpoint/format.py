@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence, TypeVar
@@ -23,6 +25,9 @@ import torch
 from ..errors import EngineError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+# Deeper JSON is refused before parsing (json's recursive parser would raise RecursionError, or
+# overflow the C stack under a raised recursion limit); checkpoint JSON nests a few levels.
+MAX_JSON_DEPTH = 100
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -40,6 +45,95 @@ T = TypeVar("T")
 
 class CheckpointError(EngineError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file and tensor."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint or export file failed (e.g. ENOSPC): an ``OSError`` with the errno, whose
+    message and ``filename`` name the file."""
+
+    def __init__(self, path: str, exc: OSError, message: Optional[str] = None):
+        OSError.__init__(self, exc.errno, message or f"{path}: writing failed: {exc.strerror or exc}")
+        self.filename = path
+
+    def __str__(self) -> str:  # OSError's default would print the errno twice
+        return self.strerror
+
+
+class LatestNotUpdatedError(CheckpointWriteError):
+    """A save committed its checkpoint (complete, loadable by its tag) but could not update ``latest``,
+    which still names the previous checkpoint. ``committed`` is the checkpoint's directory."""
+
+    def __init__(self, path: str, exc: OSError, committed: str, previous: Optional[str]):
+        self.committed = committed
+        tag = os.path.basename(committed)
+        super().__init__(path, exc, f"checkpoint {tag!r} was committed at {committed}, but updating {path} failed "
+                                    f"({exc.strerror or exc}); 'latest' still names {previous!r}. Load it with "
+                                    f"tag={tag!r}, or free space and save again")
+
+
+def named_write_error(path: str, exc: OSError) -> OSError:
+    """``exc`` if it already names a file, else a :class:`CheckpointWriteError` naming ``path``."""
+    return exc if exc.filename is not None or isinstance(exc, EngineError) else CheckpointWriteError(path, exc)
+
+
+def open_regular(path: str, what: str = "file") -> int:
+    """Opens ``path`` read-only and returns the descriptor, refusing anything but a regular file.
+    O_NONBLOCK: opening a FIFO does not wait for a writer (a hang, otherwise); the check is an
+    fstat of the open descriptor, so the file checked is the file read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open {what}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{path}: refusing {what}: it is not a regular file (a FIFO, device, socket or "
+                                  "directory); replace it with the file itself")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(data: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of JSON text (brackets inside strings do not count); stops counting past ``limit``."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', data)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest
+
+
+def parse_json(data: bytes, path: str, what: str) -> object:
+    """``json.loads`` of a checkpoint's JSON, with its nesting depth bounded first."""
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{path}: {what} is nested more than {MAX_JSON_DEPTH} levels deep; refusing it "
+                              "(a corrupt or hostile file)")
+    try:
+        return json.loads(data)
+    except RecursionError:  # belt and braces: the depth check should have caught it
+        raise CheckpointError(f"{path}: {what} is nested too deeply; refusing it") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+def read_json_file(path: str, what: str, max_bytes: int) -> object:
+    """Reads and parses a small JSON file: a regular file of at most ``max_bytes``."""
+    with os.fdopen(open_regular(path, what), "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{path}: {what} is larger than {max_bytes} bytes; refusing it")
+    return parse_json(data, path, what)
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -113,34 +207,35 @@ class SafetensorsFile:
 def read_header(path: str) -> SafetensorsFile:
     """Parses and validates the header of ``path``. A truncated file (data ending before the
     header says) raises :class:`CheckpointError` naming the tensors that are cut off."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
-            (length,) = struct.unpack("<Q", raw)
-            if length > MAX_HEADER_BYTES or 8 + length > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (header length {length}, "
-                                      f"file size {size})")
-            text = f.read(length)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file is missing") from None
+    with os.fdopen(open_regular(path), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (header length {length}, "
+                                  f"file size {size})")
+        text = f.read(length)
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{path}: corrupt safetensors header (nested more than {MAX_JSON_DEPTH} levels deep)")
     try:
         header = json.loads(text)
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__' must map strings to strings)")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
             dtype = ST_TO_DTYPE[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(_index(s) for s in entry["shape"])
+            begin, end = (_index(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}") from None
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {str(entry)[:200]}") from None
         if any(s < 0 for s in shape) or end - begin != math.prod(shape) * itemsize(dtype) or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {[begin, end]} do not hold "
                                   f"{entry['dtype']}{list(shape)}")
@@ -159,6 +254,13 @@ def read_header(path: str) -> SafetensorsFile:
     if parsed.header_bytes + pos < size:
         raise CheckpointError(f"{path}: {size - parsed.header_bytes - pos} unexpected bytes after the last tensor")
     return parsed
+
+
+def _index(value: object) -> int:
+    """A JSON integer (not a bool, not a float that would be truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
 
 
 def pread_into(fd: int, view: memoryview, offset: int, path: str, tensor: str) -> None:
@@ -190,7 +292,7 @@ def read_tensor(parsed: SafetensorsFile, name: str, fd: Optional[int] = None, dt
     if not info.nbytes:
         return out
     own = fd is None
-    fd = os.open(parsed.path, os.O_RDONLY) if own else fd
+    fd = open_regular(parsed.path) if own else fd
     try:
         if dtype == info.dtype:
             pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), parsed.offset(info), parsed.path, name)

@@ -32,7 +32,8 @@ from ..offload.params import KEY_ATTR, is_placeholder, persistent_buffers
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import fsync_path, make_private_dir, write_file
-from .format import CheckpointError, SafetensorsFile, read_header, read_tensor, split_shards
+from .format import (MAX_HEADER_BYTES, CheckpointError, SafetensorsFile, open_regular, read_header, read_json_file,
+                     read_tensor, split_shards)
 from .transfer import Entry, StoreSource, staging_bytes_for, write_safetensors
 
 if TYPE_CHECKING:
@@ -48,19 +49,19 @@ PathLike = Union[str, "os.PathLike[str]"]
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of a checkpoint: a file, or a directory with ``model.safetensors``
     or ``model.safetensors.index.json``."""
-    if os.path.isfile(path):
+    # lexists, not isfile: a FIFO or device is named and refused when opened (open_regular), not skipped.
+    if not os.path.isdir(path):
+        if not os.path.lexists(path):
+            raise CheckpointError(f"{path}: no such file or directory")
         if not path.endswith(".safetensors"):
             raise CheckpointError(f"{path}: not a .safetensors file")
         return [path]
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such file or directory")
     index = os.path.join(path, SAFE_INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: malformed index ({exc})") from None
+    if os.path.lexists(index):
+        body = read_json_file(index, "index", MAX_HEADER_BYTES)
+        weight_map = body.get("weight_map") if isinstance(body, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+            raise CheckpointError(f"{index}: malformed index ('weight_map' must map tensor names to file names)")
         files = []
         for name in dict.fromkeys(weight_map.values()):
             if not isinstance(name, str) or os.path.basename(name) != name or name in (".", ".."):
@@ -71,7 +72,7 @@ def checkpoint_files(path: str) -> list[str]:
             files.append(full)
         return files
     single = os.path.join(path, SAFE_WEIGHTS)
-    if os.path.isfile(single):
+    if os.path.lexists(single):
         return [single]
     pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
     hint = f" ({', '.join(pickles)} are pickle files, which this engine does not load: convert them to safetensors)" \
@@ -98,6 +99,9 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
     files = checkpoint_files(path)
     if hf_config is None:
         directory = path if os.path.isdir(path) else os.path.dirname(path)
+        config_file = os.path.join(directory, "config.json")
+        if os.path.lexists(config_file):  # transformers would block forever opening a FIFO
+            os.close(open_regular(config_file, "model config"))
         hf_config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
     builder = model_class or AutoModelForCausalLM
     with torch.device("meta"):
@@ -161,7 +165,7 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
             return None  # a buffer the model computes itself (rotary inv_freq)
         parsed = where[found]
         if parsed.path not in fds:
-            fds[parsed.path] = os.open(parsed.path, os.O_RDONLY | os.O_CLOEXEC)
+            fds[parsed.path] = open_regular(parsed.path)
         # One tensor at a time, cast by the trainer to the configured dtype.
         floating = parsed.tensors[found].dtype.is_floating_point
         return read_tensor(parsed, found, fds[parsed.path],

@@ -38,15 +38,15 @@ from ..offload.params import KEY_ATTR, persistent_buffers
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
-from .format import CheckpointError, DTYPE_TO_ST, read_header
+from .format import MAX_JSON_DEPTH, CheckpointError, CheckpointWriteError, DTYPE_TO_ST, json_depth, read_header, read_json_file
+from .manifest import (FORMAT, MAX_MANIFEST_BYTES, VERSION, RngState, check_scheduler_state, group_updates, parse_rng,
+                       read_manifest)
 from .transfer import (Entry, StoreSource, StoreTarget, TensorTarget, load_safetensors, staging_bytes_for,
                        write_safetensors)
 
 if TYPE_CHECKING:
     from ..offload.trainer import Trainer
 
-FORMAT = "memascend-checkpoint"
-VERSION = 1
 DEFAULT_MAX_SHARD = "2GiB"
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -132,10 +132,14 @@ def _in_memory_slots(trainer: "Trainer", name: str, p: torch.nn.Parameter) -> li
 def _json(value: Any, what: str, exact: bool) -> Any:
     """``value`` as it will come back from JSON; refuses what JSON cannot hold (no pickle here)."""
     try:
-        back = json.loads(json.dumps(value))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{what} must hold JSON values only (dict, list, str, int, float, bool, None): "
-                              f"{exc}") from None
+        text = json.dumps(value).encode()
+        back = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{what} must hold JSON values only (dict, list, str, int, float, bool, None), "
+                              f"nested at most {MAX_JSON_DEPTH} levels: {exc}") from None
+    if json_depth(text) > MAX_JSON_DEPTH - 2:  # it sits two levels deep in the manifest, which loading bounds
+        raise CheckpointError(f"{what} is nested more than {MAX_JSON_DEPTH - 2} levels deep; a checkpoint "
+                              "could not be loaded back")
     if exact and back != value and not _nan_equal(back, value):
         raise CheckpointError(f"{what} would not come back unchanged from JSON (tuples become lists, dict keys "
                               "become strings); convert it to plain lists/str-keyed dicts first")
@@ -163,18 +167,15 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(state["torch"]), dtype=torch.uint8).clone())
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        states = [torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8).clone() for h in state["cuda"]]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+def _set_rng_state(state: RngState) -> None:
+    torch.set_rng_state(state.torch)
+    random.setstate(state.python)
+    np.random.set_state(state.numpy)
+    if state.cuda is not None and torch.cuda.is_available():
+        if len(state.cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state.cuda)
         else:
-            logger.warning("checkpoint: CUDA RNG states for %d devices, %d present; not restored", len(states),
+            logger.warning("checkpoint: CUDA RNG states for %d devices, %d present; not restored", len(state.cuda),
                            torch.cuda.device_count())
 
 
@@ -212,6 +213,20 @@ def save_checkpoint(trainer: "Trainer", save_dir: PathLike, client_state: Option
     shards = _shard(slots, max_shard)
 
     root = CheckpointRoot(os.fspath(save_dir))
+    with root.saving():  # one saver per directory: retention would delete another's checkpoints
+        final = _save_locked(trainer, root, tag, shards, groups, scheduler, client)
+        try:
+            _retain(root, keep_last)
+        except OSError as exc:
+            raise CheckpointWriteError(root.root, exc, f"checkpoint {tag!r} was saved at {final} and 'latest' names "
+                                                       f"it, but removing old checkpoints (keep_last={keep_last}) "
+                                                       f"in {root.root} failed: {exc}") from exc
+    return final
+
+
+def _save_locked(trainer: "Trainer", root: CheckpointRoot, tag: str, shards: list[list[_Slot]], groups: list,
+                 scheduler: Any, client: Any) -> str:
+    """Writes checkpoint ``tag`` under a temporary name and commits it; returns its directory."""
     tmp = root.begin(tag)
     try:
         files, tensors = _write_state(trainer, tmp, shards)
@@ -222,7 +237,7 @@ def save_checkpoint(trainer: "Trainer", save_dir: PathLike, client_state: Option
     manifest = dict(
         format=FORMAT, version=VERSION, tag=tag, created_ns=time.time_ns(),
         dtype=trainer.config.dtype, optimizer_state_dtype=trainer.config.optimizer_state_dtype,
-        optimizer=trainer.config.optimizer.type, gradient_accumulation_steps=gas,
+        optimizer=trainer.config.optimizer.type, gradient_accumulation_steps=trainer.gradient_accumulation_steps,
         files=files, tensors=tensors,
         trainer=dict(micro_steps=trainer.micro_steps, global_steps=trainer.global_steps,
                      skipped_steps=trainer.skipped_steps, last_grad_norm=getattr(trainer, "last_grad_norm", None),
@@ -231,23 +246,26 @@ def save_checkpoint(trainer: "Trainer", save_dir: PathLike, client_state: Option
     try:
         write_file(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
         pause_point("manifest-written")
-        final = root.commit(tmp, tag)
+        final = root.commit(tmp, tag)  # LatestNotUpdatedError: committed, 'latest' not moved
     except BaseException:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    logger.info("checkpoint saved: %s (%d tensors in %d files)", final, len(tensors), len(files))
+    return final
+
+
+def _retain(root: CheckpointRoot, keep_last: int) -> None:
+    """keep_last retention, after the new checkpoint is complete and ``latest`` names it."""
     order = {}
     for name in root.complete():
         try:
-            with open(os.path.join(root.root, name, MANIFEST)) as f:
-                meta = json.load(f)
+            meta = read_json_file(os.path.join(root.root, name, MANIFEST), "manifest", MAX_MANIFEST_BYTES)
             if meta.get("format") == FORMAT:
                 order[name] = int(meta["created_ns"])
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        except (CheckpointError, ValueError, AttributeError, KeyError, TypeError):
             pass  # not one of ours: retention leaves it alone
     root.retain(keep_last, order)
-    logger.info("checkpoint saved: %s (%d tensors in %d files)", final, len(tensors), len(files))
-    return final
 
 
 def _write_state(trainer: "Trainer", tmp: str, shards: list[list[_Slot]]) -> tuple[dict, dict]:
@@ -285,27 +303,6 @@ def _shard(slots: list[_Slot], max_bytes: int) -> list[list[_Slot]]:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def read_manifest(path: str) -> dict:
-    """Reads and checks the manifest of checkpoint directory ``path``."""
-    file = os.path.join(path, MANIFEST)
-    try:
-        with open(file) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
-    except ValueError as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise CheckpointError(f"{file}: checkpoint format version {manifest.get('version')!r}; this engine reads "
-                              f"version {VERSION}")
-    for key in ("files", "tensors", "trainer"):
-        if not isinstance(manifest.get(key), dict):
-            raise CheckpointError(f"{file}: {key!r} is missing or malformed")
-    return manifest
-
-
 def load_checkpoint(trainer: "Trainer", load_dir: PathLike, *, tag: Optional[str] = None, lr_scheduler: Any = None,
                     load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
     """See :meth:`Trainer.load_checkpoint`."""
@@ -318,28 +315,36 @@ def load_checkpoint(trainer: "Trainer", load_dir: PathLike, *, tag: Optional[str
     for fname, info in manifest["files"].items():
         file = inside(path, fname, "file named in the manifest")
         header = read_header(file)
-        if not isinstance(info, dict) or header.file_size != info.get("bytes"):
-            raise CheckpointError(f"{file}: {header.file_size} bytes, the manifest says {info.get('bytes')!r}")
+        if header.file_size != info["bytes"]:
+            raise CheckpointError(f"{file}: {header.file_size} bytes, the manifest says {info['bytes']!r}")
+        unlisted = sorted(n for n in header.tensors if manifest["tensors"].get(n, {}).get("file") != fname)
+        if unlisted:
+            raise CheckpointError(f"{file}: tensor(s) the manifest does not list in this file: "
+                                  f"{', '.join(unlisted[:12])}{' ...' if len(unlisted) > 12 else ''}")
         parsed[fname] = header
     ckpt: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
     for name, entry in manifest["tensors"].items():
-        fname = entry.get("file") if isinstance(entry, dict) else None
-        if fname not in parsed:
-            raise CheckpointError(f"{path}: tensor {name!r} is in file {fname!r}, which the manifest does not list")
+        fname = entry["file"]  # read_manifest checked the manifest lists it
         info = parsed[fname].tensors.get(name)
-        if info is None or DTYPE_TO_ST[info.dtype] != entry.get("dtype") or list(info.shape) != entry.get("shape"):
+        if info is None or DTYPE_TO_ST[info.dtype] != entry["dtype"] or list(info.shape) != entry["shape"]:
             raise CheckpointError(f"{parsed[fname].path}: tensor {name!r} in the file does not match the manifest "
                                   f"({entry.get('dtype')}{entry.get('shape')})")
         ckpt[name] = (fname, info.dtype, info.shape)
     # 2. Checkpoint tensors -> this trainer's state; all problems reported at once.
     plan = _match(trainer, ckpt, manifest, convert_dtype, path)
     saved = manifest["trainer"]
-    groups = saved.get("param_groups", [])
+    manifest_file = os.path.join(path, MANIFEST)
+    groups = saved["param_groups"]
     if len(groups) != len(trainer.optimizer.param_groups):
         raise CheckpointError(f"{path}: {len(groups)} optimizer param group(s) saved, the trainer has "
                               f"{len(trainer.optimizer.param_groups)}")
+    # Every value that goes into the trainer is checked before the first tensor is loaded.
+    updates = group_updates(manifest_file, groups, trainer.optimizer.param_groups)
     if lr_scheduler is not None and manifest.get("lr_scheduler") is None:
         raise CheckpointError(f"{path}: an lr_scheduler was passed but the checkpoint holds no scheduler state")
+    scheduler = check_scheduler_state(manifest_file, manifest["lr_scheduler"], lr_scheduler.state_dict()) \
+        if lr_scheduler is not None else None
+    rng = parse_rng(manifest["rng"], manifest_file) if load_rng and manifest.get("rng") else None
     for what in ("optimizer", "gradient_accumulation_steps"):
         mine = trainer.config.optimizer.type if what == "optimizer" else trainer.gradient_accumulation_steps
         if manifest.get(what) != mine:
@@ -354,31 +359,30 @@ def load_checkpoint(trainer: "Trainer", load_dir: PathLike, *, tag: Optional[str
         for fname, header in parsed.items():
             targets = {name: target for name, (file, target) in plan.items() if file == fname}
             crcs = {name: manifest["tensors"][name]["crc32c"] for name in header.tensors}
-            load_safetensors(header, targets, store, blocks, crcs, manifest["files"][fname].get("crc32c"))
+            load_safetensors(header, targets, store, blocks, crcs, manifest["files"][fname]["crc32c"])
     if absent_state:
         resident = trainer._stepper
         for name in set(absent_state):
             resident.optimizer.state.pop(resident.master(name), None)
     trainer._streamer.invalidate()  # staged weights are the old ones
     trainer._grads.begin_window()
-    trainer.micro_steps = int(saved["micro_steps"])
-    trainer.global_steps = int(saved["global_steps"])
-    trainer.skipped_steps = int(saved["skipped_steps"])
+    trainer.micro_steps = saved["micro_steps"]
+    trainer.global_steps = saved["global_steps"]
+    trainer.skipped_steps = saved["skipped_steps"]
     if saved.get("last_grad_norm") is not None:
         trainer.last_grad_norm = float(saved["last_grad_norm"])
     if trainer.scaler is not None and saved.get("loss_scaler") is not None:
         trainer.scaler.load_state_dict(saved["loss_scaler"])
     elif trainer.scaler is not None:
         logger.warning("checkpoint %s has no fp16 loss-scaler state; the scaler keeps its initial scale", path)
-    for group, values in zip(trainer.optimizer.param_groups, groups):
-        for k, v in values.items():
-            group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
-    if lr_scheduler is not None:
-        lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+    for group, update in zip(trainer.optimizer.param_groups, updates):
+        group.update(update)
+    if scheduler is not None:
+        lr_scheduler.load_state_dict(scheduler)
     elif manifest.get("lr_scheduler") is not None:
         logger.info("checkpoint %s holds LR scheduler state; pass lr_scheduler= to restore it", path)
-    if load_rng and manifest.get("rng"):
-        _set_rng_state(manifest["rng"])
+    if rng is not None:
+        _set_rng_state(rng)
     trainer._checkpoint_poisoned = None
     logger.info("checkpoint loaded: %s (step %d)", path, trainer.global_steps)
     return path, manifest.get("client_state") or {}

@@ -25,7 +25,8 @@ from ..storage.aio import AsyncIO
 from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
 from .atomic import pause_point
-from .format import CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, pread_into, write_all
+from .format import (CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, named_write_error,
+                     open_regular, pread_into, write_all)
 
 
 
@@ -50,17 +51,21 @@ class Entry:
         return math.prod(self.shape) * itemsize(self.dtype)
 
 
-def chunk_elements(store: TensorStore, dtype: torch.dtype, block_bytes: int) -> int:
-    """Elements per chunk: one store segment when it fits the block (whole segments are the unit
-    of the store's partial writes and of its CRC checks)."""
+def chunk_elements(store: TensorStore, dtype: torch.dtype, block_bytes: int, numel: int, name: str) -> int:
+    """Elements per chunk of a ``numel``-element tensor: one store segment (whole segments are the
+    unit of the store's partial writes and of its CRC checks). A tensor smaller than a segment is
+    one chunk, so the block only has to hold the tensor: e.g. an 89x48 fp32 embedding (17088
+    bytes) in a 20480-byte block."""
     seg = store.segment_elements
-    if seg * itemsize(dtype) <= block_bytes:
-        return seg
-    return max(4096, block_bytes // itemsize(dtype) // 4096 * 4096)
+    if min(seg, numel) * itemsize(dtype) > block_bytes:
+        raise CheckpointError(f"tensor {name!r}: a {block_bytes}-byte staging block cannot hold one store segment "
+                              f"({min(seg, numel)} {dtype} elements); this is an engine bug, please report it")
+    return seg
 
 
 def staging_bytes_for(store: TensorStore, largest_nbytes: int) -> int:
-    """Block size for chunked copies: one fp32 segment, or less when every tensor is smaller."""
+    """Block size for chunked copies: one fp32 segment, or less when every tensor is smaller
+    (``largest_nbytes``: the largest tensor as fp32, so every dtype up to 4 bytes fits)."""
     return round_up_io(max(1, min(store.segment_elements * 4, largest_nbytes)))
 
 
@@ -70,7 +75,7 @@ class _BufferedSink:
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def append(self, data: memoryview) -> None:
         write_all(self.fd, data)
@@ -91,7 +96,7 @@ class _DirectSink:
     limits a large checkpoint to a single stream's bandwidth."""
 
     def __init__(self, io: AsyncIO, path: str, total: int, blocks: list[PoolBlock]):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)  # new, private
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # new, private
         os.close(fd)
         self.path, self.total = path, total
         self.file = io.open(path, "w", direct=True, size=max(round_up_io(total), IO_ALIGNMENT))
@@ -181,6 +186,8 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
     else:
         stream_blocks = []
     block_bytes = blocks[0].size if blocks else 0
+    free = list(blocks)
+    inflight: deque = deque()
     sink = _open_sink(path, total, io, stream_blocks)
     try:
         sink.append(memoryview(header))
@@ -194,9 +201,6 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
             written += len(data)
             if written == len(data):
                 pause_point("file-data")
-
-        free = list(blocks)
-        inflight: deque = deque()
 
         def complete() -> None:
             entry, block, view, request, nbytes = inflight.popleft()
@@ -223,7 +227,7 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
                     raise CheckpointError(f"{entry.name}: the store holds {meta.dtype}{list(meta.shape)}, "
                                           f"expected {entry.dtype}{list(entry.shape)}")
                 size = itemsize(meta.dtype)  # chunks in the store's dtype; converted when written
-                step = chunk_elements(store, meta.dtype, block_bytes) * size
+                step = chunk_elements(store, meta.dtype, block_bytes, math.prod(meta.shape), entry.name) * size
                 for offset in range(0, meta.nbytes, step):
                     nbytes = min(step, meta.nbytes - offset)
                     while not free:
@@ -240,7 +244,7 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
         while inflight:
             complete()
         sink.finish()
-    except BaseException:
+    except BaseException as exc:
         for _entry, _block, _view, request, _n in inflight:
             if request is not None:
                 try:
@@ -248,6 +252,8 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
                 except Exception:  # the first error is already propagating
                     pass
         inflight.clear()
+        if isinstance(exc, OSError):
+            raise named_write_error(path, exc) from exc  # e.g. ENOSPC from write(2): no file name
         raise
     finally:
         sink.close()
@@ -285,7 +291,12 @@ def load_safetensors(parsed: SafetensorsFile, targets: dict[str, list[Target]], 
     :class:`CheckpointError` naming the file and the tensor."""
     path = parsed.path
     full = file_crc is not None
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
+    size = os.fstat(fd).st_size
+    if size != parsed.file_size:
+        os.close(fd)
+        raise CheckpointError(f"{path}: the file changed while it was being loaded ({parsed.file_size} bytes when its "
+                              f"header was read, {size} now)")
     free = list(blocks)
     inflight: deque = deque()  # (store request, block)
 
@@ -302,10 +313,8 @@ def load_safetensors(parsed: SafetensorsFile, targets: dict[str, list[Target]], 
             raise CheckpointError(f"{path}: tensor {info.name!r} has shape {list(info.shape)}, "
                                   f"the model expects {list(meta.shape)}")
         src_size, dst_size = itemsize(info.dtype), itemsize(meta.dtype)
-        block_bytes = blocks[0].size
-        elems = chunk_elements(store, info.dtype if src_size > dst_size else meta.dtype, block_bytes)
-        if elems % store.segment_elements and elems < info.numel:
-            raise CheckpointError(f"a {block_bytes}-byte staging block cannot hold a store segment of {info.name!r}")
+        # The block holds only the store's bytes (a converted source chunk is read aside).
+        elems = chunk_elements(store, meta.dtype, blocks[0].size, info.numel, f"{path}: {info.name}")
         crc = 0
         for start in range(0, info.numel, elems):
             n = min(elems, info.numel - start)

@@ -167,6 +167,23 @@ def test_mamba_streamed_matches_in_memory(mixer_unit, store):
         assert {"backbone.layers.0.mixer", "backbone.layers.1.mixer"} <= names
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_mamba_with_activation_checkpointing_matches_in_memory(reentrant, store):
+    ref = tiny_mamba(False)
+    model = copy.deepcopy(ref)
+    for m in (ref, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits, loss, grads = _mamba_step(ref, ids)
+    with ParameterStreamer(model, store, prefetch_depth=1, resident_threshold_bytes=MAMBA_THRESHOLD[False]):
+        for step in range(2):
+            got_logits, got_loss, got_grads = _mamba_step(model, ids)
+            assert_close(got_loss, loss, f"step {step}: loss")
+            assert got_grads.keys() == grads.keys()
+            for name, g in grads.items():
+                assert_close(got_grads[name], g, f"step {step}: grad of {name}")
+
+
 def _mamba_reference_run(model, data, steps, lr=1e-3, wd=0.1):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, foreach=False)
     losses = []

@@ -16,6 +16,18 @@ Forward
     hook (``always_call``, so exceptions and checkpoint early-stops clean up)
     puts the placeholder back; the slot is reused once the window moves on.
 
+Weights used outside their own module's forward
+    A parent may compute with a child's weight (``F.linear(x, self.child.weight)``,
+    Mamba's mixer handing ``conv1d.weight`` to a function). While its data is a
+    placeholder a streamed parameter's class is ``StreamedParameter``, whose
+    ``__torch_function__`` asks the streamer to fetch it for that one op
+    (:meth:`ParameterStreamer.call_with_weights`): an ``F`` event of its unit, so
+    it is recorded and prefetched like a module call. Every module above a unit
+    is hooked too (a stack of running modules); the innermost one running is the
+    op's scope, whose saved-tensor hooks make views of the weight that later ops
+    save into handles. Inside its unit the parameter is a plain ``nn.Parameter``:
+    the hot path pays nothing.
+
 Backward: ``saved_tensors_hooks`` that save a handle instead of the weight
     During a unit's forward the streamer installs a pair of
     ``torch.autograd.graph.saved_tensors_hooks``. A tensor autograd saves that
@@ -79,7 +91,7 @@ from ..memory.pool import PinnedPool
 from ..units import format_bytes
 from .buffers import BUFFER_POOLS, PINNED_ALLOCS, BufferPlan, StagingBuffers, StagingExhaustedError, StagingSlot, plan_buffers
 from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, STREAMER_ATTR, ModelParams, StreamedParam, StreamedParameter,
-                     StreamingError, Unit, discover, is_placeholder, is_structural, placeholder)
+                     StreamingError, Unit, discover, is_placeholder, is_structural)
 
 GradCallback = Callable[[str, torch.Tensor], None]
 

@@ -11,11 +11,11 @@ Ablation switches (DESIGN.md section 5): ``buffer_pool`` = ``adaptive`` | ``unif
 """
 from .buffers import BUFFER_POOLS, PINNED_ALLOCS, BufferPlan, StagingBuffers, StagingExhaustedError, plan_buffers
 from .materialize import initialize_into_store
-from .params import DEFAULT_RESIDENT_THRESHOLD, is_placeholder, param_key
+from .params import DEFAULT_RESIDENT_THRESHOLD, StreamedParameter, StreamingError, is_placeholder, param_key
 from .streamer import ParameterStreamer, open_streamer, plan_staging
 
 __all__ = [
     "BUFFER_POOLS", "BufferPlan", "DEFAULT_RESIDENT_THRESHOLD", "PINNED_ALLOCS", "ParameterStreamer",
     "StagingBuffers", "StagingExhaustedError", "initialize_into_store", "is_placeholder", "open_streamer",
-    "param_key", "plan_buffers", "plan_staging",
+    "param_key", "plan_buffers", "plan_staging", "StreamedParameter", "StreamingError",
 ]

@@ -38,6 +38,7 @@ from typing import Hashable, Optional, Sequence
 import torch
 
 from .._log import logger, warn_once
+from ..errors import EngineError
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes
 from .params import round_up
@@ -46,7 +47,7 @@ BUFFER_POOLS = ("adaptive", "uniform")
 PINNED_ALLOCS = ("exact", "torch")
 
 
-class StagingExhaustedError(MemoryError):
+class StagingExhaustedError(EngineError, MemoryError):
     """No staging slot can hold a tensor the forward/backward needs now."""
 
 

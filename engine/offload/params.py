@@ -12,8 +12,16 @@ While a parameter is streamed, its ``.data`` is a *placeholder*: a zero-stride
 expansion of a single element (NaN for floating dtypes) with the parameter's
 shape, dtype and device, so ``param.shape``, ``param.dtype``, ``model.device``,
 tied-weight checks and the like keep working while the parameter holds no
-memory. Computing with a placeholder outside the streamer's hooks gives NaN, and
-writing to it raises (its elements all share one memory location).
+memory. Writing to it raises (its elements all share one memory location).
+
+A streamed parameter whose data is a placeholder has the class
+:class:`StreamedParameter` (an ``nn.Parameter`` subclass); while its data is real
+(inside its unit's forward) it is a plain ``nn.Parameter`` again, so the hot path
+pays nothing. Any op that would compute with the placeholder - a parent module's
+``F.linear(x, self.child.weight)``, Mamba's mixer passing ``conv1d.weight`` to a
+function, user code between steps - reaches ``StreamedParameter.__torch_function__``,
+which asks the owning streamer to fetch the weight first (fetch on access). Metadata
+(shape, dtype, device, grad, ...) never needs the data and passes straight through.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from typing import Callable, Hashable, Iterator, Optional
 import torch
 from torch import nn
 
+from ..errors import EngineError
 from ..memory.pool import IO_ALIGNMENT
 
 DEFAULT_RESIDENT_THRESHOLD = 1 << 20
@@ -31,6 +40,9 @@ DEFAULT_RESIDENT_THRESHOLD = 1 << 20
 
 KEY_ATTR = "_offload_key"
 """Attribute set on a streamed ``nn.Parameter``: its TensorStore key."""
+
+STREAMER_ATTR = "_offload_streamer"
+"""Attribute set on a streamed ``nn.Parameter``: a weak reference to the streamer that serves it."""
 
 _PLACEHOLDER_BASES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -64,6 +76,79 @@ def is_placeholder(tensor: torch.Tensor) -> bool:
     return all(s == 0 for s in tensor.stride()) and tensor.untyped_storage().nbytes() <= tensor.element_size()
 
 
+class StreamingError(EngineError, RuntimeError):
+    """A streamed weight was needed where the streamer cannot provide it; names the parameter and the fix."""
+
+
+# Tensor methods and attributes that read only metadata: a placeholder answers them correctly.
+_METADATA_METHODS = frozenset(getattr(torch.Tensor, n) for n in (
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "element_size", "is_floating_point", "is_complex",
+    "is_contiguous", "storage_offset", "untyped_storage", "data_ptr", "__hash__", "requires_grad_", "register_hook",
+    "register_post_accumulate_grad_hook", "__reduce_ex__", "__deepcopy__", "__setstate__", "__repr__", "get_device",
+    "__len__", "is_pinned", "is_shared", "is_inference", "_is_view", "dim_order") if hasattr(torch.Tensor, n)) | {
+    torch._has_compatible_shallow_copy_type}
+# What the placeholder answers outside a forward (what nn.Module.to / state_dict / engine code do
+# with a parameter): no compute, the placeholder itself is the right answer.
+_STRUCTURAL_METHODS = frozenset(getattr(torch.Tensor, n) for n in (
+    "detach", "to", "cpu", "cuda", "float", "half", "bfloat16", "double", "type", "share_memory_"))
+_DATA_ATTRIBUTES = frozenset(("data", "T", "mT", "H", "mH", "real", "imag"))
+
+
+def _needs_data(func: Callable) -> bool:
+    if func in _METADATA_METHODS:
+        return False
+    name = getattr(func, "__name__", None)
+    if name in ("__get__", "__set__", "__delete__"):  # attribute access
+        return name == "__get__" and _attribute(func) in _DATA_ATTRIBUTES
+    return True
+
+
+def _attribute(func: Callable) -> Optional[str]:
+    return getattr(getattr(func, "__self__", None), "__name__", None)
+
+
+def _placeholders_in(args: tuple, kwargs: dict) -> list["StreamedParameter"]:
+    found = []
+    for a in (*args, *kwargs.values()):
+        if type(a) is StreamedParameter:
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(x for x in a if type(x) is StreamedParameter)
+    return found
+
+
+class StreamedParameter(nn.Parameter):
+    """The class of a streamed ``nn.Parameter`` while its data is a placeholder (see the module docs)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _needs_data(func):
+            params = _placeholders_in(args, kwargs)
+            if params:
+                return _streamer_of(params[0]).call_with_weights(func, args, kwargs, params)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _streamer_of(param: nn.Parameter):
+    ref = getattr(param, STREAMER_ATTR, None)
+    streamer = ref() if ref is not None else None
+    if streamer is None or not streamer.attached:
+        key = getattr(param, KEY_ATTR, None)
+        raise StreamingError(
+            f"the streamed parameter {key[1] if isinstance(key, tuple) else key!r} was used after its "
+            f"ParameterStreamer was detached without restoring it (the trainer is closed): its data is only "
+            f"in the store. Use the model before close(), or detach with restore=True to get the weights back "
+            f"in memory.")
+    return streamer
+
+
+def is_structural(func: Callable) -> bool:
+    """True for ops that answer with the placeholder itself outside a forward (``.data``, ``to``, ``detach``, ...)."""
+    return func in _STRUCTURAL_METHODS or (getattr(func, "__name__", None) == "__get__" and _attribute(func) == "data")
+
+
 @dataclass(eq=False)
 class StreamedParam:
     """One streamed parameter (tied aliases share one)."""
@@ -74,6 +159,19 @@ class StreamedParam:
     shape: tuple[int, ...]
     dtype: torch.dtype
     aliases: list[str] = field(default_factory=list)
+    param_class: type = nn.Parameter  # its class while its data is real
+
+    def set_placeholder(self, device: torch.device) -> None:
+        """Data becomes the placeholder; ops that need the data then ask the streamer (fetch on access)."""
+        self.param.data = placeholder(self.shape, self.dtype, device)
+        if self.param_class is nn.Parameter:  # other Parameter subclasses keep their own class
+            self.param.__class__ = StreamedParameter
+
+    def set_data(self, data: torch.Tensor) -> None:
+        """Data becomes ``data`` (a staging slot or the restored weight): the plain class, no hook cost."""
+        if type(self.param) is StreamedParameter:
+            self.param.__class__ = self.param_class  # first: the plain class sets .data without a Python hook
+        self.param.data = data
 
     @property
     def nbytes(self) -> int:
@@ -151,7 +249,8 @@ def discover(model: nn.Module, resident_threshold_bytes: int, *, resident_traina
             if nbytes > resident_threshold_bytes and param.numel() > 1 and not (resident_trainable and param.requires_grad):
                 existing = getattr(param, KEY_ATTR, None)
                 key = existing if existing is not None else param_key(full)
-                sp = StreamedParam(full, key, param, tuple(param.shape), dtype, [full])
+                cls = nn.Parameter if type(param) is StreamedParameter else type(param)
+                sp = StreamedParam(full, key, param, tuple(param.shape), dtype, [full], cls)
                 streamed[key] = sp
                 by_id[id(param)] = sp
                 unit_params.append((attr, sp))

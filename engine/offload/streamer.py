@@ -16,6 +16,18 @@ Forward
     hook (``always_call``, so exceptions and checkpoint early-stops clean up)
     puts the placeholder back; the slot is reused once the window moves on.
 
+Weights used outside their own module's forward
+    A parent may compute with a child's weight (``F.linear(x, self.child.weight)``,
+    Mamba's mixer handing ``conv1d.weight`` to a function). While its data is a
+    placeholder a streamed parameter's class is ``StreamedParameter``, whose
+    ``__torch_function__`` asks the streamer to fetch it for that one op
+    (:meth:`ParameterStreamer.call_with_weights`): an ``F`` event of its unit, so
+    it is recorded and prefetched like a module call. Every module above a unit
+    is hooked too (a stack of running modules); the innermost one running is the
+    op's scope, whose saved-tensor hooks make views of the weight that later ops
+    save into handles. Inside its unit the parameter is a plain ``nn.Parameter``:
+    the hot path pays nothing.
+
 Backward: ``saved_tensors_hooks`` that save a handle instead of the weight
     During a unit's forward the streamer installs a pair of
     ``torch.autograd.graph.saved_tensors_hooks``. A tensor autograd saves that
@@ -78,8 +90,8 @@ from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..units import format_bytes
 from .buffers import BUFFER_POOLS, PINNED_ALLOCS, BufferPlan, StagingBuffers, StagingExhaustedError, StagingSlot, plan_buffers
-from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, ModelParams, StreamedParam, Unit, discover, is_placeholder,
-                     placeholder)
+from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, STREAMER_ATTR, ModelParams, StreamedParam, StreamedParameter,
+                     StreamingError, Unit, discover, is_placeholder, is_structural)
 
 GradCallback = Callable[[str, torch.Tensor], None]
 
@@ -141,12 +153,14 @@ class _Outer:
 class _Frame:
     """One active unit call."""
 
-    __slots__ = ("module", "unit", "hooks", "tape", "outer", "activated")
+    __slots__ = ("module", "unit", "hooks", "tape", "outer", "activated", "scope", "kept")
 
-    def __init__(self, module: nn.Module, unit: Unit):
-        self.module = module
+    def __init__(self, module: Optional[nn.Module], unit: Unit):
+        self.module = module  # None: one op's fetch on access
         self.unit = unit
         self.activated: list[StreamedParam] = []
+        self.scope: Optional[_Frame] = None  # fetch on access: the frame of the module the op runs in
+        self.kept: dict[tuple, Hashable] = {}  # weight pointers of ops in this frame's forward
         self.hooks = None
         self.tape: Optional[_Tape] = None
         self.outer = None
@@ -308,6 +322,9 @@ class ParameterStreamer:
         # CUDA backward runs in autograd's device thread; CPU parts of a mixed graph may run beside it
         self._lock = threading.RLock()
         self._unit_of: dict[int, Unit] = {}
+        self._module_names: dict[int, str] = {}  # id(module) -> name, for every hooked module
+        self._scopes: dict[int, Unit] = {}  # id(module) -> the unit naming a non-unit module's own ops
+        self._owner: dict[Hashable, Unit] = {}  # key -> the first unit owning it
         self._reset_state()
         self.reset_stats()
 
@@ -319,6 +336,7 @@ class ParameterStreamer:
         self._active: dict[Hashable, int] = {}
         self._live_ptrs: dict[tuple, Hashable] = {}
         self._frames: list[_Frame] = []
+        self._mstack: list[nn.Module] = []  # hooked modules whose forward is running, innermost last
         self._distance: dict[Hashable, int] = {}
         self._order = _OrderTracker()
         self._pending: "weakref.WeakSet[_Tape]" = weakref.WeakSet()
@@ -331,7 +349,7 @@ class ParameterStreamer:
         """Zeroes the I/O and prefetch counters (and the staging peak)."""
         self._stats = dict(reads=0, bytes_read=0, read_seconds=0.0, stall_seconds=0.0, hits=0, misses=0,
                            prefetches=0, prefetch_skipped=0, prefetch_unused=0, zombie_hits=0, events=0,
-                           bytes_written=0)
+                           bytes_written=0, fetched_on_access=0)
         if self._buffers is not None:
             self._buffers.peak_held_bytes = self._buffers.held_bytes
 
@@ -384,8 +402,7 @@ class ParameterStreamer:
                 if tuple(meta.shape) != sp.shape or meta.dtype != sp.dtype:
                     raise ValueError(f"{sp.name}: the store holds {meta.dtype}{list(meta.shape)}, "
                                      f"the model expects {sp.dtype}{list(sp.shape)}")
-                if param.device != self.device:
-                    param.data = placeholder(sp.shape, sp.dtype, self.device)
+                self._mark_streamed(sp)
                 continue
             if param.device.type == "meta":
                 raise ValueError(f"{sp.name} is on the meta device: materialize the model into the store first "
@@ -398,13 +415,15 @@ class ParameterStreamer:
                 self._stats["bytes_written"] += sp.slot_nbytes
             finally:
                 self._buffers.release(slot)
-            param.data = placeholder(sp.shape, sp.dtype, self.device)
             setattr(param, KEY_ATTR, sp.key)
+            self._mark_streamed(sp)
         for name, param in self.params.resident:
             if is_placeholder(param.data) and getattr(param, KEY_ATTR, None) in store:
                 # made resident again (a larger threshold than the one it was stored with)
                 param.data = store.get(getattr(param, KEY_ATTR)).to(self.device)
                 delattr(param, KEY_ATTR)
+                if type(param) is StreamedParameter:
+                    param.__class__ = nn.Parameter
             elif param.device.type == "meta":
                 raise ValueError(f"{name} is on the meta device: materialize the model first "
                                  "(engine.offload.initialize_into_store)")
@@ -416,12 +435,26 @@ class ParameterStreamer:
                     if buf is not None and buf.device != self.device:
                         module._buffers[bname] = buf.to(self.device)
 
+    def _mark_streamed(self, sp: StreamedParam) -> None:
+        sp.set_placeholder(self.device)
+        setattr(sp.param, STREAMER_ATTR, weakref.ref(self))  # weak: a parameter must not keep the streamer alive
+
     def _install_hooks(self) -> None:
         for unit in self.params.units:
-            self._unit_of[id(unit.module)] = unit
+            if unit.params:
+                self._unit_of[id(unit.module)] = unit
+            for key in unit.keys:
+                self._owner.setdefault(key, unit)
+        # Units and every module above one: a module's forward may read a descendant's weight
+        # (fetched on access into the innermost such module running, see call_with_weights).
+        unit_names = [u.name for u in self.params.units]
+        for name, module in self.model.named_modules():
+            if not any(u == name or name == "" or u.startswith(name + ".") for u in unit_names):
+                continue
+            self._module_names[id(module)] = name
             # first among pre-hooks (others may read the weights), last among forward hooks
-            self._hooks.append(unit.module.register_forward_pre_hook(self._unit_pre_hook, prepend=True))
-            self._hooks.append(unit.module.register_forward_hook(self._unit_post_hook, always_call=True))
+            self._hooks.append(module.register_forward_pre_hook(self._unit_pre_hook, prepend=True))
+            self._hooks.append(module.register_forward_hook(self._unit_post_hook, always_call=True))
         # registered last with prepend: runs before a unit pre-hook on the root itself
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre_hook, prepend=True))
         if self.on_grad is not None:
@@ -448,6 +481,8 @@ class ParameterStreamer:
             h.remove()
         self._hooks.clear()
         self._unit_of.clear()
+        self._module_names.clear()
+        self._owner.clear()
 
     def detach(self, restore: bool = True) -> None:
         """Removes the hooks; with ``restore`` the streamed parameters get their data back in memory
@@ -460,9 +495,10 @@ class ParameterStreamer:
         if restore:
             for sp in self.params.streamed.values():
                 data = self.store.get(sp.key)  # the parameter's own memory again, not staging
-                sp.param.data = data if not self._cuda else data.to(self.device)
-                if hasattr(sp.param, KEY_ATTR):
-                    delattr(sp.param, KEY_ATTR)
+                sp.set_data(data if not self._cuda else data.to(self.device))
+                for attr in (KEY_ATTR, STREAMER_ATTR):
+                    if hasattr(sp.param, attr):
+                        delattr(sp.param, attr)
         self._attached = False
         self._reset_state()
         self._buffers.close()
@@ -480,8 +516,9 @@ class ParameterStreamer:
         self._frames.clear()
         for sp in self.params.streamed.values():
             if self._active.get(sp.key):
-                sp.param.data = placeholder(sp.shape, sp.dtype, self.device)
+                sp.set_placeholder(self.device)
         self._active.clear()
+        self._mstack.clear()
         for entry in list(self._cache.values()):
             self._evict(entry)
         self._reclaim()
@@ -516,22 +553,31 @@ class ParameterStreamer:
 
     def _unit_pre_hook(self, module: nn.Module, args: Any) -> None:
         with self._lock:
-            self._unit_pre(module)
+            self._mstack.append(module)
+            unit = self._unit_of.get(id(module))
+            if unit is not None:
+                self._unit_pre(module, unit)
 
-    def _unit_pre(self, module: nn.Module) -> None:
-        unit = self._unit_of[id(module)]
+    def _unit_pre(self, module: nn.Module, unit: Unit) -> None:
         frame = _Frame(module, unit)
         self._frames.append(frame)  # from here on the (always-called) forward hook undoes what is done
         self._event("F", unit, unit.keys, None)
-        for _, sp in unit.params:
+        self._activate(frame, [sp for _, sp in unit.params])
+        self._save_handles(frame)
+
+    def _activate(self, frame: _Frame, sps: list[StreamedParam]) -> None:
+        for sp in sps:
             n = self._active.get(sp.key, 0)
             if n == 0:
                 weight = self._weight(sp.key)
-                sp.param.data = weight
+                sp.set_data(weight)
                 self._live_ptrs[(weight.device, weight.untyped_storage().data_ptr())] = sp.key
             self._active[sp.key] = n + 1
             frame.activated.append(sp)
-        if torch.is_grad_enabled():
+
+    def _save_handles(self, frame: _Frame) -> None:
+        """From now until the frame ends, autograd saves views of streamed weights as handles."""
+        if torch.is_grad_enabled() and frame.hooks is None:
             frame.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
             hooks = torch.autograd.graph.saved_tensors_hooks(self._packer(frame), self._unpack)
             hooks.__enter__()
@@ -540,14 +586,19 @@ class ParameterStreamer:
     def _unit_post_hook(self, module: nn.Module, args: Any, output: Any = None) -> None:
         with self._lock:
             self._unit_post(module)
+            for i in range(len(self._mstack) - 1, -1, -1):
+                if self._mstack[i] is module:
+                    del self._mstack[i:]
+                    break
 
     def _unit_post(self, module: nn.Module) -> None:
         for i in range(len(self._frames) - 1, -1, -1):
             if self._frames[i].module is module:
-                break
-        else:
-            return
-        # frames above ours belong to calls that left without their hook (should not happen)
+                self._pop_frames(i)
+                return
+
+    def _pop_frames(self, i: int) -> None:
+        """Ends frame ``i`` and the frames above it (calls that left without their hook: should not happen)."""
         while len(self._frames) > i:
             frame = self._frames.pop()
             if frame.hooks is not None:
@@ -559,8 +610,82 @@ class ParameterStreamer:
                     continue
                 self._active.pop(sp.key, None)
                 weight = sp.param.data
-                self._live_ptrs.pop((weight.device, weight.untyped_storage().data_ptr()), None)
-                sp.param.data = placeholder(sp.shape, sp.dtype, self.device)
+                ptr = (weight.device, weight.untyped_storage().data_ptr())
+                if frame.scope is not None and frame.scope in self._frames:
+                    frame.scope.kept[ptr] = sp.key  # views made by the op stay handles until the scope ends
+                else:
+                    self._live_ptrs.pop(ptr, None)
+                sp.set_placeholder(self.device)
+            for ptr, key in frame.kept.items():
+                if self._live_ptrs.get(ptr) == key and not self._active.get(key):
+                    del self._live_ptrs[ptr]
+
+    # ------------------------------------------------------------------ fetch on access
+    def call_with_weights(self, func: Callable, args: tuple, kwargs: dict, params: list[nn.Parameter]) -> Any:
+        """Runs ``func`` on streamed parameters whose data is a placeholder (called by
+        :class:`~engine.offload.params.StreamedParameter`): a weight used outside its own module's
+        forward, e.g. ``F.linear(x, self.child.weight)`` in a parent.
+
+        The weight is fetched for this op only, as if its module were called (an ``F`` event of its
+        unit: recorded and prefetched like one), and is a placeholder again right after. Inside the
+        model's forward the innermost hooked module running is the op's *scope*: until the scope
+        ends, autograd saves views of the weight (``w.t()`` made by this op and used by a later
+        one) as handles, so backward re-fetches it and no staging slot stays pinned by the graph."""
+        if not self._mstack and is_structural(func):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)  # .data / .to / .detach between steps: the placeholder itself
+        with self._lock:
+            frame = self._fetch_for_op([self._streamed_param(p) for p in params])
+        try:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        finally:
+            with self._lock:
+                if frame in self._frames:
+                    self._pop_frames(self._frames.index(frame))
+
+    def _streamed_param(self, param: nn.Parameter) -> StreamedParam:
+        sp = self.params.streamed.get(getattr(param, KEY_ATTR, None))
+        if sp is None or sp.param is not param:
+            raise StreamingError(
+                f"a copy of the streamed parameter {getattr(param, KEY_ATTR, None)!r} (e.g. from copy.deepcopy of "
+                f"an attached model) was used: it holds no data. Copy the model before attaching the streamer, or "
+                f"after detach(restore=True).")
+        return sp
+
+    def _fetch_for_op(self, sps: list[StreamedParam]) -> _Frame:
+        self._stats["fetched_on_access"] += len(sps)
+        scope = self._scope_frame()
+        owner = self._owner[sps[0].key]
+        frame = _Frame(None, owner)
+        frame.scope = scope
+        self._frames.append(frame)
+        self._event("F", owner, tuple(dict.fromkeys(sp.key for sp in sps)), None)
+        self._activate(frame, sps)
+        if scope is None:  # between steps or in backward: this op's saved views become handles
+            self._save_handles(frame)
+        return frame
+
+    def _scope_frame(self) -> Optional[_Frame]:
+        """The frame of the innermost hooked module running (made for it if it is not a unit), or None."""
+        if not self._mstack:
+            return None
+        module = self._mstack[-1]
+        for frame in reversed(self._frames):
+            if frame.module is module:
+                break
+        else:
+            unit = self._scopes.get(id(module))
+            if unit is None:  # named in the execution order and backward events; owns no weights
+                unit = self._scopes[id(module)] = Unit(len(self.params.units), self._module_names[id(module)],
+                                                       module, [])
+                self.params.units.append(unit)
+                logger.info("ParameterStreamer: the forward of %r uses streamed weights of its submodules "
+                            "directly; they are fetched on access", unit.name)
+            frame = _Frame(module, unit)
+            self._frames.append(frame)  # the module's forward hook ends it
+        self._save_handles(frame)
+        return frame
 
     # ------------------------------------------------------------------ saved-tensor hooks
     def _packer(self, frame: _Frame) -> Callable[[torch.Tensor], Any]:

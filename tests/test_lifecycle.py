@@ -200,18 +200,23 @@ def test_close_after_a_failed_gradient_write_releases_everything_and_reports_onc
 
 
 def test_close_after_a_failed_step_releases_everything(tmp_path):
-    """The native fault injector fails one transfer of the second window; whatever it hits
-    (a weight read, a gradient write or read), training raises an engine error, close()
-    releases everything and raises at most once."""
+    """The native fault injector fails one transfer (ENOSPC) in the backward of the second
+    window's first micro-batch (here: a gradient write, whose read-back then fails its CRC).
+    Whatever it hits, training raises an engine error, close() releases everything and
+    raises at most once."""
     model = tiny_llama()
     trainer = engine.initialize(model, config(tmp_path, gradient_accumulation_steps=2))
     (swap,) = trainer._store.directories
     for _ in range(2):
         train_step(trainer)
-    trainer._io.inject_fault(3, errno.ENOSPC)
     with pytest.raises(EngineError):
-        for _ in range(2):
-            train_step(trainer)
+        for micro in range(2):
+            loss = trainer(input_ids=BATCH, labels=BATCH).loss
+            if micro == 0:
+                trainer._io.inject_fault(3, errno.ENOSPC)
+            trainer.backward(loss)
+            trainer.step()
+    del loss
     try:
         trainer.close()
     except EngineError:

@@ -171,13 +171,17 @@ class OffloadedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, trainer: "Trainer"):
         super().__init__(params, defaults)
-        self._trainer = trainer
+        self._trainer = weakref.ref(trainer)  # no cycle: a dropped trainer goes with its last reference
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch's signature
         if closure is not None:
             raise ValueError("the offloaded optimizer does not take a closure")
-        self._trainer._apply_step()
+        trainer = self._trainer()
+        if trainer is None:
+            raise TrainerClosedError("the trainer is closed: optimizer.step() cannot run, its trainer was "
+                                     "garbage-collected (keep a reference to the trainer while training)")
+        trainer._apply_step()
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:

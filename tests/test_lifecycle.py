@@ -150,17 +150,14 @@ def test_dropped_trainer_is_collected_and_releases_everything(tmp_path):
 
 
 # ----------------------------------------------------------------------------- item 11: close after an I/O error
-def test_close_after_a_failed_gradient_write_releases_everything_and_reports_once(tmp_path, monkeypatch):
-    model = tiny_llama()
-    trainer = engine.initialize(model, config(tmp_path))
-    store, io, pool = trainer._store, trainer._io, trainer._pool
+def fail_first_gradient_write(trainer, monkeypatch) -> list:
+    """The first gradient write fails with ENOSPC the way the store reports it: on every wait."""
+    store = trainer._store
     (swap,) = store.directories
     real_write = store.write_from
     failed = []
 
     class FullDisk:
-        """A gradient write the disk refused (ENOSPC), as the store reports it: on every wait."""
-
         def __init__(self, request):
             self.request = request
 
@@ -180,10 +177,18 @@ def test_close_after_a_failed_gradient_write_releases_everything_and_reports_onc
         return request
 
     monkeypatch.setattr(store, "write_from", write_from)
+    return failed
+
+
+def test_close_after_a_failed_gradient_write_releases_everything_and_reports_once(tmp_path, monkeypatch):
+    model = tiny_llama()
+    trainer = engine.initialize(model, config(tmp_path))
+    store, io, pool = trainer._store, trainer._io, trainer._pool
+    (swap,) = store.directories
+    failed = fail_first_gradient_write(trainer, monkeypatch)
     loss = trainer(input_ids=BATCH, labels=BATCH).loss
     trainer.backward(loss)  # the failed write is still in flight
     assert failed
-    gc.collect()
     with pytest.raises(AsyncIOError, match="No space left") as info:
         trainer.close()
     assert info.value.errno == errno.ENOSPC
@@ -197,6 +202,17 @@ def test_close_after_a_failed_gradient_write_releases_everything_and_reports_onc
     trainer.close()  # the error was reported once: later calls are no-ops
     with pytest.raises(TrainerClosedError):
         trainer.step()
+
+
+def test_leaving_a_with_block_on_an_error_keeps_that_error_when_close_fails_too(tmp_path, monkeypatch, caplog):
+    model = tiny_llama()
+    with pytest.raises(RuntimeError, match="the user's own error"):
+        with engine.initialize(model, config(tmp_path)) as trainer:
+            fail_first_gradient_write(trainer, monkeypatch)
+            trainer.backward(trainer(input_ids=BATCH, labels=BATCH).loss)
+            raise RuntimeError("the user's own error")
+    assert swap_dirs(tmp_path) == []
+    assert any("No space left" in r.getMessage() for r in caplog.records)  # the close error is logged
 
 
 def test_close_after_a_failed_step_releases_everything(tmp_path):

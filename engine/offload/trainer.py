@@ -557,8 +557,14 @@ class Trainer:
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        error = self._shutdown(restore_weights=False)
+        if error is None:
+            return
+        if exc is None:
+            raise error
+        # the block's own error is the one to see; closing after it failed as well
+        logger.warning("closing the trainer after %s also failed: %s", exc_type.__name__, error)
 
     # ------------------------------------------------------------------ checkpoints (engine/checkpoint)
     def save_checkpoint(self, save_dir: str, client_state: Optional[dict] = None, *, tag: Optional[str] = None,

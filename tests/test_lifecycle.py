@@ -120,6 +120,8 @@ def test_second_trainer_on_an_attached_model_is_refused(tmp_path):
             engine.initialize(model, config(tmp_path))
         with pytest.raises(ModelAttachedError, match="submodule '0'"):
             engine.initialize(torch.nn.Sequential(model), config(tmp_path))
+        with pytest.raises(ModelAttachedError, match="a part of another model"):
+            engine.initialize(model.model, config(tmp_path))
         train_step(trainer)  # the first trainer is unaffected
         assert trainer.global_steps == 1
     assert swap_dirs(tmp_path) == []

@@ -127,14 +127,20 @@ def _refuse_released(name: str) -> Callable:
 
 
 def _check_attachable(model: nn.Module) -> None:
-    """Refuses a model (or one containing a module) that a live trainer streams or whose weights were released."""
-    for name, module in model.named_modules():
-        state = _ATTACHED.get(module)
-        where = f"its submodule {name!r}" if name else "the model"
+    """Refuses a model that contains, or is part of, a model a live trainer streams or whose
+    weights a closed trainer released."""
+    inside = {id(m): name for name, m in model.named_modules()}
+    for root, state in list(_ATTACHED.items()):
+        if id(root) in inside:
+            where = f"its submodule {inside[id(root)]!r}" if inside[id(root)] else "the model"
+        elif any(m is model for m in root.modules()):
+            where = "the model (a part of another model)"
+        else:
+            continue
         if state == _RELEASED:
             raise TrainerClosedError(f"cannot initialize a trainer: {where} was used by a trainer that is "
                                      f"closed; {_RELEASED_HELP}; or build the model again")
-        if state is not None and state() is not None and not state().released:
+        if state() is not None and not state().released:
             raise ModelAttachedError(f"cannot initialize a trainer: {where} is already attached to a live "
                                      "trainer (its weights are on that trainer's NVMe store). Call close() "
                                      "on that trainer first (close(restore_weights=True) keeps the weights "

@@ -64,3 +64,11 @@ class IntegrityError(EngineError):
         self.key, self.path, self.offset, self.nbytes = key, path, offset, nbytes
         super().__init__(f"CRC32C mismatch reading {key!r} from {path!r} at offset {offset} ({nbytes} bytes): "
                          f"written 0x{expected:08x}, read 0x{actual:08x} - the swap file is corrupt")
+
+
+class TrainerClosedError(EngineError, RuntimeError):
+    """A trainer (or the model whose weights it held) was used after ``close()``."""
+
+
+class ModelAttachedError(EngineError, RuntimeError):
+    """A model is already attached to a live trainer; a second one cannot stream it too."""

@@ -129,8 +129,10 @@ class GradientOffload:
     def _retire_oldest(self) -> None:
         request, block = self._pending.popleft()
         self._pending_bytes -= block.size
-        request.wait()
-        block.free()
+        try:
+            request.wait()
+        finally:  # a failed write is complete too: its staging goes back either way
+            block.free()
 
     def finish(self) -> tuple[float, bool]:
         """Waits for every gradient write; returns (global L2 norm, any inf/NaN) of the window."""
@@ -163,5 +165,12 @@ class GradientOffload:
         return self._flat.numel() * self._flat.element_size() if self.grad_buffer == "flat" else 0
 
     def close(self) -> None:
+        """Waits for every write in flight and frees its staging, then raises the first write error."""
+        error: Optional[BaseException] = None
         while self._pending:
-            self._retire_oldest()
+            try:
+                self._retire_oldest()
+            except Exception as exc:  # keep draining: every block must go back before the pool closes
+                error = error or exc
+        if error is not None:
+            raise error

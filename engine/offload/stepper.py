@@ -291,9 +291,13 @@ class OptimizerStepper:
                                                 layout[stream][i], piece, self.dtypes[stream]))
 
     def close(self) -> None:
-        """Waits for outstanding I/O and returns the buffer sets to the pool."""
+        """Waits for outstanding I/O and returns every buffer set to the pool, then raises the first error."""
+        error: Optional[BaseException] = None
         for s in self._sets:
-            try:
-                s.wait()
-            finally:
-                s.free()
+            for release in (s.wait, s.free):
+                try:
+                    release()
+                except Exception as exc:  # the other sets still have to be released
+                    error = error or exc
+        if error is not None:
+            raise error

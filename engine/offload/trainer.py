@@ -15,13 +15,15 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from .._log import logger
+from .._log import logger, warn_once
 from ..config import Config
+from ..errors import ModelAttachedError, TrainerClosedError
 from ..memory.planner import DTYPES, MemoryPlan, check_disk, plan as plan_memory
 from ..memory.malloc import applied_mmap_threshold, set_mmap_threshold
 from ..memory.pool import PinnedPool
@@ -41,6 +43,133 @@ from .streamer import ParameterStreamer
 
 Initializer = Callable[[str, tuple[int, ...]], torch.Tensor]
 
+# Models a trainer streams (a weak reference to its _Resources) or whose streamed weights a
+# closed trainer released (_RELEASED): a second trainer on either is refused.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+_RELEASED = "released"
+
+
+class _Resources:
+    """What a trainer holds beyond Python memory: the streamer's hooks on the model, the store
+    (its swap directory), the I/O ring and its file descriptors, the page-locked pool.
+
+    Released in dependency order by :meth:`Trainer.close` or, for a trainer dropped without
+    ``close()``, by its finalizer - so nothing here may refer to the trainer."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.streamer: Optional[ParameterStreamer] = None
+        self.grads: Any = None  # GradientOffload, or ResidentTrainables in both roles
+        self.stepper: Any = None
+        self.store: Optional[TensorStore] = None
+        self.io: Optional[AsyncIO] = None
+        self.pool: Optional[PinnedPool] = None
+        self.tmpdir: Optional[str] = None
+        self.released = False
+
+    def release(self, restore_weights: bool = False) -> Optional[BaseException]:
+        """Releases everything, each part on its own so one failure stops nothing; returns the
+        first error. Later calls do nothing."""
+        if self.released:
+            return None
+        self.released = True
+        errors: list[BaseException] = []
+        self._detach(restore_weights, errors)
+        for part in (self.grads, self.stepper, self.streamer, self.store, self.io, self.pool):
+            if part is not None:
+                _attempt(part.close, errors)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            cleanup.unregister(self.tmpdir)
+        _attempt(self._mark_model, errors)
+        return errors[0] if errors else None
+
+    def _detach(self, restore_weights: bool, errors: list[BaseException]) -> None:
+        """Removes the streamer's hooks; with ``restore_weights`` the streamed weights come back
+        into the module (read from the store, which is still open)."""
+        if self.streamer is None:
+            return
+        try:
+            self.streamer.detach(restore=restore_weights)
+        except Exception as exc:
+            errors.append(exc)
+            _attempt(lambda: self.streamer.detach(restore=False), errors)  # the hooks and staging at least
+
+    def _mark_model(self) -> None:
+        """A model left with placeholders refuses to run (never NaN) and to be attached again."""
+        held = {id(p) for p in self.model.parameters() if is_placeholder(p.data)}
+        if not held:
+            _ATTACHED.pop(self.model, None)
+            return
+        _ATTACHED[self.model] = _RELEASED
+        for name, module in self.model.named_modules():
+            if any(id(p) in held for p in module.parameters()):
+                module.register_forward_pre_hook(_refuse_released(name), prepend=True)
+
+
+def _attempt(release: Callable[[], Any], errors: list[BaseException]) -> None:
+    try:
+        release()
+    except Exception as exc:
+        errors.append(exc)
+
+
+_RELEASED_HELP = ("its streamed weights were released when its trainer closed (the parameters are "
+                  "placeholders). Evaluate before trainer.close(), or close with "
+                  "trainer.close(restore_weights=True) to keep the weights in the model (costs the "
+                  "model's size in DRAM)")
+
+
+def _refuse_released(name: str) -> Callable:
+    def hook(module: nn.Module, args: Any) -> None:
+        raise TrainerClosedError(f"the trainer is closed: {name or 'the model'} cannot run, {_RELEASED_HELP}")
+    return hook
+
+
+def _check_attachable(model: nn.Module) -> None:
+    """Refuses a model that contains, or is part of, a model a live trainer streams or whose
+    weights a closed trainer released."""
+    inside = {id(m): name for name, m in model.named_modules()}
+    for root, state in list(_ATTACHED.items()):
+        if id(root) in inside:
+            where = f"its submodule {inside[id(root)]!r}" if inside[id(root)] else "the model"
+        elif any(m is model for m in root.modules()):
+            where = "the model (a part of another model)"
+        else:
+            continue
+        if state == _RELEASED:
+            raise TrainerClosedError(f"cannot initialize a trainer: {where} was used by a trainer that is "
+                                     f"closed; {_RELEASED_HELP}; or build the model again")
+        if state() is not None and not state().released:
+            raise ModelAttachedError(f"cannot initialize a trainer: {where} is already attached to a live "
+                                     "trainer (its weights are on that trainer's NVMe store). Call close() "
+                                     "on that trainer first (close(restore_weights=True) keeps the weights "
+                                     "in the model), or train a copy of the model")
+
+
+def _weak_on_grad(trainer: "Trainer") -> Callable[[str, torch.Tensor], None]:
+    """The gradient hooks' callback: a weak reference, so hooks left on the user's model never
+    keep a dropped trainer (and its swap file, pool and file descriptors) alive."""
+    method = weakref.WeakMethod(trainer._on_grad)
+
+    def on_grad(name: str, grad: torch.Tensor) -> None:
+        target = method()
+        if target is None:
+            raise TrainerClosedError(f"the trainer is closed: a gradient of {name!r} arrived after its "
+                                     "trainer was garbage-collected")
+        target(name, grad)
+
+    return on_grad
+
+
+def _finalize(resources: _Resources) -> None:
+    """A trainer dropped without ``close()``: releases what it held (at garbage collection or exit)."""
+    error = resources.release()
+    if error is not None:
+        logger.warning("a Trainer dropped without close() was released; releasing it failed: %s", error)
+    else:
+        logger.info("a Trainer dropped without close() was released (swap files removed, pool freed)")
+
 
 class OffloadedOptimizer(torch.optim.Optimizer):
     """The trainer's optimizer as torch sees it: ``param_groups`` carry lr and weight decay
@@ -48,13 +177,17 @@ class OffloadedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, trainer: "Trainer"):
         super().__init__(params, defaults)
-        self._trainer = trainer
+        self._trainer = weakref.ref(trainer)  # no cycle: a dropped trainer goes with its last reference
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch's signature
         if closure is not None:
             raise ValueError("the offloaded optimizer does not take a closure")
-        self._trainer._apply_step()
+        trainer = self._trainer()
+        if trainer is None:
+            raise TrainerClosedError("the trainer is closed: optimizer.step() cannot run, its trainer was "
+                                     "garbage-collected (keep a reference to the trainer while training)")
+        trainer._apply_step()
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -65,28 +198,39 @@ class Trainer:
     """Returned by :func:`engine.initialize`. Use it like the model plus DeepSpeed's engine API."""
 
     def __init__(self, model: nn.Module, config: Config, initializer: Optional[Initializer] = None):
+        _check_attachable(model)
         self.config = config
         self.module = model
         self.compute_dtype = DTYPES[config.dtype]
         self.frozen_dtype = DTYPES[config.frozen_dtype or config.dtype]  # requires_grad=False parameters
         self.mixed = self.compute_dtype != torch.float32
-        self._closed = False
-        self._tmpdir: Optional[str] = None
-        self._store: Optional[TensorStore] = None
-        self._io: Optional[AsyncIO] = None
-        self._pool: Optional[PinnedPool] = None
-        self._streamer: Optional[ParameterStreamer] = None
-        self._stepper: Optional[OptimizerStepper] = None
-        self._grads: Optional[GradientOffload] = None
+        self._res = _Resources(model)
+        _ATTACHED[model] = weakref.ref(self._res)
+        self._finalizer = weakref.finalize(self, _finalize, self._res)
         self.micro_steps = 0
         self.global_steps = 0
         self.skipped_steps = 0
+        self._grads_since_step = False  # a step() with none changes nothing (as torch.optim)
         self._timers = dict(forward_s=0.0, backward_s=0.0, step_s=0.0)
+        on_meta = any(p.device.type == "meta" for p in model.parameters())
         try:
             self._build(initializer)
         except BaseException:
-            self.close()
+            # Give an in-memory model its weights back; a meta-built one has nowhere to keep them.
+            error = self._shutdown(restore_weights=not on_meta)
+            if error is not None:
+                logger.warning("releasing a trainer whose initialization failed also failed: %s", error)
             raise
+
+    # The parts the trainer owns live in _Resources (so a finalizer can release them).
+    _store = property(lambda self: self._res.store)
+    _io = property(lambda self: self._res.io)
+    _pool = property(lambda self: self._res.pool)
+    _streamer = property(lambda self: self._res.streamer)
+    _stepper = property(lambda self: self._res.stepper)
+    _grads = property(lambda self: self._res.grads)
+    _tmpdir = property(lambda self: self._res.tmpdir)
+    _closed = property(lambda self: self._res.released)
 
     # ------------------------------------------------------------------ construction
     def _build(self, initializer: Optional[Initializer]) -> None:
@@ -101,21 +245,22 @@ class Trainer:
             raise ValueError("the model is on the meta device: pass initializer(name, shape) -> tensor "
                              "(or load it with engine.from_pretrained)")
         self.plan: MemoryPlan = plan_memory(model, cfg)
+        res = self._res
         paths = cfg.nvme_paths
         if paths is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="memascend-")
-            cleanup.register(self._tmpdir)
-            paths = [self._tmpdir]
+            res.tmpdir = tempfile.mkdtemp(prefix="memascend-")
+            cleanup.register(res.tmpdir)
+            paths = [res.tmpdir]
         for p in paths:
             if not os.path.isdir(p):
                 raise FileNotFoundError(2, f"NVMe path {p!r} does not exist or is not a directory", p)
         check_disk(self.plan, paths)
         pinned_torch = cfg.pinned_alloc == "torch"
-        self._pool = PinnedPool(self.plan.pool_bytes)
-        self._io = AsyncIO(cfg.aio_backend, queue_depth=cfg.queue_depth, block_size=parse_bytes(cfg.block_size),
-                           pool=self._pool)
-        self._store = TensorStore(paths, layout=cfg.store, io=self._io, checksum=cfg.checksum,
-                                  stripe_size=self.plan.segment_elements * 4)
+        res.pool = PinnedPool(self.plan.pool_bytes)
+        res.io = AsyncIO(cfg.aio_backend, queue_depth=cfg.queue_depth, block_size=parse_bytes(cfg.block_size),
+                         pool=self._pool)
+        res.store = TensorStore(paths, layout=cfg.store, io=self._io, checksum=cfg.checksum,
+                                stripe_size=self.plan.segment_elements * 4)
         self._store.ensure_capacity(self.plan.disk_bytes)
         store = self._store
 
@@ -148,11 +293,11 @@ class Trainer:
                                   pool=self._pool, resident_trainable=in_memory)
         else:
             self._cast_parameters(model)
-        self._streamer = ParameterStreamer(
+        res.streamer = ParameterStreamer(
             model, store, None if pinned_torch else self._pool, prefetch_depth=self.plan.prefetch_depth,
             resident_threshold_bytes=cfg.resident_threshold_bytes, buffer_pool=cfg.buffer_pool,
             buffer_count=cfg.buffer_count if cfg.buffer_pool == "uniform" else None, pinned_alloc=cfg.pinned_alloc,
-            on_grad=self._on_grad, restore_on_exit=False, resident_trainable=in_memory)
+            on_grad=_weak_on_grad(self), restore_on_exit=False, resident_trainable=in_memory)
         self._streamer.attach()
         # Only an optimizer step on a streamed weight makes staged copies stale (PEFT: never).
         self._streamed_trainable = any(sp.param.requires_grad for sp in self._streamer.params.streamed.values())
@@ -172,7 +317,7 @@ class Trainer:
         group = self.optimizer.param_groups[0]
         if in_memory:
             # One object in both roles: gradients and optimizer state stay in DRAM.
-            self._stepper = self._grads = ResidentTrainables(
+            res.stepper = res.grads = ResidentTrainables(
                 [(n, p) for n, p in model.named_parameters() if n in trainable], masters,
                 state_dtype=DTYPES[cfg.optimizer_state_dtype],
                 betas=opt.betas, eps=opt.eps, adamw_mode=opt.type == "adamw",
@@ -192,15 +337,16 @@ class Trainer:
     def _build_nvme_optimizer(self, cfg: Config, store: TensorStore, specs: list[ParamSpec], group: dict) -> None:
         """The NVMe path: pipelined stepper over store-resident states, gradients offloaded as produced."""
         opt = cfg.optimizer
-        self._stepper = OptimizerStepper(
+        self._res.stepper = OptimizerStepper(
             store, self._pool, specs, compute_dtype=self.compute_dtype,
             state_dtype=DTYPES[cfg.optimizer_state_dtype],
             sub_group_elements=self.plan.sub_group_elements, betas=opt.betas, eps=opt.eps,
             adamw_mode=opt.type == "adamw", group_hparams=lambda g: (group["lr"], group["weight_decay"]))
         self._stepper.initialize_states()
-        self._grads = GradientOffload(store, self._pool, specs, grad_buffer=cfg.grad_buffer,
-                                      overflow_check=cfg.overflow_check, staging_bytes=self.plan.grad_staging_bytes,
-                                      flat_dtype=self.compute_dtype if self.mixed else torch.float32)
+        self._res.grads = GradientOffload(store, self._pool, specs, grad_buffer=cfg.grad_buffer,
+                                          overflow_check=cfg.overflow_check,
+                                          staging_bytes=self.plan.grad_staging_bytes,
+                                          flat_dtype=self.compute_dtype if self.mixed else torch.float32)
         self._grads.begin_window()
 
     def _cast_parameters(self, model: nn.Module) -> None:
@@ -236,6 +382,7 @@ class Trainer:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_open("forward")
         start = time.perf_counter()
         try:
             with profile_phase("forward"):  # shaded in a running MemoryProfiler's timeline
@@ -249,11 +396,14 @@ class Trainer:
         return micro == 0, micro == gas - 1
 
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:
+        self._check_open("backward")
         first, last = self._window_position()
         self._grads.add(name, grad, first, last)
+        self._grads_since_step = True
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagates ``loss / gradient_accumulation_steps`` (times the fp16 loss scale)."""
+        self._check_open("backward")
         start = time.perf_counter()
         scaled = loss.float() / self.gradient_accumulation_steps
         if self.scaler is not None:
@@ -263,7 +413,16 @@ class Trainer:
         self._timers["backward_s"] += time.perf_counter() - start
 
     def step(self) -> None:
-        """Call after every micro-batch; the optimizer runs at the accumulation boundary."""
+        """Call after every micro-batch; the optimizer runs at the accumulation boundary.
+
+        Like ``torch.optim``, which skips parameters without a gradient: a ``step()`` with no
+        gradient since the previous one (no ``backward()``) changes nothing - no weight decay,
+        no moment update - and counts no micro-batch or step; it warns once."""
+        self._check_open("step")
+        if not self._grads_since_step:
+            self._warn_no_gradients("step")
+            return
+        self._grads_since_step = False
         self.micro_steps += 1
         if self.micro_steps % self.gradient_accumulation_steps == 0:
             with profile_phase("optimizer"):
@@ -272,7 +431,17 @@ class Trainer:
     def zero_grad(self) -> None:
         """Gradients live on NVMe and are overwritten by the next window's first micro-batch."""
 
+    def _warn_no_gradients(self, what: str) -> None:
+        warn_once(f"no-gradients-{what}",
+                  f"Trainer.{what}() with no gradient since the last step (no backward()): skipped, nothing "
+                  f"updated and no step counted (global_steps stays {self.global_steps}), as torch.optim "
+                  "skips parameters without a gradient")
+
     def _apply_step(self) -> None:
+        self._check_open("optimizer.step")
+        if not self._grads.received:  # optimizer.step() called directly on an empty window
+            self._warn_no_gradients("optimizer.step")
+            return
         start = time.perf_counter()
         norm, overflow = self._grads.finish()
         scale = self.loss_scale
@@ -313,6 +482,7 @@ class Trainer:
     # ------------------------------------------------------------------ reporting
     def parameter(self, name: str) -> torch.Tensor:
         """The current value of a trainable parameter (fp32 master when mixed precision)."""
+        self._check_open("parameter")
         if isinstance(self._stepper, ResidentTrainables):
             return self._stepper.master(name).detach()
         key = ("master", name) if self.mixed else ("param", name)
@@ -321,6 +491,7 @@ class Trainer:
     def weight(self, name: str) -> torch.Tensor:
         """The current value of any parameter, trainable or frozen, read on its own (frozen streamed
         weights from the store, one tensor at a time): trainable ones as :meth:`parameter`."""
+        self._check_open("weight")
         param = dict(self.module.named_parameters(remove_duplicate=False)).get(name)
         if param is None:
             raise KeyError(f"{name!r} is not a parameter of the model")
@@ -334,18 +505,21 @@ class Trainer:
 
     def save_adapter(self, directory: str) -> list[str]:
         """Saves the LoRA adapters in peft's format (``PeftModel.from_pretrained`` loads them)."""
+        self._check_open("save_adapter")
         from ..peft import save_adapter
 
         return save_adapter(self, directory)
 
     def merge_and_export(self, directory: str, *, max_shard_size="5GB", dtype: Optional[torch.dtype] = None) -> list[str]:
         """Streams the base weights with the adapters merged to safetensors shards, one tensor at a time."""
+        self._check_open("merge_and_export")
         from ..peft import merge_and_export
 
         return merge_and_export(self, directory, max_shard_size=max_shard_size, dtype=dtype)
 
     def memory_report(self) -> dict:
         """Backend, pool stats, peak RSS, bytes read/written and bandwidth, I/O wait vs compute time."""
+        self._check_open("memory_report")
         status = _proc_status()
         store = self._store.stats()
         streamer = self._streamer.stats()
@@ -364,32 +538,39 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ teardown
-    def close(self) -> None:
-        """Detaches from the model, closes the store (removing swap files) and frees the pool."""
-        if self._closed:
-            return
-        self._closed = True
-        for part in (self._grads, self._stepper):
-            if part is not None:
-                part.close()
-        if self._streamer is not None:
-            self._streamer.detach(restore=False)
-            self._streamer.close()
-        if self._store is not None:
-            self._store.close()
-        if self._io is not None:
-            self._io.close()
-        if self._pool is not None:
-            self._pool.close()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            cleanup.unregister(self._tmpdir)
+    def close(self, *, restore_weights: bool = False) -> None:
+        """Detaches from the model, closes the store (removing swap files), the I/O ring and the pool.
+
+        Everything is released even when a part fails (e.g. a gradient write that hit ENOSPC);
+        the first error is raised once, and later calls do nothing. The streamed weights live
+        only on NVMe: by default they go with the store and the model refuses to run
+        (:class:`~engine.errors.TrainerClosedError`, never NaN). ``restore_weights=True`` reads
+        them back into the model first (costs the model's compute-dtype size in DRAM), so it can
+        be evaluated, saved or trained again."""
+        error = self._shutdown(restore_weights)
+        if error is not None:
+            raise error
+
+    def _shutdown(self, restore_weights: bool) -> Optional[BaseException]:
+        self._finalizer.detach()  # released here, not again at garbage collection
+        return self._res.release(restore_weights)
+
+    def _check_open(self, what: str) -> None:
+        if self._res.released:
+            raise TrainerClosedError(f"the trainer is closed: {what}() cannot run after close(). Create a new "
+                                     "trainer (close(restore_weights=True) keeps the weights in the model)")
 
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        error = self._shutdown(restore_weights=False)
+        if error is None:
+            return
+        if exc is None:
+            raise error
+        # the block's own error is the one to see; closing after it failed as well
+        logger.warning("closing the trainer after %s also failed: %s", exc_type.__name__, error)
 
     # ------------------------------------------------------------------ checkpoints (engine/checkpoint)
     def save_checkpoint(self, save_dir: str, client_state: Optional[dict] = None, *, tag: Optional[str] = None,
@@ -406,6 +587,7 @@ class Trainer:
         the checkpoint's directory."""
         from ..checkpoint.state import save_checkpoint
 
+        self._check_open("save_checkpoint")
         with profile_phase("checkpoint"):
             return save_checkpoint(self, save_dir, client_state, tag=tag, lr_scheduler=lr_scheduler,
                                    keep_last=keep_last, max_shard_size=max_shard_size)
@@ -421,6 +603,7 @@ class Trainer:
         its state; ``load_rng=False`` leaves the RNGs alone."""
         from ..checkpoint.state import load_checkpoint
 
+        self._check_open("load_checkpoint")
         with profile_phase("checkpoint"):
             return load_checkpoint(self, load_dir, tag=tag, lr_scheduler=lr_scheduler, load_rng=load_rng,
                                    convert_dtype=convert_dtype)
@@ -433,6 +616,7 @@ class Trainer:
         model's compute dtype; ``torch.float32`` exports the fp32 masters). Returns the files."""
         from ..checkpoint.hf import save_pretrained
 
+        self._check_open("save_pretrained")
         return save_pretrained(self, save_dir, max_shard_size=max_shard_size, dtype=dtype)
 
 

@@ -91,7 +91,10 @@ class Scaled(nn.Module):
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(8, 8)
-        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8), persistent=False)
+        # device named explicitly: transformers' meta-init patches torch.linspace for a while, and if
+        # torch's device-context cache is first filled then, linspace ignores `with torch.device("meta")`
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8, device=self.linear.weight.device),
+                             persistent=False)
 
     def forward(self, x):
         return self.linear(x) * self.scale

@@ -126,22 +126,29 @@ class StreamedParameter(nn.Parameter):
         if _needs_data(func):
             params = _placeholders_in(args, kwargs)
             if params:
-                return _streamer_of(params[0]).call_with_weights(func, args, kwargs, params)
+                streamer = _live_streamer(params[0])
+                if streamer is not None:
+                    return streamer.call_with_weights(func, args, kwargs, params)
+                if not is_structural(func):  # .data / .to / .detach of a detached one: its placeholder
+                    raise _detached_error(params[0])
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
 
-def _streamer_of(param: nn.Parameter):
+def _live_streamer(param: nn.Parameter):
+    """The attached streamer serving ``param``, None when it was detached or collected."""
     ref = getattr(param, STREAMER_ATTR, None)
     streamer = ref() if ref is not None else None
-    if streamer is None or not streamer.attached:
-        key = getattr(param, KEY_ATTR, None)
-        raise StreamingError(
-            f"the streamed parameter {key[1] if isinstance(key, tuple) else key!r} was used after its "
-            f"ParameterStreamer was detached without restoring it (the trainer is closed): its data is only "
-            f"in the store. Use the model before close(), or detach with restore=True to get the weights back "
-            f"in memory.")
-    return streamer
+    return streamer if streamer is not None and streamer.attached else None
+
+
+def _detached_error(param: nn.Parameter) -> StreamingError:
+    key = getattr(param, KEY_ATTR, None)
+    return StreamingError(
+        f"the streamed parameter {key[1] if isinstance(key, tuple) else key!r} was used after its "
+        f"ParameterStreamer was detached without restoring it (the trainer is closed): its data is only "
+        f"in the store. Use the model before close(), or close(restore_weights=True) / detach(restore=True) "
+        f"to get the weights back in memory.")
 
 
 def is_structural(func: Callable) -> bool:

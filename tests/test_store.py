@@ -230,6 +230,25 @@ def test_removed_after_exception_inside_a_step(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+
+def test_close_releases_everything_when_closing_a_file_fails(tmp_path):
+    store = TensorStore(str(tmp_path))
+    store.put("w", torch.ones(100))
+    (directory,) = store.directories
+    (backing,) = store._backings
+    real_close = backing.file.close
+
+    def failing_close():
+        real_close()
+        raise OSError(5, "injected close failure")
+
+    backing.file.close = failing_close
+    with pytest.raises(OSError, match="injected close failure"):
+        store.close()
+    assert not os.path.exists(directory) and os.listdir(tmp_path) == []  # removed despite the failure
+    store.close()  # the error was reported once: a second close is a no-op
+
+
 CHILD = """
 import sys, time, torch
 from engine.storage import TensorStore

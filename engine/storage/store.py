@@ -35,6 +35,7 @@ import ctypes
 import errno
 import math
 import os
+import shutil
 import stat
 import time
 from dataclasses import dataclass, field
@@ -547,22 +548,30 @@ class TensorStore:
             raise ValueError("TensorStore is closed")
 
     def close(self) -> None:
-        """Waits for outstanding I/O, closes and removes the swap files and private directories."""
+        """Waits for outstanding I/O, closes and removes the swap files and private directories.
+        Every step runs even when an earlier one fails (a failed I/O must not leave the swap
+        directory behind); the first error is raised once, after all of them."""
         if self._closed:
             return
         self._closed = True
-        for b in self._backings:
-            if b.file is not None and not b.file.closed:
-                b.file.close()
+        steps = [b.file.close for b in self._backings if b.file is not None and not b.file.closed]
         if self._owns_io and self._io is not None:
-            self._io.close()
-        for b in self._backings:
-            if b.directory is not None:
-                import shutil
-
-                shutil.rmtree(b.directory, ignore_errors=True)
-                cleanup.unregister(b.directory)
+            steps.append(self._io.close)
+        steps += [lambda d=b.directory: self._remove_directory(d) for b in self._backings if b.directory is not None]
+        first: Optional[BaseException] = None
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - reported below, after every resource is released
+                first = first or exc
         self._meta.clear()
+        if first is not None:
+            raise first
+
+    @staticmethod
+    def _remove_directory(directory: str) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+        cleanup.unregister(directory)
 
     def __enter__(self) -> "TensorStore":
         return self

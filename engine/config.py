@@ -157,7 +157,7 @@ def _check_int_or_auto(name: str, value: Any, low: int, high: int) -> None:
 
 
 def _nvme_paths(nvme_path: Any) -> Optional[list[str]]:
-    """``nvme_path`` as a list of str paths (None: a private temp dir); a ConfigError if it is not one."""
+    """``nvme_path`` as a list of str paths (None: the private per-user root, $TMPDIR/memascend-<uid>); a ConfigError if it is not one."""
     if nvme_path is None:
         return None
     single = isinstance(nvme_path, (str, os.PathLike))

@@ -177,3 +177,36 @@ def test_clean_bad_path_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(["clean", str(bad)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0]
+
+
+def test_without_nvme_path_swap_goes_to_one_private_root_per_user_and_is_reclaimed(tmp_path, monkeypatch):
+    """No nvme_path: one fixed <tmp>/memascend-<uid> root (a fresh random parent per run would hide
+    a killed run's swap directory from every later sweep)."""
+    import engine
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    root = cleanup.default_swap_root()
+    assert root == os.path.join(str(tmp_path), f"memascend-{os.geteuid()}")
+    assert os.stat(root).st_mode & 0o777 == 0o700
+    stale = fake_swap_dir(root, dead_name())  # what a SIGKILLed earlier run left
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with engine.initialize(model, engine.Config(resident_threshold_bytes=1024)) as trainer:
+        assert not os.path.exists(stale)
+        (directory,) = trainer._store.directories
+        assert os.path.dirname(directory) == root
+    assert os.listdir(root) == []
+
+
+def test_a_planted_default_swap_root_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    os.symlink(victim, tmp_path / f"memascend-{os.geteuid()}")
+    try:
+        cleanup.default_swap_root()
+    except PermissionError as exc:
+        assert "not a directory owned by this user" in str(exc)
+    else:
+        raise AssertionError("a symlink at the default swap root was followed")

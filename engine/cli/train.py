@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="compute dtype (default fp32)")
     p.add_argument("--nvme-path", action="append", metavar="DIR",
                    help="directory for the swap files; repeat to stripe over several drives "
-                   "(default: a private temporary directory)")
+                   "(default: $TMPDIR/memascend-<uid>, private to this user)")
     p.add_argument("--memory-budget", metavar="BYTES", help="host memory budget, e.g. 4GiB (the run is refused "
                    "before any allocation if it cannot fit)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only (engine.peft)")

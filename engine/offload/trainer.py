@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 import weakref
 from typing import Any, Callable, Optional
@@ -64,7 +62,6 @@ class _Resources:
         self.store: Optional[TensorStore] = None
         self.io: Optional[AsyncIO] = None
         self.pool: Optional[PinnedPool] = None
-        self.tmpdir: Optional[str] = None
         self.released = False
 
     def release(self, restore_weights: bool = False) -> Optional[BaseException]:
@@ -78,9 +75,6 @@ class _Resources:
         for part in (self.grads, self.stepper, self.streamer, self.store, self.io, self.pool):
             if part is not None:
                 _attempt(part.close, errors)
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            cleanup.unregister(self.tmpdir)
         _attempt(self._mark_model, errors)
         return errors[0] if errors else None
 
@@ -229,7 +223,6 @@ class Trainer:
     _streamer = property(lambda self: self._res.streamer)
     _stepper = property(lambda self: self._res.stepper)
     _grads = property(lambda self: self._res.grads)
-    _tmpdir = property(lambda self: self._res.tmpdir)
     _closed = property(lambda self: self._res.released)
 
     # ------------------------------------------------------------------ construction
@@ -247,10 +240,8 @@ class Trainer:
         self.plan: MemoryPlan = plan_memory(model, cfg)
         res = self._res
         paths = cfg.nvme_paths
-        if paths is None:
-            res.tmpdir = tempfile.mkdtemp(prefix="memascend-")
-            cleanup.register(res.tmpdir)
-            paths = [res.tmpdir]
+        if paths is None:  # the store makes its private swap directory in there and removes it
+            paths = [cleanup.default_swap_root()]
         for p in paths:
             if not os.path.isdir(p):
                 raise FileNotFoundError(2, f"NVMe path {p!r} does not exist or is not a directory", p)

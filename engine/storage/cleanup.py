@@ -23,6 +23,7 @@ names them). Anything else is kept and said why.
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import logging
 import os
@@ -31,6 +32,7 @@ import secrets
 import shutil
 import signal
 import stat
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
@@ -180,6 +182,25 @@ def make_swap_dir(root: str) -> tuple[str, int]:
             raise
         os.close(fd)
     raise FileExistsError(f"could not create a private swap directory under {root!r} in 100 attempts")
+
+
+def default_swap_root() -> str:
+    """The swap root used when no NVMe path is configured: ``<tmp>/memascend-<uid>``, one fixed
+    private (0700) directory per user, so a killed run's swap directory in it is reclaimed by
+    the next run (a fresh random parent per run would hide it from every later sweep). A
+    pre-planted symlink or a directory owned by someone else is refused, never used."""
+    root = os.path.join(tempfile.gettempdir(), f"memascend-{os.geteuid()}")
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise PermissionError(errno.EACCES, f"{root!r} is not a directory owned by this user (uid {os.geteuid()}): "
+                              "refusing to put swap files there; set nvme_path", root)
+    if st.st_mode & 0o777 != 0o700:
+        os.chmod(root, 0o700, follow_symlinks=False)
+    return root
 
 
 # ---------------------------------------------------------------------------------------- sweep

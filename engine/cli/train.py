@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         prof.detach()  # before the pool and store close
         if trainer is not None:
-            trainer.close()
+            trainer.__exit__(*sys.exc_info())  # a failing close must not hide the run's own error
         prof.stop()
     wall = time.perf_counter() - started
     prof.extra["train"] = dict(result, wall_s=wall, model=args.model or "tiny (embedded default)",

@@ -596,8 +596,10 @@ class Trainer:
 
         self._check_open("load_checkpoint")
         with profile_phase("checkpoint"):
-            return load_checkpoint(self, load_dir, tag=tag, lr_scheduler=lr_scheduler, load_rng=load_rng,
-                                   convert_dtype=convert_dtype)
+            loaded = load_checkpoint(self, load_dir, tag=tag, lr_scheduler=lr_scheduler, load_rng=load_rng,
+                                     convert_dtype=convert_dtype)
+        self._grads_since_step = False  # a backward() before the load belongs to the state it replaced
+        return loaded
 
     def save_pretrained(self, save_dir: str, *, max_shard_size: "int | str" = "5GB",
                         dtype: Optional[torch.dtype] = None) -> list[str]:

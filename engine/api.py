@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import Config
 from .memory.planner import MemoryPlan, plan as _plan
-from .offload.materialize import Initializer, initialize_meta_buffers
+from .offload.materialize import Initializer
 
 ConfigLike = Union[Config, dict, str, "os.PathLike[str]", None]
 
@@ -30,9 +30,7 @@ def initialize(model: nn.Module, config: ConfigLike = None,
     from .offload.trainer import Trainer
 
     config = Config.load(config if config is not None else Config())
-    if buffer_initializer is not None:
-        initialize_meta_buffers(model, buffer_initializer)
-    return Trainer(model, config, initializer)
+    return Trainer(model, config, initializer, buffer_initializer=buffer_initializer)
 
 
 def plan(model: nn.Module, config: ConfigLike = None, *, activation_bytes: int = 0,

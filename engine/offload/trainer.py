@@ -33,7 +33,7 @@ from ..storage.store import TensorStore
 from ..units import format_bytes, parse_bytes
 from .gradients import GradientOffload
 from .loss_scaler import DynamicLossScaler
-from .materialize import initialize_into_store
+from .materialize import initialize_into_store, initialize_meta_buffers
 from .params import KEY_ATTR, is_placeholder
 from .resident import ResidentTrainables
 from .stepper import OptimizerStepper, ParamSpec
@@ -191,8 +191,11 @@ class OffloadedOptimizer(torch.optim.Optimizer):
 class Trainer:
     """Returned by :func:`engine.initialize`. Use it like the model plus DeepSpeed's engine API."""
 
-    def __init__(self, model: nn.Module, config: Config, initializer: Optional[Initializer] = None):
-        _check_attachable(model)
+    def __init__(self, model: nn.Module, config: Config, initializer: Optional[Initializer] = None, *,
+                 buffer_initializer: Optional[Initializer] = None):
+        _check_attachable(model)  # before anything of the model is touched
+        if buffer_initializer is not None:
+            initialize_meta_buffers(model, buffer_initializer)
         self.config = config
         self.module = model
         self.compute_dtype = DTYPES[config.dtype]

@@ -471,6 +471,15 @@ def unequal_fs(tmp_path):
         yield big, small
 
 
+def test_a_mounted_loop_device_is_refused_naming_its_mount_point(small_fs):
+    dev = os.stat(small_fs).st_dev
+    node = "/dev/" + os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    if not os.path.exists(node):
+        pytest.skip(f"no device node {node} for the loop mount")
+    with pytest.raises(ValueError, match=f"is mounted at '{small_fs}'"):
+        TensorStore(node, allow_raw_device=True)
+
+
 def test_ensure_capacity_reserves_exactly_what_is_asked_and_allocations_fit_in_it(tmp_path):
     with TensorStore(str(tmp_path)) as store:
         store.ensure_capacity(3 * MiB + 100)

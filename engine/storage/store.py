@@ -639,12 +639,9 @@ def _available_bytes(path: str) -> int:
 
 def _refuse_mounted_device(path: str, st: os.stat_result) -> None:
     """Raises if the block device (or a partition of it) is mounted or held by another user."""
-    devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == devno:
-                raise ValueError(f"block device {path!r} is mounted at {fields[4]!r}; refusing to use it as raw storage")
+    mount = cleanup.find_mount(st.st_rdev)
+    if mount is not None:
+        raise ValueError(f"block device {path!r} is mounted at {mount[0]!r}; refusing to use it as raw storage")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_EXCL)  # the kernel refuses this while the device is mounted or held
     except OSError as exc:

@@ -210,3 +210,57 @@ def test_a_planted_default_swap_root_is_refused(tmp_path, monkeypatch):
         assert "not a directory owned by this user" in str(exc)
     else:
         raise AssertionError("a symlink at the default swap root was followed")
+
+
+def sandboxed(monkeypatch, tmp_path) -> None:
+    """/proc without a boot id or pid namespace file (gVisor, some sandboxes)."""
+    monkeypatch.setattr(cleanup, "_BOOT_ID", str(tmp_path / "no-boot_id"))
+    monkeypatch.setattr(cleanup, "_PID_NS", str(tmp_path / "no-ns-pid"))
+
+
+def test_a_store_opens_where_proc_cannot_identify_the_owner(tmp_path, monkeypatch, caplog):
+    sandboxed(monkeypatch, tmp_path)
+    root = tmp_path / "nvme"
+    root.mkdir()
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        with TensorStore(str(root)) as a, TensorStore(str(root)) as b:
+            a.put("w", torch.arange(10.0))
+            assert torch.equal(a.get("w"), torch.arange(10.0))
+            owner = cleanup.parse_owner(os.path.basename(b.directories[0]))
+            assert owner.boot == cleanup.UNKNOWN_BOOT and owner.pidns == 0 and not owner.identified
+            assert owner.pid == os.getpid()
+    assert os.listdir(root) == []
+    warnings = [r.getMessage() for r in caplog.records if "unknown owner" in r.getMessage()]
+    assert len(warnings) == 2 and "no-boot_id" in warnings[0] and "no-ns-pid" in warnings[1]  # each said once
+
+
+def test_unidentified_owners_are_reclaimed_by_their_lock_alone(tmp_path, monkeypatch):
+    """An owner recorded without a boot id / pid namespace: its pid is meaningless (here a running
+    one, which the pid check would take for the owner forever), so the lock decides - on a local
+    file system only."""
+    sandboxed(monkeypatch, tmp_path)
+    root = tmp_path / "nvme"
+    root.mkdir()
+    parent = os.getppid()
+    start = cleanup._start_time(parent)
+    stale = fake_swap_dir(root, f"{cleanup.PREFIX}{cleanup.UNKNOWN_BOOT}-0-{parent}-{start}-0123456789abcdef")
+    fd = os.open(stale, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # its owner is alive
+    try:
+        result = cleanup.sweep(str(root))
+        assert result.removed == [] and "locked" in dict(result.kept)[stale]
+    finally:
+        os.close(fd)  # its owner died: the kernel released the lock
+    monkeypatch.setattr(cleanup, "_file_system_type", lambda dev: "nfs4")
+    result = cleanup.sweep(str(root))
+    assert result.removed == [] and "could not be identified" in dict(result.kept)[stale]
+    monkeypatch.setattr(cleanup, "_file_system_type", lambda dev: "ext4")
+    assert [p for p, _ in cleanup.sweep(str(root)).removed] == [stale]
+
+
+def test_one_mountinfo_reader_for_the_file_system_type_and_mount_point(tmp_path):
+    mount = cleanup.find_mount(os.stat(tmp_path).st_dev)
+    assert mount is not None and os.path.isdir(mount[0])
+    assert cleanup._file_system_type(os.stat(tmp_path).st_dev) == mount[1]
+    assert cleanup.find_mount(os.makedev(4095, 1048575)) is None
+    assert cleanup.logger is __import__("engine._log", fromlist=["logger"]).logger

@@ -1,6 +1,7 @@
 """TensorStore: round trips in both layouts and across paths, integrity, privacy and cleanup, bad input."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -16,6 +17,7 @@ from engine import AsyncIOError, PinnedPool
 from engine.errors import IntegrityError, StoreCapacityError
 from engine.storage import TensorStore
 from engine.storage.extents import ExtentAllocator
+from engine.units import format_bytes
 
 from conftest import REPO, run_unprivileged
 
@@ -435,14 +437,14 @@ def test_disjoint_ranges_of_one_key_do_not_wait_for_each_other(tmp_path):
 
 
 # ----------------------------------------------------------------------------- swap growth
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 64 MiB ext4 file system (a loop mount: needs root); skipped where one cannot be made."""
+@contextlib.contextmanager
+def loop_fs(tmp_path, name: str, size: int):
+    """An ext4 file system of ``size`` bytes (a loop mount: needs root); skips where one cannot be made."""
     if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
         pytest.skip("a loop-mounted file system needs root and mkfs.ext4")
-    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    image, mnt = tmp_path / f"{name}.img", tmp_path / name
     with open(image, "wb") as f:
-        f.truncate(64 * MiB)
+        f.truncate(size)
     made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
     mnt.mkdir()
     mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(mnt)],
@@ -453,6 +455,29 @@ def small_fs(tmp_path):
         yield str(mnt)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 MiB ext4 file system."""
+    with loop_fs(tmp_path, "mnt", 64 * MiB) as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def unequal_fs(tmp_path):
+    """Two ext4 file systems of unequal free space: 64 MiB (about 50 MiB free) and 16 MiB (about 12.6 MiB free)."""
+    with loop_fs(tmp_path, "big", 64 * MiB) as big, loop_fs(tmp_path, "small", 16 * MiB) as small:
+        yield big, small
+
+
+def test_a_mounted_loop_device_is_refused_naming_its_mount_point(small_fs):
+    dev = os.stat(small_fs).st_dev
+    node = "/dev/" + os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    if not os.path.exists(node):
+        pytest.skip(f"no device node {node} for the loop mount")
+    with pytest.raises(ValueError, match=f"is mounted at '{small_fs}'"):
+        TensorStore(node, allow_raw_device=True)
 
 
 def test_ensure_capacity_reserves_exactly_what_is_asked_and_allocations_fit_in_it(tmp_path):
@@ -467,10 +492,100 @@ def test_ensure_capacity_reserves_exactly_what_is_asked_and_allocations_fit_in_i
         # Beyond the reservation (grow_step 1 GiB): at most the file's size more, not 1 GiB.
         store.put("c", torch.zeros(MiB // 4))
         assert reserved + MiB <= store.stats()["disk_reserved"] <= 2 * reserved
-    with TensorStore(make_paths(tmp_path, 2), stripe_size=64 * KiB) as store:  # split evenly over the paths
+    with TensorStore(make_paths(tmp_path, 2), stripe_size=64 * KiB) as store:  # each path: its share
         store.ensure_capacity(MiB)
-        assert store.stats()["disk_reserved"] == MiB
-        assert [os.stat(os.path.join(d, "swap.bin")).st_size for d in store.directories] == [MiB // 2] * 2
+        share = (MiB + 64 * KiB) // 2  # the even half plus half a segment (path_share: least-used placement)
+        assert store.stats()["disk_reserved"] == 2 * share
+        assert [os.stat(os.path.join(d, "swap.bin")).st_size for d in store.directories] == [share] * 2
+
+
+def test_path_share_is_the_even_share_plus_the_spill_of_one_extent():
+    from engine.storage.store import path_share
+
+    assert path_share(3 * MiB + 100, 1, 16 * MiB) == 3 * MiB + 4 * KiB  # one path: everything, aligned
+    assert path_share(10 * MiB, 2, MiB) == 10 * MiB // 2 + MiB // 2
+    assert path_share(9 * MiB, 3, MiB) == 939 * 4 * KiB  # (9 + 2) MiB / 3 = 3844778.7 bytes, rounded up to 4 KiB
+    assert path_share(64 * KiB, 2, 16 * MiB) == 64 * KiB  # an extent is never larger than the total
+    assert path_share(0, 4, MiB) == 0
+
+
+def stored_bytes_per_path(store) -> list[int]:
+    used = [0] * len(store.directories)
+    for key in store.keys():
+        for seg in store.meta(key).segments:
+            used[seg.path_index] += seg.length
+    return used
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_each_path_holds_what_placement_puts_on_it(tmp_path, seed):
+    """Tensors of unequal sizes (here: whole segments alternating with single pages, which plain
+    round-robin puts all on one path) fit the per-path reservation: nothing grows."""
+    from engine.storage.store import path_share
+
+    gen = torch.Generator().manual_seed(seed)
+    seg = 64 * KiB
+    if seed == 0:
+        sizes = [seg, 4 * KiB] * 12
+    else:
+        sizes = [int(n) * 4 * KiB for n in torch.randint(1, 40, (30,), generator=gen)]  # up to 2.4 segments
+    total = sum(sizes)
+    for npaths in (2, 3):
+        with TensorStore(make_paths(tmp_path, npaths), stripe_size=seg, grow_step=MiB) as store:
+            store.ensure_capacity(total)  # default largest extent: one segment of 4-byte elements
+            share = path_share(total, npaths, seg)
+            swaps = [os.path.join(d, "swap.bin") for d in store.directories]
+            assert [os.stat(f).st_size for f in swaps] == [share] * npaths
+            for i, n in enumerate(sizes):
+                store.allocate(i, (n // 4,), torch.float32)
+            assert [os.stat(f).st_size for f in swaps] == [share] * npaths, stored_bytes_per_path(store)
+            assert max(stored_bytes_per_path(store)) <= share
+
+
+def test_plan_and_initialize_agree_on_paths_of_unequal_free_space(unequal_fs):
+    """64 MiB and 16 MiB file systems: a run whose total fits their sum but whose share does not
+    fit the small one is refused by the plan check, initialize and the store alike, with the same
+    numbers; one that fits trains with each swap file exactly its planned share."""
+    import engine
+    from engine.memory.planner import PlanError, check_disk
+    from transformers import LlamaForCausalLM
+
+    big_fs, small = unequal_fs
+    paths = [big_fs, small]
+    cfg = engine.Config(nvme_path=paths, optimizer=engine.AdamWConfig(lr=1e-3))
+    free = [os.statvfs(p).f_bavail * os.statvfs(p).f_frsize for p in paths]
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_llama_config(hidden=256, inter=512, vocab=2048))
+    plan = engine.plan(model, cfg)
+    share = plan.disk_per_path[small]
+    assert plan.disk_bytes < sum(free) and free[1] < share < free[0]  # the case a summed check let through
+    with pytest.raises(PlanError) as planned:
+        check_disk(plan, paths)
+    with pytest.raises(PlanError) as initialized:
+        engine.initialize(model, cfg, initializer=lambda name, shape: torch.zeros(shape))
+    assert str(planned.value) == str(initialized.value)
+    assert f"on {small}: the run needs {format_bytes(share)}" in str(planned.value)
+    with TensorStore(paths, stripe_size=plan.segment_elements * 4) as store:
+        with pytest.raises(StoreCapacityError) as stored:
+            store.ensure_capacity(plan.disk_bytes, plan.disk_largest_extent)
+        assert store.stats()["disk_reserved"] == 0  # refused before anything grew
+    assert stored.value.needed == share and small in str(stored.value) and big_fs not in str(stored.value)
+    assert abs(stored.value.available - free[1]) <= 64 * KiB  # the store's directory and empty swap file
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).float()
+    plan = engine.plan(model, cfg)
+    check_disk(plan, paths)
+    with engine.initialize(model, cfg) as trainer:
+        swaps = [os.path.join(p, d, "swap.bin") for p in paths for d in os.listdir(p) if d.startswith("memascend-")]
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        for _ in range(trainer.gradient_accumulation_steps):
+            trainer.backward(trainer(input_ids=x, labels=x).loss)
+        trainer.step()
+        assert trainer.global_steps == 1 and trainer.skipped_steps == 0
+        assert [os.stat(f).st_size for f in swaps] == [plan.disk_per_path[p] for p in paths]  # no growth
+    assert [os.listdir(p) for p in paths] == [["lost+found"]] * 2
 
 
 def test_growth_beyond_the_reservation_is_bounded_by_the_free_space(small_fs):

@@ -44,6 +44,7 @@ from torch import nn
 from ..config import Config
 from ..errors import EngineError
 from .pool import IO_ALIGNMENT, round_up_io
+from ..storage.store import path_share
 from ..units import format_bytes
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
@@ -77,6 +78,7 @@ class MemoryPlan:
     trainable_params: int
     trainable_in_memory: bool = False  # trainable params, gradients and optimizer state in DRAM
     trainable_state_bytes: int = 0     # their fp32 master (mixed), gradient and moments, when in DRAM
+    disk_largest_extent: int = 0       # the largest extent (store segment, or file) on disk: bounds per-path shares
 
     @property
     def fits(self) -> bool:
@@ -183,12 +185,15 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         # in DRAM stages nothing, but the pool (and its registrations) must still exist.
         pool = max(staging + grad_staging + optimizer, IO_ALIGNMENT)
         peak = pool + resident + flat + activation_bytes + process + trainable_state
-        disk = _disk_bytes([] if in_memory else trainable, params, compute, state, config, frozen_dtype)
+        on_disk = _disk_tensors([] if in_memory else trainable, params, compute, state, config, frozen_dtype)
+        disk = sum(round_up_io(n * size) for n, size in on_disk)
+        largest_extent = max((_extent_bytes(n, size, segment_elements, config.store) for n, size in on_disk), default=0)
         paths = config.nvme_paths or ["(private temporary directory)"]
+        share = path_share(disk, len(paths), largest_extent)
         return MemoryPlan(depth, group, segment_elements, staging, grad_staging, optimizer, pool, resident, flat,
-                          activation_bytes, process, peak, disk, {p: -(-disk // len(paths)) for p in paths}, budget,
+                          activation_bytes, process, peak, disk, {p: share for p in paths}, budget,
                           sum(math.prod(sp.shape) for sp in params.streamed.values()), numel_trainable,
-                          in_memory, trainable_state)
+                          in_memory, trainable_state, largest_extent)
 
     candidates = [build(d, g) for d in depths for g in groups]
     if budget is None:
@@ -334,35 +339,46 @@ def _saved_activations(model: nn.Module, example_inputs: dict, dtype_of: Callabl
     return saved
 
 
-def _disk_bytes(trainable, params, compute: torch.dtype, state: torch.dtype, config: Config,
-                frozen_dtype: Optional[torch.dtype] = None) -> int:
-    itemsize = torch.empty((), dtype=compute).element_size()
-    s_itemsize = torch.empty((), dtype=state).element_size()
-    total = 0
+def _disk_tensors(trainable, params, compute: torch.dtype, state: torch.dtype, config: Config,
+                  frozen_dtype: Optional[torch.dtype] = None) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of every tensor the run keeps on disk."""
+    itemsize = _itemsize(compute)
+    s_itemsize = _itemsize(state)
+    out: list[tuple[int, int]] = []
     for _, shape in trainable:
         n = math.prod(shape)
-        total += round_up_io(n * itemsize)                 # compute weights ("param")
+        out.append((n, itemsize))                          # compute weights ("param")
         if compute != torch.float32:
-            total += round_up_io(n * 4)                    # fp32 master
-        total += 2 * round_up_io(n * s_itemsize)           # Adam moments
+            out.append((n, 4))                             # fp32 master
+        out += [(n, s_itemsize)] * 2                       # Adam moments
         if config.grad_buffer == "streamed":
-            total += round_up_io(n * 4)                    # fp32 gradient
+            out.append((n, 4))                             # fp32 gradient
     frozen = [sp for sp in params.streamed.values() if not sp.param.requires_grad]
     frozen_itemsize = _itemsize(frozen_dtype or compute)
-    total += sum(round_up_io(math.prod(sp.shape) * frozen_itemsize) for sp in frozen)
-    return total
+    out += [(math.prod(sp.shape), frozen_itemsize) for sp in frozen]
+    return out
+
+
+def _extent_bytes(numel: int, itemsize: int, segment_elements: int, layout: str) -> int:
+    """The largest extent the store gives such a tensor: one segment (direct) or the whole file."""
+    padded = round_up_io(numel * itemsize)
+    return padded if layout == "files" else min(padded, segment_elements * itemsize)
 
 
 def check_disk(plan: MemoryPlan, paths: list[str]) -> None:
-    """Raises :class:`PlanError` when the paths' file systems cannot hold the plan's disk bytes."""
-    available, seen = 0, set()
+    """Raises :class:`PlanError` when a path's file system cannot hold the plan's bytes placed
+    there: each path holds its share (:func:`~engine.storage.store.path_share`, the figure the
+    store checks and reserves), and paths on one file system share its free space."""
+    share = path_share(plan.disk_bytes, len(paths), plan.disk_largest_extent)
+    groups: dict[int, list[str]] = {}
     for p in paths:
-        st = os.stat(p)
-        if st.st_dev in seen:
-            continue
-        seen.add(st.st_dev)
-        vfs = os.statvfs(p)
-        available += vfs.f_bavail * vfs.f_frsize
-    if plan.disk_bytes > available:
-        raise PlanError(f"not enough disk space on {', '.join(paths)}: the run needs {format_bytes(plan.disk_bytes)}, "
-                        f"{format_bytes(available)} available")
+        groups.setdefault(os.stat(p).st_dev, []).append(p)
+    for members in groups.values():
+        vfs = os.statvfs(members[0])
+        available = vfs.f_bavail * vfs.f_frsize
+        needed = share * len(members)
+        if needed > available:
+            striped = (f" (its share of {format_bytes(plan.disk_bytes)} striped over {len(paths)} paths)"
+                       if len(paths) > 1 else "")
+            raise PlanError(f"not enough disk space on {', '.join(members)}: the run needs {format_bytes(needed)}"
+                            f"{striped}, {format_bytes(available)} available")

@@ -255,7 +255,7 @@ class Trainer:
                          pool=self._pool)
         res.store = TensorStore(paths, layout=cfg.store, io=self._io, checksum=cfg.checksum,
                                 stripe_size=self.plan.segment_elements * 4)
-        self._store.ensure_capacity(self.plan.disk_bytes)
+        self._store.ensure_capacity(self.plan.disk_bytes, self.plan.disk_largest_extent)
         store = self._store
 
         trainable = self._trainable_names(model)

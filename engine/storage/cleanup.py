@@ -15,6 +15,10 @@ clean``) removes a directory only when its owner is provably gone:
 * same boot, another pid namespace (a container sharing the path): nobody holds its lock;
 * another boot, on a local file system: its owner died with that boot. On a network or
   cluster file system another machine may own it: left alone.
+* an owner that could not be identified (where /proc has no boot id or pid namespace, as
+  under gVisor: recorded as ``0000000000000000`` and ``0``, said once): its pid means nothing,
+  but a dead owner released its lock, so on a local file system "not locked" means gone; on
+  a shared one it is left alone.
 
 and only when it is unmistakably ours: the exact name pattern, a real directory (never a
 symlink), owned by this user, holding only swap files (regular files named as the store
@@ -25,7 +29,6 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
-import logging
 import os
 import re
 import secrets
@@ -35,13 +38,15 @@ import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, TypeVar
 
+from .._log import logger, warn_once
 from ..units import format_bytes
 
-logger = logging.getLogger("engine")
-
 PREFIX = "memascend-swap-"
+UNKNOWN_BOOT = "0" * 16  # recorded where the boot id cannot be read (gVisor, some sandboxes)
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_PID_NS = "/proc/self/ns/pid"
 _NAME = re.compile(r"memascend-swap-(?P<boot>[0-9a-f]{16})-(?P<pidns>\d+)-(?P<pid>\d+)-(?P<start>\d+)"
                    r"-[0-9a-f]{16}\Z")
 _SWAP_FILE = re.compile(r"(swap\.bin|tensor-\d{8}\.bin)\Z")  # what TensorStore puts in its directory
@@ -49,6 +54,7 @@ _SWAP_FILE = re.compile(r"(swap\.bin|tensor-\d{8}\.bin)\Z")  # what TensorStore 
 _LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs", "bcachefs", "jfs", "nilfs2",
                        "overlay", "reiserfs", "zfs"})
 
+_T = TypeVar("_T")
 _dirs: set[str] = set()
 _lock_fds: dict[str, int] = {}  # directory -> the fd holding its owner lock
 _lock = threading.Lock()
@@ -118,23 +124,44 @@ class Owner:
     pid: int
     start: int  # clock ticks after boot, /proc/PID/stat field 22
 
+    @property
+    def identified(self) -> bool:
+        """False when the boot, pid namespace or start time could not be read: its pid says nothing."""
+        return self.boot != UNKNOWN_BOOT and self.pidns != 0 and self.start != 0
+
 
 def this_process() -> Owner:
-    """The current process as an owner (computed each time: a forked child is another owner)."""
+    """The current process as an owner (computed each time: a forked child is another owner).
+    What /proc cannot tell is recorded as unknown (said once), never an error: a store must open
+    in a sandbox without a boot id or pid namespace file."""
     pid = os.getpid()
-    start = _start_time(pid)
-    if start is None:
-        raise OSError(f"cannot read /proc/{pid}/stat: the swap directory's owner cannot be recorded")
+    try:
+        start = _start_time(pid)
+    except OSError:
+        start = None
+    start = start or _unknown(f"/proc/{pid}/stat", 0)
     return Owner(_boot_id(), _pid_namespace(), pid, start)
 
 
 def _boot_id() -> str:
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip().replace("-", "")[:16]
+    try:
+        with open(_BOOT_ID) as f:
+            return f.read().strip().replace("-", "")[:16]
+    except OSError:
+        return _unknown(_BOOT_ID, UNKNOWN_BOOT)
 
 
 def _pid_namespace() -> int:
-    return os.stat("/proc/self/ns/pid").st_ino
+    try:
+        return os.stat(_PID_NS).st_ino
+    except OSError:
+        return _unknown(_PID_NS, 0)
+
+
+def _unknown(what: str, value: _T) -> _T:
+    warn_once(f"swap-owner:{what}", f"cannot read {what}: swap directories are named with an unknown owner; one "
+              "left by a killed run is reclaimed only on a local file system, once its owner's lock is free")
+    return value
 
 
 def _start_time(pid: int) -> Optional[int]:
@@ -299,25 +326,38 @@ def _reclaim(root_fd: int, name: str, me: Owner, local: bool, dry_run: bool):
 
 def _owner_gone(owner: Owner, me: Owner, local: bool):
     """True when the owner cannot be running; otherwise why it may be."""
+    if owner == me:
+        return "this process's own"
+    if not owner.identified:
+        # Its pid is meaningless, but a dead owner released its flock: on a local file system
+        # nobody else can hold it, so "not locked" (checked next) means gone.
+        return True if local else ("its owner could not be identified (no boot id or pid namespace), "
+                                   "on a shared file system: it may be running elsewhere")
     if owner.boot == me.boot and owner.pidns == me.pidns:
-        if owner.pid == me.pid and owner.start == me.start:
-            return "this process's own"
         if _start_time(owner.pid) == owner.start:
             return f"its owner, pid {owner.pid}, is running"
         return True
     if owner.boot == me.boot:
         return True  # another pid namespace on this kernel: the owner lock decides
     if local:
-        return True
+        return True  # another boot (or this process cannot read its own): the owner lock decides
     return "made on another boot or machine, on a shared file system: its owner may be running there"
 
 
 def _file_system_type(dev: int) -> str:
     """The type of the mounted file system with device number ``dev`` ('' if not found)."""
+    mount = find_mount(dev)
+    return mount[1] if mount is not None else ""
+
+
+def find_mount(dev: int) -> Optional[tuple[str, str]]:
+    """(mount point, file system type) of the first mount of device number ``dev`` in
+    /proc/self/mountinfo; None when it is not mounted."""
     want = f"{os.major(dev)}:{os.minor(dev)}"
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            if left.split()[2] == want:
-                return right.split()[0]
-    return ""
+            fields = left.split()
+            if fields[2] == want:
+                return fields[4], right.split()[0]
+    return None

@@ -34,6 +34,7 @@ class ExtentAllocator:
         self._free: dict[int, int] = {}            # offset -> size
         self._by_size: list[tuple[int, int]] = []  # sorted (size, offset)
         self._used: dict[int, int] = {}            # offset -> size
+        self._used_total = 0                       # sum of _used: placement asks it per extent
         if self.capacity:
             self._insert(0, self.capacity)
 
@@ -45,7 +46,7 @@ class ExtentAllocator:
 
     @property
     def used_bytes(self) -> int:
-        return sum(self._used.values())
+        return self._used_total
 
     @property
     def free_bytes(self) -> int:
@@ -81,6 +82,7 @@ class ExtentAllocator:
         if block > size:
             self._insert(offset + size, block - size)
         self._used[offset] = size
+        self._used_total += size
         return offset
 
     def _expand(self, size: int) -> None:
@@ -96,10 +98,14 @@ class ExtentAllocator:
                 raise MemoryError(f"no free extent of {size} bytes within the {self.max_capacity}-byte limit")
         self._extend_to(new_capacity)
 
+    def growth_for(self, nbytes: int) -> int:
+        """Bytes :meth:`reserve` (``nbytes``) would add to the space (0 when its free tail holds them)."""
+        return max(0, -(-nbytes // self.alignment) * self.alignment - self._tail_free())
+
     def reserve(self, nbytes: int) -> None:
         """Grows the space now (exactly, aligned) so that ``nbytes`` more fit in its free tail:
         a caller that knows its total grows once instead of in steps. A fixed-size space is left as it is."""
-        missing = -(-nbytes // self.alignment) * self.alignment - self._tail_free()
+        missing = self.growth_for(nbytes)
         if missing > 0 and self._grow is not None:
             if self.max_capacity is not None and self.capacity + missing > self.max_capacity:
                 raise MemoryError(f"cannot reserve {nbytes} bytes within the {self.max_capacity}-byte limit")
@@ -124,6 +130,7 @@ class ExtentAllocator:
         size = self._used.pop(offset, None)
         if size is None:
             raise ValueError(f"no allocated extent at offset {offset}")
+        self._used_total -= size
         end = offset + size
         if end in self._free:
             size += self._remove(end)

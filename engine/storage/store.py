@@ -9,7 +9,8 @@ extents with a dtype and shape. Two layouts:
     ``grow_step``, the file's size and an eighth of the free space,
     with 4 KiB-aligned extents from a best-fit allocator that reuses freed space.
     With several paths, tensors larger than ``stripe_size`` are striped
-    round-robin across them. A raw block device can be the backing store with
+    across them: each segment goes to the least-used path (round-robin among equals),
+    which bounds what any path holds (:func:`path_share`). A raw block device can be the backing store with
     ``allow_raw_device=True``; a mounted (or otherwise held) device is refused.
 ``files``
     The ZeRO-Infinity baseline for ablations: one file per tensor, opened on
@@ -182,7 +183,7 @@ class TensorStore:
         checksum: CRC32C per segment, verified on read.
         grow_step: swap files grow by at least this much at a time.
         stripe_size: segment size in bytes for 4-byte elements (segments hold ``stripe_size / 4``
-            elements of any dtype); with several paths, segments go round-robin across them.
+            elements of any dtype); with several paths, each segment goes to the least-used path.
         allow_raw_device: allow a raw block device as a path (its contents are overwritten).
         backend: AsyncIO backend when the store makes its own.
     """
@@ -210,7 +211,8 @@ class TensorStore:
         self._io = io if io is not None else AsyncIO(backend, pool=pool)
         self._meta: dict[Hashable, TensorMeta] = {}
         self._backings: list[_Backing] = []
-        self._next_path = 0
+        self._next_path = 0  # where the round-robin among equally loaded paths goes next
+        self._files_used = [0] * len(roots)  # files layout: bytes of the tensors on each path
         self._file_counter = 0
         self._closed = False
         # Requests in flight per key: a read waits for the key's writes, a write for its reads
@@ -284,28 +286,56 @@ class TensorStore:
         finally:
             os.close(fd)
 
-    def ensure_capacity(self, nbytes: int) -> None:
-        """Makes room for ``nbytes`` more: raises :class:`StoreCapacityError` unless the paths can hold
-        them (checked before writing), then grows the swap files by exactly that much, split evenly
-        over the paths, so the first ``nbytes`` of allocations need no further growth."""
-        self._check_room(nbytes)
-        growable = [b for b in self._backings if b.allocator is not None and not b.is_device]
-        for b in growable:
-            b.allocator.reserve(-(-nbytes // len(growable)))
-
-    def _check_room(self, nbytes: int) -> None:
+    def ensure_capacity(self, nbytes: int, largest_extent: Optional[int] = None) -> None:
+        """Makes room for ``nbytes`` more of allocations, none larger than ``largest_extent`` bytes
+        (default: one segment of 4-byte elements): raises :class:`StoreCapacityError` unless every
+        path can hold its share (:func:`path_share`, checked before writing), then grows each swap
+        file by exactly that share, so those allocations need no further growth."""
         self._check_open()
-        available, seen = 0, set()
-        for b in self._backings:
-            if b.allocator is not None:
-                available += b.allocator.free_bytes
-            if not b.is_device:
-                dev = os.stat(b.root).st_dev
-                if dev not in seen:  # two paths on one file system share its free space
-                    seen.add(dev)
-                    available += _available_bytes(b.root)
-        if nbytes > available:
-            raise StoreCapacityError(nbytes, available, ", ".join(b.root for b in self._backings))
+        largest = self.segment_elements * 4 if largest_extent is None else largest_extent
+        shares = self._shares(nbytes, largest)
+        self._check_room(shares)
+        for b, share in zip(self._backings, shares):
+            if b.allocator is not None and not b.is_device:
+                b.allocator.reserve(share)
+
+    def _shares(self, nbytes: int, largest_extent: int) -> list[int]:
+        """Free bytes each path needs for ``nbytes`` more, placed on the least-used path: the
+        paths' final loads are bounded by the share of everything stored (what is there plus
+        ``nbytes``); a path already above it receives nothing."""
+        used = [self._used_on(i) for i in range(len(self._backings))]
+        target = path_share(sum(used) + nbytes, len(self._backings), largest_extent)
+        return [max(0, target - u) for u in used]
+
+    def _check_room(self, shares: list[int]) -> None:
+        """Raises :class:`StoreCapacityError` for the first file system (or device) that cannot
+        hold the shares of its paths (paths on one file system share its free space)."""
+        groups: dict[int, list[tuple[_Backing, int]]] = {}
+        for b, share in zip(self._backings, shares):
+            if b.is_device:  # fixed size: only its free extents count
+                if share > b.allocator.free_bytes:
+                    raise StoreCapacityError(share, b.allocator.free_bytes, b.root)
+                continue
+            groups.setdefault(os.stat(b.root).st_dev, []).append((b, share))
+        for members in groups.values():
+            needed = sum(b.allocator.growth_for(share) if b.allocator is not None else share for b, share in members)
+            available = _available_bytes(members[0][0].root)
+            if needed > available:
+                raise StoreCapacityError(needed, available, ", ".join(b.root for b, _ in members))
+
+    def _used_on(self, index: int) -> int:
+        """Bytes allocated on path ``index``."""
+        allocator = self._backings[index].allocator
+        return allocator.used_bytes if allocator is not None else self._files_used[index]
+
+    def _least_used_path(self) -> int:
+        """The path for the next extent: the one with the fewest bytes allocated, ties going
+        round-robin (so a tensor's segments still alternate over equally loaded paths). Greedy
+        least-used placement keeps every path within :func:`path_share` of what is stored."""
+        n = len(self._backings)
+        index = min(((self._next_path + k) % n for k in range(n)), key=self._used_on)
+        self._next_path = (index + 1) % n
+        return index
 
     # ----------------------------------------------------------------- tensors
     def allocate(self, key: Hashable, shape: Iterable[int], dtype: torch.dtype) -> TensorMeta:
@@ -323,7 +353,8 @@ class TensorStore:
         step = self.segment_elements * itemsize
         pieces = [(o, min(step, meta.padded_nbytes - o)) for o in range(0, meta.padded_nbytes, step)]
         if self.layout == "files":
-            index = self._rotate()
+            index = self._least_used_path()
+            self._files_used[index] += meta.padded_nbytes
             self._file_counter += 1
             meta.file = os.path.join(self._backings[index].directory, f"tensor-{self._file_counter:08d}.bin")
             meta.segments = [Segment(index, o, o, n) for o, n in pieces]
@@ -331,10 +362,9 @@ class TensorStore:
             offset = self._backings[0].allocator.allocate(meta.padded_nbytes) if pieces else 0
             meta.segments = [Segment(0, offset + o, o, n) for o, n in pieces]
         else:
-            start = self._rotate()
             try:
-                for j, (o, n) in enumerate(pieces):
-                    index = (start + j) % len(self._backings)
+                for o, n in pieces:
+                    index = self._least_used_path()
                     meta.segments.append(Segment(index, self._backings[index].allocator.allocate(n), o, n))
             except BaseException:
                 self._release_segments(meta)
@@ -343,11 +373,6 @@ class TensorStore:
         meta.written = [False] * len(meta.segments)
         self._meta[key] = meta
         return meta
-
-    def _rotate(self) -> int:
-        index = self._next_path
-        self._next_path = (self._next_path + 1) % len(self._backings)
-        return index
 
     def meta(self, key: Hashable) -> TensorMeta:
         try:
@@ -378,6 +403,8 @@ class TensorStore:
 
     def _release_segments(self, meta: TensorMeta) -> None:
         if self.layout == "files":
+            if meta.segments:
+                self._files_used[meta.segments[0].path_index] -= meta.padded_nbytes
             if meta.file is not None and os.path.exists(meta.file):
                 os.unlink(meta.file)
             return
@@ -586,6 +613,18 @@ class TensorStore:
             pass
 
 
+def path_share(nbytes: int, npaths: int, largest_extent: int) -> int:
+    """Bytes each of ``npaths`` paths must hold so that ``nbytes`` of extents, none larger than
+    ``largest_extent``, fit when each extent goes to the least-used path (the store's placement):
+    the even share plus ``(npaths - 1) / npaths`` of the largest extent, aligned. Why: the path
+    that ends fullest was the least used (at most the average of the rest) when it received its
+    last extent. The planner's check, the store's check and its reservation all use this figure."""
+    if npaths <= 1:
+        return round_up_io(nbytes)
+    spill = (npaths - 1) * min(round_up_io(largest_extent), round_up_io(nbytes))
+    return round_up_io(-(-(nbytes + spill) // npaths))
+
+
 def _aligned_bytes(nbytes: int) -> torch.Tensor:
     """A 4 KiB-aligned uint8 CPU tensor of ``nbytes`` (for the synchronous convenience path)."""
     raw = torch.empty(nbytes + IO_ALIGNMENT, dtype=torch.uint8)
@@ -600,12 +639,9 @@ def _available_bytes(path: str) -> int:
 
 def _refuse_mounted_device(path: str, st: os.stat_result) -> None:
     """Raises if the block device (or a partition of it) is mounted or held by another user."""
-    devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == devno:
-                raise ValueError(f"block device {path!r} is mounted at {fields[4]!r}; refusing to use it as raw storage")
+    mount = cleanup.find_mount(st.st_rdev)
+    if mount is not None:
+        raise ValueError(f"block device {path!r} is mounted at {mount[0]!r}; refusing to use it as raw storage")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_EXCL)  # the kernel refuses this while the device is mounted or held
     except OSError as exc:

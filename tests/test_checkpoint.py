@@ -1008,6 +1008,14 @@ def test_two_savers_in_one_process_conflict_too(tmp_path, nvme):
         pass
 
 
+def _fd_path(fd: int) -> str:
+    """What ``fd`` names; "" when it is gone (closed meanwhile by another thread: not the target)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
 def _enospc_on(monkeypatch, part: str) -> None:
     """``os.write`` to a file whose path contains ``part`` fails with ENOSPC, as on a full disk
     (other writes go through)."""
@@ -1016,7 +1024,7 @@ def _enospc_on(monkeypatch, part: str) -> None:
     real = os.write
 
     def write(fd, data):
-        if part in os.readlink(f"/proc/self/fd/{fd}"):
+        if part in _fd_path(fd):
             raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))
         return real(fd, data)
 
@@ -1067,3 +1075,104 @@ def test_enospc_on_a_buffered_shard_names_it(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as err:
         write_safetensors(file, [Entry("t", torch.float32, (4,), torch.ones(4))], None, [])
     assert err.value.errno == 28 and file in str(err.value) and err.value.filename == file
+
+
+# ---------------------------------------------------------------------------------------------- injected failures of `latest`
+def _committed_once(root_dir) -> "CheckpointRoot":
+    """A checkpoint root whose 'latest' names 'a' (a manifest-only checkpoint: commit() needs no more)."""
+    from engine.checkpoint.atomic import CheckpointRoot, write_file
+
+    root = CheckpointRoot(str(root_dir))
+    tmp = root.begin("a")
+    write_file(tmp, "manifest.json", b"{}")
+    root.commit(tmp, "a")
+    return root
+
+
+def test_a_failed_root_fsync_after_latest_moved_says_latest_moved(tmp_path, monkeypatch):
+    from engine.checkpoint import LatestNotDurableError, LatestNotUpdatedError
+    from engine.checkpoint.atomic import write_file
+
+    root = _committed_once(tmp_path / "ckpt")
+    tmp = root.begin("b")
+    write_file(tmp, "manifest.json", b"{}")
+    real_rename, real_fsync, moved = os.rename, os.fsync, []
+
+    def rename(src, dst, *a, **kw):
+        real_rename(src, dst, *a, **kw)
+        moved.append(os.path.basename(dst) == "latest")
+
+    def fsync(fd):
+        if any(moved):  # the root's fsync after 'latest' was replaced
+            raise OSError(5, os.strerror(5))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(LatestNotDurableError) as err:
+        root.commit(tmp, "b")
+    monkeypatch.undo()
+    message = str(err.value)
+    assert not isinstance(err.value, LatestNotUpdatedError) and err.value.errno == 5
+    assert "'latest' names it" in message and "power cut" in message and "still names" not in message, message
+    assert err.value.committed == str(tmp_path / "ckpt" / "b") and root.latest() == "b"
+
+
+def test_a_failed_cleanup_does_not_hide_the_rename_error_of_latest(tmp_path, monkeypatch, caplog):
+    from engine.checkpoint import LatestNotUpdatedError
+    from engine.checkpoint.atomic import write_file
+
+    root = _committed_once(tmp_path / "ckpt")
+    tmp = root.begin("b")
+    write_file(tmp, "manifest.json", b"{}")
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def rename(src, dst, *a, **kw):
+        if os.path.basename(dst) == "latest":
+            raise OSError(28, os.strerror(28))
+        return real_rename(src, dst, *a, **kw)
+
+    def unlink(path, *a, **kw):
+        if ".tmp-latest-" in os.fspath(path):
+            raise PermissionError(13, os.strerror(13), path)
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with caplog.at_level("WARNING"), pytest.raises(LatestNotUpdatedError) as err:
+        root.commit(tmp, "b")
+    monkeypatch.undo()
+    assert err.value.errno == 28 and "'latest' still names 'a'" in str(err.value), str(err.value)
+    assert ".tmp-latest-" in caplog.text and "could not remove" in caplog.text  # logged, not raised
+    assert root.latest() == "a"
+
+
+def test_make_private_dir_creates_every_missing_parent_0700(tmp_path, monkeypatch):
+    from engine.checkpoint.atomic import make_private_dir
+
+    old = os.umask(0o022)
+    try:
+        existing = tmp_path / "mine"
+        existing.mkdir(mode=0o755)
+        make_private_dir(str(existing / "a" / "b" / "c"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o755  # an existing directory keeps its mode
+    for d in (existing / "a", existing / "a" / "b", existing / "a" / "b" / "c"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        make_private_dir(str(tmp_path / "file"))
+
+
+def test_the_enospc_helper_lets_a_write_to_a_closed_fd_fail_as_it_would(tmp_path, monkeypatch):
+    """A background thread's fd closed under the patched os.write: EBADF from the real write,
+    not the helper's own readlink failure."""
+    import errno as errno_mod
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    _enospc_on(monkeypatch, "manifest.json")
+    with pytest.raises(OSError) as err:
+        os.write(fd, b"x")
+    assert err.value.errno == errno_mod.EBADF

@@ -34,7 +34,8 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from .._log import logger
-from .format import CheckpointError, LatestNotUpdatedError, named_write_error, open_regular, write_all
+from .format import (CheckpointError, LatestNotDurableError, LatestNotUpdatedError, named_write_error, open_regular,
+                     write_all)
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -86,22 +87,51 @@ def fsync_path(path: str) -> None:
 
 
 def make_private_dir(path: str) -> None:
-    """Creates ``path`` (and parents) 0700; an existing directory is left as it is."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Creates ``path`` and each missing parent 0700 (``os.makedirs`` would give the parents the
+    umask's mode). An existing directory keeps its mode: the user chose it."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        make_private_dir(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:  # a concurrent creator; a file there is refused by the isdir below
+        pass
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: exists and is not a directory; cannot write into it")
+
+
+def open_private(name: str, dir_fd: Optional[int] = None) -> int:
+    """A new file for writing, 0600: O_EXCL (never an existing file), O_NOFOLLOW (never through a
+    planted link). ``name`` is relative to ``dir_fd`` when given."""
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+
+
+def remove_quietly(path: str, why: str) -> None:
+    """Unlinks ``path`` while another error is being raised: a failure is logged, never raised
+    (it would hide that error)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("checkpoint: could not remove %s after %s: %s", path, why, exc)
 
 
 def write_file(directory: str, name: str, data: bytes) -> None:
     """Writes a new private file and fsyncs it. If writing fails (e.g. ENOSPC) the partial file
     is removed and the error names it."""
     path = os.path.join(directory, name)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = open_private(path)
     try:
         write_all(fd, memoryview(data))
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
         fd = -1
-        os.unlink(path)
+        remove_quietly(path, "a failed write")
         raise named_write_error(path, exc) from exc
     finally:
         if fd >= 0:
@@ -274,14 +304,23 @@ class CheckpointRoot:
         except CheckpointError:
             previous = None  # unreadable: replaced below
         try:
-            self.set_latest(tag)
+            self._replace_latest(tag)
         except OSError as exc:
             raise LatestNotUpdatedError(os.path.join(self.root, LATEST), exc, final, previous) from exc
+        try:  # 'latest' has moved: a failure now is not "still names the previous one"
+            fsync_path(self.root)
+        except OSError as exc:
+            raise LatestNotDurableError(self.root, exc, final, previous) from exc
         pause_point("after-latest")
         return final
 
     def set_latest(self, tag: str) -> None:
-        """Points ``latest`` at ``tag`` atomically; on failure the temporary file is removed."""
+        """Points ``latest`` at ``tag`` atomically and durably; on failure the temporary file is removed."""
+        self._replace_latest(tag)
+        fsync_path(self.root)
+
+    def _replace_latest(self, tag: str) -> None:
+        """Writes ``tag`` to a new temporary file and renames it over ``latest`` (no directory fsync)."""
         check_name(tag, "checkpoint tag")
         name = f"{TMP_PREFIX}{LATEST}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp = os.path.join(self.root, name)
@@ -289,9 +328,8 @@ class CheckpointRoot:
         try:
             os.rename(tmp, os.path.join(self.root, LATEST))
         except OSError:
-            os.unlink(tmp)
+            remove_quietly(tmp, f"a failed rename to {LATEST!r}")
             raise
-        fsync_path(self.root)
 
     def retain(self, keep_last: int, order: dict[str, int]) -> list[str]:
         """Deletes all but the ``keep_last`` newest complete checkpoints (by ``order``, e.g. the save

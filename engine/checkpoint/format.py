@@ -71,6 +71,20 @@ class LatestNotUpdatedError(CheckpointWriteError):
                                     f"tag={tag!r}, or free space and save again")
 
 
+class LatestNotDurableError(CheckpointWriteError):
+    """A save committed its checkpoint and moved ``latest`` to it, but the fsync of the checkpoint
+    root failed afterwards: the move may not survive a power cut (``latest`` could come back naming
+    ``previous``). ``committed`` is the checkpoint's directory."""
+
+    def __init__(self, root: str, exc: OSError, committed: str, previous: Optional[str]):
+        self.committed = committed
+        tag = os.path.basename(committed)
+        super().__init__(root, exc, f"checkpoint {tag!r} was committed at {committed} and 'latest' names it, but "
+                                    f"the fsync of {root} failed ({exc.strerror or exc}): the update of 'latest' "
+                                    f"may not survive a power cut (it named {previous!r} before). Check the disk, "
+                                    "then save again")
+
+
 def named_write_error(path: str, exc: OSError) -> OSError:
     """``exc`` if it already names a file, else a :class:`CheckpointWriteError` naming ``path``."""
     return exc if exc.filename is not None or isinstance(exc, EngineError) else CheckpointWriteError(path, exc)

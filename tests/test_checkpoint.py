@@ -900,6 +900,21 @@ def _edit(manifest: dict, how: str, files: list[str], sched_state: dict) -> str:
     if how == "bad-rng":
         manifest["rng"]["python"][1] = [1, 2, 3]
         return "rng.python"
+    if how == "scheduler-float-epoch":  # an int field: a float would break the scheduler's counting
+        manifest["lr_scheduler"] = dict(sched_state, last_epoch=1.5)
+        return "lr_scheduler.last_epoch"
+    if how == "scheduler-infinite-lr":
+        manifest["lr_scheduler"] = dict(sched_state, base_lrs=[float("inf")] * len(sched_state["base_lrs"]))
+        return "lr_scheduler.base_lrs[0]"
+    if how == "string-gauss":  # random.setstate keeps it: random.gauss() would return the string
+        manifest["rng"]["python"][2] = "not a number"
+        return "rng.python"
+    if how == "numpy-pos-out-of-bounds":  # numpy accepts it, and a later draw reads out of bounds
+        manifest["rng"]["numpy"][2] = 10 ** 6
+        return "rng.numpy[2]"
+    if how == "numpy-float-key":  # numpy would truncate it
+        manifest["rng"]["numpy"][1][5] = 1.5
+        return "rng.numpy[1][5]"
     if how == "unknown-top-key":
         manifest["extra"] = 1
         return "(top level)"
@@ -908,7 +923,8 @@ def _edit(manifest: dict, how: str, files: list[str], sched_state: dict) -> str:
 
 HOSTILE_EDITS = ["huge-steps", "negative-steps", "nan-lr", "string-lr", "bool-lr", "beta-one", "injected-params",
                  "unknown-group-key", "scheduler-overwrites-optimizer", "scheduler-string-epoch", "no-file-crc",
-                 "no-tensor-crc", "no-counter", "nan-grad-norm", "bad-rng", "unknown-top-key"]
+                 "no-tensor-crc", "no-counter", "nan-grad-norm", "bad-rng", "unknown-top-key", "scheduler-float-epoch",
+                 "scheduler-infinite-lr", "string-gauss", "numpy-pos-out-of-bounds", "numpy-float-key"]
 
 
 def test_hostile_manifest_fields_are_refused_before_the_trainer_is_touched(tmp_path, saved):
@@ -1176,3 +1192,23 @@ def test_the_enospc_helper_lets_a_write_to_a_closed_fd_fail_as_it_would(tmp_path
     with pytest.raises(OSError) as err:
         os.write(fd, b"x")
     assert err.value.errno == errno_mod.EBADF
+
+
+def test_cuda_rng_states_are_checked_against_the_devices_before_anything_is_set(tmp_path, monkeypatch):
+    """A CUDA state of the wrong size fails in parse_rng (before the load writes the trainer), not
+    in set_rng_state_all at the end. (CPU-only CI: torch.cuda's device queries are faked.)"""
+    from engine.checkpoint import state as state_mod
+    from engine.checkpoint.manifest import parse_rng
+
+    saved = json.loads(json.dumps(state_mod._rng_state()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: torch.zeros(16, dtype=torch.uint8))
+    saved["cuda"] = ["00" * 16]
+    assert parse_rng(saved, "m.json").cuda[0].numel() == 16
+    saved["cuda"] = ["00" * 8]
+    with pytest.raises(CheckpointError, match=r"m.json: field 'rng.cuda\[0\]' holds 8 bytes.*has 16"):
+        parse_rng(saved, "m.json")
+    assert parse_rng(saved, "m.json", check_cuda=False).cuda is not None  # the structural check alone
+    saved["cuda"] = ["00" * 16, "00" * 16]  # saved on two devices, one here: not restored (logged)
+    assert parse_rng(saved, "m.json").cuda is None

@@ -171,12 +171,8 @@ def _set_rng_state(state: RngState) -> None:
     torch.set_rng_state(state.torch)
     random.setstate(state.python)
     np.random.set_state(state.numpy)
-    if state.cuda is not None and torch.cuda.is_available():
-        if len(state.cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state.cuda)
-        else:
-            logger.warning("checkpoint: CUDA RNG states for %d devices, %d present; not restored", len(state.cuda),
-                           torch.cuda.device_count())
+    if state.cuda is not None:  # parse_rng checked the device count and each state's size
+        torch.cuda.set_rng_state_all(state.cuda)
 
 
 def _param_groups(trainer: "Trainer") -> list[dict]:

@@ -231,14 +231,9 @@ def read_header(path: str) -> SafetensorsFile:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header (header length {length}, "
                                   f"file size {size})")
         text = f.read(length)
-    if json_depth(text) > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{path}: corrupt safetensors header (nested more than {MAX_JSON_DEPTH} levels deep)")
-    try:
-        header = json.loads(text)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    header = parse_json(text, path, "safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__' must map strings to strings)")

@@ -221,8 +221,6 @@ def export_entries(trainer: "Trainer", dtype: Optional[torch.dtype] = None) -> l
 def save_pretrained(trainer: "Trainer", save_dir: PathLike, *, max_shard_size: Union[int, str] = "5GB",
                     dtype: Optional[torch.dtype] = None) -> list[str]:
     """See :meth:`Trainer.save_pretrained`."""
-    if trainer._closed:
-        raise ValueError("the trainer is closed")
     save_dir = os.fspath(save_dir)
     limit = parse_bytes(max_shard_size)
     entries = export_entries(trainer, dtype)

@@ -841,8 +841,8 @@ def test_deeply_nested_json_is_refused(tmp_path, saved):
     bad = tmp_path / "deep.safetensors"
     header = ('{"a":' + _deep(100_000) + "}").encode()
     bad.write_bytes(len(header).to_bytes(8, "little") + header)
-    with pytest.raises(CheckpointError, match="corrupt safetensors header") as err:
-        read_header(str(bad))
+    with pytest.raises(CheckpointError, match="safetensors header is nested more than 100 levels") as err:
+        read_header(str(bad))  # parse_json's refusal, as for every other JSON the engine reads
     assert str(bad) in str(err.value)
     model_dir = tmp_path / "deep-index"
     H["llama"](seed=0, dropout=0.0).save_pretrained(str(model_dir), max_shard_size="50KB")
@@ -900,6 +900,21 @@ def _edit(manifest: dict, how: str, files: list[str], sched_state: dict) -> str:
     if how == "bad-rng":
         manifest["rng"]["python"][1] = [1, 2, 3]
         return "rng.python"
+    if how == "scheduler-float-epoch":  # an int field: a float would break the scheduler's counting
+        manifest["lr_scheduler"] = dict(sched_state, last_epoch=1.5)
+        return "lr_scheduler.last_epoch"
+    if how == "scheduler-infinite-lr":
+        manifest["lr_scheduler"] = dict(sched_state, base_lrs=[float("inf")] * len(sched_state["base_lrs"]))
+        return "lr_scheduler.base_lrs[0]"
+    if how == "string-gauss":  # random.setstate keeps it: random.gauss() would return the string
+        manifest["rng"]["python"][2] = "not a number"
+        return "rng.python"
+    if how == "numpy-pos-out-of-bounds":  # numpy accepts it, and a later draw reads out of bounds
+        manifest["rng"]["numpy"][2] = 10 ** 6
+        return "rng.numpy[2]"
+    if how == "numpy-float-key":  # numpy would truncate it
+        manifest["rng"]["numpy"][1][5] = 1.5
+        return "rng.numpy[1][5]"
     if how == "unknown-top-key":
         manifest["extra"] = 1
         return "(top level)"
@@ -908,7 +923,8 @@ def _edit(manifest: dict, how: str, files: list[str], sched_state: dict) -> str:
 
 HOSTILE_EDITS = ["huge-steps", "negative-steps", "nan-lr", "string-lr", "bool-lr", "beta-one", "injected-params",
                  "unknown-group-key", "scheduler-overwrites-optimizer", "scheduler-string-epoch", "no-file-crc",
-                 "no-tensor-crc", "no-counter", "nan-grad-norm", "bad-rng", "unknown-top-key"]
+                 "no-tensor-crc", "no-counter", "nan-grad-norm", "bad-rng", "unknown-top-key", "scheduler-float-epoch",
+                 "scheduler-infinite-lr", "string-gauss", "numpy-pos-out-of-bounds", "numpy-float-key"]
 
 
 def test_hostile_manifest_fields_are_refused_before_the_trainer_is_touched(tmp_path, saved):
@@ -1008,6 +1024,14 @@ def test_two_savers_in_one_process_conflict_too(tmp_path, nvme):
         pass
 
 
+def _fd_path(fd: int) -> str:
+    """What ``fd`` names; "" when it is gone (closed meanwhile by another thread: not the target)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
 def _enospc_on(monkeypatch, part: str) -> None:
     """``os.write`` to a file whose path contains ``part`` fails with ENOSPC, as on a full disk
     (other writes go through)."""
@@ -1016,7 +1040,7 @@ def _enospc_on(monkeypatch, part: str) -> None:
     real = os.write
 
     def write(fd, data):
-        if part in os.readlink(f"/proc/self/fd/{fd}"):
+        if part in _fd_path(fd):
             raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))
         return real(fd, data)
 
@@ -1067,3 +1091,124 @@ def test_enospc_on_a_buffered_shard_names_it(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as err:
         write_safetensors(file, [Entry("t", torch.float32, (4,), torch.ones(4))], None, [])
     assert err.value.errno == 28 and file in str(err.value) and err.value.filename == file
+
+
+# ---------------------------------------------------------------------------------------------- injected failures of `latest`
+def _committed_once(root_dir) -> "CheckpointRoot":
+    """A checkpoint root whose 'latest' names 'a' (a manifest-only checkpoint: commit() needs no more)."""
+    from engine.checkpoint.atomic import CheckpointRoot, write_file
+
+    root = CheckpointRoot(str(root_dir))
+    tmp = root.begin("a")
+    write_file(tmp, "manifest.json", b"{}")
+    root.commit(tmp, "a")
+    return root
+
+
+def test_a_failed_root_fsync_after_latest_moved_says_latest_moved(tmp_path, monkeypatch):
+    from engine.checkpoint import LatestNotDurableError, LatestNotUpdatedError
+    from engine.checkpoint.atomic import write_file
+
+    root = _committed_once(tmp_path / "ckpt")
+    tmp = root.begin("b")
+    write_file(tmp, "manifest.json", b"{}")
+    real_rename, real_fsync, moved = os.rename, os.fsync, []
+
+    def rename(src, dst, *a, **kw):
+        real_rename(src, dst, *a, **kw)
+        moved.append(os.path.basename(dst) == "latest")
+
+    def fsync(fd):
+        if any(moved):  # the root's fsync after 'latest' was replaced
+            raise OSError(5, os.strerror(5))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(LatestNotDurableError) as err:
+        root.commit(tmp, "b")
+    monkeypatch.undo()
+    message = str(err.value)
+    assert not isinstance(err.value, LatestNotUpdatedError) and err.value.errno == 5
+    assert "'latest' names it" in message and "power cut" in message and "still names" not in message, message
+    assert err.value.committed == str(tmp_path / "ckpt" / "b") and root.latest() == "b"
+
+
+def test_a_failed_cleanup_does_not_hide_the_rename_error_of_latest(tmp_path, monkeypatch, caplog):
+    from engine.checkpoint import LatestNotUpdatedError
+    from engine.checkpoint.atomic import write_file
+
+    root = _committed_once(tmp_path / "ckpt")
+    tmp = root.begin("b")
+    write_file(tmp, "manifest.json", b"{}")
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def rename(src, dst, *a, **kw):
+        if os.path.basename(dst) == "latest":
+            raise OSError(28, os.strerror(28))
+        return real_rename(src, dst, *a, **kw)
+
+    def unlink(path, *a, **kw):
+        if ".tmp-latest-" in os.fspath(path):
+            raise PermissionError(13, os.strerror(13), path)
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with caplog.at_level("WARNING"), pytest.raises(LatestNotUpdatedError) as err:
+        root.commit(tmp, "b")
+    monkeypatch.undo()
+    assert err.value.errno == 28 and "'latest' still names 'a'" in str(err.value), str(err.value)
+    assert ".tmp-latest-" in caplog.text and "could not remove" in caplog.text  # logged, not raised
+    assert root.latest() == "a"
+
+
+def test_make_private_dir_creates_every_missing_parent_0700(tmp_path, monkeypatch):
+    from engine.checkpoint.atomic import make_private_dir
+
+    old = os.umask(0o022)
+    try:
+        existing = tmp_path / "mine"
+        existing.mkdir(mode=0o755)
+        make_private_dir(str(existing / "a" / "b" / "c"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o755  # an existing directory keeps its mode
+    for d in (existing / "a", existing / "a" / "b", existing / "a" / "b" / "c"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        make_private_dir(str(tmp_path / "file"))
+
+
+def test_the_enospc_helper_lets_a_write_to_a_closed_fd_fail_as_it_would(tmp_path, monkeypatch):
+    """A background thread's fd closed under the patched os.write: EBADF from the real write,
+    not the helper's own readlink failure."""
+    import errno as errno_mod
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    _enospc_on(monkeypatch, "manifest.json")
+    with pytest.raises(OSError) as err:
+        os.write(fd, b"x")
+    assert err.value.errno == errno_mod.EBADF
+
+
+def test_cuda_rng_states_are_checked_against_the_devices_before_anything_is_set(tmp_path, monkeypatch):
+    """A CUDA state of the wrong size fails in parse_rng (before the load writes the trainer), not
+    in set_rng_state_all at the end. (CPU-only CI: torch.cuda's device queries are faked.)"""
+    from engine.checkpoint import state as state_mod
+    from engine.checkpoint.manifest import parse_rng
+
+    saved = json.loads(json.dumps(state_mod._rng_state()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: torch.zeros(16, dtype=torch.uint8))
+    saved["cuda"] = ["00" * 16]
+    assert parse_rng(saved, "m.json").cuda[0].numel() == 16
+    saved["cuda"] = ["00" * 8]
+    with pytest.raises(CheckpointError, match=r"m.json: field 'rng.cuda\[0\]' holds 8 bytes.*has 16"):
+        parse_rng(saved, "m.json")
+    assert parse_rng(saved, "m.json", check_cuda=False).cuda is not None  # the structural check alone
+    saved["cuda"] = ["00" * 16, "00" * 16]  # saved on two devices, one here: not restored (logged)
+    assert parse_rng(saved, "m.json").cuda is None

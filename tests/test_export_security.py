@@ -123,3 +123,75 @@ def test_a_named_peft_adapter_goes_to_its_private_subdirectory(tmp_path, umask_0
         assert all(stat.S_IMODE(os.lstat(os.path.join(root, n)).st_mode) == 0o600 for n in names), names
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
     peft.PeftModel.from_pretrained(tiny_llama(), str(out / "custom"))
+
+
+def test_a_directory_swapped_in_during_the_commit_is_not_written_through(tmp_path, monkeypatch):
+    """A subdirectory replaced by a symlink after it was checked: the commit is relative to the
+    directory it opened, so nothing lands in the link's target."""
+    from engine.peft.adapters import PrivateOutput
+
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    real_fchmod, swapped = os.fchmod, []
+
+    def fchmod(fd, mode):  # just before the file is renamed into out/sub
+        if not swapped and "/sub/" in os.readlink(f"/proc/self/fd/{fd}"):
+            os.rename(out / "sub", out / "sub-real")
+            os.symlink(victim, out / "sub")
+            swapped.append(True)
+        return real_fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    with PrivateOutput(out) as po:
+        os.mkdir(os.path.join(po.tmp, "sub"))  # as peft writes a named adapter
+        with open(os.path.join(po.tmp, "sub", "x.json"), "w") as f:
+            f.write("{}")
+        po.commit_all()
+    assert swapped and os.listdir(victim) == []
+    assert (out / "sub-real" / "x.json").read_text() == "{}"
+
+
+def test_a_planted_subdirectory_link_is_refused(tmp_path):
+    from engine.checkpoint import CheckpointError
+    from engine.peft.adapters import PrivateOutput
+
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    out.mkdir()
+    (out / "sub").symlink_to(victim)
+    with pytest.raises(CheckpointError, match="symbolic link"), PrivateOutput(out) as po:
+        os.mkdir(os.path.join(po.tmp, "sub"))
+        (open(os.path.join(po.tmp, "sub", "x.json"), "w")).close()
+        po.commit_all()
+    assert os.listdir(victim) == [] and not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def test_each_written_file_is_fsynced_once(tmp_path, monkeypatch):
+    from engine.peft.adapters import PrivateOutput
+
+    real_fsync, files = os.fsync, []
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            files.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with PrivateOutput(tmp_path / "out") as po:
+        po.write("a.json", b"{}")
+        po.write("b.json", b"[]")
+    assert files == ["a.json", "b.json"]
+    assert (tmp_path / "out" / "b.json").read_bytes() == b"[]"
+
+
+def test_an_existing_export_directory_keeps_its_mode_new_ones_are_0700(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    os.chmod(mine, 0o755)  # the user's choice: kept
+    old = os.umask(0o022)  # os.makedirs would create the parent "a" 0755 under it
+    try:
+        engine.peft.save_adapter(lora_model("adapter-builtin"), mine / "a" / "b")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in (mine / "a", mine / "a" / "b"))

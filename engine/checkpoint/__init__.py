@@ -7,6 +7,6 @@ checkpoints (larger than DRAM) in and out.
 - :mod:`.manifest`: ``manifest.json``, every field checked before the trainer is touched
 - :mod:`.format` / :mod:`.transfer`: streamed safetensors I/O through pinned pool blocks
 """
-from .format import CheckpointError, CheckpointWriteError, LatestNotUpdatedError
+from .format import CheckpointError, CheckpointWriteError, LatestNotDurableError, LatestNotUpdatedError
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "LatestNotUpdatedError"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "LatestNotDurableError", "LatestNotUpdatedError"]

@@ -71,6 +71,20 @@ class LatestNotUpdatedError(CheckpointWriteError):
                                     f"tag={tag!r}, or free space and save again")
 
 
+class LatestNotDurableError(CheckpointWriteError):
+    """A save committed its checkpoint and moved ``latest`` to it, but the fsync of the checkpoint
+    root failed afterwards: the move may not survive a power cut (``latest`` could come back naming
+    ``previous``). ``committed`` is the checkpoint's directory."""
+
+    def __init__(self, root: str, exc: OSError, committed: str, previous: Optional[str]):
+        self.committed = committed
+        tag = os.path.basename(committed)
+        super().__init__(root, exc, f"checkpoint {tag!r} was committed at {committed} and 'latest' names it, but "
+                                    f"the fsync of {root} failed ({exc.strerror or exc}): the update of 'latest' "
+                                    f"may not survive a power cut (it named {previous!r} before). Check the disk, "
+                                    "then save again")
+
+
 def named_write_error(path: str, exc: OSError) -> OSError:
     """``exc`` if it already names a file, else a :class:`CheckpointWriteError` naming ``path``."""
     return exc if exc.filename is not None or isinstance(exc, EngineError) else CheckpointWriteError(path, exc)
@@ -217,14 +231,9 @@ def read_header(path: str) -> SafetensorsFile:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header (header length {length}, "
                                   f"file size {size})")
         text = f.read(length)
-    if json_depth(text) > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{path}: corrupt safetensors header (nested more than {MAX_JSON_DEPTH} levels deep)")
-    try:
-        header = json.loads(text)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    header = parse_json(text, path, "safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__' must map strings to strings)")

@@ -16,11 +16,9 @@ under the name Hugging Face keeps (the one not listed in ``_tied_weights_keys``)
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
-import secrets
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
@@ -31,7 +29,7 @@ from ..config import Config
 from ..offload.params import KEY_ATTR, is_placeholder, persistent_buffers
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
-from .atomic import fsync_path, make_private_dir, write_file
+from .atomic import PrivateOutput, json_bytes
 from .format import (MAX_HEADER_BYTES, CheckpointError, SafetensorsFile, open_regular, read_header, read_json_file,
                      read_tensor, split_shards)
 from .transfer import Entry, StoreSource, staging_bytes_for, write_safetensors
@@ -221,62 +219,42 @@ def export_entries(trainer: "Trainer", dtype: Optional[torch.dtype] = None) -> l
 def save_pretrained(trainer: "Trainer", save_dir: PathLike, *, max_shard_size: Union[int, str] = "5GB",
                     dtype: Optional[torch.dtype] = None) -> list[str]:
     """See :meth:`Trainer.save_pretrained`."""
-    if trainer._closed:
-        raise ValueError("the trainer is closed")
     save_dir = os.fspath(save_dir)
     limit = parse_bytes(max_shard_size)
     entries = export_entries(trainer, dtype)
     shards = split_shards(entries, limit)
     names = [SAFE_WEIGHTS] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    make_private_dir(save_dir)
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
-    written = []
     store = trainer._store
     largest = max((e.nbytes for e in entries if isinstance(e.source, StoreSource)), default=1)
-    # Each file is written under a temporary name, fsync'ed and renamed; the index comes last.
-    with staging_blocks(trainer._pool, staging_bytes_for(store, 4 * largest), 2 * STAGING_BLOCKS) as blocks:
-        for name, shard in zip(names, shards):
-            tmp = os.path.join(save_dir, f".{name}.tmp-{token}")
-            try:
-                write_safetensors(tmp, shard, store, blocks, metadata={"format": "pt"}, io=trainer._io)
-                os.rename(tmp, os.path.join(save_dir, name))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-            written.append(os.path.join(save_dir, name))
-    config = copy.deepcopy(getattr(trainer.module, "config", None))
-    if config is not None:
-        config.dtype = dtype or trainer.compute_dtype
-        _replace(save_dir, "config.json", config.to_json_string(use_diff=True).encode(), token)
-        written.append(os.path.join(save_dir, "config.json"))
-        generation = getattr(trainer.module, "generation_config", None)
-        if generation is not None and getattr(trainer.module, "can_generate", lambda: False)():
-            _replace(save_dir, "generation_config.json", generation.to_json_string(use_diff=True).encode(), token)
-            written.append(os.path.join(save_dir, "generation_config.json"))
-    index = os.path.join(save_dir, SAFE_INDEX)
-    if len(shards) > 1:
-        weight_map = {e.name: name for name, shard in zip(names, shards) for e in shard}
-        body = dict(metadata=dict(total_size=sum(e.nbytes for e in entries),
-                                  total_parameters=sum(math.prod(e.shape) for e in entries)),
-                    weight_map=dict(sorted(weight_map.items())))
-        _replace(save_dir, SAFE_INDEX, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), token)
-        written.append(index)
-        stale = [os.path.join(save_dir, SAFE_WEIGHTS)]
-    else:
-        stale = [index]
-    # Files of an earlier export that this one does not replace would confuse a loader.
-    stale += [os.path.join(save_dir, n) for n in os.listdir(save_dir) if _SHARD.match(n) and n not in names]
-    for file in stale:
-        if os.path.isfile(file):
-            os.unlink(file)
-    fsync_path(save_dir)
+    # Each file is written in a private temporary directory, fsync'ed and renamed; the index comes last.
+    with PrivateOutput(save_dir) as out:
+        with staging_blocks(trainer._pool, staging_bytes_for(store, 4 * largest), 2 * STAGING_BLOCKS) as blocks:
+            for name, shard in zip(names, shards):
+                write_safetensors(out.path(name), shard, store, blocks, metadata={"format": "pt"}, io=trainer._io)
+                out.commit(name)
+        config = copy.deepcopy(getattr(trainer.module, "config", None))
+        if config is not None:
+            config.dtype = dtype or trainer.compute_dtype
+            out.write("config.json", config.to_json_string(use_diff=True).encode())
+            generation = getattr(trainer.module, "generation_config", None)
+            if generation is not None and getattr(trainer.module, "can_generate", lambda: False)():
+                out.write("generation_config.json", generation.to_json_string(use_diff=True).encode())
+        index = os.path.join(save_dir, SAFE_INDEX)
+        if len(shards) > 1:
+            weight_map = {e.name: name for name, shard in zip(names, shards) for e in shard}
+            body = dict(metadata=dict(total_size=sum(e.nbytes for e in entries),
+                                      total_parameters=sum(math.prod(e.shape) for e in entries)),
+                        weight_map=dict(sorted(weight_map.items())))
+            out.write(SAFE_INDEX, json_bytes(body))
+            stale = [os.path.join(save_dir, SAFE_WEIGHTS)]
+        else:
+            stale = [index]
+        # Files of an earlier export that this one does not replace would confuse a loader.
+        stale += [os.path.join(save_dir, n) for n in os.listdir(save_dir) if _SHARD.match(n) and n not in names]
+        for file in stale:
+            if os.path.isfile(file):
+                os.unlink(file)
+    written = out.written
     logger.info("save_pretrained: %d tensors in %d file(s) in %s", len(entries), len(shards), save_dir)
     return written
-
-
-def _replace(directory: str, name: str, data: bytes, token: str) -> None:
-    tmp = f".{name}.tmp-{token}"
-    write_file(directory, tmp, data)
-    os.rename(os.path.join(directory, tmp), os.path.join(directory, name))

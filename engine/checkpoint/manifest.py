@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .._log import logger
 from .atomic import MANIFEST
 from .format import CheckpointError, ST_TO_DTYPE, read_json_file
 
@@ -101,7 +102,7 @@ def read_manifest(path: str) -> dict:
     if manifest.get("lr_scheduler") is not None:
         f.mapping(manifest["lr_scheduler"], "lr_scheduler")
     if manifest.get("rng") is not None:
-        parse_rng(manifest["rng"], file)
+        parse_rng(manifest["rng"], file, check_cuda=False)  # against this process's devices: when it is loaded
     return manifest
 
 
@@ -199,8 +200,12 @@ def _same_kind(f: _Fields, value: Any, current: Any, field: str) -> None:
         return
     if isinstance(current, bool) or isinstance(value, bool):
         ok = isinstance(current, bool) and isinstance(value, bool)
-    elif isinstance(current, (int, float)):
-        ok = isinstance(value, (int, float)) and not math.isnan(value)
+    elif isinstance(current, int):  # a counter (last_epoch, _step_count): 1.5 would break it later
+        ok = isinstance(value, int)
+    elif isinstance(current, float):
+        # Finite, unless the current value is not either (ReduceLROnPlateau's ``best`` starts at inf).
+        ok = isinstance(value, (int, float)) and not math.isnan(value) and \
+            (math.isfinite(value) or not math.isfinite(current))
     elif isinstance(current, str):
         ok = isinstance(value, str)
     elif isinstance(current, (list, tuple)):
@@ -227,7 +232,9 @@ class RngState:
     cuda: Optional[list[torch.Tensor]]
 
 
-def parse_rng(state: Any, file: str) -> RngState:
+def parse_rng(state: Any, file: str, check_cuda: bool = True) -> RngState:
+    """The saved RNG states, checked so that setting them cannot fail. ``check_cuda``: also against
+    this process's CUDA devices (which initializes CUDA; off for a structural check of a manifest)."""
     f = _Fields(file)
     f.mapping(state, "rng", allowed={"torch", "python", "numpy", "cuda"}, required={"torch", "python", "numpy"})
     cpu = _hex_bytes(f, state["torch"], "rng.torch")
@@ -237,23 +244,56 @@ def parse_rng(state: Any, file: str) -> RngState:
     try:
         version, internal, gauss = state["python"]
         python = (version, tuple(internal), gauss)
-        random.Random().setstate(python)  # validates on a scratch generator
+        # setstate keeps any object as the cached gauss value (random.gauss() would return it)
+        if gauss is not None and not (isinstance(gauss, float) and math.isfinite(gauss)):
+            raise ValueError(f"the cached gauss value must be null or a finite number, got {_short(gauss)}")
+        random.Random().setstate(python)  # validates the rest on a scratch generator
     except (TypeError, ValueError, OverflowError) as exc:
         raise f.fail("rng.python", f"is not a Python random state ({exc})") from None
-    try:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        numpy = (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
-        if not isinstance(name, str) or len(keys) != 624:
-            raise ValueError("expected ['MT19937', 624 keys, pos, has_gauss, cached]")
-        np.random.RandomState().set_state(numpy)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise f.fail("rng.numpy", f"is not a numpy random state ({exc})") from None
+    numpy = _numpy_state(f, state["numpy"])
     cuda = None
     if state.get("cuda") is not None:
         if not isinstance(state["cuda"], list):
             raise f.fail("rng.cuda", f"must be a list of hex strings, got {_short(state['cuda'])}")
         cuda = [_hex_bytes(f, h, f"rng.cuda[{i}]") for i, h in enumerate(state["cuda"])]
+        if check_cuda:
+            cuda = _usable_cuda_states(f, cuda)
     return RngState(cpu, python, numpy, cuda)
+
+
+def _numpy_state(f: _Fields, saved: Any) -> tuple:
+    """numpy's legacy MT19937 state, every field checked: ``set_state`` accepts a position outside
+    the key array (a later draw reads out of bounds: garbage, or a segfault) and float keys (truncated)."""
+    if not isinstance(saved, list) or len(saved) != 5 or saved[0] != "MT19937":
+        raise f.fail("rng.numpy", f"must be ['MT19937', 624 keys, pos, has_gauss, cached], got {_short(saved)}")
+    _, keys, pos, has_gauss, cached = saved
+    if not isinstance(keys, list) or len(keys) != 624:
+        raise f.fail("rng.numpy[1]", f"must be a list of 624 integers, got {_short(keys)}")
+    for i, key in enumerate(keys):
+        f.integer(key, f"rng.numpy[1][{i}]", high=0xFFFFFFFF)
+    state = ("MT19937", np.array(keys, dtype=np.uint32), f.integer(pos, "rng.numpy[2]", high=624),
+             f.integer(has_gauss, "rng.numpy[3]", high=1), f.number(cached, "rng.numpy[4]"))
+    try:
+        np.random.RandomState().set_state(state)  # on a scratch generator: anything else it refuses, here
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise f.fail("rng.numpy", f"is not a numpy random state ({exc})") from None
+    return state
+
+
+def _usable_cuda_states(f: _Fields, states: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+    """The CUDA generator states to set (None: not restored, said once), each checked against its
+    device's state size now, so setting them cannot fail after the trainer was written."""
+    if not torch.cuda.is_available():
+        return None
+    if len(states) != torch.cuda.device_count():
+        logger.warning("checkpoint: CUDA RNG states for %d devices, %d present; not restored", len(states),
+                       torch.cuda.device_count())
+        return None
+    for i, saved in enumerate(states):
+        size = torch.cuda.get_rng_state(i).numel()
+        if saved.numel() != size:
+            raise f.fail(f"rng.cuda[{i}]", f"holds {saved.numel()} bytes, CUDA device {i}'s generator state has {size}")
+    return states
 
 
 def _hex_bytes(f: _Fields, value: Any, field: str) -> torch.Tensor:

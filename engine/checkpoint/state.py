@@ -171,12 +171,8 @@ def _set_rng_state(state: RngState) -> None:
     torch.set_rng_state(state.torch)
     random.setstate(state.python)
     np.random.set_state(state.numpy)
-    if state.cuda is not None and torch.cuda.is_available():
-        if len(state.cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state.cuda)
-        else:
-            logger.warning("checkpoint: CUDA RNG states for %d devices, %d present; not restored", len(state.cuda),
-                           torch.cuda.device_count())
+    if state.cuda is not None:  # parse_rng checked the device count and each state's size
+        torch.cuda.set_rng_state_all(state.cuda)
 
 
 def _param_groups(trainer: "Trainer") -> list[dict]:
@@ -189,8 +185,6 @@ def save_checkpoint(trainer: "Trainer", save_dir: PathLike, client_state: Option
                     tag: Optional[str] = None, lr_scheduler: Any = None, keep_last: Optional[int] = None,
                     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD) -> str:
     """See :meth:`Trainer.save_checkpoint`."""
-    if trainer._closed:
-        raise ValueError("the trainer is closed")
     if getattr(trainer, "_checkpoint_poisoned", None):
         raise CheckpointError(f"refusing to save: {trainer._checkpoint_poisoned}")
     gas = trainer.gradient_accumulation_steps
@@ -306,8 +300,6 @@ def _shard(slots: list[_Slot], max_bytes: int) -> list[list[_Slot]]:
 def load_checkpoint(trainer: "Trainer", load_dir: PathLike, *, tag: Optional[str] = None, lr_scheduler: Any = None,
                     load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
     """See :meth:`Trainer.load_checkpoint`."""
-    if trainer._closed:
-        raise ValueError("the trainer is closed")
     path = CheckpointRoot(os.fspath(load_dir)).resolve(tag)
     manifest = read_manifest(path)
     # 1. Every file: a plain name inside the directory, its header agreeing with the manifest.

@@ -24,7 +24,7 @@ from ..memory.pool import IO_ALIGNMENT, PoolBlock, round_up_io
 from ..storage.aio import AsyncIO
 from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
-from .atomic import pause_point
+from .atomic import open_private, pause_point
 from .format import (CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, named_write_error,
                      open_regular, pread_into, write_all)
 
@@ -75,7 +75,7 @@ class _BufferedSink:
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.fd = open_private(path)
 
     def append(self, data: memoryview) -> None:
         write_all(self.fd, data)
@@ -96,8 +96,7 @@ class _DirectSink:
     limits a large checkpoint to a single stream's bandwidth."""
 
     def __init__(self, io: AsyncIO, path: str, total: int, blocks: list[PoolBlock]):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # new, private
-        os.close(fd)
+        os.close(open_private(path))
         self.path, self.total = path, total
         self.file = io.open(path, "w", direct=True, size=max(round_up_io(total), IO_ALIGNMENT))
         self.blocks = blocks

@@ -8,19 +8,14 @@ module writes them. Values come from the trainer: the fp32 master weights.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import stat
-import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from ..checkpoint.atomic import fsync_path, make_private_dir, write_file
-from ..checkpoint.format import CheckpointError
+from ..checkpoint.atomic import PrivateOutput, json_bytes
 from .lora import LoraConfig, LoraLinear
 
 if TYPE_CHECKING:
@@ -161,79 +156,3 @@ def _save_builtin(model: nn.Module, value: Callable[[str], torch.Tensor], out: "
                fan_in_fan_out=False, init_lora_weights=True, inference_mode=True, modules_to_save=None,
                use_dora=False, layers_to_transform=None, revision=None)
     out.write(ADAPTER_CONFIG, json_bytes(cfg))
-
-
-def json_bytes(data: dict) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-
-
-class PrivateOutput:
-    """Output files for ``directory`` (created 0700 if missing), like every other output of the engine.
-
-    Each file is written in a private temporary directory inside it (``mkdtemp``: 0700, an
-    unpredictable name, so no planted symlink can redirect a write), then made 0600, fsync'ed
-    and renamed into place - a link planted at a final name is replaced, not followed. The
-    temporary directory is removed on exit, also after an error (files committed before it
-    stay: each is complete).
-    """
-
-    def __init__(self, directory: Union[str, "os.PathLike[str]"]):
-        self.directory = os.fspath(directory)
-        self.tmp = ""
-        self.written: list[str] = []
-
-    def __enter__(self) -> "PrivateOutput":
-        make_private_dir(self.directory)
-        self.tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=self.directory)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if exc[0] is None:
-            fsync_path(self.directory)
-
-    def path(self, name: str) -> str:
-        """Where to write ``name`` before :meth:`commit` (opened O_EXCL | O_NOFOLLOW, see :func:`create`)."""
-        return os.path.join(self.tmp, name)
-
-    def write(self, name: str, data: bytes) -> str:
-        write_file(self.tmp, name, data)
-        return self.commit(name)
-
-    def commit(self, name: str) -> str:
-        """Makes the finished temporary file ``name`` private, fsyncs it and renames it into place."""
-        fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise CheckpointError(f"{self.path(name)}: not a regular file, refusing to export it")
-            os.fchmod(fd, 0o600)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        final = os.path.join(self.directory, name)
-        os.replace(self.path(name), final)
-        self.written.append(final)
-        return final
-
-    def commit_all(self, sub: str = "") -> list[str]:
-        """Commits every file a library wrote into :attr:`tmp` (peft writes a non-default adapter
-        into a subdirectory: created 0700, a symlink planted there is refused)."""
-        for entry in sorted(os.scandir(os.path.join(self.tmp, sub)), key=lambda e: e.name):
-            name = os.path.join(sub, entry.name)
-            if entry.is_dir(follow_symlinks=False):
-                final = os.path.join(self.directory, name)
-                if os.path.islink(final):
-                    raise CheckpointError(f"{final}: is a symbolic link, refusing to write through it (remove it)")
-                make_private_dir(final)
-                self.commit_all(name)
-            elif entry.is_file(follow_symlinks=False):
-                self.commit(name)
-            else:
-                raise CheckpointError(f"{entry.path}: the export wrote something that is not a plain file or "
-                                      "directory, refusing to export it")
-        return self.written
-
-
-def create(path: str):
-    """A new private file for writing: O_EXCL | O_NOFOLLOW, 0600."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb")

@@ -18,14 +18,15 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from ..checkpoint.atomic import PrivateOutput, json_bytes
 from ..checkpoint.format import split_shards
 from ..units import parse_bytes
-from .adapters import PrivateOutput, _values, base_model, create, json_bytes, lora_layers
+from .adapters import _values, base_model, lora_layers
 
 if TYPE_CHECKING:
     from ..offload.trainer import Trainer
@@ -70,7 +71,8 @@ def merge_and_export(source: Union["Trainer", nn.Module], directory: Union[str, 
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with PrivateOutput(directory) as out:
         for fname, shard in zip(names, shards):
-            _write_shard(out.path(fname), shard)
+            with out.open(fname) as f:
+                _write_shard(f, shard)
             out.commit(fname)
         if len(shards) > 1:
             index = dict(metadata=dict(total_size=sum(e.nbytes for e in entries)),
@@ -131,7 +133,7 @@ def _merged(layer, value: Callable[[str], torch.Tensor], dtype: torch.dtype) -> 
 
 
 
-def _write_shard(path: str, entries: list[_Entry]) -> None:
+def _write_shard(f: BinaryIO, entries: list[_Entry]) -> None:
     """The safetensors format: 8-byte little-endian header size, JSON header, then the data."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -141,13 +143,12 @@ def _write_shard(path: str, entries: list[_Entry]) -> None:
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with create(path) as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for e in entries:
-            t = e.read()
-            if tuple(t.shape) != e.shape or t.dtype != e.dtype:
-                raise RuntimeError(f"{e.name}: produced {t.dtype}{list(t.shape)}, expected {e.dtype}{list(e.shape)}")
-            if t.numel():
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
-            del t
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for e in entries:
+        t = e.read()
+        if tuple(t.shape) != e.shape or t.dtype != e.dtype:
+            raise RuntimeError(f"{e.name}: produced {t.dtype}{list(t.shape)}, expected {e.dtype}{list(e.shape)}")
+        if t.numel():
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+        del t

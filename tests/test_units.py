@@ -319,6 +319,8 @@ def test_init_and_load_state_dict_into_an_attached_model_are_refused(tmp_path):
                                                  r"key 'gate_proj\.weight'"):
             model.model.layers[0].mlp.load_state_dict(
                 {k[len("model.layers.0.mlp."):]: v for k, v in new.items() if k.startswith("model.layers.0.mlp.")})
+        # documented (README): state_dict of an attached model holds the NaN placeholders
+        assert is_placeholder(model.state_dict()[name]) and torch.isnan(model.state_dict()[name]).all()
         for key, value in sd.items():
             if key in dict(model.named_parameters()):
                 assert torch.equal(trainer.parameter(key).view(value.shape), value), key
@@ -341,6 +343,7 @@ def test_a_weight_used_after_close_is_a_trainer_closed_error(tmp_path):
         assert isinstance(exc, StreamingError)
     else:
         raise AssertionError("no error")
+    assert is_placeholder(model.lm_head.weight.detach()), "documented: structural ops give the placeholder"
 
 
 def test_streaming_error_is_one_class_in_the_error_hierarchy():

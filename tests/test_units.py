@@ -96,6 +96,20 @@ def test_parent_using_child_weight_matches_in_memory(call_child, depth, store):
         assert torch.equal(p.detach(), q.detach()), name
 
 
+def test_scopes_seen_while_attached_are_forgotten_at_detach(store):
+    torch.manual_seed(0)
+    ref = ParentReadsChild(False)
+    model = copy.deepcopy(ref)
+    x = torch.randn(5, 32)
+    streamer = ParameterStreamer(model, store, resident_threshold_bytes=1024)
+    units = [u.name for u in streamer.params.units]
+    for _ in range(2):  # attach, run (the root becomes a scope), detach: nothing lingers
+        with streamer:
+            assert_close(model(x).detach(), ref(x).detach(), "output")
+            assert [u.name for u in streamer.params.units] == units + [""]
+        assert [u.name for u in streamer.params.units] == units
+
+
 def test_use_outside_any_forward_is_fetched_and_after_detach_is_an_error(tmp_path):
     torch.manual_seed(0)
     ref = ParentReadsChild(False)

@@ -494,6 +494,9 @@ class ParameterStreamer:
         self._unit_of.clear()
         self._module_names.clear()
         self._owner.clear()
+        # scope units (non-unit modules seen using weights) were appended after the real ones
+        self._scopes.clear()
+        self.params.units[:] = [u for u in self.params.units if u.params]
 
     def detach(self, restore: bool = True) -> None:
         """Removes the hooks; with ``restore`` the streamed parameters get their data back in memory

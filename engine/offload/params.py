@@ -172,7 +172,7 @@ class StreamedParameter(nn.Parameter):
                 if streamer is not None:
                     written = None if structural else _written_param(func, args, kwargs)
                     if written is not None:
-                        raise write_error(_name_of(written), f"{getattr(func, '__name__', func)}")
+                        raise write_error(_name_of(written), getattr(func, "__name__", repr(func)))
                     return streamer.call_with_weights(func, args, kwargs, params)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)

@@ -26,7 +26,8 @@ Weights used outside their own module's forward
     is hooked too (a stack of running modules); the innermost one running is the
     op's scope, whose saved-tensor hooks make views of the weight that later ops
     save into handles. Inside its unit the parameter is a plain ``nn.Parameter``:
-    the hot path pays nothing.
+    the hot path pays nothing. Writing into a placeholder (an in-place op, ``out=``,
+    ``load_state_dict``) is refused: it would only change a staging copy.
 
 Backward: ``saved_tensors_hooks`` that save a handle instead of the weight
     During a unit's forward the streamer installs a pair of

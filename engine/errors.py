@@ -70,5 +70,15 @@ class TrainerClosedError(EngineError, RuntimeError):
     """A trainer (or the model whose weights it held) was used after ``close()``."""
 
 
+class StreamingError(EngineError, RuntimeError):
+    """A streamed weight was needed, or written, where the streamer cannot serve it; names the parameter and the fix."""
+
+
+class StreamerDetachedError(StreamingError, TrainerClosedError):
+    """A streamed weight was used after its streamer was detached without restoring it
+    (``trainer.close()``): its data is only in the store. A :class:`TrainerClosedError` too, so
+    code catching that sees a direct use of a weight and a forward through the model alike."""
+
+
 class ModelAttachedError(EngineError, RuntimeError):
     """A model is already attached to a live trainer; a second one cannot stream it too."""

@@ -96,6 +96,20 @@ def test_parent_using_child_weight_matches_in_memory(call_child, depth, store):
         assert torch.equal(p.detach(), q.detach()), name
 
 
+def test_scopes_seen_while_attached_are_forgotten_at_detach(store):
+    torch.manual_seed(0)
+    ref = ParentReadsChild(False)
+    model = copy.deepcopy(ref)
+    x = torch.randn(5, 32)
+    streamer = ParameterStreamer(model, store, resident_threshold_bytes=1024)
+    units = [u.name for u in streamer.params.units]
+    for _ in range(2):  # attach, run (the root becomes a scope), detach: nothing lingers
+        with streamer:
+            assert_close(model(x).detach(), ref(x).detach(), "output")
+            assert [u.name for u in streamer.params.units] == units + [""]
+        assert [u.name for u in streamer.params.units] == units
+
+
 def test_use_outside_any_forward_is_fetched_and_after_detach_is_an_error(tmp_path):
     torch.manual_seed(0)
     ref = ParentReadsChild(False)
@@ -221,3 +235,134 @@ def test_mamba_training_on_nvme_matches_torch_adamw(tmp_path):
     for name, p in ref.named_parameters():
         rel = ((weights[name].view(p.shape) - p.detach()).norm() / p.detach().norm()).item()
         assert rel <= 1e-5, (name, rel)
+
+
+# ---------------------------------------------------------------------- writes to a streamed weight
+def _tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).float()
+
+
+def _trainer_config(tmp_path) -> engine.Config:
+    return engine.Config(nvme_path=str(tmp_path), optimizer=engine.AdamWConfig(lr=1e-3, weight_decay=0.1),
+                         resident_threshold_bytes=1024)
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
+def _set_item(t):
+    t[0] = 1.0
+
+
+def _imul(t):
+    t *= 2
+
+
+WRITES = {  # each writes into the weight it is given
+    "mul_": lambda w: w.mul_(2), "copy_": lambda w: w.copy_(torch.ones(w.shape)), "zero_": lambda w: w.zero_(),
+    "fill_": lambda w: w.fill_(3.0), "setitem": _set_item, "imul": _imul,
+    "add_out": lambda w: torch.add(torch.ones(w.shape), 1.0, out=w),
+    "relu_inplace": lambda w: F.relu(w, inplace=True),
+}  # Tensor.set_ is not dispatched to __torch_function__ (like a .data assignment): not interceptable
+
+
+@pytest.mark.parametrize("grad_mode", ["grad", "no_grad"])
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_write_to_a_streamed_weight_is_refused_and_changes_nothing(write, grad_mode, store):
+    torch.manual_seed(0)
+    ref = ParentReadsChild(False)
+    model = copy.deepcopy(ref)
+    with ParameterStreamer(model, store, resident_threshold_bytes=1024) as streamer:
+        weight = model.head.weight
+        assert torch.equal(weight.sum(), ref.head.weight.sum())  # fetched on access: staged now
+        op = (lambda: WRITES[write](weight)) if grad_mode == "grad" else _no_grad(lambda: WRITES[write](weight))
+        with pytest.raises(StreamingError, match=r"'head\.weight'.*cannot be written.*trainer"):
+            op()
+        assert is_placeholder(weight.data) and type(weight).__name__ == "StreamedParameter"
+        assert torch.equal(store.get(("param", "head.weight")), ref.head.weight.detach())
+        assert torch.equal(weight.sum(), ref.head.weight.sum()), "the staged copy is unchanged too"
+        x = torch.randn(3, 32)
+        assert_close(model(x).detach(), ref(x).detach(), "output after the refused write")
+        assert streamer.attached
+
+
+def test_reading_a_streamed_weight_into_another_tensor_still_works(store):
+    torch.manual_seed(0)
+    ref = ParentReadsChild(False)
+    model = copy.deepcopy(ref)
+    with ParameterStreamer(model, store, resident_threshold_bytes=1024):
+        w = model.head.weight
+        expected = ref.head.weight.detach()
+        out = torch.zeros(w.shape)
+        out.copy_(w)  # the weight is the source, not the target
+        assert torch.equal(out, expected)
+        acc = torch.ones(w.shape)
+        acc.add_(w)
+        assert torch.equal(acc, expected + 1)
+        y = torch.empty(w.shape)
+        with torch.no_grad():  # out= refuses inputs that require grad, as for any tensor
+            torch.mul(w, 2.0, out=y)
+        assert torch.equal(y, expected * 2)
+        z = torch.zeros(2, *w.shape)
+        z[1] = w
+        assert torch.equal(z[1], expected)
+
+
+def test_init_and_load_state_dict_into_an_attached_model_are_refused(tmp_path):
+    model = _tiny_llama()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    new = {k: torch.full_like(v, 0.5) for k, v in sd.items()}
+    name = "model.layers.0.mlp.up_proj.weight"
+    with engine.initialize(model, _trainer_config(tmp_path)) as trainer:
+        weight = model.get_parameter(name)
+        with pytest.raises(StreamingError, match=rf"'{name}'.*cannot be written"):
+            with torch.no_grad():
+                nn.init.normal_(weight)
+        with pytest.raises(StreamingError, match=rf"'{name}'.*cannot be written"):
+            nn.init.zeros_(weight)
+        with pytest.raises(StreamingError, match=r"cannot be written.*load_checkpoint"):
+            model.load_state_dict(new)
+        with pytest.raises(StreamingError, match=r"'model\.layers\.0\.mlp\.gate_proj\.weight'.*cannot be written.*"
+                                                 r"key 'gate_proj\.weight'"):
+            model.model.layers[0].mlp.load_state_dict(
+                {k[len("model.layers.0.mlp."):]: v for k, v in new.items() if k.startswith("model.layers.0.mlp.")})
+        # documented (README): state_dict of an attached model holds the NaN placeholders
+        assert is_placeholder(model.state_dict()[name]) and torch.isnan(model.state_dict()[name]).all()
+        for key, value in sd.items():
+            if key in dict(model.named_parameters()):
+                assert torch.equal(trainer.parameter(key).view(value.shape), value), key
+        loss = trainer(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss
+        assert torch.isfinite(loss)
+
+
+def test_a_weight_used_after_close_is_a_trainer_closed_error(tmp_path):
+    from engine.errors import TrainerClosedError
+
+    model = _tiny_llama()
+    trainer = engine.initialize(model, _trainer_config(tmp_path))
+    trainer.close()
+    x = torch.randn(2, 32)
+    with pytest.raises(TrainerClosedError, match=r"lm_head\.weight.*trainer is closed"):
+        F.linear(x, model.lm_head.weight)
+    try:
+        model.lm_head.weight.sum()
+    except TrainerClosedError as exc:
+        assert isinstance(exc, StreamingError)
+    else:
+        raise AssertionError("no error")
+    assert is_placeholder(model.lm_head.weight.detach()), "documented: structural ops give the placeholder"
+
+
+def test_streaming_error_is_one_class_in_the_error_hierarchy():
+    from engine import errors
+    from engine.offload import params
+
+    assert errors.StreamingError is StreamingError is params.StreamingError
+    assert issubclass(StreamingError, errors.EngineError)

@@ -12,7 +12,11 @@ While a parameter is streamed, its ``.data`` is a *placeholder*: a zero-stride
 expansion of a single element (NaN for floating dtypes) with the parameter's
 shape, dtype and device, so ``param.shape``, ``param.dtype``, ``model.device``,
 tied-weight checks and the like keep working while the parameter holds no
-memory. Writing to it raises (its elements all share one memory location).
+memory. Writing to it raises: an in-place op or ``out=`` on a streamed parameter
+(``mul_``, ``copy_``, ``w[0] = 1``, ``nn.init.*``, ``load_state_dict``) is refused with a
+:class:`~engine.errors.StreamingError` naming it, because the write would land in a
+temporary staging copy and the store (the weight's only home) would never see it. The
+engine itself writes through the store or ``.data`` assignment, never through the placeholder.
 
 A streamed parameter whose data is a placeholder has the class
 :class:`StreamedParameter` (an ``nn.Parameter`` subclass); while its data is real
@@ -22,6 +26,11 @@ pays nothing. Any op that would compute with the placeholder - a parent module's
 function, user code between steps - reaches ``StreamedParameter.__torch_function__``,
 which asks the owning streamer to fetch the weight first (fetch on access). Metadata
 (shape, dtype, device, grad, ...) never needs the data and passes straight through.
+Outside a forward, ``.data``, ``.detach()`` and ``.to()`` (what ``nn.Module.to`` and
+``state_dict`` use) answer with the placeholder itself, which holds NaN: read a weight's
+value with ``trainer.parameter(name)``. Once the streamer is detached without restoring the
+weights (``trainer.close()``), everything else raises :class:`~engine.errors.StreamerDetachedError`
+(a :class:`~engine.errors.TrainerClosedError`).
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ from typing import Callable, Hashable, Iterator, Optional
 import torch
 from torch import nn
 
-from ..errors import EngineError
+from ..errors import StreamerDetachedError, StreamingError
 from ..memory.pool import IO_ALIGNMENT
 
 DEFAULT_RESIDENT_THRESHOLD = 1 << 20
@@ -76,10 +85,6 @@ def is_placeholder(tensor: torch.Tensor) -> bool:
     return all(s == 0 for s in tensor.stride()) and tensor.untyped_storage().nbytes() <= tensor.element_size()
 
 
-class StreamingError(EngineError, RuntimeError):
-    """A streamed weight was needed where the streamer cannot provide it; names the parameter and the fix."""
-
-
 # Tensor methods and attributes that read only metadata: a placeholder answers them correctly.
 _METADATA_METHODS = frozenset(getattr(torch.Tensor, n) for n in (
     "size", "dim", "ndimension", "numel", "nelement", "stride", "element_size", "is_floating_point", "is_complex",
@@ -92,6 +97,10 @@ _METADATA_METHODS = frozenset(getattr(torch.Tensor, n) for n in (
 _STRUCTURAL_METHODS = frozenset(getattr(torch.Tensor, n) for n in (
     "detach", "to", "cpu", "cuda", "float", "half", "bfloat16", "double", "type", "share_memory_"))
 _DATA_ATTRIBUTES = frozenset(("data", "T", "mT", "H", "mH", "real", "imag"))
+# Python's in-place operators and item assignment (in-place methods end in one "_": ``mul_``).
+_INPLACE_DUNDERS = frozenset(f"__{n}__" for n in (
+    "setitem", "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+    "ilshift", "irshift"))
 
 
 def _needs_data(func: Callable) -> bool:
@@ -117,6 +126,36 @@ def _placeholders_in(args: tuple, kwargs: dict) -> list["StreamedParameter"]:
     return found
 
 
+def _written_param(func: Callable, args: tuple, kwargs: dict) -> Optional["StreamedParameter"]:
+    """The streamed parameter ``func`` writes into (an in-place op or ``out=`` on it), or None."""
+    targets = [kwargs["out"]] if kwargs.get("out") is not None else []
+    name = getattr(func, "__name__", None) or ""
+    if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")) or kwargs.get("inplace") is True:
+        # the written tensor comes first: ``w.mul_(2)``, ``F.relu(w, inplace=True)``; nn.init passes ``tensor=``
+        first = args[0] if args else next((kwargs[k] for k in ("self", "input", "tensor") if k in kwargs), None)
+        targets.append(first)
+    for target in targets:
+        for t in (target if isinstance(target, (list, tuple)) else (target,)):
+            if type(t) is StreamedParameter:
+                return t
+    return None
+
+
+def write_error(name: str, how: str) -> StreamingError:
+    """The error for a write into the streamed parameter ``name`` (``how``: the op or state_dict key)."""
+    return StreamingError(
+        f"the streamed parameter {name!r} cannot be written in place ({how}): its data lives in the "
+        f"store and the write would land in a temporary staging copy and be lost. Train it through "
+        f"the trainer; to load weights use trainer.load_checkpoint, engine.from_pretrained or "
+        f"engine.initialize(..., initializer=...); or first detach with restore "
+        f"(trainer.close(restore_weights=True) / streamer.detach(restore=True)) and write to the model in memory.")
+
+
+def _name_of(param: nn.Parameter) -> object:
+    key = getattr(param, KEY_ATTR, None)
+    return key[1] if isinstance(key, tuple) else key
+
+
 class StreamedParameter(nn.Parameter):
     """The class of a streamed ``nn.Parameter`` while its data is a placeholder (see the module docs)."""
 
@@ -127,10 +166,14 @@ class StreamedParameter(nn.Parameter):
             params = _placeholders_in(args, kwargs)
             if params:
                 streamer = _live_streamer(params[0])
-                if streamer is not None:
-                    return streamer.call_with_weights(func, args, kwargs, params)
-                if not is_structural(func):  # .data / .to / .detach of a detached one: its placeholder
+                structural = is_structural(func)
+                if streamer is None and not structural:  # .data / .to / .detach of a detached one: its placeholder
                     raise _detached_error(params[0])
+                if streamer is not None:
+                    written = None if structural else _written_param(func, args, kwargs)
+                    if written is not None:
+                        raise write_error(_name_of(written), getattr(func, "__name__", repr(func)))
+                    return streamer.call_with_weights(func, args, kwargs, params)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -142,10 +185,9 @@ def _live_streamer(param: nn.Parameter):
     return streamer if streamer is not None and streamer.attached else None
 
 
-def _detached_error(param: nn.Parameter) -> StreamingError:
-    key = getattr(param, KEY_ATTR, None)
-    return StreamingError(
-        f"the streamed parameter {key[1] if isinstance(key, tuple) else key!r} was used after its "
+def _detached_error(param: nn.Parameter) -> StreamerDetachedError:
+    return StreamerDetachedError(
+        f"the streamed parameter {_name_of(param)!r} was used after its "
         f"ParameterStreamer was detached without restoring it (the trainer is closed): its data is only "
         f"in the store. Use the model before close(), or close(restore_weights=True) / detach(restore=True) "
         f"to get the weights back in memory.")

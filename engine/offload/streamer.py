@@ -26,7 +26,8 @@ Weights used outside their own module's forward
     is hooked too (a stack of running modules); the innermost one running is the
     op's scope, whose saved-tensor hooks make views of the weight that later ops
     save into handles. Inside its unit the parameter is a plain ``nn.Parameter``:
-    the hot path pays nothing.
+    the hot path pays nothing. Writing into a placeholder (an in-place op, ``out=``,
+    ``load_state_dict``) is refused: it would only change a staging copy.
 
 Backward: ``saved_tensors_hooks`` that save a handle instead of the weight
     During a unit's forward the streamer installs a pair of
@@ -91,7 +92,7 @@ from ..memory.pool import PinnedPool
 from ..units import format_bytes
 from .buffers import BUFFER_POOLS, PINNED_ALLOCS, BufferPlan, StagingBuffers, StagingExhaustedError, StagingSlot, plan_buffers
 from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, STREAMER_ATTR, ModelParams, StreamedParam, StreamedParameter,
-                     StreamingError, Unit, discover, is_placeholder, is_structural)
+                     StreamingError, Unit, discover, is_placeholder, is_structural, write_error)
 
 GradCallback = Callable[[str, torch.Tensor], None]
 
@@ -217,6 +218,16 @@ class _OrderTracker:
         if len(upcoming) < k:  # the step ends: the next one starts the same way
             upcoming += trace[:min(k - len(upcoming), self.pos)]
         return upcoming
+
+
+def _refuse_load(unit: Unit) -> Callable:
+    """A load_state_dict pre-hook: loading would ``copy_`` into a streamed weight's placeholder
+    (nn.Module turns that op's error into a generic RuntimeError; this names the weight)."""
+    def hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        for attr, sp in unit.params:
+            if prefix + attr in state_dict:
+                raise write_error(sp.name, f"load_state_dict key {prefix + attr!r}")
+    return hook
 
 
 # ---------------------------------------------------------------------- planning
@@ -443,6 +454,7 @@ class ParameterStreamer:
         for unit in self.params.units:
             if unit.params:
                 self._unit_of[id(unit.module)] = unit
+                self._hooks.append(unit.module.register_load_state_dict_pre_hook(_refuse_load(unit)))
             for key in unit.keys:
                 self._owner.setdefault(key, unit)
         # Units and every module above one: a module's forward may read a descendant's weight
@@ -483,6 +495,9 @@ class ParameterStreamer:
         self._unit_of.clear()
         self._module_names.clear()
         self._owner.clear()
+        # scope units (non-unit modules seen using weights) were appended after the real ones
+        self._scopes.clear()
+        self.params.units[:] = [u for u in self.params.units if u.params]
 
     def detach(self, restore: bool = True) -> None:
         """Removes the hooks; with ``restore`` the streamed parameters get their data back in memory

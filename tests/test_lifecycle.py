@@ -70,6 +70,9 @@ def test_closed_trainer_and_its_model_refuse_to_run_never_nan(tmp_path):
         model(input_ids=BATCH, labels=BATCH)
     with pytest.raises(TrainerClosedError, match=r"model\.layers\.0\.mlp"):
         model.model.layers[0].mlp(torch.zeros(1, 32))
+    # so does loading weights into its placeholders (nn.Module would bury a copy_ error in a RuntimeError)
+    with pytest.raises(TrainerClosedError, match=r"cannot load 'model\.embed_tokens\.weight'"):
+        model.load_state_dict(tiny_llama().state_dict())
     name = "model.embed_tokens.weight"
     calls = {"forward": lambda: trainer(input_ids=BATCH), "step": trainer.step,
              "backward": lambda: trainer.backward(torch.ones((), requires_grad=True)),

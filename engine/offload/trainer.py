@@ -99,6 +99,9 @@ class _Resources:
         for name, module in self.model.named_modules():
             if any(id(p) in held for p in module.parameters()):
                 module.register_forward_pre_hook(_refuse_released(name), prepend=True)
+            own = [attr for attr, p in module.named_parameters(recurse=False) if id(p) in held]
+            if own:  # nn.Module would turn the placeholder's copy_ error into a generic RuntimeError
+                module.register_load_state_dict_pre_hook(_refuse_released_load(name, own))
 
 
 def _attempt(release: Callable[[], Any], errors: list[BaseException]) -> None:
@@ -117,6 +120,15 @@ _RELEASED_HELP = ("its streamed weights were released when its trainer closed (t
 def _refuse_released(name: str) -> Callable:
     def hook(module: nn.Module, args: Any) -> None:
         raise TrainerClosedError(f"the trainer is closed: {name or 'the model'} cannot run, {_RELEASED_HELP}")
+    return hook
+
+
+def _refuse_released_load(name: str, attrs: list[str]) -> Callable:
+    def hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        for attr in attrs:
+            if prefix + attr in state_dict:
+                raise TrainerClosedError(f"the trainer is closed: cannot load {prefix + attr!r} into "
+                                         f"{name or 'the model'}, {_RELEASED_HELP}")
     return hook
 
 

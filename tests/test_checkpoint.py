@@ -328,6 +328,16 @@ CRASH_POINTS = {"file-data": 1, "shard-written": 1, "manifest-written": 1, "befo
                 "retention": 2}
 
 
+def _reap(proc: subprocess.Popen, watchdog) -> None:
+    """Stops a test's child process (and its hang watchdog) whatever the test's outcome."""
+    watchdog.cancel()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
 def _crash_run(base, point: str, delay) -> None:
     """Starts a ``crash`` child, waits for READY (step 1 saved) and for it to pause at ``point``
     (or sleeps ``delay`` seconds while it saves in a loop), then SIGKILLs it."""
@@ -349,12 +359,7 @@ def _crash_run(base, point: str, delay) -> None:
         expected = ["READY"] + ([f"PAUSED {point}"] if delay is None else [])
         assert lines == expected, (point, lines, proc.stderr.read()[-3000:])
     finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        _reap(proc, watchdog)
 
 
 def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
@@ -1003,12 +1008,7 @@ def test_a_second_saver_to_the_same_directory_is_refused(tmp_path, nvme):
             tr.save_checkpoint(str(root), {"step": "other"}, tag="after")
         assert sorted(os.listdir(root)) == ["after", "latest"]
     finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        _reap(proc, watchdog)
 
 
 def test_two_savers_in_one_process_conflict_too(tmp_path, nvme):

@@ -57,8 +57,14 @@ def assert_loads(kind: str, model: torch.nn.Module, out) -> None:
             loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(out))
         else:
             loaded = LlamaForCausalLM.from_pretrained(str(out))
-        # merged: W + s*B@A rounded once; in memory x@W + s*(x@A)@B - a different fp32 summation order
-        torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=1e-5, atol=1e-6)
+        got = loaded(input_ids=x).logits
+    if kind.startswith("adapter"):
+        assert torch.equal(got, expected)  # the same weights and the same computation: exact (measured 0)
+    else:
+        # merged: W + s*B@A rounded once; in memory x@W + s*(x@A)@B - a different fp32 summation
+        # order. Measured: max abs difference 6.0e-8 (2 ulp at the logits' scale of 0.35); atol 1e-6
+        # leaves room for other BLAS kernels without hiding a wrong weight (errors of order 1e-2).
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from .config import BASELINE
+from .errors import BenchError  # noqa: F401 - re-exported
 from .memory.profiler import phase
 
 MODES = ("engine", "torch", "baseline", "deepspeed")
@@ -33,10 +34,6 @@ MODES = ("engine", "torch", "baseline", "deepspeed")
 ABLATIONS = tuple(f"no-{switch}" for switch in BASELINE)
 ALL_MODES = MODES + ABLATIONS + ("deepspeed-default",)
 DTYPES = ("fp32", "bf16")
-
-
-class BenchError(RuntimeError):
-    """A benchmark configuration failed; the message holds the end of its stderr."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, TypedDict, Union
 
 from ._log import logger
-from .errors import EngineError
+from .errors import ConfigError, EngineError  # noqa: F401 - ConfigError re-exported
 from .units import parse_bytes
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -38,15 +38,6 @@ CHOICES = {
 }
 BASELINE = {"buffer_pool": "uniform", "pinned_alloc": "torch", "overflow_check": "naive", "store": "files",
             "grad_buffer": "flat"}
-
-
-class ConfigError(EngineError, ValueError):
-    """An invalid configuration; the message names the field and what is allowed.
-    ``field``: the engine field at fault (``optimizer.lr``), when there is one."""
-
-    def __init__(self, message: str, field: Optional[str] = None):
-        super().__init__(message)
-        self.field = field
 
 
 # Upper bounds, each with its reason.

@@ -1,6 +1,11 @@
 """Exceptions raised by the engine. Each names what failed and where."""
 from __future__ import annotations
 
+import os
+from typing import Optional
+
+from .units import format_bytes
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -46,8 +51,6 @@ class StoreCapacityError(EngineError, OSError):
     """The NVMe paths cannot hold what the store was asked to hold; says needed vs available."""
 
     def __init__(self, needed: int, available: int, where: str):
-        from .units import format_bytes
-
         self.needed = needed
         self.available = available
         super().__init__(28, f"not enough disk space on {where}: {format_bytes(needed)} needed, "
@@ -82,3 +85,70 @@ class StreamerDetachedError(StreamingError, TrainerClosedError):
 
 class ModelAttachedError(EngineError, RuntimeError):
     """A model is already attached to a live trainer; a second one cannot stream it too."""
+
+
+class ConfigError(EngineError, ValueError):
+    """An invalid configuration; the message names the field and what is allowed.
+    ``field``: the engine field at fault (``optimizer.lr``), when there is one."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
+
+
+class PlanError(EngineError, MemoryError):
+    """The configured budget (host memory or disk) cannot hold the run."""
+
+
+class StagingExhaustedError(EngineError, MemoryError):
+    """No staging slot can hold a tensor the forward/backward needs now."""
+
+
+class CheckpointError(EngineError, ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and tensor."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint or export file failed (e.g. ENOSPC): an ``OSError`` with the errno, whose
+    message and ``filename`` name the file."""
+
+    def __init__(self, path: str, exc: OSError, message: Optional[str] = None):
+        OSError.__init__(self, exc.errno, message or f"{path}: writing failed: {exc.strerror or exc}")
+        self.filename = path
+
+    def __str__(self) -> str:  # OSError's default would print the errno twice
+        return self.strerror
+
+
+class LatestNotUpdatedError(CheckpointWriteError):
+    """A save committed its checkpoint (complete, loadable by its tag) but could not update ``latest``,
+    which still names the previous checkpoint. ``committed`` is the checkpoint's directory."""
+
+    def __init__(self, path: str, exc: OSError, committed: str, previous: Optional[str]):
+        self.committed = committed
+        tag = os.path.basename(committed)
+        super().__init__(path, exc, f"checkpoint {tag!r} was committed at {committed}, but updating {path} failed "
+                                    f"({exc.strerror or exc}); 'latest' still names {previous!r}. Load it with "
+                                    f"tag={tag!r}, or free space and save again")
+
+
+class LatestNotDurableError(CheckpointWriteError):
+    """A save committed its checkpoint and moved ``latest`` to it, but the fsync of the checkpoint
+    root failed afterwards: the move may not survive a power cut (``latest`` could come back naming
+    ``previous``). ``committed`` is the checkpoint's directory."""
+
+    def __init__(self, root: str, exc: OSError, committed: str, previous: Optional[str]):
+        self.committed = committed
+        tag = os.path.basename(committed)
+        super().__init__(root, exc, f"checkpoint {tag!r} was committed at {committed} and 'latest' names it, but "
+                                    f"the fsync of {root} failed ({exc.strerror or exc}): the update of 'latest' "
+                                    f"may not survive a power cut (it named {previous!r} before). Check the disk, "
+                                    "then save again")
+
+
+class BenchError(EngineError, RuntimeError):
+    """A benchmark configuration failed; the message holds the end of its stderr."""
+
+
+class CLIError(EngineError):
+    """Bad command-line input or a feature this build lacks; printed as one line."""

@@ -22,7 +22,8 @@ from typing import Optional, Sequence, TypeVar
 
 import torch
 
-from ..errors import EngineError
+from ..errors import (CheckpointError, CheckpointWriteError, EngineError, LatestNotDurableError,  # noqa: F401
+                      LatestNotUpdatedError)
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # Deeper JSON is refused before parsing (json's recursive parser would raise RecursionError, or
@@ -41,48 +42,6 @@ ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 
 
 T = TypeVar("T")
-
-
-class CheckpointError(EngineError, ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file and tensor."""
-
-
-class CheckpointWriteError(CheckpointError, OSError):
-    """Writing a checkpoint or export file failed (e.g. ENOSPC): an ``OSError`` with the errno, whose
-    message and ``filename`` name the file."""
-
-    def __init__(self, path: str, exc: OSError, message: Optional[str] = None):
-        OSError.__init__(self, exc.errno, message or f"{path}: writing failed: {exc.strerror or exc}")
-        self.filename = path
-
-    def __str__(self) -> str:  # OSError's default would print the errno twice
-        return self.strerror
-
-
-class LatestNotUpdatedError(CheckpointWriteError):
-    """A save committed its checkpoint (complete, loadable by its tag) but could not update ``latest``,
-    which still names the previous checkpoint. ``committed`` is the checkpoint's directory."""
-
-    def __init__(self, path: str, exc: OSError, committed: str, previous: Optional[str]):
-        self.committed = committed
-        tag = os.path.basename(committed)
-        super().__init__(path, exc, f"checkpoint {tag!r} was committed at {committed}, but updating {path} failed "
-                                    f"({exc.strerror or exc}); 'latest' still names {previous!r}. Load it with "
-                                    f"tag={tag!r}, or free space and save again")
-
-
-class LatestNotDurableError(CheckpointWriteError):
-    """A save committed its checkpoint and moved ``latest`` to it, but the fsync of the checkpoint
-    root failed afterwards: the move may not survive a power cut (``latest`` could come back naming
-    ``previous``). ``committed`` is the checkpoint's directory."""
-
-    def __init__(self, root: str, exc: OSError, committed: str, previous: Optional[str]):
-        self.committed = committed
-        tag = os.path.basename(committed)
-        super().__init__(root, exc, f"checkpoint {tag!r} was committed at {committed} and 'latest' names it, but "
-                                    f"the fsync of {root} failed ({exc.strerror or exc}): the update of 'latest' "
-                                    f"may not survive a power cut (it named {previous!r} before). Check the disk, "
-                                    "then save again")
 
 
 def named_write_error(path: str, exc: OSError) -> OSError:

@@ -20,11 +20,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from ..errors import EngineError
-
-
-class CLIError(EngineError):
-    """Bad command-line input or a feature this build lacks; printed as one line."""
+from ..errors import CLIError, EngineError  # noqa: F401 - CLIError re-exported
 
 
 def _add_selfcheck(sub) -> None:

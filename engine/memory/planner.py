@@ -42,17 +42,13 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..errors import EngineError
+from ..errors import EngineError, PlanError  # noqa: F401 - PlanError re-exported
 from .pool import IO_ALIGNMENT, round_up_io
 from ..storage.store import path_share
 from ..units import format_bytes
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class PlanError(EngineError, MemoryError):
-    """The configured budget (host memory or disk) cannot hold the run."""
 
 
 @dataclass

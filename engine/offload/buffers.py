@@ -38,17 +38,13 @@ from typing import Hashable, Optional, Sequence
 import torch
 
 from .._log import logger, warn_once
-from ..errors import EngineError
+from ..errors import EngineError, StagingExhaustedError  # noqa: F401 - re-exported
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes
 from .params import round_up
 
 BUFFER_POOLS = ("adaptive", "uniform")
 PINNED_ALLOCS = ("exact", "torch")
-
-
-class StagingExhaustedError(EngineError, MemoryError):
-    """No staging slot can hold a tensor the forward/backward needs now."""
 
 
 @dataclass(frozen=True)

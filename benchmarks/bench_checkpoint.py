@@ -52,15 +52,15 @@ start = time.perf_counter()
 trainer = engine.from_pretrained(src, engine.Config(nvme_path=nvme, dtype="bf16"))
 out["import_s"] = time.perf_counter() - start
 out["import_peak_growth"] = status("VmHWM") - base
-out["import_store_written"] = trainer._store.stats()["bytes_written"]
-out["pool"] = trainer._pool.stats()["capacity"]
-read_before = trainer._store.stats()["bytes_read"]
+out["import_store_written"] = trainer.runtime.store.stats()["bytes_written"]
+out["pool"] = trainer.runtime.pool.stats()["capacity"]
+read_before = trainer.runtime.store.stats()["bytes_read"]
 base = reset()
 start = time.perf_counter()
 trainer.save_pretrained(dst)
 out["export_s"] = time.perf_counter() - start
 out["export_peak_growth"] = status("VmHWM") - base
-out["export_store_read"] = trainer._store.stats()["bytes_read"] - read_before
+out["export_store_read"] = trainer.runtime.store.stats()["bytes_read"] - read_before
 trainer.close()
 print(json.dumps(out))
 '''

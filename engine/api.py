@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .memory.planner import MemoryPlan, plan as _plan
+from .offload.planner import MemoryPlan, plan as _plan
 from .offload.materialize import Initializer
 
 ConfigLike = Union[Config, dict, str, "os.PathLike[str]", None]

@@ -178,7 +178,7 @@ class Config:
     ``requires_grad=False`` in memory and in the store (``None``: ``dtype``), e.g. a bf16
     base under fp32 LoRA adapters. ``trainable_placement`` keeps trainable parameters with
     their fp32 gradients and optimizer state in DRAM (``"memory"``) or on NVMe (``"nvme"``);
-    ``"auto"`` lets the planner choose (see :mod:`engine.memory.planner`).
+    ``"auto"`` lets the planner choose (see :mod:`engine.offload.planner`).
 
     Host memory: ``malloc_mmap_threshold`` (default 1 MiB) is set as glibc's mmap threshold
     at initialize, so freed activations return to the OS and peak RSS does not grow with

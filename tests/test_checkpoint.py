@@ -554,14 +554,14 @@ def test_other_dtype_is_refused_or_converted_explicitly(tmp_path, nvme):
     with trainer:
         path = trainer.save_checkpoint(str(tmp_path / "ckpt"))
         masters = H["weights"](trainer, model)
-        moments = {n: trainer._store.get(("exp_avg", n)).clone() for n in masters}
+        moments = {n: trainer.runtime.store.get(("exp_avg", n)).clone() for n in masters}
     with _fresh(tmp_path) as tr:
         with pytest.raises(CheckpointError, match="dtype='bf16'.*convert_dtype=True"):
             tr.load_checkpoint(path)
         tr.load_checkpoint(path, convert_dtype=True)
         for name, value in masters.items():  # fp32 weights = the saved fp32 masters, exactly
             assert torch.equal(tr.parameter(name), value), name
-            assert torch.equal(tr._store.get(("exp_avg", name)), moments[name]), name
+            assert torch.equal(tr.runtime.store.get(("exp_avg", name)), moments[name]), name
         assert tr.global_steps == 2
         H["train"](tr, H["make_sched"](tr), 1, [])  # and it trains on
 
@@ -602,7 +602,7 @@ def test_export_of_a_bf16_run(tmp_path, nvme):
         high = load_file(str(tmp_path / "fp32" / "model.safetensors"))
         for name, _ in model.named_parameters():
             assert torch.equal(high[name], trainer.parameter(name)), name
-            weight = trainer._store.get(("param", name)).view(low[name].shape)  # the bf16 compute weights
+            weight = trainer.runtime.store.get(("param", name)).view(low[name].shape)  # the bf16 compute weights
             assert low[name].dtype == torch.bfloat16 and torch.equal(low[name], weight), name
     assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -687,7 +687,7 @@ base = status("VmRSS")
 trainer = engine.from_pretrained(path, engine.Config(nvme_path=nvme, sub_group_size=1 << 20,
                                                      resident_threshold_bytes=64 << 10))
 peak = status("VmHWM") - base
-pool = trainer._pool.stats()["capacity"]
+pool = trainer.runtime.pool.stats()["capacity"]
 from safetensors import safe_open
 index = json.load(open(path + "/model.safetensors.index.json"))["weight_map"]
 checked = 0

@@ -194,7 +194,7 @@ def test_without_nvme_path_swap_goes_to_one_private_root_per_user_and_is_reclaim
                                          num_attention_heads=4, num_key_value_heads=2))
     with engine.initialize(model, engine.Config(resident_threshold_bytes=1024)) as trainer:
         assert not os.path.exists(stale)
-        (directory,) = trainer._store.directories
+        (directory,) = trainer.runtime.store.directories
         assert os.path.dirname(directory) == root
     assert os.listdir(root) == []
 

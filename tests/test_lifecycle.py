@@ -140,8 +140,8 @@ def test_dropped_trainer_is_collected_and_releases_everything(tmp_path):
         train_step(trainer)
         assert len(swap_dirs(tmp_path)) == 1
         assert open_fds() > fds
-        if trainer._pool.locked:
-            assert locked_bytes() >= locked + trainer._pool.capacity
+        if trainer.runtime.pool.locked:
+            assert locked_bytes() >= locked + trainer.runtime.pool.capacity
         ref = weakref.ref(trainer)
         del trainer
         gc.collect()
@@ -157,7 +157,7 @@ def test_dropped_trainer_is_collected_and_releases_everything(tmp_path):
 # ----------------------------------------------------------------------------- item 11: close after an I/O error
 def fail_first_gradient_write(trainer, monkeypatch) -> list:
     """The first gradient write fails with ENOSPC the way the store reports it: on every wait."""
-    store = trainer._store
+    store = trainer.runtime.store
     (swap,) = store.directories
     real_write = store.write_from
     failed = []
@@ -188,7 +188,7 @@ def fail_first_gradient_write(trainer, monkeypatch) -> list:
 def test_close_after_a_failed_gradient_write_releases_everything_and_reports_once(tmp_path, monkeypatch):
     model = tiny_llama()
     trainer = engine.initialize(model, config(tmp_path))
-    store, io, pool = trainer._store, trainer._io, trainer._pool
+    store, io, pool = trainer.runtime.store, trainer.runtime.io, trainer.runtime.pool
     (swap,) = store.directories
     failed = fail_first_gradient_write(trainer, monkeypatch)
     loss = trainer(input_ids=BATCH, labels=BATCH).loss
@@ -227,14 +227,14 @@ def test_close_after_a_failed_step_releases_everything(tmp_path):
     raises at most once."""
     model = tiny_llama()
     trainer = engine.initialize(model, config(tmp_path, gradient_accumulation_steps=2))
-    (swap,) = trainer._store.directories
+    (swap,) = trainer.runtime.store.directories
     for _ in range(2):
         train_step(trainer)
     with pytest.raises(EngineError):
         for micro in range(2):
             loss = trainer(input_ids=BATCH, labels=BATCH).loss
             if micro == 0:
-                trainer._io.inject_fault(3, errno.ENOSPC)
+                trainer.runtime.io.inject_fault(3, errno.ENOSPC)
             trainer.backward(loss)
             trainer.step()
     del loss
@@ -243,7 +243,7 @@ def test_close_after_a_failed_step_releases_everything(tmp_path):
     except EngineError:
         pass
     assert not os.path.exists(swap)
-    assert trainer._store._closed and trainer._io._io is None and trainer._pool._arena is None
+    assert trainer.runtime.store._closed and trainer.runtime.io._io is None and trainer.runtime.pool._arena is None
     trainer.close()
 
 
@@ -252,14 +252,14 @@ def snapshot(trainer, model) -> dict:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     out = {("w", n): trainer.parameter(n).clone() for n in names}
     if trainer.plan.trainable_in_memory:
-        opt = trainer._stepper.optimizer
+        opt = trainer.runtime.backend.optimizer
         for n in names:
-            for k, v in opt.state.get(trainer._stepper.master(n), {}).items():
+            for k, v in opt.state.get(trainer.runtime.backend.master(n), {}).items():
                 out[(k, n)] = v.clone()
     else:
         for n in names:
             for k in ("exp_avg", "exp_avg_sq"):
-                out[(k, n)] = trainer._store.get((k, n)).clone()
+                out[(k, n)] = trainer.runtime.store.get((k, n)).clone()
     out["counters"] = (trainer.micro_steps, trainer.global_steps, trainer.skipped_steps)
     return out
 

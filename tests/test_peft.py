@@ -159,7 +159,7 @@ def assert_bit_identical(ref_model, ref_losses, losses, trainer):
 
 
 def frozen_streamed_keys(trainer) -> list:
-    return [sp.key for sp in trainer._streamer.params.streamed.values() if not sp.param.requires_grad]
+    return [sp.key for sp in trainer.runtime.streamer.params.streamed.values() if not sp.param.requires_grad]
 
 
 # ---------------------------------------------------------------------------------------- training parity
@@ -188,7 +188,7 @@ def test_model_small_enough_to_stay_resident_trains_with_adapters_in_memory(tmp_
     data = batches(2 * 3)
     ref_losses = reference_run(ref, data, 3)
     with engine.initialize(model, config(tmp_path, resident_threshold_bytes=1 << 20)) as trainer:
-        assert trainer.plan.trainable_in_memory and not trainer._streamer.params.streamed
+        assert trainer.plan.trainable_in_memory and not trainer.runtime.streamer.params.streamed
         assert trainer.memory_report()["pool"]["capacity"] == trainer.plan.pool_bytes
         assert_same_training(ref, ref_losses, train(trainer, data, 3), trainer)
 
@@ -256,7 +256,7 @@ def test_bf16_base_with_fp32_adapters_matches_torch(tmp_path):
     ref_losses = reference_run(ref, data, 4, ieee_sqrt=True)
     with engine.initialize(model, config(tmp_path, frozen_dtype="bf16")) as trainer:
         for key in frozen_streamed_keys(trainer):
-            assert trainer._store.meta(key).dtype == torch.bfloat16
+            assert trainer.runtime.store.meta(key).dtype == torch.bfloat16
         for name, p in trainable(model):
             assert p.dtype == torch.float32 and trainer.parameter(name).dtype == torch.float32
         losses = train(trainer, data, 4)
@@ -290,7 +290,7 @@ def test_peft_wrapped_bf16_base_matches_peft_in_memory(tmp_path):
     data = batches(8)
     ref_losses = reference_run(ref, data, 4, ieee_sqrt=True)
     with engine.initialize(model, config(tmp_path, frozen_dtype="bf16")) as trainer:
-        assert all(trainer._store.meta(k).dtype == torch.bfloat16 for k in frozen_streamed_keys(trainer))
+        assert all(trainer.runtime.store.meta(k).dtype == torch.bfloat16 for k in frozen_streamed_keys(trainer))
         losses = train(trainer, data, 4)
         assert_bit_identical(ref, ref_losses, losses, trainer)
 
@@ -321,7 +321,7 @@ def test_base_weights_are_never_written_and_have_no_state(tmp_path, placement, m
     model = lora_llama()
     data = batches(6)
     with engine.initialize(model, config(tmp_path, trainable_placement=placement)) as trainer:
-        store = trainer._store
+        store = trainer.runtime.store
         base = frozen_streamed_keys(trainer)
         assert len(base) >= 2 * len(TARGETS)
         before = {k: store.get(k).clone() for k in base}
@@ -348,7 +348,7 @@ def test_base_weights_are_never_written_and_have_no_state(tmp_path, placement, m
         expected = {("param", k[1]) for k in base}
         if placement == "memory":
             assert set(store.keys()) == expected  # nothing but the read-only base
-        assert trainer._streamer.stats()["reads"] > 0
+        assert trainer.runtime.streamer.stats()["reads"] > 0
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face peft
@@ -422,8 +422,8 @@ def test_merge_and_export_loads_in_transformers(tmp_path, wrapped):
         train(trainer, data, 2)
         adapter = tmp_path.parent / f"{tmp_path.name}-adapter"
         trainer.save_adapter(str(adapter))
-        reads = trainer._store.stats()["bytes_read"]
-        base_keys = {sp.name for sp in trainer._streamer.params.streamed.values()}
+        reads = trainer.runtime.store.stats()["bytes_read"]
+        base_keys = {sp.name for sp in trainer.runtime.streamer.params.streamed.values()}
         alive, real_weight = [], trainer.weight
 
         def weight(name):  # one base tensor in memory at a time: every earlier one is gone
@@ -438,7 +438,7 @@ def test_merge_and_export_loads_in_transformers(tmp_path, wrapped):
         files = trainer.merge_and_export(str(out), max_shard_size="40KiB")
         assert len(alive) == len(base_keys)
         # every base tensor was read from the store once, one at a time
-        assert trainer._store.stats()["bytes_read"] - reads == trainer._streamer.params.streamed_bytes
+        assert trainer.runtime.store.stats()["bytes_read"] - reads == trainer.runtime.streamer.params.streamed_bytes
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).exists() for s in shards)

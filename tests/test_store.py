@@ -547,7 +547,7 @@ def test_plan_and_initialize_agree_on_paths_of_unequal_free_space(unequal_fs):
     fit the small one is refused by the plan check, initialize and the store alike, with the same
     numbers; one that fits trains with each swap file exactly its planned share."""
     import engine
-    from engine.memory.planner import PlanError, check_disk
+    from engine.offload.planner import PlanError, check_disk
     from transformers import LlamaForCausalLM
 
     big_fs, small = unequal_fs
@@ -608,7 +608,7 @@ def test_plan_and_initialize_agree_on_a_small_file_system(small_fs, tmp_path, ca
     planned size); one that does not fit is refused by plan, the plan command and initialize alike."""
     import engine
     from engine.cli import main
-    from engine.memory.planner import PlanError, check_disk
+    from engine.offload.planner import PlanError, check_disk
     from transformers import LlamaForCausalLM
 
     cfg = engine.Config(nvme_path=small_fs, optimizer=engine.AdamWConfig(lr=1e-3))

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import engine
 from engine.config import BASELINE
-from engine.memory.planner import PlanError
+from engine.offload.planner import PlanError
 
 GAS = 2
 
@@ -220,7 +220,7 @@ def test_bf16_loss_falls_on_a_repeated_batch(tmp_path):
             assert abs(ours - theirs) <= 0.03 * theirs, (losses, ref_losses)
         master = trainer.parameter("lm_head.weight")
         assert master.dtype == torch.float32
-        assert trainer._store.meta(("param", "lm_head.weight")).dtype == torch.bfloat16
+        assert trainer.runtime.store.meta(("param", "lm_head.weight")).dtype == torch.bfloat16
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
@@ -241,7 +241,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
             after = trainer.parameter(n)
             assert torch.equal(after, before[n]) and torch.isfinite(after).all()
             for state in ("exp_avg", "exp_avg_sq"):
-                assert torch.isfinite(trainer._store.get((state, n))).all()
+                assert torch.isfinite(trainer.runtime.store.get((state, n))).all()
         out = trainer(input_ids=x, labels=x)
         trainer.backward(out.loss)
         trainer.step()
@@ -282,14 +282,14 @@ def test_soak_200_steps_memory_flat_and_nothing_leaks(tmp_path):
 
         train(20, 0)  # warm-up: execution order recorded, allocator caches filled
         rss, pool = _rss(), trainer.memory_report()["pool"]
-        disk = trainer._store.stats()["disk_used"]
-        swap_files = sorted(os.listdir(trainer._store.directories[0]))
+        disk = trainer.runtime.store.stats()["disk_used"]
+        swap_files = sorted(os.listdir(trainer.runtime.store.directories[0]))
         train(180, 20)
         report = trainer.memory_report()
         assert report["steps"] == 200
         assert report["pool"]["in_use"] == pool["in_use"] and report["pool"]["live_allocations"] == pool["live_allocations"]
-        assert trainer._store.stats()["disk_used"] == disk
-        assert sorted(os.listdir(trainer._store.directories[0])) == swap_files
+        assert trainer.runtime.store.stats()["disk_used"] == disk
+        assert sorted(os.listdir(trainer.runtime.store.directories[0])) == swap_files
         growth = _rss() - rss
         assert growth < 16 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 180 steps"
     assert os.listdir(tmp_path) == []

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ..config import Config
-from ..memory.planner import PlanError, check_disk, plan as plan_memory
+from ..offload.planner import PlanError, check_disk, plan as plan_memory
 from ..presets import PRESETS, build_model
 from . import CLIError
 

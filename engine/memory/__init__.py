@@ -1,4 +1,4 @@
-"""Host memory: the pinned pool, the planner (:mod:`.planner`) and the profiler."""
+"""Host memory: the pinned pool and the profiler (the planner is engine.offload.planner)."""
 from .pool import PinnedPool, PoolBlock
 from .profiler import MemoryProfiler
 

@@ -25,6 +25,16 @@ from ..optim import kernels
 from ..storage.store import StoreRequest, TensorStore
 from .stepper import ParamSpec, Piece
 
+# Pinned staging the streamed gradient path keeps in flight before it waits for writes: enough
+# for the NVMe queue to stay busy, small beside the model (the planner reserves it, see grad_staging_bytes).
+GRAD_STAGING_BYTES = 64 << 20
+
+
+def grad_staging_bytes(largest_numel: int) -> int:
+    """Pinned bytes the streamed gradient path needs: the in-flight budget, or one fp32 copy of the
+    largest gradient when that is larger (it must fit in one block)."""
+    return max(GRAD_STAGING_BYTES, round_up_io(largest_numel * 4))
+
 
 class GradientOffload:
     """Collects gradients for the optimizer stepper.
@@ -40,7 +50,7 @@ class GradientOffload:
     """
 
     def __init__(self, store: TensorStore, pool: PinnedPool, params: Sequence[ParamSpec], *,
-                 grad_buffer: str = "streamed", overflow_check: str = "fused", staging_bytes: int = 64 << 20,
+                 grad_buffer: str = "streamed", overflow_check: str = "fused", staging_bytes: int = GRAD_STAGING_BYTES,
                  flat_dtype: torch.dtype = torch.float32):
         if grad_buffer not in ("streamed", "flat"):
             raise ValueError(f"grad_buffer must be 'streamed' or 'flat', got {grad_buffer!r}")

@@ -22,7 +22,7 @@ from torch import nn
 from .._log import logger, warn_once
 from ..config import Config
 from ..errors import ModelAttachedError, TrainerClosedError
-from ..memory.planner import DTYPES, MemoryPlan, check_disk, plan as plan_memory
+from .planner import DTYPES, MemoryPlan, check_disk, plan as plan_memory
 from ..memory.malloc import applied_mmap_threshold, set_mmap_threshold
 from ..memory.pool import PinnedPool
 from ..memory.profiler import phase as profile_phase
@@ -35,6 +35,7 @@ from .gradients import GradientOffload
 from .loss_scaler import DynamicLossScaler
 from .materialize import initialize_into_store, initialize_meta_buffers
 from .params import KEY_ATTR, is_placeholder
+from .placement import TrainablePlacement
 from .resident import ResidentTrainables
 from .stepper import OptimizerStepper, ParamSpec
 from .streamer import ParameterStreamer
@@ -239,6 +240,34 @@ class Trainer:
     _stepper = property(lambda self: self._res.stepper)
     _grads = property(lambda self: self._res.grads)
     _closed = property(lambda self: self._res.released)
+
+    # The runtime's typed surface (what checkpointing, export and the profiler use).
+    store = property(lambda self: self._res.store)
+    pool = property(lambda self: self._res.pool)
+    io = property(lambda self: self._res.io)
+    streamer = property(lambda self: self._res.streamer)
+    gradients = property(lambda self: self._res.grads)
+    backend = property(lambda self: self._res.stepper)
+    trainable = property(lambda self: self._specs)
+    resident_trainables = property(lambda self: self._resident)
+    closed = property(lambda self: self._res.released)
+    runtime = property(lambda self: self)  # the facade's runtime, until the split
+
+    @property
+    def placement(self) -> TrainablePlacement:
+        return TrainablePlacement.DRAM if self.plan.trainable_in_memory else TrainablePlacement.NVME
+
+    @property
+    def poisoned(self):
+        return getattr(self, "_checkpoint_poisoned", None)
+
+    @poisoned.setter
+    def poisoned(self, value):
+        self._checkpoint_poisoned = value
+
+    def invalidate(self) -> None:
+        self._streamer.invalidate()
+        self._grads.begin_window()
 
     # ------------------------------------------------------------------ construction
     def _build(self, initializer: Optional[Initializer]) -> None:

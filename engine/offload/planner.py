@@ -43,9 +43,13 @@ from torch import nn
 
 from ..config import Config
 from ..errors import EngineError, PlanError  # noqa: F401 - PlanError re-exported
-from .pool import IO_ALIGNMENT, round_up_io
+from ..memory.pool import IO_ALIGNMENT, round_up_io
 from ..storage.store import path_share
 from ..units import format_bytes
+from .gradients import grad_staging_bytes
+from .params import discover
+from .stepper import OptimizerStepper, ParamSpec
+from .streamer import plan_staging
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,9 +129,6 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         activation_bytes = estimate_activation_bytes(model, example_inputs, DTYPES[config.dtype],
                                                      frozen_dtype=DTYPES[config.frozen_dtype or config.dtype])
     process = _process_bytes(model)
-    from ..offload.stepper import OptimizerStepper, ParamSpec
-    from ..offload.streamer import plan_staging
-    from ..offload.params import discover
 
     compute = DTYPES[config.dtype]
     frozen_dtype = DTYPES[config.frozen_dtype or config.dtype]
@@ -144,7 +145,7 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     specs = [ParamSpec(n, s) for n, s in trainable]
     largest = max((math.prod(s) for _, s in trainable), default=0)
     numel_trainable = sum(math.prod(s) for _, s in trainable)
-    nvme_grad_staging = max(64 << 20, round_up_io(largest * 4)) if trainable else 0
+    nvme_grad_staging = grad_staging_bytes(largest) if trainable else 0
     in_memory = _trainable_in_memory(model, config, numel_trainable, compute, state,
                                      nvme_grad_staging + OptimizerStepper.buffer_bytes(
                                          specs, segment_elements, segment_elements, compute, state))

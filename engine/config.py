@@ -13,31 +13,60 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping, Optional, TypedDict, Union
+from typing import Any, Callable, Literal, Mapping, Optional, TypedDict, Union, get_args
 
 from ._log import logger
+from .dtypes import DtypeName
 from .errors import ConfigError, EngineError  # noqa: F401 - ConfigError re-exported
 from .units import parse_bytes
 
-DTYPES = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-CHOICES = {
-    "dtype": DTYPES,
-    "offload_params": ("nvme", "none"),
-    "offload_optimizer": ("nvme", "none"),
-    # Where trainable parameters and their optimizer state live; "auto": the planner decides.
-    "trainable_placement": ("auto", "memory", "nvme"),
-    "optimizer_state_dtype": ("fp32", "bf16"),
-    "aio_backend": ("auto", "uring", "threads"),
-    # Ablation switches: ours first, then the ZeRO-Infinity-like baseline.
-    "buffer_pool": ("adaptive", "uniform"),
-    "pinned_alloc": ("exact", "torch"),
-    "overflow_check": ("fused", "naive"),
-    "store": ("direct", "files"),
-    "grad_buffer": ("streamed", "flat"),
+# One Literal per string switch: the Config field's type, and (via get_args) its allowed values.
+OptimizerType = Literal["adamw", "adam", "sgd"]
+OffloadTarget = Literal["nvme", "none"]
+# Where trainable parameters and their optimizer state live; "auto": the planner decides.
+TrainablePlacementChoice = Literal["auto", "memory", "nvme"]
+StateDtypeName = Literal["fp32", "bf16"]
+AioBackend = Literal["auto", "uring", "threads"]
+# Ablation switches: ours first, then the ZeRO-Infinity-like baseline (BASELINE takes the second).
+BufferPool = Literal["adaptive", "uniform"]
+PinnedAlloc = Literal["exact", "torch"]
+OverflowCheck = Literal["fused", "naive"]
+StoreLayout = Literal["direct", "files"]
+GradBuffer = Literal["streamed", "flat"]
+
+DTYPES: tuple[str, ...] = get_args(DtypeName)
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerType)
+SWITCHES: dict[str, Any] = {"buffer_pool": BufferPool, "pinned_alloc": PinnedAlloc,
+                            "overflow_check": OverflowCheck, "store": StoreLayout, "grad_buffer": GradBuffer}
+FIELD_CHOICES: dict[str, Any] = {  # Config field -> its Literal
+    "dtype": DtypeName,
+    "offload_params": OffloadTarget,
+    "offload_optimizer": OffloadTarget,
+    "trainable_placement": TrainablePlacementChoice,
+    "optimizer_state_dtype": StateDtypeName,
+    "aio_backend": AioBackend,
+    **SWITCHES,
 }
-BASELINE = {"buffer_pool": "uniform", "pinned_alloc": "torch", "overflow_check": "naive", "store": "files",
-            "grad_buffer": "flat"}
+CHOICES: dict[str, tuple[str, ...]] = {name: get_args(literal) for name, literal in FIELD_CHOICES.items()}
+BASELINE: dict[str, str] = {name: get_args(literal)[1] for name, literal in SWITCHES.items()}
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return ", ".join(map(repr, choices))
+
+
+def check_choice(what: str, value: Any, literal: Any, message: Optional[str] = None) -> str:
+    """``value`` if it is one of the strings of ``literal`` (a ``Literal[...]`` alias above);
+    otherwise a :class:`ConfigError` (a ValueError) naming ``what``. Config checks its fields
+    with it; so do the classes also used without a Config (TensorStore, AsyncIO), whose
+    ``message`` may spell the error with ``{value!r}``, ``{choices}`` ("'a', 'b', 'c'") and
+    ``{alternatives}`` ("'a', 'b' or 'c'")."""
+    choices = get_args(literal)
+    if isinstance(value, str) and value in choices:
+        return value
+    alternatives = " or ".join(filter(None, (", ".join(map(repr, choices[:-1])), repr(choices[-1]))))
+    text = message or "{what} must be one of {choices}, got {value!r}"
+    raise ConfigError(text.format(what=what, value=value, choices=_one_of(choices), alternatives=alternatives), what)
 
 
 # Upper bounds, each with its reason.
@@ -108,7 +137,7 @@ class OptimizerConfig:
     """Optimizer hyper-parameters. ``type``: ``adamw`` (decoupled weight decay), ``adam``
     (L2 weight decay) or ``sgd`` (with ``momentum``)."""
 
-    type: str = "adamw"
+    type: OptimizerType = "adamw"
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -116,9 +145,7 @@ class OptimizerConfig:
     momentum: float = 0.0
 
     def validate(self) -> None:
-        if not isinstance(self.type, str) or self.type not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.type must be one of {', '.join(OPTIMIZERS)}, got {self.type!r}",
-                              "optimizer.type")
+        check_choice("optimizer.type", self.type, OptimizerType)
         self.betas = _check_betas(self.betas)
         check_number("optimizer.lr", self.lr)
         check_number("optimizer.eps", self.eps, low_open=True)  # divides by sqrt(v) + eps: 0 gives 0/0
@@ -186,9 +213,9 @@ class Config:
     """
 
     nvme_path: Union[str, list[str], None] = None
-    dtype: str = "fp32"
-    offload_params: str = "nvme"
-    offload_optimizer: str = "nvme"
+    dtype: DtypeName = "fp32"
+    offload_params: OffloadTarget = "nvme"
+    offload_optimizer: OffloadTarget = "nvme"
     host_memory_budget: Union[int, str, None] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gradient_accumulation_steps: int = 1
@@ -202,21 +229,21 @@ class Config:
     prefetch_depth: Union[int, str] = "auto"
     sub_group_size: Union[int, str] = "auto"
     resident_threshold_bytes: int = 1 << 20
-    optimizer_state_dtype: str = "fp32"
-    aio_backend: str = "auto"
+    optimizer_state_dtype: StateDtypeName = "fp32"
+    aio_backend: AioBackend = "auto"
     queue_depth: int = 32
     block_size: Union[int, str] = "1MiB"
     checksum: bool = True
-    buffer_pool: str = "adaptive"
+    buffer_pool: BufferPool = "adaptive"
     buffer_count: int = 5
-    pinned_alloc: str = "exact"
-    overflow_check: str = "fused"
-    store: str = "direct"
-    grad_buffer: str = "streamed"
+    pinned_alloc: PinnedAlloc = "exact"
+    overflow_check: OverflowCheck = "fused"
+    store: StoreLayout = "direct"
+    grad_buffer: GradBuffer = "streamed"
     # Trainer.save_checkpoint keeps this many newest checkpoints per directory (0 keeps all).
     checkpoint_keep_last: int = 2
-    frozen_dtype: Optional[str] = None
-    trainable_placement: str = "auto"
+    frozen_dtype: Optional[DtypeName] = None
+    trainable_placement: TrainablePlacementChoice = "auto"
     # glibc mmap threshold set at initialize (None: leave glibc's dynamic one); see engine.memory.malloc.
     malloc_mmap_threshold: Union[int, str, None] = "1MiB"
 
@@ -227,14 +254,11 @@ class Config:
 
     def validate(self) -> "Config":
         """Checks every field; raises :class:`ConfigError` naming the first bad one."""
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}", name)
-        frozen = self.frozen_dtype
-        if frozen is not None and (not isinstance(frozen, str) or frozen not in DTYPES):
-            raise ConfigError(f"frozen_dtype must be None (same as dtype) or one of {', '.join(map(repr, DTYPES))}, "
-                              f"got {self.frozen_dtype!r}", "frozen_dtype")
+        for name, literal in FIELD_CHOICES.items():
+            check_choice(name, getattr(self, name), literal)
+        if self.frozen_dtype is not None:
+            check_choice("frozen_dtype", self.frozen_dtype, DtypeName,
+                         "frozen_dtype must be None (same as dtype) or one of {choices}, got {value!r}")
         if not isinstance(self.optimizer, OptimizerConfig):
             raise ConfigError(f"optimizer must be an OptimizerConfig or a dict, got {type(self.optimizer).__name__}",
                               "optimizer")

@@ -188,12 +188,11 @@ class TensorStore:
         backend: AsyncIO backend when the store makes its own.
     """
 
-    def __init__(self, paths: Union[PathLike, Sequence[PathLike]], *, layout: str = "direct",
+    def __init__(self, paths: Union[PathLike, Sequence[PathLike]], *, layout: StoreLayout = "direct",
                  pool: Optional[PinnedPool] = None, io: Optional[AsyncIO] = None, checksum: bool = True,
                  grow_step: Union[int, str] = "1GiB", stripe_size: Union[int, str] = "16MiB",
-                 allow_raw_device: bool = False, backend: str = "auto"):
-        if layout not in ("direct", "files"):
-            raise ValueError(f"store layout must be 'direct' or 'files', got {layout!r}")
+                 allow_raw_device: bool = False, backend: AioBackend = "auto"):
+        check_choice("layout", layout, StoreLayout, "store layout must be {alternatives}, got {value!r}")
         roots = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
         if not roots:
             raise ValueError("TensorStore needs at least one NVMe path")

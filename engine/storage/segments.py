@@ -14,6 +14,19 @@ import torch
 
 from ..memory.pool import IO_ALIGNMENT, round_up_io
 
+# Segments hold ``stripe_size / 4`` elements of any dtype (4: the bytes of an fp32 element), so a
+# parameter's fp32 master, its low-precision weights and its moments split at the same indices.
+STRIPE_ELEMENT_BYTES = 4
+DEFAULT_STRIPE_SIZE = 16 << 20
+
+
+def segment_elements(stripe_size: int) -> int:
+    """Elements per segment for ``stripe_size`` bytes: a multiple of 4096 keeps every dtype's segments 4 KiB-aligned."""
+    return round_up_io(stripe_size // STRIPE_ELEMENT_BYTES)
+
+
+DEFAULT_SEGMENT_ELEMENTS = segment_elements(DEFAULT_STRIPE_SIZE)  # 4 Mi elements
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -56,6 +69,13 @@ class TensorMeta:
         return range(len(self.segments)) if not self.segments else range(
             next(i for i, s in enumerate(self.segments) if s.tensor_end > offset),
             next((i for i, s in enumerate(self.segments) if s.tensor_offset >= end), len(self.segments)))
+
+
+def largest_extent(nbytes: int, itemsize: int, segment_elements: int, layout: str) -> int:
+    """The largest extent the store gives a tensor of ``nbytes``: one segment (``direct``), or the
+    whole (aligned) tensor, its own file (``files``)."""
+    padded = round_up_io(nbytes)
+    return padded if layout == "files" else min(padded, segment_elements * itemsize)
 
 
 def path_share(nbytes: int, npaths: int, largest_extent: int) -> int:

@@ -50,7 +50,7 @@ from . import cleanup
 from .aio import AsyncFile, AsyncIO, Buffer, _buffer_span
 from .backing import Backing, check_room, open_backing
 from .request import InFlight, Part, StoreRequest
-from .segments import Segment, TensorMeta, aligned_bytes, path_share
+from .segments import DEFAULT_STRIPE_SIZE, STRIPE_ELEMENT_BYTES, Segment, TensorMeta, aligned_bytes, path_share, segment_elements
 from ..config import AioBackend, StoreLayout, check_choice
 from ..errors import AsyncIOError
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, round_up_io
@@ -79,7 +79,7 @@ class TensorStore:
 
     def __init__(self, paths: Union[PathLike, Sequence[PathLike]], *, layout: StoreLayout = "direct",
                  pool: Optional[PinnedPool] = None, io: Optional[AsyncIO] = None, checksum: bool = True,
-                 grow_step: Union[int, str] = "1GiB", stripe_size: Union[int, str] = "16MiB",
+                 grow_step: Union[int, str] = "1GiB", stripe_size: Union[int, str] = DEFAULT_STRIPE_SIZE,
                  allow_raw_device: bool = False, backend: AioBackend = "auto"):
         check_choice("layout", layout, StoreLayout, "store layout must be {alternatives}, got {value!r}")
         roots = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
@@ -90,8 +90,7 @@ class TensorStore:
         self.layout = layout
         self.checksum = checksum
         self.grow_step = parse_bytes(grow_step)
-        # Elements per segment: a multiple of 4096 keeps every dtype's segments 4 KiB-aligned.
-        self.segment_elements = round_up_io(parse_bytes(stripe_size) // 4)
+        self.segment_elements = segment_elements(parse_bytes(stripe_size))
         if self.segment_elements <= 0:
             raise ValueError("stripe_size must be positive")
         self.allow_raw_device = allow_raw_device
@@ -122,7 +121,7 @@ class TensorStore:
         path can hold its share (:func:`path_share`, checked before writing), then grows each swap
         file by exactly that share, so those allocations need no further growth."""
         self._check_open()
-        largest = self.segment_elements * 4 if largest_extent is None else largest_extent
+        largest = self.segment_elements * STRIPE_ELEMENT_BYTES if largest_extent is None else largest_extent
         shares = self._shares(nbytes, largest)
         check_room(self._backings, shares)
         for b, share in zip(self._backings, shares):

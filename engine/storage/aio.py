@@ -23,7 +23,7 @@ import torch
 
 from .. import _native
 from .._log import logger, warn_once
-from ..config import AioBackend, check_choice
+from ..validate import AioBackend, check_choice
 from ..errors import AsyncIOError
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes

@@ -16,7 +16,7 @@ from typing import Optional
 from . import cleanup
 from .aio import AsyncFile, AsyncIO
 from .extents import ExtentAllocator
-from ..config import StoreLayout
+from ..validate import StoreLayout
 from ..errors import StoreCapacityError
 from ..memory.pool import IO_ALIGNMENT
 

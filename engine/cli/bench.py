@@ -14,7 +14,7 @@ import sys
 
 from ..bench import ALL_MODES, DTYPES, MODES, compare, format_table, table_rows
 from ..presets import PRESETS
-from . import CLIError
+from ..errors import CLIError
 
 
 def add_parser(sub) -> None:

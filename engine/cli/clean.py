@@ -12,7 +12,7 @@ import os
 
 from ..storage import cleanup
 from ..units import format_bytes
-from . import CLIError
+from ..errors import CLIError
 
 
 def add_parser(sub) -> None:

@@ -17,7 +17,7 @@ import torch
 from ..config import Config
 from ..offload.planner import PlanError, check_disk, plan as plan_memory
 from ..presets import PRESETS, build_model
-from . import CLIError
+from ..errors import CLIError
 
 
 def add_parser(sub) -> None:

@@ -15,7 +15,7 @@ import sys
 
 from ..memory.profiler import MemoryProfiler
 from ..units import format_bytes
-from . import CLIError
+from ..errors import CLIError
 
 
 def add_parser(sub) -> None:

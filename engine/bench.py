@@ -22,8 +22,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence, get_args
 
+from . import procinfo
 from .config import BASELINE
 from .errors import BenchError  # noqa: F401 - re-exported
 from .memory.profiler import phase
@@ -33,7 +34,9 @@ MODES = ("engine", "torch", "baseline", "deepspeed")
 # "deepspeed-default" (ZeRO-3 on NVMe with DeepSpeed's default offload settings).
 ABLATIONS = tuple(f"no-{switch}" for switch in BASELINE)
 ALL_MODES = MODES + ABLATIONS + ("deepspeed-default",)
-DTYPES = ("fp32", "bf16")
+# The config dtype names the comparison runs in: fp16 is left out (plain PyTorch would need a loss scaler).
+BenchDtype = Literal["fp32", "bf16"]
+DTYPES: tuple[str, ...] = get_args(BenchDtype)
 
 
 @dataclass
@@ -45,7 +48,7 @@ class BenchSpec:
     steps: int = 3
     batch: int = 2
     seq: int = 256
-    dtype: str = "fp32"
+    dtype: BenchDtype = "fp32"
     path: Optional[str] = None
     checkpointing: bool = False
     lr: float = 1e-5
@@ -94,11 +97,6 @@ def _batches(spec: BenchSpec, vocab: int) -> list:
     return [torch.randint(0, vocab, (spec.batch, spec.seq), generator=gen) for _ in range(spec.steps)]
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
 def run_mode(spec: BenchSpec) -> dict:
     """Runs ``spec`` in this process and returns its measurements (call it in a fresh process)."""
     import torch
@@ -124,7 +122,7 @@ def run_mode(spec: BenchSpec) -> dict:
     # Bytes moved: the store's counters for the engine, the process's storage I/O otherwise.
     extra.setdefault("bytes_read", report["totals"]["read"] or 0)
     extra.setdefault("bytes_written", report["totals"]["written"] or 0)
-    return dict(model=spec.model, mode=spec.mode, dtype=spec.dtype, params=params, peak_rss=_status_bytes("VmHWM"),
+    return dict(model=spec.model, mode=spec.mode, dtype=spec.dtype, params=params, peak_rss=procinfo.peak_rss_bytes(),
                 peak_system=report["peak_system_used_over_baseline"], peak_system_abs=report["peaks"]["system_used"],
                 step_s=statistics.median(times[1:]) if len(times) > 1 else times[0], times=times, losses=losses,
                 **extra)

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .config import AioBackend
 from .memory.pool import PinnedPool
 from .storage.aio import AsyncIO
 from .units import format_bytes, parse_bytes
@@ -34,7 +35,7 @@ def _stamp(buf: torch.Tensor, index: int) -> None:
 
 
 def run_selfcheck(path: Optional[str] = None, size: int | str = "1GiB", chunk: int | str = "64MiB",
-                  backend: str = "auto", depth: int = 4, progress: bool = True) -> SelfCheckResult:
+                  backend: AioBackend = "auto", depth: int = 4, progress: bool = True) -> SelfCheckResult:
     """Writes ``size`` bytes in ``chunk``-sized O_DIRECT requests (``depth`` in flight) to a private
     temporary file under ``path``, reads them back, verifies every byte, and removes the file."""
     total, chunk_bytes = parse_bytes(size), parse_bytes(chunk)

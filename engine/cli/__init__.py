@@ -18,8 +18,9 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, get_args
 
+from ..config import AioBackend
 from ..errors import CLIError, EngineError  # noqa: F401 - CLIError re-exported
 
 
@@ -28,7 +29,7 @@ def _add_selfcheck(sub) -> None:
     check.add_argument("--path", default=None, help="directory for the temporary test file (default: the system temp dir)")
     check.add_argument("--size", default="1GiB", help="bytes to write and read back (default 1GiB)")
     check.add_argument("--chunk", default="64MiB", help="request size (default 64MiB)")
-    check.add_argument("--backend", default="auto", choices=["auto", "uring", "threads"])
+    check.add_argument("--backend", default="auto", choices=list(get_args(AioBackend)))
     check.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

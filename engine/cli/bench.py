@@ -13,8 +13,8 @@ import os
 import sys
 
 from ..bench import ALL_MODES, DTYPES, MODES, compare, format_table, table_rows
+from ..errors import CLIError
 from ..presets import PRESETS
-from . import CLIError
 
 
 def add_parser(sub) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import CLIError
 from ..storage import cleanup
 from ..units import format_bytes
-from . import CLIError
 
 
 def add_parser(sub) -> None:

@@ -15,9 +15,9 @@ import sys
 import torch
 
 from ..config import Config
-from ..offload.planner import PlanError, check_disk, plan as plan_memory
+from ..errors import CLIError, PlanError
+from ..offload.planner import check_disk, plan as plan_memory
 from ..presets import PRESETS, build_model
-from . import CLIError
 
 
 def add_parser(sub) -> None:

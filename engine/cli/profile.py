@@ -13,9 +13,9 @@ import signal
 import subprocess
 import sys
 
+from ..errors import CLIError
 from ..memory.profiler import MemoryProfiler
 from ..units import format_bytes
-from . import CLIError
 
 
 def add_parser(sub) -> None:

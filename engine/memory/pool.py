@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .. import _native
+from .. import _native, dtypes
 from .._log import logger, warn_once
 from ..errors import PinnedMemoryError, PoolExhaustedError
 from ..units import format_bytes, parse_bytes
@@ -78,7 +78,7 @@ class PoolBlock:
         """
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         numel = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         block = self._block()
         if offset < 0 or offset % itemsize:
             raise ValueError(f"offset {offset} must be a non-negative multiple of the {dtype} item size {itemsize}")
@@ -222,7 +222,7 @@ class PinnedPool:
         The block is freed when the tensor and all its views are gone.
         """
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = dtypes.nbytes(shape, dtype)
         return self.alloc(max(nbytes, 1)).tensor(shape, dtype)
 
     def stats(self) -> dict:

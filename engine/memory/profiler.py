@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+from .. import procinfo
+from .timeline import PHASE_COLORS, plot_timeline  # noqa: F401 - re-exported
+
 SERIES = ("rss", "vm_hwm", "locked", "system_used", "pool_reserved", "pool_in_use", "read", "written")
-PHASE_COLORS = {"forward": "#4c9be8", "backward": "#f28e2b", "optimizer": "#59a14f", "checkpoint": "#b07aa1"}
 
 _active: list["MemoryProfiler"] = []
 _active_lock = threading.Lock()
@@ -53,41 +54,9 @@ class Phase:
     end: Optional[float] = None
 
 
-def _read_kv(path: str, keys: tuple[str, ...], scale: int = 1) -> dict[str, int]:
-    """``Key: value [kB]`` lines of a /proc file; the keys found, times ``scale``."""
-    out: dict[str, int] = {}
-    with open(path) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in keys:
-                out[key] = int(value.split()[0]) * scale
-    return out
-
-
 def system_used_bytes() -> int:
     """System-wide used memory now: ``MemTotal - MemAvailable``."""
-    info = _read_kv("/proc/meminfo", ("MemTotal", "MemAvailable"), 1024)
-    return info["MemTotal"] - info["MemAvailable"]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Child processes, recursively, from /proc/PID/task/*/children (empty if unsupported)."""
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out.extend(kids)
-            stack.extend(kids)
-    return out
+    return procinfo.system_memory().used
 
 
 class MemoryProfiler:
@@ -121,18 +90,20 @@ class MemoryProfiler:
         self._halt = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._t0 = 0.0
-        self._io0: Optional[dict[str, int]] = None
+        self._io0: Optional[tuple[int, int]] = None
         self.baseline_system_used = 0
         self.duration = 0.0
         self.process_exited = False
 
     # ------------------------------------------------------------------ sources
     def attach(self, *, pool: Any = None, store: Any = None, trainer: Any = None) -> "MemoryProfiler":
-        """Adds a PinnedPool and/or TensorStore to sample (a trainer brings both)."""
+        """Adds a PinnedPool and/or TensorStore to sample (a trainer brings both: its runtime's
+        ``pool``, ``store`` and ``io``; a runtime may be passed as ``trainer`` too)."""
         if trainer is not None:
-            pool = pool or getattr(trainer, "_pool", None)
-            store = store or getattr(trainer, "_store", None)
-            self.extra["backend"] = getattr(getattr(trainer, "_io", None), "backend", None)
+            runtime = trainer.runtime if hasattr(trainer, "runtime") else trainer
+            pool = pool or runtime.pool
+            store = store or runtime.store
+            self.extra["backend"] = None if runtime.io is None else runtime.io.backend
         with self._source_lock:
             if pool is not None:
                 self._pool = pool
@@ -154,22 +125,18 @@ class MemoryProfiler:
         t = time.perf_counter() - self._t0
         values: dict[str, Optional[int]] = dict.fromkeys(SERIES)
         try:
-            status = _read_kv(f"/proc/{self.pid}/status", ("VmRSS", "VmHWM", "VmLck"), 1024)
-        except (OSError, ValueError):
+            memory = procinfo.process_memory(self.pid)
+        except (OSError, ValueError, *procinfo.ProcessGone):  # gone, or a zombie that holds no memory any more
             self.process_exited = True
             return
-        rss = status.get("VmRSS")
-        if rss is None:  # a zombie: it has exited and holds no memory any more
-            self.process_exited = True
-            return
+        rss = memory.rss
         if self.include_children:
-            for child in _descendants(self.pid):
+            for child in procinfo.descendants(self.pid):
                 try:
-                    rss += _read_kv(f"/proc/{child}/status", ("VmRSS",), 1024).get("VmRSS", 0)
-                except (OSError, ValueError):
+                    rss += procinfo.rss_bytes(child)
+                except (OSError, *procinfo.ProcessGone):
                     pass  # exited between listing and reading
-        values.update(rss=rss, vm_hwm=status.get("VmHWM"), locked=status.get("VmLck"),
-                      system_used=system_used_bytes())
+        values.update(rss=rss, vm_hwm=memory.peak_rss, locked=memory.locked, system_used=system_used_bytes())
         with self._source_lock:  # detach() waits for this: a closed pool must not be read
             self._sample_sources(values)
         with self._lock:
@@ -200,12 +167,11 @@ class MemoryProfiler:
                 self._store = None
         if values["read"] is None and self.io_source != "store":
             try:
-                io = _read_kv(f"/proc/{self.pid}/io", ("read_bytes", "write_bytes"))
+                io = procinfo.io_bytes(self.pid)
                 if self._io0 is None:
                     self._io0 = io
-                values.update(read=io["read_bytes"] - self._io0["read_bytes"],
-                              written=io["write_bytes"] - self._io0["write_bytes"])
-            except (OSError, KeyError, ValueError):
+                values.update(read=io[0] - self._io0[0], written=io[1] - self._io0[1])
+            except (OSError, *procinfo.ProcessGone):
                 pass
 
     def sample(self) -> None:
@@ -228,7 +194,7 @@ class MemoryProfiler:
         self._t0 = time.perf_counter()
         try:
             self.baseline_system_used = system_used_bytes()
-        except (OSError, KeyError) as exc:
+        except OSError as exc:
             raise OSError(f"the profiler needs /proc/meminfo: {exc}") from None
         self._sample()  # one sample before returning: the baseline is in the series
         self._thread = threading.Thread(target=self._run, name="memascend-profiler", daemon=True)
@@ -346,68 +312,3 @@ def phase(name: str) -> Iterator[None]:
         for p in profilers:
             stack.enter_context(p.phase(name))
         yield
-
-
-def plot_timeline(report: dict, path: str, title: Optional[str] = None) -> None:
-    """Renders a profiler report (with series) to a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    s = report["series"]
-    t = s["t"]
-    gib = 2.0 ** 30
-
-    def col(name: str) -> list[float]:
-        return [math.nan if v is None else v / gib for v in s[name]]
-
-    fig = Figure(figsize=(11, 6.5), dpi=100)
-    FigureCanvasAgg(fig)
-    mem, io = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
-    lines = [("rss", "RSS" + (" (with children)" if report.get("include_children") else ""), "-"),
-             ("system_used", "system used (MemTotal - MemAvailable)", "-"), ("locked", "locked (VmLck)", ":"),
-             ("pool_reserved", "pinned pool reserved", "--"), ("pool_in_use", "pinned pool in use", "-.")]
-    for key, label, style in lines:
-        if any(v is not None for v in s[key]):
-            mem.plot(t, col(key), style, label=label, linewidth=1.2)
-    mem.set_ylabel("GiB")
-    mem.grid(alpha=0.3)
-    for key, label in (("read", "read"), ("written", "written")):
-        rates = _rates(t, s[key])
-        if rates:
-            io.plot(t[1:], rates, label=f"{label} GB/s", linewidth=1.0)
-    io.set_ylabel("I/O GB/s")
-    io.set_xlabel("seconds")
-    io.grid(alpha=0.3)
-    seen: dict[str, str] = {}
-    for p in report["phases"]:
-        color = PHASE_COLORS.get(p["name"]) or seen.get(p["name"]) or f"C{len(seen) + 5}"
-        seen[p["name"]] = color
-        end = p["end"] if p["end"] is not None else (t[-1] if t else p["start"])
-        for ax in (mem, io):
-            ax.axvspan(p["start"], end, color=color, alpha=0.15, linewidth=0)
-    handles, labels = mem.get_legend_handles_labels()
-    handles += [Patch(color=c, alpha=0.3) for c in seen.values()]
-    labels += list(seen)
-    mem.legend(handles, labels, loc="upper left", fontsize=8, ncol=2)
-    if io.get_legend_handles_labels()[0]:
-        io.legend(loc="upper left", fontsize=8)
-    peak = report["peaks"]
-    fig.suptitle((title + ": " if title else "") + "peak RSS " + _gib(peak["rss"]) + ", peak system used "
-                 + _gib(peak["system_used"]), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
-def _rates(t: list[float], values: list[Optional[int]]) -> list[float]:
-    if not any(v is not None for v in values):
-        return []
-    out = []
-    for i in range(1, len(t)):
-        a, b, dt = values[i - 1], values[i], t[i] - t[i - 1]
-        out.append(math.nan if a is None or b is None or dt <= 0 else (b - a) / dt / 1e9)
-    return out
-
-
-def _gib(n: Optional[int]) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"

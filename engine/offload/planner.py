@@ -41,9 +41,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .. import dtypes, procinfo
 from ..config import Config
 from ..errors import EngineError, PlanError  # noqa: F401 - PlanError re-exported
 from ..memory.pool import IO_ALIGNMENT, round_up_io
+from ..storage.backing import available_bytes
+from ..storage.segments import DEFAULT_SEGMENT_ELEMENTS, largest_extent as _extent_bytes
 from ..storage.store import path_share
 from ..units import format_bytes
 from .gradients import grad_staging_bytes
@@ -52,7 +55,9 @@ from .stepper import OptimizerStepper, ParamSpec
 from .streamer import plan_staging
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dtypes.BY_NAME  # config name -> torch dtype (kept importable from here)
+# Master weights and gradients are fp32 whatever the compute dtype (the stepper's and the gradient path's choice).
+FP32_BYTES = dtypes.itemsize(torch.float32)
 
 
 @dataclass
@@ -118,7 +123,7 @@ def _trainable(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example_inputs: Optional[dict] = None,
-         segment_elements: int = 1 << 22) -> MemoryPlan:
+         segment_elements: int = DEFAULT_SEGMENT_ELEMENTS) -> MemoryPlan:
     """Plans host and disk memory for training ``model`` (real or meta device) with ``config``.
 
     ``example_inputs``: keyword arguments of one training forward (e.g. ``input_ids`` and
@@ -151,9 +156,9 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
                                          specs, segment_elements, segment_elements, compute, state))
     params = discover(model, threshold, resident_trainable=in_memory, dtype_of=dtype_of)
     grad_staging = 0 if in_memory else nvme_grad_staging
-    resident = sum(p.numel() * _itemsize(dtype_of(p)) for _, p in params.resident)
+    resident = sum(p.numel() * dtypes.itemsize(dtype_of(p)) for _, p in params.resident)
     trainable_state = _memory_state_bytes(numel_trainable, compute, state) if in_memory else 0
-    scale = _itemsize(compute)
+    scale = dtypes.itemsize(compute)
     flat = numel_trainable * scale if config.grad_buffer == "flat" and not in_memory else 0
 
     def staging_for(depth: int) -> int:
@@ -184,7 +189,8 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         peak = pool + resident + flat + activation_bytes + process + trainable_state
         on_disk = _disk_tensors([] if in_memory else trainable, params, compute, state, config, frozen_dtype)
         disk = sum(round_up_io(n * size) for n, size in on_disk)
-        largest_extent = max((_extent_bytes(n, size, segment_elements, config.store) for n, size in on_disk), default=0)
+        largest_extent = max((_extent_bytes(n * size, size, segment_elements, config.store) for n, size in on_disk),
+                             default=0)
         paths = config.nvme_paths or ["(private temporary directory)"]
         share = path_share(disk, len(paths), largest_extent)
         return MemoryPlan(depth, group, segment_elements, staging, grad_staging, optimizer, pool, resident, flat,
@@ -206,15 +212,11 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         + (f", activations {format_bytes(activation_bytes)}" if activation_bytes else "") + ")")
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _memory_state_bytes(numel: int, compute: torch.dtype, state: torch.dtype) -> int:
     """DRAM for trainable parameters kept in memory, beyond the parameters themselves: the fp32
     master (mixed precision only), the fp32 gradient and the two moments."""
-    master = 4 if compute != torch.float32 else 0
-    return numel * (master + 4 + 2 * _itemsize(state))
+    master = FP32_BYTES if compute != torch.float32 else 0
+    return numel * (master + FP32_BYTES + 2 * dtypes.itemsize(state))
 
 
 def _trainable_in_memory(model: nn.Module, config: Config, numel_trainable: int, compute: torch.dtype,
@@ -232,9 +234,8 @@ def _trainable_in_memory(model: nn.Module, config: Config, numel_trainable: int,
 def _process_bytes(model: nn.Module) -> int:
     """This process's RSS now, less the bytes of real (CPU) model weights that training moves to NVMe."""
     try:
-        with open("/proc/self/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
+        rss = procinfo.rss_bytes()
+    except (OSError, *procinfo.ProcessGone):
         return PROCESS_OVERHEAD
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
     return max(rss - weights, 0)
@@ -339,27 +340,21 @@ def _saved_activations(model: nn.Module, example_inputs: dict, dtype_of: Callabl
 def _disk_tensors(trainable, params, compute: torch.dtype, state: torch.dtype, config: Config,
                   frozen_dtype: Optional[torch.dtype] = None) -> list[tuple[int, int]]:
     """(elements, bytes per element) of every tensor the run keeps on disk."""
-    itemsize = _itemsize(compute)
-    s_itemsize = _itemsize(state)
+    itemsize = dtypes.itemsize(compute)
+    s_itemsize = dtypes.itemsize(state)
     out: list[tuple[int, int]] = []
     for _, shape in trainable:
         n = math.prod(shape)
         out.append((n, itemsize))                          # compute weights ("param")
         if compute != torch.float32:
-            out.append((n, 4))                             # fp32 master
+            out.append((n, FP32_BYTES))                    # fp32 master
         out += [(n, s_itemsize)] * 2                       # Adam moments
         if config.grad_buffer == "streamed":
-            out.append((n, 4))                             # fp32 gradient
+            out.append((n, FP32_BYTES))                    # fp32 gradient
     frozen = [sp for sp in params.streamed.values() if not sp.param.requires_grad]
-    frozen_itemsize = _itemsize(frozen_dtype or compute)
+    frozen_itemsize = dtypes.itemsize(frozen_dtype or compute)
     out += [(math.prod(sp.shape), frozen_itemsize) for sp in frozen]
     return out
-
-
-def _extent_bytes(numel: int, itemsize: int, segment_elements: int, layout: str) -> int:
-    """The largest extent the store gives such a tensor: one segment (direct) or the whole file."""
-    padded = round_up_io(numel * itemsize)
-    return padded if layout == "files" else min(padded, segment_elements * itemsize)
 
 
 def check_disk(plan: MemoryPlan, paths: list[str]) -> None:
@@ -371,8 +366,7 @@ def check_disk(plan: MemoryPlan, paths: list[str]) -> None:
     for p in paths:
         groups.setdefault(os.stat(p).st_dev, []).append(p)
     for members in groups.values():
-        vfs = os.statvfs(members[0])
-        available = vfs.f_bavail * vfs.f_frsize
+        available = available_bytes(members[0])
         needed = share * len(members)
         if needed > available:
             striped = (f" (its share of {format_bytes(plan.disk_bytes)} striped over {len(paths)} paths)"

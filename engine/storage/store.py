@@ -29,147 +29,36 @@ Swap files live in a private directory (0700; files 0600) under each path and
 are removed when the store closes, at process exit, and on SIGTERM. The directory's
 name records its owner (see :mod:`engine.storage.cleanup`): when a store opens on a
 path it reclaims the directories of processes that died without removing theirs.
+
+This module keeps the store's tensor table, placement and I/O; the pieces it uses live beside
+it: :mod:`.segments` (Segment, TensorMeta, path_share), :mod:`.backing` (one path's swap
+directory and file, growth, capacity checks), :mod:`.request` (in-flight requests, CRC check).
 """
 from __future__ import annotations
 
 import ctypes
-import errno
 import math
 import os
 import shutil
-import stat
 import time
-from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Optional, Sequence, Union
 
 import crc32c
 import torch
 
 from . import cleanup
-from .aio import AsyncFile, AsyncIO, Buffer, IORequest, _buffer_span
-from .extents import ExtentAllocator
-from ..errors import AsyncIOError, IntegrityError, StoreCapacityError
+from .aio import AsyncFile, AsyncIO, Buffer, _buffer_span
+from .backing import Backing, check_room, open_backing
+from .request import InFlight, Part, StoreRequest
+from .segments import DEFAULT_STRIPE_SIZE, STRIPE_ELEMENT_BYTES, Segment, TensorMeta, aligned_bytes, path_share, segment_elements
+from ..validate import AioBackend, StoreLayout, check_choice
+from ..errors import AsyncIOError
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, round_up_io
-from ..units import format_bytes, parse_bytes
+from ..units import parse_bytes
+
+__all__ = ["TensorStore", "StoreRequest", "TensorMeta", "Segment", "path_share"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A piece of a tensor on disk: ``length`` bytes (aligned) at ``file_offset`` of backing
-    ``path_index``, holding the tensor's bytes from ``tensor_offset``."""
-
-    path_index: int
-    file_offset: int
-    tensor_offset: int
-    length: int
-
-    @property
-    def tensor_end(self) -> int:
-        return self.tensor_offset + self.length
-
-
-@dataclass
-class TensorMeta:
-    """Where and what one stored tensor is."""
-
-    key: Hashable
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-    segments: list[Segment] = field(default_factory=list)
-    crcs: list[Optional[int]] = field(default_factory=list)
-    written: list[bool] = field(default_factory=list)  # per segment
-    file: Optional[str] = None  # the tensor's own file in the ``files`` layout
-
-    @property
-    def padded_nbytes(self) -> int:
-        return round_up_io(self.nbytes)
-
-    @property
-    def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    def segment_range(self, offset: int, end: int) -> range:
-        """Indices of the segments overlapping bytes ``[offset, end)``."""
-        return range(len(self.segments)) if not self.segments else range(
-            next(i for i, s in enumerate(self.segments) if s.tensor_end > offset),
-            next((i for i, s in enumerate(self.segments) if s.tensor_offset >= end), len(self.segments)))
-
-
-class _Backing:
-    """One NVMe path: its private directory and, in the direct layout, its swap file/device."""
-
-    def __init__(self, root: str, directory: Optional[str], file: Optional[AsyncFile], allocator: Optional[ExtentAllocator],
-                 is_device: bool):
-        self.root = root
-        self.directory = directory
-        self.file = file
-        self.allocator = allocator
-        self.is_device = is_device
-
-
-class StoreRequest:
-    """An in-flight ``read_into``/``write_from``. :meth:`wait` raises I/O and integrity errors."""
-
-    def __init__(self, store: "TensorStore", meta: TensorMeta, op: str, parts: list[tuple[IORequest, int, Segment, bool]],
-                 address: int, file: Optional[AsyncFile], span: tuple[int, int]):
-        self._store = store
-        self._meta = meta
-        self.op = op
-        self.span = span  # bytes [lo, hi) of the tensor it covers
-        self._parts = parts  # (request, buffer offset of the part, segment, verify whole segment)
-        self._address = address
-        self._file = file  # files layout: closed once the request completes
-        self._finished = False
-        self._error: Optional[BaseException] = None
-
-    @property
-    def key(self) -> Hashable:
-        return self._meta.key
-
-    def done(self) -> bool:
-        return self._finished or all(r.done() for r, *_ in self._parts)
-
-    def wait(self) -> None:
-        """Blocks until done; raises its I/O or integrity error (again on every later call)."""
-        if not self._finished:
-            self._finished = True
-            try:
-                self._complete()
-            except BaseException as exc:
-                self._error = exc
-            finally:
-                self._store._retire(self)
-        if self._error is not None:
-            raise self._error
-
-    def _complete(self) -> None:
-        error: Optional[BaseException] = None
-        for request, *_ in self._parts:
-            try:
-                request.wait()
-            except AsyncIOError as exc:
-                error = error or exc
-        if self._file is not None:
-            self._file.close()
-        if error is not None:
-            raise error
-        if self.op == "read":
-            self._verify()
-
-    def _verify(self) -> None:
-        meta, store = self._meta, self._store
-        for _request, buffer_offset, seg, whole in self._parts:
-            if not whole:
-                continue
-            expected = meta.crcs[meta.segments.index(seg)]
-            if expected is None:
-                continue
-            actual = store._crc(self._address + buffer_offset, seg.length)
-            if actual != expected:
-                raise IntegrityError(meta.key, store._segment_path(meta, seg), seg.file_offset, seg.length, expected, actual)
 
 
 class TensorStore:
@@ -188,12 +77,11 @@ class TensorStore:
         backend: AsyncIO backend when the store makes its own.
     """
 
-    def __init__(self, paths: Union[PathLike, Sequence[PathLike]], *, layout: str = "direct",
+    def __init__(self, paths: Union[PathLike, Sequence[PathLike]], *, layout: StoreLayout = "direct",
                  pool: Optional[PinnedPool] = None, io: Optional[AsyncIO] = None, checksum: bool = True,
-                 grow_step: Union[int, str] = "1GiB", stripe_size: Union[int, str] = "16MiB",
-                 allow_raw_device: bool = False, backend: str = "auto"):
-        if layout not in ("direct", "files"):
-            raise ValueError(f"store layout must be 'direct' or 'files', got {layout!r}")
+                 grow_step: Union[int, str] = "1GiB", stripe_size: Union[int, str] = DEFAULT_STRIPE_SIZE,
+                 allow_raw_device: bool = False, backend: AioBackend = "auto"):
+        check_choice("layout", layout, StoreLayout, "store layout must be {alternatives}, got {value!r}")
         roots = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
         if not roots:
             raise ValueError("TensorStore needs at least one NVMe path")
@@ -202,99 +90,40 @@ class TensorStore:
         self.layout = layout
         self.checksum = checksum
         self.grow_step = parse_bytes(grow_step)
-        # Elements per segment: a multiple of 4096 keeps every dtype's segments 4 KiB-aligned.
-        self.segment_elements = round_up_io(parse_bytes(stripe_size) // 4)
+        self.segment_elements = segment_elements(parse_bytes(stripe_size))
         if self.segment_elements <= 0:
             raise ValueError("stripe_size must be positive")
         self.allow_raw_device = allow_raw_device
         self._owns_io = io is None
         self._io = io if io is not None else AsyncIO(backend, pool=pool)
         self._meta: dict[Hashable, TensorMeta] = {}
-        self._backings: list[_Backing] = []
+        self._backings: list[Backing] = []
         self._next_path = 0  # where the round-robin among equally loaded paths goes next
         self._files_used = [0] * len(roots)  # files layout: bytes of the tensors on each path
         self._file_counter = 0
         self._closed = False
         # Requests in flight per key: a read waits for the key's writes, a write for its reads
         # and writes, so the data seen is always the last data written.
-        self._inflight: dict[Hashable, list[StoreRequest]] = {}
+        self._inflight = InFlight()
         self._stats = dict(bytes_written=0, bytes_read=0, crc_seconds=0.0)
         try:
             for root in roots:
-                self._backings.append(self._open_backing(root))
+                self._backings.append(open_backing(root, self._io, layout=layout, grow_step=self.grow_step,
+                                                   allow_raw_device=allow_raw_device))
         except BaseException:
             self.close()
             raise
 
-    # ----------------------------------------------------------------- backing stores
-    def _open_backing(self, root: str) -> _Backing:
-        try:
-            st = os.stat(root)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, f"NVMe path {root!r} does not exist", root) from None
-        if stat.S_ISBLK(st.st_mode):
-            return self._open_device(root, st)
-        if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, f"NVMe path {root!r} is not a directory or block device", root)
-        cleanup.reclaim(root)  # swap directories of processes that died without removing them
-        try:
-            directory, lock_fd = cleanup.make_swap_dir(root)  # 0700, named and locked by this process
-        except PermissionError:
-            raise PermissionError(errno.EACCES, f"NVMe path {root!r} is not writable", root) from None
-        cleanup.register(directory, lock_fd)
-        if self.layout == "files":
-            return _Backing(root, directory, None, None, False)
-        file = self._io.open(os.path.join(directory, "swap.bin"), "rw", create=True)
-        backing = _Backing(root, directory, file, None, False)
-        backing.allocator = ExtentAllocator(0, IO_ALIGNMENT, grow=lambda size: self._grow(backing, size),
-                                            grow_step=lambda: self._grow_step(backing))
-        return backing
-
-    def _open_device(self, root: str, st: os.stat_result) -> _Backing:
-        if not self.allow_raw_device:
-            raise ValueError(f"NVMe path {root!r} is a block device; pass allow_raw_device=True to use it raw "
-                             "(everything on it will be overwritten)")
-        if self.layout != "direct":
-            raise ValueError("a raw block device needs the 'direct' layout")
-        _refuse_mounted_device(root, st)
-        file = self._io.open(root, "rw")
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            size = os.lseek(fd, 0, os.SEEK_END)
-        finally:
-            os.close(fd)
-        return _Backing(root, None, file, ExtentAllocator(size, IO_ALIGNMENT), True)
-
-    def _grow_step(self, backing: _Backing) -> int:
-        """Growth beyond what was reserved: ``grow_step``, but at most the file's current size
-        (geometric growth: a small store stays small) and an eighth of the free space left (a
-        small file system is not asked for more than the tensors need)."""
-        return min(self.grow_step, max(backing.allocator.capacity, IO_ALIGNMENT), _available_bytes(backing.root) // 8)
-
-    def _grow(self, backing: _Backing, new_size: int) -> None:
-        current = backing.allocator.capacity if backing.allocator else 0
-        available = _available_bytes(backing.root)
-        if new_size - current > available:
-            raise StoreCapacityError(new_size - current, available, backing.root)
-        fd = os.open(backing.file.path, os.O_WRONLY)
-        try:
-            os.posix_fallocate(fd, 0, new_size)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreCapacityError(new_size - current, _available_bytes(backing.root), backing.root) from None
-            raise
-        finally:
-            os.close(fd)
-
+    # ----------------------------------------------------------------- capacity
     def ensure_capacity(self, nbytes: int, largest_extent: Optional[int] = None) -> None:
         """Makes room for ``nbytes`` more of allocations, none larger than ``largest_extent`` bytes
         (default: one segment of 4-byte elements): raises :class:`StoreCapacityError` unless every
         path can hold its share (:func:`path_share`, checked before writing), then grows each swap
         file by exactly that share, so those allocations need no further growth."""
         self._check_open()
-        largest = self.segment_elements * 4 if largest_extent is None else largest_extent
+        largest = self.segment_elements * STRIPE_ELEMENT_BYTES if largest_extent is None else largest_extent
         shares = self._shares(nbytes, largest)
-        self._check_room(shares)
+        check_room(self._backings, shares)
         for b, share in zip(self._backings, shares):
             if b.allocator is not None and not b.is_device:
                 b.allocator.reserve(share)
@@ -306,22 +135,6 @@ class TensorStore:
         used = [self._used_on(i) for i in range(len(self._backings))]
         target = path_share(sum(used) + nbytes, len(self._backings), largest_extent)
         return [max(0, target - u) for u in used]
-
-    def _check_room(self, shares: list[int]) -> None:
-        """Raises :class:`StoreCapacityError` for the first file system (or device) that cannot
-        hold the shares of its paths (paths on one file system share its free space)."""
-        groups: dict[int, list[tuple[_Backing, int]]] = {}
-        for b, share in zip(self._backings, shares):
-            if b.is_device:  # fixed size: only its free extents count
-                if share > b.allocator.free_bytes:
-                    raise StoreCapacityError(share, b.allocator.free_bytes, b.root)
-                continue
-            groups.setdefault(os.stat(b.root).st_dev, []).append((b, share))
-        for members in groups.values():
-            needed = sum(b.allocator.growth_for(share) if b.allocator is not None else share for b, share in members)
-            available = _available_bytes(members[0][0].root)
-            if needed > available:
-                raise StoreCapacityError(needed, available, ", ".join(b.root for b, _ in members))
 
     def _used_on(self, index: int) -> int:
         """Bytes allocated on path ``index``."""
@@ -348,7 +161,7 @@ class TensorStore:
                 raise ValueError(f"{key!r} is already stored as {existing.dtype}{list(existing.shape)}, "
                                  f"not {dtype}{list(shape)}")
             return existing
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         meta = TensorMeta(key, shape, dtype, math.prod(shape) * itemsize)
         step = self.segment_elements * itemsize
         pieces = [(o, min(step, meta.padded_nbytes - o)) for o in range(0, meta.padded_nbytes, step)]
@@ -439,7 +252,7 @@ class TensorStore:
         address, size = _buffer_span(buffer, writable=False)
         if size < span:
             raise ValueError(f"writing {key!r} needs a {span}-byte buffer, got {size} bytes")
-        self._order_after(key, ("read", "write"), offset, offset + span)
+        self._inflight.order_after(key, ("read", "write"), offset, offset + span)
         file = self._tensor_file(meta, "write")
         parts = []
         try:
@@ -461,7 +274,7 @@ class TensorStore:
                 file.close()
             raise
         self._stats["bytes_written"] += span
-        return self._track(StoreRequest(self, meta, "write", parts, address, file, (offset, offset + span)))
+        return self._inflight.track(self._request(meta, "write", parts, address, file, (offset, offset + span)))
 
     def read_into(self, key: Hashable, buffer: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> StoreRequest:
         """Starts reading bytes ``[offset, offset + nbytes)`` of tensor ``key`` into the start of ``buffer``.
@@ -484,7 +297,7 @@ class TensorStore:
         if size < span:
             raise ValueError(f"reading {nbytes} bytes of {key!r} needs a {span}-byte buffer, got {size} bytes")
         end = offset + span
-        self._order_after(key, ("write",), offset, end)
+        self._inflight.order_after(key, ("write",), offset, end)
         file = self._tensor_file(meta, "read")
         parts = []
         for seg in meta.segments:
@@ -495,30 +308,12 @@ class TensorStore:
             request = target.read(seg.file_offset + lo - seg.tensor_offset, buffer, hi - lo, buffer_offset=lo - offset)
             parts.append((request, lo - offset, seg, self.checksum and lo == seg.tensor_offset and hi == seg.tensor_end))
         self._stats["bytes_read"] += span
-        return self._track(StoreRequest(self, meta, "read", parts, address, file, (offset, end)))
+        return self._inflight.track(self._request(meta, "read", parts, address, file, (offset, end)))
 
-    def _track(self, request: StoreRequest) -> StoreRequest:
-        self._inflight.setdefault(request.key, []).append(request)
-        return request
-
-    def _retire(self, request: StoreRequest) -> None:
-        pending = self._inflight.get(request.key)
-        if pending is not None:
-            try:
-                pending.remove(request)
-            except ValueError:
-                pass
-            if not pending:
-                del self._inflight[request.key]
-
-    def _order_after(self, key: Hashable, ops: tuple[str, ...], lo: int, hi: int) -> None:
-        """Waits for the key's in-flight requests of the given kinds that overlap bytes [lo, hi)
-        (their owners still see their errors)."""
-        for request in [r for r in self._inflight.get(key, ()) if r.op in ops and r.span[0] < hi and lo < r.span[1]]:
-            try:
-                request.wait()
-            except Exception:
-                pass
+    def _request(self, meta: TensorMeta, op: str, parts: list[Part], address: int, file: Optional[AsyncFile],
+                 span: tuple[int, int]) -> StoreRequest:
+        return StoreRequest(meta, op, parts, address, file, span, crc=self._crc, segment_path=self._segment_path,
+                            retire=self._inflight.retire)
 
     def _tensor_file(self, meta: TensorMeta, op: str) -> Optional[AsyncFile]:
         """The files layout opens the tensor's own file for every I/O, as ZeRO-Infinity does."""
@@ -541,7 +336,7 @@ class TensorStore:
     def put(self, key: Hashable, tensor: torch.Tensor) -> TensorMeta:
         """Stores a CPU tensor synchronously (allocating its space if needed)."""
         meta = self.allocate(key, tensor.shape, tensor.dtype)
-        staging = _aligned_bytes(meta.padded_nbytes)
+        staging = aligned_bytes(meta.padded_nbytes)
         if meta.nbytes:
             staging[: meta.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
         self.write_from(key, staging).wait()
@@ -550,7 +345,7 @@ class TensorStore:
     def get(self, key: Hashable) -> torch.Tensor:
         """Reads a tensor synchronously into a new CPU tensor."""
         meta = self.meta(key)
-        staging = _aligned_bytes(meta.padded_nbytes)
+        staging = aligned_bytes(meta.padded_nbytes)
         if meta.nbytes:
             self.read_into(key, staging).wait()
         return staging[: meta.nbytes].view(meta.dtype).view(meta.shape)
@@ -611,41 +406,3 @@ class TensorStore:
             self.close()
         except Exception:
             pass
-
-
-def path_share(nbytes: int, npaths: int, largest_extent: int) -> int:
-    """Bytes each of ``npaths`` paths must hold so that ``nbytes`` of extents, none larger than
-    ``largest_extent``, fit when each extent goes to the least-used path (the store's placement):
-    the even share plus ``(npaths - 1) / npaths`` of the largest extent, aligned. Why: the path
-    that ends fullest was the least used (at most the average of the rest) when it received its
-    last extent. The planner's check, the store's check and its reservation all use this figure."""
-    if npaths <= 1:
-        return round_up_io(nbytes)
-    spill = (npaths - 1) * min(round_up_io(largest_extent), round_up_io(nbytes))
-    return round_up_io(-(-(nbytes + spill) // npaths))
-
-
-def _aligned_bytes(nbytes: int) -> torch.Tensor:
-    """A 4 KiB-aligned uint8 CPU tensor of ``nbytes`` (for the synchronous convenience path)."""
-    raw = torch.empty(nbytes + IO_ALIGNMENT, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % IO_ALIGNMENT
-    return raw[skip: skip + nbytes]
-
-
-def _available_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def _refuse_mounted_device(path: str, st: os.stat_result) -> None:
-    """Raises if the block device (or a partition of it) is mounted or held by another user."""
-    mount = cleanup.find_mount(st.st_rdev)
-    if mount is not None:
-        raise ValueError(f"block device {path!r} is mounted at {mount[0]!r}; refusing to use it as raw storage")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_EXCL)  # the kernel refuses this while the device is mounted or held
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise ValueError(f"block device {path!r} is in use (mounted, or a partition of it is); refusing it") from None
-        raise
-    os.close(fd)

@@ -49,7 +49,7 @@ from ..units import format_bytes
 from .gradients import grad_staging_bytes
 from .params import discover
 from .stepper import OptimizerStepper, ParamSpec
-from .streamer import plan_staging
+from .buffers import plan_staging
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

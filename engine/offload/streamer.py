@@ -62,8 +62,8 @@ from .device_copy import H2DCopies
 from .materialize import offload_parameters
 from .module_hooks import ModuleHooks
 from .order import OrderTracker, predict
-from .params import DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, STREAMER_ATTR, ModelParams, StreamedParam, Unit, discover, \
-    is_placeholder
+from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, STREAMER_ATTR, ModelParams, StreamedParam, Unit, discover,
+                     is_placeholder)
 from .residency import Residency
 from .saved_tensors import SavedTensors, Tape
 
@@ -101,6 +101,8 @@ class ParameterStreamer:
             memory); set False for models that do not fit in DRAM.
         resident_trainable: parameters with ``requires_grad`` stay resident whatever their size
             (PEFT: adapters and their optimizer state live in memory; only the frozen base streams).
+        owns_store, owns_pool: :meth:`close` (and leaving a ``with`` block) closes the store / the
+            given pool too (:func:`open_streamer` hands both over). A pool the streamer makes is its own.
 
     Use as a context manager (attach on enter, detach on exit) or call :meth:`attach` /
     :meth:`detach`. :meth:`stats` reports staging memory, I/O and prefetch hits/misses.
@@ -111,7 +113,6 @@ class ParameterStreamer:
                  buffer_count: Optional[int] = None, pinned_alloc: str = "exact",
                  device: Union[str, torch.device] = "cpu", borrow: bool = True, restore_on_exit: bool = True,
                  resident_trainable: bool = False, owns_store: bool = False, owns_pool: bool = False):
-        """``owns_store``/``owns_pool``: :meth:`close` closes the store / the given pool too."""
         if buffer_pool not in BUFFER_POOLS:
             raise ValueError(f"buffer_pool must be one of {BUFFER_POOLS}, got {buffer_pool!r}")
         if pinned_alloc not in PINNED_ALLOCS:
@@ -139,7 +140,8 @@ class ParameterStreamer:
         self.params: ModelParams = discover(model, self.resident_threshold_bytes, resident_trainable=resident_trainable)
         self.plan: BufferPlan = plan_for_params(self.params, prefetch_depth, buffer_pool, buffer_count)
         self._pool = pool
-        self._owns_pool = owns_pool and pool is not None
+        self._owns_pool = owns_pool and pool is not None  # a given pool handed over
+        self._made_pool = False  # made by attach (no pool given)
         self._owns_store = owns_store
         self._borrow = borrow
         self._buffers: Optional[StagingBuffers] = None
@@ -197,7 +199,7 @@ class ParameterStreamer:
             return
         if self.pinned_alloc == "exact" and self._pool is None:
             self._pool = PinnedPool(max(self.plan.total_bytes, 4096))
-            self._owns_pool = True
+            self._made_pool = True
         try:
             self._buffers = StagingBuffers(self.plan, self._pool if self.pinned_alloc == "exact" else None,
                                            self.pinned_alloc, borrow=self._borrow)
@@ -233,17 +235,17 @@ class ParameterStreamer:
         self._reset_state()
         self._buffers.close()
         self._buffers = None
-        if self._owns_pool and not self._owns_store:  # made by attach: attach makes it again
+        if self._made_pool and not self._owns_store:  # attach makes it again
             self._pool.close()
             self._pool = None
-            self._owns_pool = False
+            self._made_pool = False
 
     def close(self) -> None:
         """Detaches (keeping placeholders) and closes the store and pool if the streamer owns them."""
         self.detach(restore=False)
         if self._owns_store:
             self.store.close()
-        if self._owns_pool and self._pool is not None:
+        if (self._owns_pool or self._made_pool) and self._pool is not None:
             self._pool.close()
             self._pool = None
 

@@ -13,7 +13,7 @@ subprocess, which reports its ``VmHWM`` (peak resident set) from
 ``torchpin``  adaptive pool, staging pinned through ``tensor.pin_memory()`` (ablation).
 ``files``     adaptive pool, ``files`` store layout (one file per tensor, ablation).
 
-In the streamed runs gradients leave DRAM through the streamer's ``on_grad`` hook:
+In the streamed runs gradients leave DRAM through ``GradientHooks`` (an ``on_grad`` sink):
 with ``--grads store`` (default) each gradient is written to the store segment by
 segment through two 16 MiB pinned blocks (what the gradient-offload issue will do
 properly); ``--grads memory`` keeps them in ``param.grad`` like the in-memory run.
@@ -167,6 +167,7 @@ def worker(args) -> dict:
         pinned = "torch" if args.mode == "torchpin" else "exact"
         from engine import PinnedPool
         from engine.offload import ParameterStreamer, plan_staging
+        from engine.offload.grad_hooks import GradientHooks
         from engine.storage import TensorStore
 
         # one PinnedPool sized by the plan, registered with the store's io_uring and carved by the streamer
@@ -185,7 +186,9 @@ def worker(args) -> dict:
             on_grad = sink
         streamer = ParameterStreamer(model, store, pool, prefetch_depth=args.depth,
                                      resident_threshold_bytes=args.threshold, buffer_pool=pool_mode,
-                                     pinned_alloc=pinned, on_grad=on_grad).attach()
+                                     pinned_alloc=pinned).attach()
+        if on_grad is not None:  # the gradient path's hooks, next to the streamer
+            GradientHooks(model, on_grad).install()
         result["pool_locked"] = streamer.stats().get("pinned_pool", {}).get("locked")
         if args.prefault and not result["pool_locked"]:
             streamer.staging.touch()

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from engine import AsyncIO, AsyncIOError, PinnedPool  # noqa: E402
 from engine.offload import (ParameterStreamer, StagingExhaustedError, initialize_into_store,  # noqa: E402
                             is_placeholder, open_streamer, plan_staging)
+from engine.offload.grad_hooks import GradientHooks  # noqa: E402
 from engine.storage import TensorStore  # noqa: E402
 
 THRESHOLD = 1024  # bytes: norms (256 B) stay resident, every projection and embedding is streamed
@@ -322,9 +323,11 @@ def test_on_grad_receives_every_gradient_instead_of_param_grad(store):
     def on_grad(name, grad):
         received[name] = received[name] + grad if name in received else grad.clone()
 
-    with ParameterStreamer(model, store, prefetch_depth=1, resident_threshold_bytes=THRESHOLD, on_grad=on_grad):
+    hooks = GradientHooks(model, on_grad).install()  # the gradient path's hooks, next to the streamer
+    with ParameterStreamer(model, store, prefetch_depth=1, resident_threshold_bytes=THRESHOLD):
         logits, loss, grads = run_step(model, batch())
         assert all(g is None for g in grads.values())
+    hooks.remove()
     ref_logits, ref_loss, ref_grads = expected
     assert_close(logits, ref_logits, "logits")
     assert received.keys() == {n for n, _ in model.named_parameters()}

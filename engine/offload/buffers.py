@@ -33,15 +33,16 @@ import ctypes
 import math
 import sys
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .._log import logger, warn_once
 from ..errors import EngineError, StagingExhaustedError  # noqa: F401 - re-exported
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes
-from .params import round_up
+from .params import DEFAULT_RESIDENT_THRESHOLD, ModelParams, discover, round_up
 
 BUFFER_POOLS = ("adaptive", "uniform")
 PINNED_ALLOCS = ("exact", "torch")
@@ -114,6 +115,32 @@ def plan_buffers(order: Sequence[Sequence[tuple[Hashable, int]]], prefetch_depth
         count = buffer_count if buffer_count is not None else most + 1
         counts = {max(counts): count}
     return BufferPlan(mode, counts, prefetch_depth, most)
+
+
+def plan_staging(model: nn.Module, *, prefetch_depth: int = 1,
+                 resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: str = "adaptive",
+                 buffer_count: Optional[int] = None, resident_trainable: bool = False,
+                 dtype_of: Optional[Callable[[nn.Parameter], torch.dtype]] = None) -> BufferPlan:
+    """The staging plan a :class:`~engine.offload.ParameterStreamer` with these settings would use for ``model``.
+
+    Use ``plan.total_bytes`` to size the PinnedPool (and register that pool with the
+    TensorStore's io_uring) before building the store. Works on meta-device models.
+    ``dtype_of(param)``: the dtype each parameter will be streamed in (default: its own).
+    """
+    params = discover(model, resident_threshold_bytes, resident_trainable=resident_trainable, dtype_of=dtype_of)
+    return plan_for_params(params, prefetch_depth, buffer_pool, buffer_count)
+
+
+def plan_for_params(params: ModelParams, prefetch_depth: int, buffer_pool: str,
+                    buffer_count: Optional[int]) -> BufferPlan:
+    """:func:`plan_buffers` over the units of ``params`` in registration order."""
+    # A unit runs inside its ancestors' forwards: their weights are live at the same time.
+    order = []
+    for unit in params.units:
+        live = [u for u in params.units
+                if u is unit or u.name == "" or unit.name.startswith(u.name + ".")]
+        order.append([(sp.key, sp.slot_nbytes) for u in live for _, sp in u.params])
+    return plan_buffers(order, prefetch_depth, buffer_pool, buffer_count)
 
 
 class StagingSlot:

@@ -8,10 +8,13 @@ staging block. Peak host memory is one tensor (plus the producer's own), not the
 model. Large parameters become placeholders backed by the store (then
 :class:`~engine.offload.ParameterStreamer` streams them without writing them
 again); small ones become ordinary resident tensors on ``device``.
+
+:func:`offload_parameters` is the same move for a model whose parameters are in memory (what
+the streamer does on attach); both write a value through :func:`write_to_store`.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -20,7 +23,9 @@ from .._log import logger
 from ..errors import InitializationError, PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..units import format_bytes
-from .params import DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, discover, placeholder, replace_parameter
+from .buffers import StagingSlot
+from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, ModelParams, StreamedParam, StreamedParameter, discover,
+                     is_placeholder, placeholder, replace_parameter)
 
 Initializer = Callable[[str, tuple[int, ...]], Optional[torch.Tensor]]
 StateDictSource = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
@@ -113,15 +118,14 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
         owners = params.owners[id(param)]
         sp = streamed_ids.get(id(param))
         if sp is not None:
-            store.allocate(sp.key, sp.shape, sp.dtype)
+            store.allocate(sp.key, sp.shape, sp.dtype)  # before waiting for a block, as always
             if len(pending) == 2:
                 request, idle = pending.pop(0)
                 request.wait()
                 blocks.append(idle)
                 del idle  # a block is freed when its last reference goes
             block = take_block(sp.slot_nbytes)
-            block.tensor(sp.shape, sp.dtype).copy_(value)
-            pending.append((store.write_from(sp.key, block), block))
+            pending.append((write_to_store(store, sp, value, block), block))
             new = replace_parameter(owners, param, placeholder(sp.shape, sp.dtype, device))
             setattr(new, KEY_ATTR, sp.key)
             sp.param = new
@@ -170,6 +174,68 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
     logger.info("initialize_into_store: %d tensors (%s) to the store, %d resident", summary["streamed"],
                 format_bytes(summary["bytes_written"]), summary["resident"])
     return summary
+
+
+def write_to_store(store, sp: StreamedParam, value: torch.Tensor, block: Any, io_buffer: Any = None):
+    """Starts writing ``value`` (cast to ``sp.dtype``) to ``sp.key`` through the pinned ``block``
+    (a PoolBlock or a staging slot; ``io_buffer``: what the store writes from, default the block).
+    Allocates the store entry; returns the store request."""
+    store.allocate(sp.key, sp.shape, sp.dtype)
+    block.tensor(sp.shape, sp.dtype).copy_(value)
+    return store.write_from(sp.key, block if io_buffer is None else io_buffer)
+
+
+def offload_parameters(model: nn.Module, params: ModelParams, store, device: torch.device, *,
+                       acquire: Callable[[int], StagingSlot], release: Callable[[StagingSlot], None],
+                       mark: Callable[[StreamedParam], None], stats: dict) -> None:
+    """Streamed parameters of ``model`` go to the store (``mark`` makes each one a placeholder);
+    resident ones (and, on CUDA, the buffers) go to ``device``.
+
+    A streamed parameter already a placeholder in the store (:func:`initialize_into_store`) is
+    checked, not written again. ``acquire(nbytes)``/``release(slot)``: a staging slot to write
+    through; ``stats["bytes_written"]`` counts the bytes written."""
+    for sp in params.streamed.values():
+        param = sp.param
+        if getattr(param, KEY_ATTR, None) == sp.key and is_placeholder(param.data):
+            if sp.key not in store:
+                raise KeyError(f"{sp.name} is a placeholder but {sp.key!r} is not in the store")
+            meta = store.meta(sp.key)
+            if tuple(meta.shape) != sp.shape or meta.dtype != sp.dtype:
+                raise ValueError(f"{sp.name}: the store holds {meta.dtype}{list(meta.shape)}, "
+                                 f"the model expects {sp.dtype}{list(sp.shape)}")
+            mark(sp)
+            continue
+        if param.device.type == "meta":
+            raise ValueError(f"{sp.name} is on the meta device: materialize the model into the store first "
+                             "(engine.offload.initialize_into_store)")
+        slot = None
+        try:
+            store.allocate(sp.key, sp.shape, sp.dtype)  # before the slot, as always
+            slot = acquire(sp.slot_nbytes)
+            write_to_store(store, sp, param.detach(), slot, slot.io_buffer).wait()
+            stats["bytes_written"] += sp.slot_nbytes
+        finally:
+            if slot is not None:
+                release(slot)
+        setattr(param, KEY_ATTR, sp.key)
+        mark(sp)
+    for name, param in params.resident:
+        if is_placeholder(param.data) and getattr(param, KEY_ATTR, None) in store:
+            # made resident again (a larger threshold than the one it was stored with)
+            param.data = store.get(getattr(param, KEY_ATTR)).to(device)
+            delattr(param, KEY_ATTR)
+            if type(param) is StreamedParameter:
+                param.__class__ = nn.Parameter
+        elif param.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device: materialize the model first "
+                             "(engine.offload.initialize_into_store)")
+        elif param.device != device:
+            param.data = param.data.to(device)
+    if device.type == "cuda":
+        for module in model.modules():
+            for bname, buf in module._buffers.items():
+                if buf is not None and buf.device != device:
+                    module._buffers[bname] = buf.to(device)
 
 
 def _set_buffer(model: nn.Module, name: str, value: torch.Tensor, device: torch.device) -> None:

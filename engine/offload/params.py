@@ -41,6 +41,7 @@ from typing import Callable, Hashable, Iterator, Optional
 import torch
 from torch import nn
 
+from .. import dtypes
 from ..errors import StreamerDetachedError, StreamingError
 from ..memory.pool import IO_ALIGNMENT
 
@@ -224,7 +225,7 @@ class StreamedParam:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
 
     @property
     def slot_nbytes(self) -> int:
@@ -294,7 +295,7 @@ def discover(model: nn.Module, resident_threshold_bytes: int, *, resident_traina
                     unit_params.append((attr, sp))
                 continue
             dtype = dtype_of(param) if dtype_of is not None else param.dtype
-            nbytes = param.numel() * torch.empty((), dtype=dtype).element_size()
+            nbytes = param.numel() * dtypes.itemsize(dtype)
             if nbytes > resident_threshold_bytes and param.numel() > 1 and not (resident_trainable and param.requires_grad):
                 existing = getattr(param, KEY_ATTR, None)
                 key = existing if existing is not None else param_key(full)

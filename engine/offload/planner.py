@@ -52,7 +52,7 @@ from ..units import format_bytes
 from .gradients import grad_staging_bytes
 from .params import discover
 from .stepper import OptimizerStepper, ParamSpec
-from .streamer import plan_staging
+from .buffers import plan_staging
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
 DTYPES = dtypes.BY_NAME  # config name -> torch dtype (kept importable from here)

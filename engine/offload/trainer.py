@@ -38,6 +38,7 @@ from .params import KEY_ATTR, is_placeholder
 from .placement import TrainablePlacement
 from .resident import ResidentTrainables
 from .stepper import OptimizerStepper, ParamSpec
+from .grad_hooks import GradientHooks
 from .streamer import ParameterStreamer
 
 Initializer = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -58,6 +59,7 @@ class _Resources:
     def __init__(self, model: nn.Module):
         self.model = model
         self.streamer: Optional[ParameterStreamer] = None
+        self.grad_hooks: Optional[GradientHooks] = None
         self.grads: Any = None  # GradientOffload, or ResidentTrainables in both roles
         self.stepper: Any = None
         self.store: Optional[TensorStore] = None
@@ -82,6 +84,8 @@ class _Resources:
     def _detach(self, restore_weights: bool, errors: list[BaseException]) -> None:
         """Removes the streamer's hooks; with ``restore_weights`` the streamed weights come back
         into the module (read from the store, which is still open)."""
+        if self.grad_hooks is not None:
+            self.grad_hooks.remove()
         if self.streamer is None:
             return
         try:
@@ -332,8 +336,9 @@ class Trainer:
             model, store, None if pinned_torch else self._pool, prefetch_depth=self.plan.prefetch_depth,
             resident_threshold_bytes=cfg.resident_threshold_bytes, buffer_pool=cfg.buffer_pool,
             buffer_count=cfg.buffer_count if cfg.buffer_pool == "uniform" else None, pinned_alloc=cfg.pinned_alloc,
-            on_grad=_weak_on_grad(self), restore_on_exit=False, resident_trainable=in_memory)
+            restore_on_exit=False, resident_trainable=in_memory)
         self._streamer.attach()
+        res.grad_hooks = GradientHooks(model, _weak_on_grad(self)).install()
         # Only an optimizer step on a streamed weight makes staged copies stale (PEFT: never).
         self._streamed_trainable = any(sp.param.requires_grad for sp in self._streamer.params.streamed.values())
         # Resident trainable parameters on the NVMe path: their store copy is what the optimizer updates.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 
 from .._log import logger
+from ..dtypes import nbytes
 from ..offload.keys import MOMENTS, StoreKey
 from ..offload.params import KEY_ATTR, persistent_buffers
 from ..offload.placement import TrainablePlacement
@@ -37,6 +38,10 @@ class Slot:
     source: Union[StoreSource, torch.Tensor, None]  # None: nothing to save (optimizer state not created yet)
     target: Union[StoreTarget, TensorTarget]
     optional: bool = False          # may be absent from a checkpoint (in-memory moments before the first step)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.shape, self.dtype)
 
 
 def _from_store(store: TensorStore, name: str, key: StoreKey, target=None) -> Slot:

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from .._log import logger
-from ..dtypes import TO_SAFETENSORS, nbytes
+from ..dtypes import TO_SAFETENSORS
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
-from .format import MAX_JSON_DEPTH, CheckpointError, CheckpointWriteError, json_depth, read_header, read_json_file
+from .format import (MAX_JSON_DEPTH, CheckpointError, CheckpointWriteError, json_depth, read_header, read_json_file,
+                     split_shards)
 from .manifest import (FORMAT, MAX_MANIFEST_BYTES, VERSION, RngState, check_scheduler_state, group_updates, parse_rng,
                        read_manifest)
 from .slots import Slot, drop_absent_state, match_slots, state_slots
@@ -126,7 +127,7 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
         if lr_scheduler is not None else None
     groups = _json(_param_groups(runtime), "the optimizer's param_groups", exact=False)
     slots = [s for s in state_slots(runtime) if s.source is not None]
-    shards = _shard(slots, max_shard)
+    shards = split_shards(slots, max_shard)
 
     root = CheckpointRoot(os.fspath(save_dir))
     with root.saving():  # one saver per directory: retention would delete another's checkpoints
@@ -189,7 +190,7 @@ def _write_state(runtime: "OffloadRuntime", tmp: str, shards: list[list[Slot]]) 
     pause_point("tmp-created")
     files, tensors = {}, {}
     store = runtime.store
-    largest = max((nbytes(s.shape, s.dtype) for group in shards for s in group if isinstance(s.source, StoreSource)),
+    largest = max((s.nbytes for group in shards for s in group if isinstance(s.source, StoreSource)),
                   default=1)
     with staging_blocks(runtime.pool, staging_bytes_for(store, largest), 2 * STAGING_BLOCKS) as blocks:
         for index, group in enumerate(shards):
@@ -203,19 +204,6 @@ def _write_state(runtime: "OffloadRuntime", tmp: str, shards: list[list[Slot]]) 
                                           crc32c=result["tensors"][info.name])
             pause_point("shard-written")
     return files, tensors
-
-
-def _shard(slots: list[Slot], max_bytes: int) -> list[list[Slot]]:
-    shards: list[list[Slot]] = [[]]
-    size = 0
-    for slot in slots:
-        size_of = nbytes(slot.shape, slot.dtype)
-        if shards[-1] and size + size_of > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(slot)
-        size += size_of
-    return shards
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -19,10 +19,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..api import from_pretrained, initialize
 from ..checkpoint.hf import load_pretrained
 from ..config import AdamWConfig, AutoValues, Config
 from ..data import BYTE_VOCAB, TokenBatches, default_corpus, load_text, tokenize
 from ..memory.profiler import MemoryProfiler
+from ..peft import LoraConfig, apply_lora
 from ..units import format_bytes
 from . import CLIError
 
@@ -150,8 +152,6 @@ def _check_writable(directory: str) -> None:
 
 def _build_trainer(args: argparse.Namespace, cfg: Config):
     """The trainer and the tokenizer (None: byte-level) for the chosen model."""
-    import engine
-
     if args.model is None:
         from transformers import LlamaForCausalLM
 
@@ -161,24 +161,20 @@ def _build_trainer(args: argparse.Namespace, cfg: Config):
         model = LlamaForCausalLM(llama_config("tiny", max_positions=max(args.seq_len, 128)))
         if args.lora:
             _apply_lora(args, model)
-        return engine.initialize(model, cfg), None
+        return initialize(model, cfg), None
     if args.lora:
         trainer = _lora_from_pretrained(args, cfg)
     else:
-        trainer = engine.from_pretrained(args.model, cfg)
+        trainer = from_pretrained(args.model, cfg)
     return trainer, _tokenizer(args.model, trainer.module)
 
 
-def _lora_config(args: argparse.Namespace):
-    from ..peft import LoraConfig
-
+def _lora_config(args: argparse.Namespace) -> LoraConfig:
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     return LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, target_modules=targets)
 
 
 def _apply_lora(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    from ..peft import apply_lora
-
     apply_lora(model, _lora_config(args))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"LoRA: r={args.lora_rank}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
@@ -189,10 +185,8 @@ def _lora_from_pretrained(args: argparse.Namespace, cfg: Config):
     """A Hugging Face checkpoint with LoRA adapters: the meta model is wrapped before its names
     are matched to the checkpoint's (``base_layer``), then each base tensor is read from the
     safetensors files straight into the store - the same reader as ``engine.from_pretrained``."""
-    import engine
-
     with load_pretrained(args.model, cfg, prepare=lambda model: _apply_lora(args, model)) as src:
-        return engine.initialize(src.model, src.config, initializer=src.initializer,
+        return initialize(src.model, src.config, initializer=src.initializer,
                                  buffer_initializer=src.initializer)
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .checkpoint.hf import load_pretrained
 from .config import Config
 from .offload.planner import MemoryPlan, plan as _plan
 from .offload.materialize import Initializer
@@ -57,7 +58,10 @@ def from_pretrained(path: Union[str, "os.PathLike[str]"], config: ConfigLike = N
     parameters and shape mismatches are all listed in one :class:`~engine.checkpoint.CheckpointError`;
     a truncated file names the file and tensor. Returns a :class:`~engine.offload.trainer.Trainer`.
     """
-    from .checkpoint.hf import from_pretrained as _from_pretrained
+    from .offload.trainer import Trainer  # lead: top-level import at merge
 
-    return _from_pretrained(path, config, hf_config=hf_config, model_class=model_class,
-                            trust_remote_code=trust_remote_code)
+    with load_pretrained(path, config, hf_config=hf_config, model_class=model_class,
+                         trust_remote_code=trust_remote_code) as src:
+        trainer = Trainer(src.model, src.config, src.initializer, buffer_initializer=src.initializer)
+    trainer.pretrained_path = src.path
+    return trainer

@@ -803,7 +803,7 @@ def test_fifo_shard_or_latest_is_refused_not_waited_on(tmp_path, saved):
         with pytest.raises(CheckpointError, match="not a regular file") as err:
             _without_hanging(lambda: tr.load_checkpoint(root), [fifo])
         assert "latest" in str(err.value)
-        assert tr.global_steps == 0 and not getattr(tr, "_checkpoint_poisoned", None)  # nothing was loaded
+        assert tr.global_steps == 0 and not tr.runtime.poisoned  # nothing was loaded
 
 
 def test_from_pretrained_refuses_fifos(tmp_path, nvme):
@@ -952,7 +952,7 @@ def test_hostile_manifest_fields_are_refused_before_the_trainer_is_touched(tmp_p
                 tr.load_checkpoint(path, lr_scheduler=sched)
             assert manifest_file in str(err.value) and repr(field) in str(err.value), (how, str(err.value))
             # untouched: no tensor streamed, no counter, group, scheduler or RNG state written
-            assert not getattr(tr, "_checkpoint_poisoned", None), how
+            assert not tr.runtime.poisoned, how
             assert tr.global_steps == 0 and tr.micro_steps == 0, how
             assert torch.equal(tr.parameter(name), before), how
             assert tr.optimizer.param_groups[0]["lr"] == lr and "params" in tr.optimizer.param_groups[0], how
@@ -976,7 +976,7 @@ def test_a_shard_tensor_the_manifest_does_not_list_is_named(tmp_path, saved):
     with _fresh(tmp_path) as tr, pytest.raises(CheckpointError, match="does not list") as err:
         tr.load_checkpoint(path)
     assert name in str(err.value) and files[0] in str(err.value)
-    assert not getattr(tr, "_checkpoint_poisoned", None)
+    assert not tr.runtime.poisoned
 
 
 # ---------------------------------------------------------------------------------------------- one saver; ENOSPC

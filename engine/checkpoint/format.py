@@ -22,6 +22,7 @@ from typing import Optional, Sequence, TypeVar
 
 import torch
 
+from ..dtypes import FROM_SAFETENSORS, TO_SAFETENSORS, itemsize
 from ..errors import (CheckpointError, CheckpointWriteError, EngineError, LatestNotDurableError,  # noqa: F401
                       LatestNotUpdatedError)
 
@@ -30,15 +31,9 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # overflow the C stack under a raised recursion limit); checkpoint JSON nests a few levels.
 MAX_JSON_DEPTH = 100
 
-DTYPE_TO_ST: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-for _name in ("uint16", "uint32", "uint64"):
-    if hasattr(torch, _name):
-        DTYPE_TO_ST[getattr(torch, _name)] = "U" + _name[4:]
-ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+# The safetensors dtype codes: engine.dtypes' table, under the names this package has always used.
+DTYPE_TO_ST: dict[torch.dtype, str] = TO_SAFETENSORS
+ST_TO_DTYPE: dict[str, torch.dtype] = FROM_SAFETENSORS
 
 
 T = TypeVar("T")
@@ -107,10 +102,6 @@ def read_json_file(path: str, what: str, max_bytes: int) -> object:
     if len(data) > max_bytes:
         raise CheckpointError(f"{path}: {what} is larger than {max_bytes} bytes; refusing it")
     return parse_json(data, path, what)
-
-
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def st_dtype(dtype: torch.dtype) -> str:

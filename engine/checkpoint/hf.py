@@ -1,45 +1,42 @@
 """Hugging Face safetensors checkpoints in and out, never holding the model in DRAM.
 
-:func:`from_pretrained` builds the model on the meta device from its ``config.json``
-and streams each tensor of the (sharded) safetensors checkpoint straight into the
-TensorStore - peak DRAM is about the largest tensor (a few copies of it while it is
-cast) plus the pinned pool, whatever the model size. Files are read with ``pread``
-(see :mod:`engine.checkpoint.format` for why not ``mmap``); ``pytorch_model.bin``
-pickles are refused.
+:func:`load_pretrained` builds the model on the meta device from its ``config.json`` and an
+initializer that reads each tensor of the (sharded) safetensors checkpoint on its own;
+``engine.from_pretrained`` hands both to the trainer, which streams them straight into the
+TensorStore - peak DRAM is about the largest tensor (a few copies of it while it is cast)
+plus the pinned pool, whatever the model size. Files are read with ``pread`` (see
+:mod:`engine.checkpoint.format` for why not ``mmap``); ``pytorch_model.bin`` pickles are refused.
 
-:meth:`Trainer.save_pretrained <engine.offload.trainer.Trainer.save_pretrained>` writes
-``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` plus
-``model.safetensors.index.json``), ``config.json`` and ``generation_config.json``,
-copying store -> pool -> file one segment at a time. Tied weights are written once,
-under the name Hugging Face keeps (the one not listed in ``_tied_weights_keys``).
+:func:`save_pretrained` writes ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors``
+plus ``model.safetensors.index.json``), ``config.json`` and ``generation_config.json`` through
+:mod:`.hf_writer`, copying store -> pool -> file one segment at a time. Tied weights are
+written once, under the name Hugging Face keeps (the one not listed in ``_tied_weights_keys``).
 """
 from __future__ import annotations
 
-import copy
-import math
 import os
 import re
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from .._log import logger
 from ..config import Config
+from ..offload.keys import StoreKey
+from ..offload.materialize import Initializer
 from ..offload.params import KEY_ATTR, is_placeholder, persistent_buffers
+from ..offload.placement import TrainablePlacement
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
-from .atomic import PrivateOutput, json_bytes
-from .format import (MAX_HEADER_BYTES, CheckpointError, SafetensorsFile, open_regular, read_header, read_json_file,
-                     read_tensor, split_shards)
-from .transfer import Entry, StoreSource, staging_bytes_for, write_safetensors
+from .format import MAX_HEADER_BYTES, CheckpointError, SafetensorsFile, open_regular, read_header, read_json_file, read_tensor
+from .hf_writer import SAFE_INDEX, SAFE_WEIGHTS, write_model
+from .private import PrivateOutput
+from .transfer import Entry, StoreSource, staging_bytes_for
 
 if TYPE_CHECKING:
-    from ..offload.trainer import Trainer
+    from ..offload.runtime import OffloadRuntime
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -86,12 +83,52 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
-def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None, model_class: Any = None,
-                    trust_remote_code: bool = False) -> "Trainer":
-    """See :func:`engine.from_pretrained`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+class PretrainedSource:
+    """A meta-device model and the initializer that fills it from a Hugging Face checkpoint.
 
-    from ..api import initialize
+    ``model``: built on the meta device (after ``prepare``); ``config``: the engine
+    :class:`~engine.config.Config`; ``initializer(name, shape)``: one parameter or buffer read
+    from its file (None: a buffer the model computes itself), also the buffer initializer;
+    ``path``: the checkpoint. A context manager: leaving it closes the files' descriptors."""
+
+    def __init__(self, model: nn.Module, config: Config, initializer: Initializer, path: str, fds: dict[str, int]):
+        self.model, self.config, self.initializer, self.path = model, config, initializer, path
+        self._fds = fds
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "PretrainedSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _candidates(names: list[str], prefix: str) -> list[str]:
+    """Checkpoint names a parameter (all its tied names) may have."""
+    # A LoRA layer (engine.peft or peft) keeps the original Linear as ``base_layer``.
+    names = list(names) + [n.replace(".base_layer.", ".") for n in names if ".base_layer." in n]
+    candidates = list(names)
+    if prefix:
+        # As transformers does, a checkpoint of the bare base model (no "model." prefix) or of a
+        # model with a head (prefixed) fits the other kind too.
+        candidates += [n[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")]
+        candidates += [f"{prefix}.{n}" for n in names if not n.startswith(prefix + ".")]
+    return candidates
+
+
+def load_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None, model_class: Any = None,
+                    trust_remote_code: bool = False,
+                    prepare: Optional[Callable[[nn.Module], Any]] = None) -> PretrainedSource:
+    """The meta model and safetensors initializer of :func:`engine.from_pretrained`; every check
+    (files, names, shapes) is done before anything is written. ``prepare(model)`` changes the
+    meta model before names are matched (e.g. ``engine.peft.apply_lora``: its ``base_layer``
+    names are matched to the checkpoint's); parameters it creates with values (adapters on the
+    CPU) need no checkpoint tensor."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = os.fspath(path)
     files = checkpoint_files(path)
@@ -105,6 +142,8 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
     with torch.device("meta"):
         model = builder.from_config(hf_config, trust_remote_code=trust_remote_code) if hasattr(builder, "from_config") \
             else builder(hf_config)
+    if prepare is not None:
+        prepare(model)
 
     # Where each tensor is; then every problem at once, before anything is written.
     where: dict[str, SafetensorsFile] = {}
@@ -118,17 +157,13 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
     missing, shapes = [], []
     prefix = getattr(model, "base_model_prefix", "") or ""
     for names in _alias_groups(model):
-        # As transformers does, a checkpoint of the bare base model (no "model." prefix) or of a
-        # model with a head (prefixed) fits the other kind too.
-        candidates = list(names)
-        if prefix:
-            candidates += [n[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")]
-            candidates += [f"{prefix}.{n}" for n in names if not n.startswith(prefix + ".")]
-        found = next((n for n in candidates if n in where), None)
+        param = model.get_parameter(names[0])
+        found = next((n for n in _candidates(names, prefix) if n in where), None)
         if found is None:
-            missing.append(names[0])
+            if param.device.type == "meta":  # only a parameter without values must come from the file
+                missing.append(names[0])
             continue
-        shape = tuple(model.get_parameter(names[0]).shape)
+        shape = tuple(param.shape)
         got = where[found].tensors[found].shape
         if got != shape:
             shapes.append(f"{found}: checkpoint {list(got)}, model {list(shape)}")
@@ -169,13 +204,7 @@ def from_pretrained(path: PathLike, config: Any = None, *, hf_config: Any = None
         return read_tensor(parsed, found, fds[parsed.path],
                            dtype=torch.float32 if name in as_fp32 and floating else None)
 
-    try:
-        trainer = initialize(model, engine_config, initializer=initializer, buffer_initializer=initializer)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    trainer.pretrained_path = path
-    return trainer
+    return PretrainedSource(model, engine_config, initializer, path, fds)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -189,24 +218,25 @@ def _kept_name(model: nn.Module, names: list[str]) -> str:
     return names[0]
 
 
-def export_entries(trainer: "Trainer", dtype: Optional[torch.dtype] = None) -> list[Entry]:
+def export_entries(runtime: "OffloadRuntime", dtype: Optional[torch.dtype] = None) -> list[Entry]:
     """The model's weights (and persistent buffers) as Hugging Face names them, each from where it
-    lives now: the store, the trainer's in-memory masters, or the module."""
-    model, store = trainer.module, trainer._store
-    trainable = {spec.name for spec in trainer._specs}
-    masters = getattr(trainer._stepper, "masters", None)  # in-memory trainable placement
+    lives now: the store, the runtime's in-memory masters, or the module."""
+    model, store = runtime.module, runtime.store
+    trainable = {spec.name for spec in runtime.trainable}
+    in_memory = runtime.placement is TrainablePlacement.DRAM
     entries = []
     for names in _alias_groups(model):
         canonical = names[0]
         p = model.get_parameter(canonical)
         want = dtype or p.dtype
+        key = getattr(p, KEY_ATTR, None)
         source: Any
-        if want == torch.float32 and trainer.mixed and canonical in trainable:  # the fp32 master
-            source = masters[canonical] if masters is not None else StoreSource(("master", canonical))
-        elif getattr(p, KEY_ATTR, None) is not None and getattr(p, KEY_ATTR) in store and is_placeholder(p.data):
-            source = StoreSource(getattr(p, KEY_ATTR))
-        elif canonical in getattr(trainer, "_resident", {}):
-            source = StoreSource(("param", canonical))  # the store copy is the truth
+        if want == torch.float32 and runtime.mixed and canonical in trainable:  # the fp32 master
+            source = runtime.backend.master(canonical) if in_memory else StoreSource(StoreKey.master(canonical))
+        elif key is not None and key in store and is_placeholder(p.data):
+            source = StoreSource(key)
+        elif canonical in runtime.resident_trainables:
+            source = StoreSource(StoreKey.param(canonical))  # the store copy is the truth
         else:
             source = p.detach()
         entries.append(Entry(_kept_name(model, names), want, tuple(p.shape), source))
@@ -216,45 +246,22 @@ def export_entries(trainer: "Trainer", dtype: Optional[torch.dtype] = None) -> l
     return entries
 
 
-def save_pretrained(trainer: "Trainer", save_dir: PathLike, *, max_shard_size: Union[int, str] = "5GB",
+def save_pretrained(runtime: "OffloadRuntime", save_dir: PathLike, *, max_shard_size: Union[int, str] = "5GB",
                     dtype: Optional[torch.dtype] = None) -> list[str]:
     """See :meth:`Trainer.save_pretrained`."""
     save_dir = os.fspath(save_dir)
     limit = parse_bytes(max_shard_size)
-    entries = export_entries(trainer, dtype)
-    shards = split_shards(entries, limit)
-    names = [SAFE_WEIGHTS] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    store = trainer._store
+    entries = export_entries(runtime, dtype)
+    store, module = runtime.store, runtime.module
     largest = max((e.nbytes for e in entries if isinstance(e.source, StoreSource)), default=1)
+    config = getattr(module, "config", None)
+    generation = getattr(module, "generation_config", None)
+    if not getattr(module, "can_generate", lambda: False)():
+        generation = None
     # Each file is written in a private temporary directory, fsync'ed and renamed; the index comes last.
     with PrivateOutput(save_dir) as out:
-        with staging_blocks(trainer._pool, staging_bytes_for(store, 4 * largest), 2 * STAGING_BLOCKS) as blocks:
-            for name, shard in zip(names, shards):
-                write_safetensors(out.path(name), shard, store, blocks, metadata={"format": "pt"}, io=trainer._io)
-                out.commit(name)
-        config = copy.deepcopy(getattr(trainer.module, "config", None))
-        if config is not None:
-            config.dtype = dtype or trainer.compute_dtype
-            out.write("config.json", config.to_json_string(use_diff=True).encode())
-            generation = getattr(trainer.module, "generation_config", None)
-            if generation is not None and getattr(trainer.module, "can_generate", lambda: False)():
-                out.write("generation_config.json", generation.to_json_string(use_diff=True).encode())
-        index = os.path.join(save_dir, SAFE_INDEX)
-        if len(shards) > 1:
-            weight_map = {e.name: name for name, shard in zip(names, shards) for e in shard}
-            body = dict(metadata=dict(total_size=sum(e.nbytes for e in entries),
-                                      total_parameters=sum(math.prod(e.shape) for e in entries)),
-                        weight_map=dict(sorted(weight_map.items())))
-            out.write(SAFE_INDEX, json_bytes(body))
-            stale = [os.path.join(save_dir, SAFE_WEIGHTS)]
-        else:
-            stale = [index]
-        # Files of an earlier export that this one does not replace would confuse a loader.
-        stale += [os.path.join(save_dir, n) for n in os.listdir(save_dir) if _SHARD.match(n) and n not in names]
-        for file in stale:
-            if os.path.isfile(file):
-                os.unlink(file)
-    written = out.written
-    logger.info("save_pretrained: %d tensors in %d file(s) in %s", len(entries), len(shards), save_dir)
-    return written
+        with staging_blocks(runtime.pool, staging_bytes_for(store, 4 * largest), 2 * STAGING_BLOCKS) as blocks:
+            count = write_model(out, entries, limit, config=config, config_dtype=dtype or runtime.compute_dtype,
+                                generation_config=generation, store=store, blocks=blocks, io=runtime.io)
+    logger.info("save_pretrained: %d tensors in %d file(s) in %s", len(entries), count, save_dir)
+    return out.written

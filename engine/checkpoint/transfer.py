@@ -9,7 +9,6 @@ Every byte written gets a CRC32C (per tensor and per file), checked on load.
 """
 from __future__ import annotations
 
-import errno
 import math
 import os
 from collections import deque
@@ -19,15 +18,17 @@ from typing import Callable, Hashable, Optional, Union
 import crc32c
 import torch
 
-from .._log import warn_once
-from ..memory.pool import IO_ALIGNMENT, PoolBlock, round_up_io
+from ..dtypes import itemsize
+from ..memory.pool import PoolBlock, round_up_io
 from ..storage.aio import AsyncIO
 from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
-from .atomic import open_private, pause_point
-from .format import (CheckpointError, SafetensorsFile, TensorInfo, build_header, itemsize, named_write_error,
-                     open_regular, pread_into, write_all)
+from .atomic import pause_point
+from .format import CheckpointError, SafetensorsFile, TensorInfo, build_header, named_write_error, open_regular, pread_into
+from .sinks import open_sink
 
+# A tensor computed only when it is written (a merged LoRA weight): one exists at a time.
+Producer = Callable[[], torch.Tensor]
 
 
 @dataclass
@@ -39,12 +40,13 @@ class StoreSource:
 
 @dataclass
 class Entry:
-    """One tensor of a file being written: from the store or from a (small) CPU tensor."""
+    """One tensor of a file being written: from the store, from a (small) CPU tensor, or from a
+    :data:`Producer` called when the tensor's turn comes."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    source: Union[StoreSource, torch.Tensor]
+    source: Union[StoreSource, torch.Tensor, Producer]
 
     @property
     def nbytes(self) -> int:
@@ -70,104 +72,6 @@ def staging_bytes_for(store: TensorStore, largest_nbytes: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- save
-class _BufferedSink:
-    """Appends to a new file through the page cache (file systems without O_DIRECT, e.g. tmpfs)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fd = open_private(path)
-
-    def append(self, data: memoryview) -> None:
-        write_all(self.fd, data)
-
-    def finish(self) -> None:
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class _DirectSink:
-    """Appends to a new file with O_DIRECT through the AsyncIO engine: the byte stream is packed
-    into pinned blocks (one fills while the other is written), the file is preallocated and cut
-    to its exact size at the end. Bypasses the page cache, whose write-back throttling otherwise
-    limits a large checkpoint to a single stream's bandwidth."""
-
-    def __init__(self, io: AsyncIO, path: str, total: int, blocks: list[PoolBlock]):
-        os.close(open_private(path))
-        self.path, self.total = path, total
-        self.file = io.open(path, "w", direct=True, size=max(round_up_io(total), IO_ALIGNMENT))
-        self.blocks = blocks
-        self.views = [b.memoryview() for b in blocks]
-        self.pending: list = [None] * len(blocks)
-        self.index = self.fill = self.offset = 0
-
-    def _wait(self, i: int) -> None:
-        request, self.pending[i] = self.pending[i], None
-        if request is not None:
-            request.wait()
-
-    def append(self, data: memoryview) -> None:
-        data = data.cast("B") if data.format != "B" else data
-        while len(data):
-            if self.fill == 0:
-                self._wait(self.index)  # the block's previous write must be done before refilling it
-            view = self.views[self.index]
-            n = min(len(data), len(view) - self.fill)
-            view[self.fill:self.fill + n] = data[:n]
-            self.fill += n
-            data = data[n:]
-            if self.fill == len(view):
-                self._flush()
-
-    def _flush(self) -> None:
-        if self.fill:
-            nbytes = round_up_io(self.fill)  # the tail beyond the data is cut off by finish()
-            self.pending[self.index] = self.file.write(self.offset, self.blocks[self.index], nbytes)
-            self.offset += nbytes
-            self.index = (self.index + 1) % len(self.blocks)
-            self.fill = 0
-
-    def finish(self) -> None:
-        self._flush()
-        for i in range(len(self.blocks)):
-            self._wait(i)
-        self.file.close()
-        os.truncate(self.path, self.total)
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        for i in range(len(self.blocks)):
-            try:
-                self._wait(i)
-            except Exception:  # the first error is already propagating
-                pass
-        if not self.file.closed:
-            self.file.close()
-        self.views.clear()
-
-
-def _open_sink(path: str, total: int, io: Optional[AsyncIO], stream_blocks: list[PoolBlock]):
-    if io is None or not stream_blocks:
-        return _BufferedSink(path)
-    try:
-        return _DirectSink(io, path, total, stream_blocks)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        if os.path.exists(path):
-            os.unlink(path)
-        warn_once("checkpoint-buffered", f"checkpoint: {os.path.dirname(path)!r} does not support O_DIRECT; "
-                  "writing through the page cache")
-        return _BufferedSink(path)
-
-
 def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorStore], blocks: list[PoolBlock],
                       metadata: Optional[dict] = None, io: Optional[AsyncIO] = None) -> dict:
     """Writes ``entries`` to a new file ``path`` (0600, fsync'ed before returning).
@@ -187,7 +91,7 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
     block_bytes = blocks[0].size if blocks else 0
     free = list(blocks)
     inflight: deque = deque()
-    sink = _open_sink(path, total, io, stream_blocks)
+    sink = open_sink(path, total, io, stream_blocks)
     try:
         sink.append(memoryview(header))
         written = 0
@@ -234,12 +138,21 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
                     block = free.pop()
                     view = block.tensor(round_up_io(nbytes), torch.uint8)
                     inflight.append((entry, block, view, store.read_into(entry.source.key, view, offset, nbytes), nbytes))
-            else:
+            elif isinstance(entry.source, torch.Tensor):
                 tensor = entry.source.detach().to("cpu", entry.dtype).contiguous()
                 if tuple(tensor.shape) != tuple(entry.shape):
                     raise CheckpointError(f"{entry.name}: got {tensor.dtype}{list(tensor.shape)}, "
                                           f"expected {entry.dtype}{list(entry.shape)}")
                 inflight.append((entry, None, tensor.reshape(-1).view(torch.uint8), None, entry.nbytes))
+            else:  # a producer: the reads before it are written first, then its tensor, then it is dropped
+                while inflight:
+                    complete()
+                tensor = entry.source()
+                if tuple(tensor.shape) != tuple(entry.shape) or tensor.dtype != entry.dtype:
+                    raise CheckpointError(f"{entry.name}: produced {tensor.dtype}{list(tensor.shape)}, "
+                                          f"expected {entry.dtype}{list(entry.shape)}")
+                emit(entry.name, memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del tensor
         while inflight:
             complete()
         sink.finish()

@@ -19,9 +19,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..api import from_pretrained, initialize
+from ..checkpoint.hf import load_pretrained
 from ..config import AdamWConfig, AutoValues, Config
 from ..data import BYTE_VOCAB, TokenBatches, default_corpus, load_text, tokenize
 from ..memory.profiler import MemoryProfiler
+from ..peft import LoraConfig, apply_lora
 from ..units import format_bytes
 from . import CLIError
 
@@ -149,8 +152,6 @@ def _check_writable(directory: str) -> None:
 
 def _build_trainer(args: argparse.Namespace, cfg: Config):
     """The trainer and the tokenizer (None: byte-level) for the chosen model."""
-    import engine
-
     if args.model is None:
         from transformers import LlamaForCausalLM
 
@@ -160,24 +161,20 @@ def _build_trainer(args: argparse.Namespace, cfg: Config):
         model = LlamaForCausalLM(llama_config("tiny", max_positions=max(args.seq_len, 128)))
         if args.lora:
             _apply_lora(args, model)
-        return engine.initialize(model, cfg), None
+        return initialize(model, cfg), None
     if args.lora:
         trainer = _lora_from_pretrained(args, cfg)
     else:
-        trainer = engine.from_pretrained(args.model, cfg)
+        trainer = from_pretrained(args.model, cfg)
     return trainer, _tokenizer(args.model, trainer.module)
 
 
-def _lora_config(args: argparse.Namespace):
-    from ..peft import LoraConfig
-
+def _lora_config(args: argparse.Namespace) -> LoraConfig:
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     return LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, target_modules=targets)
 
 
 def _apply_lora(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    from ..peft import apply_lora
-
     apply_lora(model, _lora_config(args))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"LoRA: r={args.lora_rank}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
@@ -185,45 +182,12 @@ def _apply_lora(args: argparse.Namespace, model: torch.nn.Module) -> None:
 
 
 def _lora_from_pretrained(args: argparse.Namespace, cfg: Config):
-    """A Hugging Face checkpoint with LoRA adapters: the model is built on the meta device,
-    wrapped, and each base tensor read from the safetensors files straight into the store
-    (``engine.from_pretrained`` loads the unwrapped model, whose parameter names differ)."""
-    import engine
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..checkpoint.format import read_header, read_tensor
-    from ..checkpoint.hf import checkpoint_files
-
-    hf_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    _apply_lora(args, model)
-    where = {}
-    for file in checkpoint_files(args.model):
-        parsed = read_header(file)
-        where.update(dict.fromkeys(parsed.tensors, parsed))
-
-    def source(name: str) -> str:
-        return name.replace(".base_layer.", ".")  # LoraLinear keeps the original Linear as base_layer
-
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and source(n) not in where]
-    if missing:
-        raise CLIError(f"--model {args.model!r}: the checkpoint lacks {len(missing)} parameter(s), e.g. {missing[0]}")
-    fds: dict[str, int] = {}
-
-    def initializer(name: str, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
-        parsed = where.get(source(name))
-        if parsed is None:
-            return None  # a buffer the model computes itself (rotary inv_freq)
-        if parsed.path not in fds:
-            fds[parsed.path] = os.open(parsed.path, os.O_RDONLY | os.O_CLOEXEC)
-        return read_tensor(parsed, source(name), fds[parsed.path])
-
-    try:
-        return engine.initialize(model, cfg, initializer=initializer, buffer_initializer=initializer)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    """A Hugging Face checkpoint with LoRA adapters: the meta model is wrapped before its names
+    are matched to the checkpoint's (``base_layer``), then each base tensor is read from the
+    safetensors files straight into the store - the same reader as ``engine.from_pretrained``."""
+    with load_pretrained(args.model, cfg, prepare=lambda model: _apply_lora(args, model)) as src:
+        return initialize(src.model, src.config, initializer=src.initializer,
+                                 buffer_initializer=src.initializer)
 
 
 def _tokenizer(model_dir: str, model: torch.nn.Module) -> Optional[Callable[[str], list[int]]]:

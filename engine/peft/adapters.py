@@ -4,26 +4,42 @@ A saved adapter is the directory ``PeftModel.from_pretrained(base_model, directo
 loads: ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight``)
 and ``adapter_config.json``. For a model wrapped with ``peft.get_peft_model`` peft's own
 ``save_pretrained`` writes both, given the trained values; for the built-in LoRA this
-module writes them. Values come from the trainer: the fp32 master weights.
+module writes them (through the engine's one safetensors writer). Values come from the
+trainer or runtime (anything with ``.module``, ``.parameter(name)`` and ``.weight(name)``: a
+:class:`WeightSource`): the fp32 master weights.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import Callable, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import nn
 
-from ..checkpoint.atomic import PrivateOutput, json_bytes
+from ..checkpoint.private import PrivateOutput, json_bytes
+from ..checkpoint.transfer import Entry, write_safetensors
 from .lora import LoraConfig, LoraLinear
-
-if TYPE_CHECKING:
-    from ..offload.trainer import Trainer
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    """A trainer or an offload runtime, structurally: its model and its parameters' current values."""
+
+    module: nn.Module
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """A trainable parameter's value (the fp32 master in mixed precision)."""
+
+    def weight(self, name: str) -> torch.Tensor:
+        """Any parameter's value, read on its own (frozen streamed weights from the store)."""
+
+
+Source = Union[WeightSource, nn.Module]
 
 
 @dataclass(frozen=True)
@@ -100,11 +116,9 @@ def _peft_lora_layer(name: str, module: nn.Module) -> Optional[AdapterLayer]:
                         float(module.scaling[adapter]), bool(getattr(module, "fan_in_fan_out", False)))
 
 
-def _values(source: Union["Trainer", nn.Module]) -> tuple[nn.Module, Callable[[str], torch.Tensor]]:
-    """The model and a reader of a parameter's current value (trainer: fp32 masters / the store)."""
-    from ..offload.trainer import Trainer
-
-    if isinstance(source, Trainer):
+def values_of(source: Source) -> tuple[nn.Module, Callable[[str], torch.Tensor]]:
+    """The model and a reader of a parameter's current value (trainer/runtime: fp32 masters / the store)."""
+    if not isinstance(source, nn.Module) and isinstance(source, WeightSource):
         return source.module, source.weight
     if isinstance(source, nn.Module):
         params = dict(source.named_parameters(remove_duplicate=False))
@@ -112,7 +126,7 @@ def _values(source: Union["Trainer", nn.Module]) -> tuple[nn.Module, Callable[[s
     raise TypeError(f"expected an engine Trainer or an nn.Module, got {type(source).__name__}")
 
 
-def save_adapter(source: Union["Trainer", nn.Module], directory: Union[str, "os.PathLike[str]"], *,
+def save_adapter(source: Source, directory: Union[str, "os.PathLike[str]"], *,
                  base_model_name_or_path: Optional[str] = None) -> list[str]:
     """Saves the LoRA adapters of a trainer (or an in-memory model) in peft's format.
 
@@ -120,7 +134,7 @@ def save_adapter(source: Union["Trainer", nn.Module], directory: Union[str, "os.
     saved by peft itself (with the trainer's values); a built-in LoRA model as peft would save
     it. Files are written privately (see :class:`PrivateOutput`). Returns the paths written.
     """
-    model, value = _values(source)
+    model, value = values_of(source)
     with PrivateOutput(directory) as out:
         if is_peft_model(model):
             seen, state = set(), {}
@@ -136,17 +150,17 @@ def save_adapter(source: Union["Trainer", nn.Module], directory: Union[str, "os.
 
 def _save_builtin(model: nn.Module, value: Callable[[str], torch.Tensor], out: "PrivateOutput",
                   base_model_name_or_path: Optional[str]) -> None:
-    from safetensors.torch import save
-
     config = getattr(model, "lora_config", None)
     if not isinstance(config, LoraConfig):
         raise ValueError("the model has no built-in LoRA config: apply adapters with engine.peft.apply_lora "
                          "(or wrap it with peft.get_peft_model)")
-    tensors = {}
+    entries = []
     for layer in lora_layers(model):
-        tensors[f"{PEFT_PREFIX}{layer.path}.lora_A.weight"] = value(layer.lora_A).detach().contiguous()
-        tensors[f"{PEFT_PREFIX}{layer.path}.lora_B.weight"] = value(layer.lora_B).detach().contiguous()
-    out.write(ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))  # adapters are small: one buffer
+        for which, name in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+            t = value(name).detach().contiguous()
+            entries.append(Entry(f"{PEFT_PREFIX}{layer.path}.{which}.weight", t.dtype, tuple(t.shape), t))
+    write_safetensors(out.path(ADAPTER_WEIGHTS), entries, None, [], metadata={"format": "pt"})
+    out.commit(ADAPTER_WEIGHTS)
     hf_config = getattr(model, "config", None)
     name = base_model_name_or_path or getattr(hf_config, "_name_or_path", None) or None
     causal = type(model).__name__.endswith("ForCausalLM")

@@ -102,10 +102,8 @@ def _peft_lora_layer(name: str, module: nn.Module) -> Optional[AdapterLayer]:
 
 def _values(source: Union["Trainer", nn.Module]) -> tuple[nn.Module, Callable[[str], torch.Tensor]]:
     """The model and a reader of a parameter's current value (trainer: fp32 masters / the store)."""
-    from ..offload.trainer import Trainer
-
-    if isinstance(source, Trainer):
-        return source.module, source.weight
+    if not isinstance(source, nn.Module) and hasattr(source, "module") and callable(getattr(source, "weight", None)):
+        return source.module, source.weight  # a Trainer or its runtime (structural: no import of either)
     if isinstance(source, nn.Module):
         params = dict(source.named_parameters(remove_duplicate=False))
         return source, lambda name: params[name].detach()

@@ -5,7 +5,8 @@ The training step itself - fetch, forward, backward, gradient out, optimizer, re
 :class:`~engine.offload.runtime.OffloadRuntime` (``trainer.runtime``); this class adds what
 sits above the runtime: checkpoints (:mod:`engine.checkpoint.state`), Hugging Face export
 (:mod:`engine.checkpoint.hf`) and LoRA adapters (:mod:`engine.peft`), each given the
-runtime's public surface.
+runtime's public surface (peft is given the Trainer itself: it only needs ``.module`` and
+``.weight``/``.parameter``, which both classes have).
 """
 from __future__ import annotations
 
@@ -171,10 +172,11 @@ class Trainer:
     def save_adapter(self, directory: str) -> list[str]:
         """Saves the LoRA adapters in peft's format (``PeftModel.from_pretrained`` loads them)."""
         self.runtime.check_open("save_adapter")
-        return save_adapter(self.runtime, directory)
+        return save_adapter(self, directory)  # peft reads values through .module and .weight (ours)
 
     def merge_and_export(self, directory: str, *, max_shard_size: Union[int, str] = "5GB",
                          dtype: Optional[torch.dtype] = None) -> list[str]:
         """Streams the base weights with the adapters merged to safetensors shards, one tensor at a time."""
         self.runtime.check_open("merge_and_export")
-        return merge_and_export(self.runtime, directory, max_shard_size=max_shard_size, dtype=dtype)
+        # the facade itself, not the runtime: values come through self.weight, which callers may wrap
+        return merge_and_export(self, directory, max_shard_size=max_shard_size, dtype=dtype)

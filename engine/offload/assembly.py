@@ -158,7 +158,7 @@ def nvme_placement(res: Resources, config: Config, plan: MemoryPlan, specs: Sequ
     stepper.initialize_states()
     res.gradients = GradientOffload(res.store, res.pool, specs, grad_buffer=config.grad_buffer,
                                     overflow_check=config.overflow_check, staging_bytes=plan.grad_staging_bytes,
-                                    flat_dtype=compute if compute != torch.float32 else torch.float32)
+                                    flat_dtype=compute)  # the compute dtype, as ZeRO-Infinity
 
 
 def dram_placement(res: Resources, config: Config, params: Sequence[tuple[str, nn.Parameter]],

@@ -11,11 +11,12 @@ from .config import AdamWConfig, Config, ConfigError, OptimizerConfig
 from .errors import AsyncIOError, EngineError, PinnedMemoryError, PoolExhaustedError
 from .memory.pool import PinnedPool, PoolBlock
 from .storage.aio import AsyncFile, AsyncIO, IORequest
+from .trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdamWConfig", "Config", "ConfigError", "OptimizerConfig", "from_pretrained", "initialize", "plan",
     "AsyncFile", "AsyncIO", "AsyncIOError", "EngineError", "IORequest", "PinnedMemoryError",
-    "PinnedPool", "PoolBlock", "PoolExhaustedError", "__version__",
+    "PinnedPool", "PoolBlock", "PoolExhaustedError", "Trainer", "__version__",
 ]

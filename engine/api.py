@@ -11,13 +11,14 @@ from .checkpoint.hf import load_pretrained
 from .config import Config
 from .offload.planner import MemoryPlan, plan as _plan
 from .offload.materialize import Initializer
+from .trainer import Trainer
 
 ConfigLike = Union[Config, dict, str, "os.PathLike[str]", None]
 
 
 def initialize(model: nn.Module, config: ConfigLike = None,
                initializer: Optional[Callable[[str, tuple[int, ...]], torch.Tensor]] = None, *,
-               buffer_initializer: Optional[Initializer] = None):
+               buffer_initializer: Optional[Initializer] = None) -> Trainer:
     """Prepares ``model`` for training with parameters, gradients and optimizer states on NVMe.
 
     ``config``: an :class:`engine.Config`, a dict, or a JSON/YAML path (engine or DeepSpeed
@@ -26,10 +27,8 @@ def initialize(model: nn.Module, config: ConfigLike = None,
     buffers (rotary ``inv_freq``) are computed as the model computes them; to give them
     yourself (e.g. persistent buffers from a checkpoint), pass
     ``buffer_initializer(name, shape) -> tensor or None`` (None: computed by the model).
-    Returns a :class:`~engine.offload.trainer.Trainer`.
+    Returns a :class:`~engine.trainer.Trainer`.
     """
-    from .offload.trainer import Trainer
-
     config = Config.load(config if config is not None else Config())
     return Trainer(model, config, initializer, buffer_initializer=buffer_initializer)
 
@@ -56,10 +55,8 @@ def from_pretrained(path: Union[str, "os.PathLike[str]"], config: ConfigLike = N
     TensorStore, one at a time, cast to ``config.dtype`` (bf16/fp16: the fp32 master is the
     checkpoint's value). Peak DRAM: about the largest tensor plus the pinned pool. Missing
     parameters and shape mismatches are all listed in one :class:`~engine.checkpoint.CheckpointError`;
-    a truncated file names the file and tensor. Returns a :class:`~engine.offload.trainer.Trainer`.
+    a truncated file names the file and tensor. Returns a :class:`~engine.trainer.Trainer`.
     """
-    from .offload.trainer import Trainer  # lead: top-level import at merge
-
     with load_pretrained(path, config, hf_config=hf_config, model_class=model_class,
                          trust_remote_code=trust_remote_code) as src:
         trainer = Trainer(src.model, src.config, src.initializer, buffer_initializer=src.initializer)

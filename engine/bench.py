@@ -27,7 +27,10 @@ from typing import Callable, Literal, Optional, Sequence, get_args
 from . import procinfo
 from .config import BASELINE
 from .errors import BenchError  # noqa: F401 - re-exported
-from .memory.profiler import phase
+from .api import initialize
+from .config import AdamWConfig, Config
+from .memory.profiler import MemoryProfiler, phase
+from .presets import PRESETS, llama_config
 
 MODES = ("engine", "torch", "baseline", "deepspeed")
 # Also: "no-<switch>" (the engine with one MemAscend technique off, e.g. "no-buffer_pool") and
@@ -56,8 +59,6 @@ class BenchSpec:
     timeline_dir: Optional[str] = None  # write <model>-<mode>-<dtype>.png/.json (the profiler's timeline) here
 
     def validate(self) -> "BenchSpec":
-        from .presets import PRESETS
-
         if self.model not in PRESETS:
             raise ValueError(f"unknown model preset {self.model!r}; known: {', '.join(PRESETS)}")
         if self.mode not in ALL_MODES:
@@ -101,8 +102,6 @@ def run_mode(spec: BenchSpec) -> dict:
     """Runs ``spec`` in this process and returns its measurements (call it in a fresh process)."""
     import torch
 
-    from .memory.profiler import MemoryProfiler
-    from .presets import llama_config
 
     spec.validate()
     torch.manual_seed(spec.seed)
@@ -171,8 +170,6 @@ def _run_torch(spec, config, data, times, losses, extra, prof) -> int:
 def _run_engine(spec, config, data, times, losses, extra, prof) -> int:
     import torch
     from transformers import LlamaForCausalLM
-
-    from . import AdamWConfig, Config, initialize
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

@@ -337,7 +337,7 @@ def test_predicted_peak_is_within_20_percent_of_measured(tmp_path, hidden, layer
 
 
 def test_too_small_disk_is_refused_before_any_write(tmp_path, monkeypatch):
-    import engine.offload.trainer as trainer_module
+    import engine.offload.assembly as trainer_module
 
     real = trainer_module.check_disk
 

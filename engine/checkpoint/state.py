@@ -157,7 +157,7 @@ def _save_locked(runtime: "OffloadRuntime", root: CheckpointRoot, tag: str, shar
         optimizer=runtime.config.optimizer.type, gradient_accumulation_steps=runtime.gradient_accumulation_steps,
         files=files, tensors=tensors,
         trainer=dict(micro_steps=runtime.micro_steps, global_steps=runtime.global_steps,
-                     skipped_steps=runtime.skipped_steps, last_grad_norm=getattr(runtime, "last_grad_norm", None),  # lead: plain attribute at merge
+                     skipped_steps=runtime.skipped_steps, last_grad_norm=runtime.last_grad_norm,
                      loss_scaler=scaler, param_groups=groups),
         lr_scheduler=scheduler, rng=_rng_state(), client_state=client)
     try:

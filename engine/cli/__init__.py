@@ -22,6 +22,8 @@ from typing import Optional, Sequence, get_args
 
 from ..config import AioBackend
 from ..errors import CLIError, EngineError  # noqa: F401 - CLIError re-exported
+from ..selfcheck import main as selfcheck_main
+from . import bench, clean, plan, profile, train
 
 
 def _add_selfcheck(sub) -> None:
@@ -34,8 +36,6 @@ def _add_selfcheck(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, clean, plan, profile, train
-
     invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     prog = invoked if invoked and not invoked.endswith(".py") else "python -m engine"  # or the console script
     parser = argparse.ArgumentParser(prog=prog, description="MemAscend SSD-offload training engine",
@@ -59,7 +59,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         if args.command == "selfcheck":
-            from ..selfcheck import main as selfcheck_main
             return selfcheck_main(args)
         return args.run(args)
     except (ValueError, OSError, EngineError, MemoryError, NotImplementedError, ImportError) as exc:

@@ -26,7 +26,8 @@ from ..data import BYTE_VOCAB, TokenBatches, default_corpus, load_text, tokenize
 from ..memory.profiler import MemoryProfiler
 from ..peft import LoraConfig, apply_lora
 from ..units import format_bytes
-from . import CLIError
+from ..errors import CLIError
+from ..presets import llama_config
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_SEQ = 100, 8, 128
 DEFAULT_LR_SCRATCH, DEFAULT_LR_PRETRAINED = 2e-3, 2e-5
@@ -154,8 +155,6 @@ def _build_trainer(args: argparse.Namespace, cfg: Config):
     """The trainer and the tokenizer (None: byte-level) for the chosen model."""
     if args.model is None:
         from transformers import LlamaForCausalLM
-
-        from ..presets import llama_config
 
         torch.manual_seed(args.seed)
         model = LlamaForCausalLM(llama_config("tiny", max_positions=max(args.seq_len, 128)))

@@ -23,6 +23,8 @@ from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool, PoolBlock, round_up_io
 from ..optim import kernels
 from ..storage.store import StoreRequest, TensorStore
+from .keys import StoreKey
+from .placement import GradFill
 from .stepper import ParamSpec, Piece
 
 # Pinned staging the streamed gradient path keeps in flight before it waits for writes: enough
@@ -37,10 +39,11 @@ def grad_staging_bytes(largest_numel: int) -> int:
 
 
 class GradientOffload:
-    """Collects gradients for the optimizer stepper.
+    """Collects gradients for the optimizer stepper: the NVMe placement's
+    :class:`~engine.offload.placement.GradientSink`.
 
     Args:
-        store: gradients live in ``("grad", name)`` (fp32) in the ``streamed`` mode.
+        store: gradients live in ``StoreKey.grad(name)`` (fp32) in the ``streamed`` mode.
         pool: staging blocks for the ``streamed`` mode.
         params: the trainable parameters.
         grad_buffer: ``"streamed"`` or ``"flat"``.
@@ -75,7 +78,7 @@ class GradientOffload:
             self._flat = torch.zeros(pos, dtype=flat_dtype)  # ablation: a host buffer of every gradient
         else:
             for p in params:
-                store.allocate(("grad", p.name), p.shape, torch.float32)
+                store.allocate(StoreKey.grad(p.name), p.shape, torch.float32)
 
     # ------------------------------------------------------------------ accumulation
     def begin_window(self) -> None:
@@ -108,12 +111,12 @@ class GradientOffload:
             if first and name not in self.received:
                 acc.copy_(grad)
             else:
-                self.store.read_into(("grad", name), block).wait()
+                self.store.read_into(StoreKey.grad(name), block).wait()
                 acc.add_(grad)
             if last:
                 self._account(name, acc)
             del acc
-            self._pending.append((self.store.write_from(("grad", name), block), block))
+            self._pending.append((self.store.write_from(StoreKey.grad(name), block), block))
             self._pending_bytes += block.size
         self.received.add(name)
 
@@ -159,7 +162,7 @@ class GradientOffload:
         sumsq = math.fsum(s for s, _ in self._stats.values())
         return (math.inf if nonfinite else math.sqrt(sumsq)), nonfinite
 
-    def grad_source(self):
+    def grad_source(self) -> Optional[GradFill]:
         """For the stepper: fills a piece's fp32 gradient from the flat buffer (``flat`` mode), else None."""
         if self.grad_buffer != "flat":
             return None
@@ -172,7 +175,7 @@ class GradientOffload:
     @property
     def host_buffer_bytes(self) -> int:
         """Host memory held for gradients beyond the staging in flight (the flat buffer)."""
-        return self._flat.numel() * self._flat.element_size() if self.grad_buffer == "flat" else 0
+        return self._flat.numel() * self._flat.itemsize if self.grad_buffer == "flat" else 0
 
     def close(self) -> None:
         """Waits for every write in flight and frees its staging, then raises the first write error."""

@@ -6,13 +6,15 @@ gradients and their Adam moments in memory costs less DRAM than the pinned gradi
 staging and three optimizer buffer sets the NVMe path needs, and does no I/O; the
 planner chooses this placement (``trainable_placement``). Only the frozen base streams.
 
-:class:`ResidentTrainables` plays both roles the trainer gives the NVMe path's
-:class:`~engine.offload.gradients.GradientOffload` (``begin_window`` / ``add`` /
-``finish`` / ``grad_source``) and :class:`~engine.offload.stepper.OptimizerStepper`
-(``initialize_states`` / ``step`` / ``stats`` / ``close``). The update is
-:class:`~engine.optim.CPUAdamW` (the fused kernel) over fp32 master weights: the module's
-own parameters in fp32, or fp32 copies whose update is written back to the bf16/fp16
-parameters in the same pass.
+The DRAM placement's two roles (:mod:`engine.offload.placement`):
+
+* :class:`DramGradients` is the :class:`~engine.offload.placement.GradientSink`: one fp32
+  buffer per trainable parameter, accumulated in place over the window.
+* :class:`DramOptimizer` is the :class:`~engine.offload.placement.OptimizerBackend`:
+  :class:`~engine.optim.CPUAdamW` (the fused kernel) over fp32 master weights - the module's
+  own parameters in fp32, or fp32 copies whose update is written back to the bf16/fp16
+  parameters in the same pass. It reads the gradients straight from the sink it is given
+  (the buffers are shared explicitly, never copied).
 """
 from __future__ import annotations
 
@@ -24,35 +26,102 @@ import torch
 from torch import nn
 
 from ..optim import CPUAdamW, kernels
+from .placement import GradFill
 from .stepper import StepStats
 
+OVERFLOW_CHECKS = ("fused", "naive")
 
-class ResidentTrainables:
-    """Gradients and optimizer of trainable parameters that live in DRAM.
+
+class DramGradients:
+    """fp32 gradient buffers of trainable parameters that live in DRAM (the GradientSink role).
+
+    Args:
+        params: ``(name, parameter)`` of every trainable parameter (tied ones once).
+        overflow_check: ``"fused"`` (one native pass per gradient) or ``"naive"`` (torch
+            isinf/isnan temporaries, the ablation baseline).
+    """
+
+    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], *, overflow_check: str = "fused"):
+        if overflow_check not in OVERFLOW_CHECKS:
+            raise ValueError(f"overflow_check must be 'fused' or 'naive', got {overflow_check!r}")
+        self.overflow_check = overflow_check
+        # The buffers the optimizer reads (DramOptimizer): one per parameter, allocated once.
+        self.buffers: dict[str, torch.Tensor] = {name: torch.zeros(p.shape, dtype=torch.float32)
+                                                 for name, p in params}
+        self.received: set[str] = set()
+        self._closed = False
+
+    def begin_window(self) -> None:
+        """Starts a new accumulation window."""
+        self.received.clear()
+
+    def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
+        """Accumulates one gradient contribution of ``name`` in fp32 (``first``: overwrite)."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            raise KeyError(f"{name!r} is not a trainable parameter kept in memory")
+        if grad.numel() != buf.numel():
+            raise ValueError(f"gradient of {name!r} has {grad.numel()} elements, expected {buf.numel()}")
+        grad = grad.detach().reshape(buf.shape)
+        if first and name not in self.received:
+            buf.copy_(grad)
+        else:
+            buf.add_(grad)
+        self.received.add(name)
+
+    def finish(self) -> tuple[float, bool]:
+        """(global L2 norm, any inf/NaN) of the window's accumulated gradients."""
+        sumsq, bad = 0.0, False
+        for name in self.received:
+            g = self.buffers[name]
+            if self.overflow_check == "fused":
+                s, b = kernels.grad_stats(g)
+            else:
+                b = bool(torch.isinf(g).any()) or bool(torch.isnan(g).any())
+                s = float(g.double().pow(2).sum()) if not b else math.inf
+            sumsq += s
+            bad = bad or bool(b)
+        return (math.inf if bad else math.sqrt(sumsq)), bad
+
+    def grad_source(self) -> Optional[GradFill]:
+        """Gradients are in memory; the optimizer takes them from :attr:`buffers` directly."""
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.numel() * 4 for g in self.buffers.values())
+
+    def close(self) -> None:
+        """Drops the buffers (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.buffers.clear()
+
+
+class DramOptimizer:
+    """CPUAdamW over the fp32 masters of trainable parameters that live in DRAM (the
+    OptimizerBackend role).
 
     Args:
         params: ``(name, parameter)`` of every trainable parameter (tied ones once), resident
             in the module (contiguous, on the CPU).
+        gradients: the sink whose buffers hold the window's gradients.
         masters: fp32 master weights by name for parameters whose dtype is not fp32 (missing
             ones are seeded from the parameter); fp32 parameters are their own master.
         state_dtype: dtype of the Adam moments.
         group_hparams: ``group_hparams(0) -> (lr, weight_decay)``, read at every step so LR
             schedulers acting on the trainer's optimizer apply.
-        overflow_check: ``"fused"`` (one native pass per gradient) or ``"naive"`` (torch
-            isinf/isnan temporaries, the ablation baseline).
     """
 
-    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], masters: Optional[dict[str, torch.Tensor]] = None,
-                 *, state_dtype: torch.dtype = torch.float32, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, adamw_mode: bool = True,
-                 group_hparams: Callable[[int], tuple[float, float]] = lambda g: (1e-3, 0.0),
-                 overflow_check: str = "fused"):
-        if overflow_check not in ("fused", "naive"):
-            raise ValueError(f"overflow_check must be 'fused' or 'naive', got {overflow_check!r}")
+    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], gradients: DramGradients,
+                 masters: Optional[dict[str, torch.Tensor]] = None, *, state_dtype: torch.dtype = torch.float32,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, adamw_mode: bool = True,
+                 group_hparams: Callable[[int], tuple[float, float]] = lambda g: (1e-3, 0.0)):
         masters = masters or {}
         self.params = dict(params)
+        self.gradients = gradients
         self.group_hparams = group_hparams
-        self.overflow_check = overflow_check
         self.masters: dict[str, torch.Tensor] = {}
         self._out: dict[torch.Tensor, torch.Tensor] = {}  # master -> low-precision parameter data
         for name, p in self.params.items():
@@ -69,68 +138,29 @@ class ResidentTrainables:
                 if not p.data.is_contiguous():
                     p.data = p.data.contiguous()
                 self._out[self.masters[name]] = p.data
-        self._grads = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in self.params.items()}
         lr, weight_decay = group_hparams(0)
         self.optimizer = CPUAdamW(list(self.masters.values()), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                   adamw_mode=adamw_mode, state_dtype=state_dtype)
-        self.received: set[str] = set()
         self.stats = StepStats()
         self._closed = False
 
-    # ------------------------------------------------------------------ gradients (GradientOffload's role)
-    def begin_window(self) -> None:
-        """Starts a new accumulation window."""
-        self.received.clear()
-
-    def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
-        """Accumulates one gradient contribution of ``name`` in fp32 (``first``: overwrite)."""
-        buf = self._grads.get(name)
-        if buf is None:
-            raise KeyError(f"{name!r} is not a trainable parameter kept in memory")
-        if grad.numel() != buf.numel():
-            raise ValueError(f"gradient of {name!r} has {grad.numel()} elements, expected {buf.numel()}")
-        grad = grad.detach().reshape(buf.shape)
-        if first and name not in self.received:
-            buf.copy_(grad)
-        else:
-            buf.add_(grad)
-        self.received.add(name)
-
-    def finish(self) -> tuple[float, bool]:
-        """(global L2 norm, any inf/NaN) of the window's accumulated gradients."""
-        sumsq, bad = 0.0, False
-        for name in self.received:
-            g = self._grads[name]
-            if self.overflow_check == "fused":
-                s, b = kernels.grad_stats(g)
-            else:
-                b = bool(torch.isinf(g).any()) or bool(torch.isnan(g).any())
-                s = float(g.double().pow(2).sum()) if not b else math.inf
-            sumsq += s
-            bad = bad or bool(b)
-        return (math.inf if bad else math.sqrt(sumsq)), bad
-
-    def grad_source(self) -> None:
-        """Gradients are in memory; the optimizer takes them directly."""
-        return None
-
-    # ------------------------------------------------------------------ optimizer (OptimizerStepper's role)
     def initialize_states(self) -> None:
         """Moments are created by the first step (as torch's AdamW does)."""
 
-    def step(self, step: int, grad_scale: float = 1.0, grad_source=None) -> None:
+    def step(self, step: int, grad_scale: float = 1.0, grad_source: Optional[GradFill] = None) -> None:
         """One AdamW step over the parameters that received a gradient this window (as torch skips
         parameters whose ``grad`` is None); ``grad_scale`` multiplies every gradient first."""
         start = time.perf_counter()
         lr, weight_decay = self.group_hparams(0)
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = lr, weight_decay
-        for name in self.received:
-            self.masters[name].grad = self._grads[name]
+        grads = self.gradients
+        for name in grads.received:
+            self.masters[name].grad = grads.buffers[name]
         try:
             self.optimizer.step(grad_scale=grad_scale, out=self._out or None)
         finally:
-            # autograd must not accumulate into these: the next gradient arrives through add()
+            # autograd must not accumulate into these: the next gradient arrives through the sink
             for master in self.masters.values():
                 master.grad = None
         self.stats.compute_s += time.perf_counter() - start
@@ -143,15 +173,14 @@ class ResidentTrainables:
     def state_bytes(self) -> int:
         """DRAM held beyond the parameters: fp32 masters (mixed), gradients, moments."""
         total = sum(m.numel() * 4 for m in self._out)
-        total += sum(g.numel() * 4 for g in self._grads.values())
+        total += self.gradients.nbytes
         for state in self.optimizer.state.values():
             total += sum(state[k].numel() * state[k].element_size() for k in ("exp_avg", "exp_avg_sq") if k in state)
         return total
 
     def close(self) -> None:
-        """Drops gradients and optimizer state (idempotent: the trainer closes both roles)."""
+        """Drops the optimizer state (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self._grads.clear()
         self.optimizer.state.clear()

@@ -9,11 +9,13 @@ three-stage pipeline: while the native AdamW kernel updates sub-group *j* (unsca
 clip, weight decay, update, and the new bf16/fp16 weights written in the same
 pass), sub-group *j+1* is being read and *j-1* written back.
 
-Store keys: ``("param", name)`` holds the compute weights; with bf16/fp16 compute
-the fp32 master lives in ``("master", name)``, with fp32 compute the weights *are*
-the master (no second copy). ``("exp_avg", name)`` and ``("exp_avg_sq", name)`` hold
-the moments (fp32, or bf16 to halve optimizer I/O); ``("grad", name)`` the fp32
-gradient accumulated by :class:`~engine.offload.gradients.GradientOffload`.
+Store keys (:class:`~engine.offload.keys.StoreKey`): ``StoreKey.param(name)`` holds the
+compute weights; with bf16/fp16 compute the fp32 master lives in ``StoreKey.master(name)``,
+with fp32 compute the weights *are* the master (no second copy). ``StoreKey.moment("exp_avg",
+name)`` and ``StoreKey.moment("exp_avg_sq", name)`` hold the moments (fp32, or bf16 to halve
+optimizer I/O); ``StoreKey.grad(name)`` the fp32 gradient accumulated by
+:class:`~engine.offload.gradients.GradientOffload`. :class:`OptimizerStepper` is the NVMe
+placement's :class:`~engine.offload.placement.OptimizerBackend`.
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..dtypes import itemsize
 from ..memory.pool import PinnedPool, PoolBlock, round_up_io
 from ..optim import kernels
 from ..storage.store import StoreRequest, TensorStore
+from .keys import StoreKey
 
 STREAMS = ("master", "grad", "exp_avg", "exp_avg_sq", "out")
 
@@ -118,7 +122,7 @@ class OptimizerStepper:
         store: the tensor store (states are created there by :meth:`initialize_states`).
         pool: pinned pool for the three buffer sets.
         params: trainable parameters, in update order.
-        compute_dtype: dtype of ``("param", name)``: fp32 (it is the master) or bf16/fp16.
+        compute_dtype: dtype of ``StoreKey.param(name)``: fp32 (it is the master) or bf16/fp16.
         state_dtype: dtype of the Adam moments (fp32 or bf16).
         sub_group_elements: sub-group size; the pool needs 3 x this x bytes per element of all streams.
         group_hparams: returns the current (lr, weight_decay) of a param group (read each step,
@@ -168,23 +172,25 @@ class OptimizerStepper:
             for piece in group:
                 offsets.append(pos)
                 if dtype is not None:
-                    pos += round_up_io(piece.numel * torch.empty((), dtype=dtype).element_size())
+                    pos += round_up_io(piece.numel * itemsize(dtype))
             out[stream] = offsets + [pos]
         return out
 
-    def _key(self, stream: str, name: str) -> tuple[str, str]:
-        if stream == "master":
-            return ("master", name) if self.mixed else ("param", name)
+    def _key(self, stream: str, name: str) -> StoreKey:
+        if stream == "master":  # with fp32 compute the weights are the master: no second copy
+            return StoreKey.master(name) if self.mixed else StoreKey.param(name)
         if stream == "out":
-            return ("param", name)
-        return (stream, name)
+            return StoreKey.param(name)
+        if stream == "grad":
+            return StoreKey.grad(name)
+        return StoreKey.moment(stream, name)
 
     # ------------------------------------------------------------------ states
     def initialize_states(self) -> None:
-        """Creates zeroed moments (and, with low-precision compute and no ``("master", name)`` yet,
+        """Creates zeroed moments (and, with low-precision compute and no ``StoreKey.master(name)`` yet,
         the fp32 master from the stored weights) in the store, one sub-group at a time through the pool."""
         staging = self._sets[0]
-        seed_master = {n for n in self.params if self.mixed and ("master", n) not in self.store}
+        seed_master = {n for n in self.params if self.mixed and StoreKey.master(n) not in self.store}
         for group in self.sub_groups:
             layout = self._layout(group)
             for i, piece in enumerate(group):
@@ -197,10 +203,10 @@ class OptimizerStepper:
                                                        self.state_dtype))
                 if piece.name in seed_master:
                     # No master given: the stored low-precision weights seed it.
-                    key = ("master", piece.name)
+                    key = StoreKey.master(piece.name)
                     self.store.allocate(key, self.params[piece.name].shape, torch.float32)
                     low = staging.view("out", layout["out"][i], piece.numel, self.compute_dtype)
-                    self._read(("param", piece.name), staging.blocks["out"], layout["out"][i], piece,
+                    self._read(StoreKey.param(piece.name), staging.blocks["out"], layout["out"][i], piece,
                                self.compute_dtype).wait()
                     staging.view("master", layout["master"][i], piece.numel, torch.float32).copy_(low)
                     staging.pending.append(self._write(key, staging.blocks["master"], layout["master"][i], piece,
@@ -210,14 +216,14 @@ class OptimizerStepper:
 
     def _transfer(self, op: str, key, block: PoolBlock, offset: int, piece: Piece, dtype: torch.dtype) -> StoreRequest:
         """Reads or writes ``piece`` of ``key`` between the store and ``block`` at byte ``offset``."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = piece.numel * itemsize
+        size = itemsize(dtype)
+        nbytes = piece.numel * size
         view = block.tensor(round_up_io(nbytes), torch.uint8, offset=offset)
         if op == "read":
             self.stats.bytes_read += nbytes
-            return self.store.read_into(key, view, piece.start * itemsize, nbytes)
+            return self.store.read_into(key, view, piece.start * size, nbytes)
         self.stats.bytes_written += nbytes
-        return self.store.write_from(key, view, piece.start * itemsize, nbytes)
+        return self.store.write_from(key, view, piece.start * size, nbytes)
 
     def _read(self, key, block: PoolBlock, offset: int, piece: Piece, dtype: torch.dtype) -> StoreRequest:
         return self._transfer("read", key, block, offset, piece, dtype)
@@ -232,7 +238,7 @@ class OptimizerStepper:
 
         ``grad_scale`` multiplies every gradient first (clip coefficient / loss scale).
         ``grad_source(piece, out)``, when given, fills the piece's fp32 gradient instead of
-        reading ``("grad", name)`` from the store (the ``flat`` gradient-buffer ablation).
+        reading ``StoreKey.grad(name)`` from the store (the ``flat`` gradient-buffer ablation).
         """
         groups = self.sub_groups
         if not groups:

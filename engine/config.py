@@ -203,7 +203,8 @@ class Config:
         unknown = [n for n in names if n not in BASELINE]
         if unknown:
             raise ConfigError(f"unknown ablation switch(es) {unknown}; known: {', '.join(BASELINE)}")
-        return dataclasses.replace(self, **{n: BASELINE[n] for n in names})
+        changes: dict[str, Any] = {n: BASELINE[n] for n in names}
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -44,7 +44,7 @@ class AsyncIOError(EngineError, OSError):
         self.op = op
 
     def __str__(self) -> str:  # OSError's default would print the errno twice
-        return self.strerror
+        return self.strerror or ""
 
 
 class StoreCapacityError(EngineError, OSError):
@@ -57,7 +57,7 @@ class StoreCapacityError(EngineError, OSError):
                              f"{format_bytes(available)} available")
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 class IntegrityError(EngineError):
@@ -117,7 +117,7 @@ class CheckpointWriteError(CheckpointError, OSError):
         self.filename = path
 
     def __str__(self) -> str:  # OSError's default would print the errno twice
-        return self.strerror
+        return self.strerror or ""
 
 
 class LatestNotUpdatedError(CheckpointWriteError):

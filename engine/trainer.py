@@ -19,7 +19,7 @@ from .checkpoint.hf import save_pretrained
 from .checkpoint.state import load_checkpoint, save_checkpoint
 from .config import Config
 from .memory.profiler import phase as profile_phase
-from .offload.assembly import Initializer
+from .offload.materialize import Initializer
 from .offload.optimizer import OffloadedOptimizer
 from .offload.planner import MemoryPlan
 from .offload.runtime import OffloadRuntime

@@ -33,13 +33,12 @@ from .gradients import GradientOffload
 from .keys import StoreKey
 from .lifecycle import Resources
 from .loss_scaler import DynamicLossScaler
-from .materialize import initialize_into_store
+from .materialize import Initializer, initialize_into_store
 from .planner import MemoryPlan, check_disk
 from .resident import DramGradients, DramOptimizer
 from .stepper import OptimizerStepper, ParamSpec
 from .streamer import ParameterStreamer
 
-Initializer = Callable[[str, tuple[int, ...]], torch.Tensor]
 HParams = Callable[[int], tuple[float, float]]
 
 
@@ -123,7 +122,7 @@ def materialize(res: Resources, model: nn.Module, config: Config, initializer: O
         assert initializer is not None
         user_init = initializer
 
-        def init(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        def init(name: str, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
             value = user_init(name, shape)
             if value is not None and name in trainable:
                 keep_master(name, value)

@@ -52,12 +52,11 @@ from ..storage.aio import AsyncIO
 from ..storage.store import TensorStore
 from ..units import format_bytes, parse_bytes
 from . import assembly
-from .assembly import Initializer
 from .grad_hooks import GradientHooks
 from .keys import StoreKey
 from .lifecycle import Resources, check_attachable, finalize, register, weak_callback
 from .loss_scaler import DynamicLossScaler
-from .materialize import initialize_meta_buffers
+from .materialize import Initializer, initialize_meta_buffers
 from .optimizer import OffloadedOptimizer
 from .params import KEY_ATTR, is_placeholder
 from .placement import GradientSink, OptimizerBackend, TrainablePlacement

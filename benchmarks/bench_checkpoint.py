@@ -37,9 +37,6 @@ import torch, engine
 from transformers import AutoConfig, AutoModelForCausalLM
 from engine.procinfo import process_memory, reset_peak_rss
 
-def status_peak():
-    return process_memory().peak_rss
-
 def reset():
     reset_peak_rss()
     return process_memory().rss
@@ -52,7 +49,7 @@ base = reset()
 start = time.perf_counter()
 trainer = engine.from_pretrained(src, engine.Config(nvme_path=nvme, dtype="bf16"))
 out["import_s"] = time.perf_counter() - start
-out["import_peak_growth"] = status_peak() - base
+out["import_peak_growth"] = process_memory().peak_rss - base
 out["import_store_written"] = trainer.runtime.store.stats()["bytes_written"]
 out["pool"] = trainer.runtime.pool.stats()["capacity"]
 read_before = trainer.runtime.store.stats()["bytes_read"]
@@ -60,7 +57,7 @@ base = reset()
 start = time.perf_counter()
 trainer.save_pretrained(dst)
 out["export_s"] = time.perf_counter() - start
-out["export_peak_growth"] = status_peak() - base
+out["export_peak_growth"] = process_memory().peak_rss - base
 out["export_store_read"] = trainer.runtime.store.stats()["bytes_read"] - read_before
 trainer.close()
 print(json.dumps(out))

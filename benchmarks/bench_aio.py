@@ -11,18 +11,16 @@ write; threads >= 70%.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from _common import print_table, save_result
+from _common import fio_bandwidth, have_fio, print_table, save_result
 from engine import AsyncIO, PinnedPool, _native
 from engine.units import parse_bytes
 
@@ -71,16 +69,6 @@ def engine_bandwidth(backend: str, path: str, size: int, bs: int, qd: int, patte
         pool.close()
 
 
-def fio_bandwidth(path: str, size: int, bs: int, qd: int, pattern: str, seconds: float) -> float:
-    cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={FIO_RW[pattern]}", f"--bs={bs}",
-           f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", f"--size={size}", "--numjobs=1",
-           "--time_based", f"--runtime={seconds}s",
-           "--randrepeat=0", "--norandommap", "--output-format=json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    return float(job["read" if "read" in pattern else "write"]["bw_bytes"])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path", default=None, help="directory on the drive to test (default: system temp dir)")
@@ -95,8 +83,8 @@ def main() -> int:
     args = parser.parse_args()
     size, bs = parse_bytes(args.size), parse_bytes(args.bs)
     backends = ["uring", "threads"] if _native.HAVE_URING else ["threads"]
-    have_fio = shutil.which("fio") is not None
-    if not have_fio:
+    fio_present = have_fio()
+    if not fio_present:
         print("fio not found: no baseline (apt-get install fio)")
     directory = tempfile.mkdtemp(prefix="memascend-bench-", dir=args.path)
     path = os.path.join(directory, "bench.bin")
@@ -107,13 +95,14 @@ def main() -> int:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        results = {p: {name: [] for name in (["fio"] if have_fio else []) + backends} for p in args.patterns.split(",")}
+        results = {p: {name: [] for name in (["fio"] if fio_present else []) + backends} for p in args.patterns.split(",")}
         for rep in range(args.repeats):
             for pattern, runs in results.items():
                 order = list(runs) if rep % 2 == 0 else list(reversed(runs))
                 for name in order:
                     if name == "fio":
-                        runs[name].append(fio_bandwidth(path, size, bs, args.qd, pattern, args.seconds))
+                        runs[name].append(fio_bandwidth(path, FIO_RW[pattern], size, bs=bs, iodepth=args.qd,
+                                                        seconds=args.seconds))
                     else:
                         runs[name].append(engine_bandwidth(name, path, size, bs, args.qd, pattern, rep, args.seconds,
                                                             args.window_factor * args.qd))
@@ -122,20 +111,20 @@ def main() -> int:
             med = {name: statistics.median(v) for name, v in runs.items()}
             summary[pattern] = {name: dict(median_bytes_per_s=m, runs=runs[name]) for name, m in med.items()}
             row = [pattern] + [f"{med[n] / 2**30:.2f}" for n in runs]
-            if have_fio:
+            if fio_present:
                 for b in backends:
                     ratio = statistics.median(x / y for x, y in zip(runs[b], runs["fio"]))
                     summary[pattern][b]["ratio_to_fio"] = ratio
                     row.append(f"{ratio:.2f}")
             rows.append(row)
         headers = ["pattern"] + [f"{n} GiB/s" for n in next(iter(results.values()))]
-        if have_fio:
+        if fio_present:
             headers += [f"{b}/fio" for b in backends]
         print(f"{args.size} file, {args.bs} requests, queue depth {args.qd}, O_DIRECT, {args.seconds} s per run, "
               f"medians of {args.repeats} "
               "interleaved repeats (ratio = median of adjacent-run ratios)")
         print_table(headers, rows)
-        if have_fio:
+        if fio_present:
             for pattern in ("seq-read", "seq-write"):
                 if pattern in summary:
                     for backend, target in (("uring", 0.9), ("threads", 0.7)):

@@ -1,5 +1,6 @@
-"""Import and export of a Hugging Face safetensors checkpoint (~1B parameters by default): peak
-RSS and throughput, next to the disk's sequential bandwidth measured by fio in the same run.
+"""Import and export of a Hugging Face safetensors checkpoint (the ``1b`` preset of
+engine/presets.py by default): peak RSS and throughput, next to the disk's sequential
+bandwidth measured by fio in the same run.
 
 1. A bf16 Llama-style checkpoint is written in HF's sharded layout (random values, tensor by
    tensor; not measured).
@@ -23,25 +24,22 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
-from _common import print_table, save_result
+from _common import fio_bandwidth, have_fio, print_table, run_worker, save_result
+from engine.errors import BenchError
+from engine.presets import PRESETS
 
 CHILD = r'''
-import json, re, sys, time
+import json, sys, time
 import torch, engine
 from transformers import AutoConfig, AutoModelForCausalLM
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) * 1024
+from engine.procinfo import process_memory, reset_peak_rss
 
 def reset():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status("VmRSS")
+    reset_peak_rss()
+    return process_memory().rss
 
 src, dst, nvme = sys.argv[1:4]
 with torch.device("meta"):
@@ -51,7 +49,7 @@ base = reset()
 start = time.perf_counter()
 trainer = engine.from_pretrained(src, engine.Config(nvme_path=nvme, dtype="bf16"))
 out["import_s"] = time.perf_counter() - start
-out["import_peak_growth"] = status("VmHWM") - base
+out["import_peak_growth"] = process_memory().peak_rss - base
 out["import_store_written"] = trainer.runtime.store.stats()["bytes_written"]
 out["pool"] = trainer.runtime.pool.stats()["capacity"]
 read_before = trainer.runtime.store.stats()["bytes_read"]
@@ -59,23 +57,25 @@ base = reset()
 start = time.perf_counter()
 trainer.save_pretrained(dst)
 out["export_s"] = time.perf_counter() - start
-out["export_peak_growth"] = status("VmHWM") - base
+out["export_peak_growth"] = process_memory().peak_rss - base
 out["export_store_read"] = trainer.runtime.store.stats()["bytes_read"] - read_before
 trainer.close()
 print(json.dumps(out))
 '''
 
 
-def llama_config(params: float):
-    """A Llama shape with about ``params`` parameters (hidden 2048, 32k vocabulary)."""
+def llama_config(model: str, params: float | None = None):
+    """The bf16 ``LlamaConfig`` of preset ``model``; with ``params``, its layer count changed so
+    that the model has about that many parameters at the preset's width."""
     from transformers import LlamaConfig
 
-    hidden, inter, vocab = 2048, 5504, 32000
-    per_layer = 4 * hidden * hidden + 3 * hidden * inter
-    layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-                       tie_word_embeddings=False, dtype="bfloat16")
+    shape = dict(PRESETS[model])
+    if params is not None:
+        hidden, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+        kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+        per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter
+        shape["num_hidden_layers"] = max(1, round((params - 2 * vocab * hidden) / per_layer))
+    return LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")
 
 
 def write_checkpoint(cfg, directory: str, shard_bytes: int = 1 << 30) -> tuple[int, int]:
@@ -112,19 +112,12 @@ def write_checkpoint(cfg, directory: str, shard_bytes: int = 1 << 30) -> tuple[i
     return total, largest
 
 
-def fio(path: str, rw: str, size: str, seconds: int) -> float:
-    cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", "--bs=1M", "--iodepth=16",
-           "--ioengine=io_uring", "--direct=1", f"--size={size}", "--numjobs=1", "--time_based",
-           f"--runtime={seconds}s", "--output-format=json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    return float(job["read" if "read" in rw else "write"]["bw_bytes"])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path", default=None, help="directory on the drive to test (default: system temp dir)")
-    parser.add_argument("--params", type=float, default=1e9, help="model size in parameters")
+    parser.add_argument("--model", default="1b", choices=sorted(PRESETS), help="model preset (engine/presets.py)")
+    parser.add_argument("--params", type=float, default=None,
+                        help="model size in parameters: the preset's width, its layer count scaled to fit")
     parser.add_argument("--fio-seconds", type=int, default=5)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.path)
@@ -132,20 +125,19 @@ def main() -> int:
         src, dst, nvme = (os.path.join(work, d) for d in ("src", "dst", "nvme"))
         for d in (src, nvme):
             os.makedirs(d)
-        cfg = llama_config(args.params)
+        cfg = llama_config(args.model, args.params)
         total, largest = write_checkpoint(cfg, src)
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        res = subprocess.run([sys.executable, "-c", CHILD, src, dst, nvme], capture_output=True, text=True, env=env)
-        if res.returncode:
-            print(res.stderr[-4000:])
+        try:
+            child = run_worker(["-c", CHILD, src, dst, nvme], what="import/export child")
+        except BenchError as exc:
+            print(exc)
             return 1
-        child = json.loads(res.stdout.strip().splitlines()[-1])
         shutil.rmtree(nvme, ignore_errors=True)
         bw = {}
-        if shutil.which("fio"):
+        if have_fio():
             probe = os.path.join(work, "fio.bin")
-            bw["write"] = fio(probe, "write", "4G", args.fio_seconds)
-            bw["read"] = fio(probe, "read", "4G", args.fio_seconds)
+            bw["write"] = fio_bandwidth(probe, "write", "4G", seconds=args.fio_seconds)
+            bw["read"] = fio_bandwidth(probe, "read", "4G", seconds=args.fio_seconds)
             os.unlink(probe)
         else:
             print("fio not found: no disk baseline (apt-get install fio)")
@@ -168,7 +160,7 @@ def main() -> int:
         print(f"fio seq 1 MiB QD16 O_DIRECT: write {bw['write'] / gib:.2f} GiB/s, read {bw['read'] / gib:.2f} GiB/s")
     print_table(["phase", "seconds", "ckpt GiB/s", "moved GiB/s", "moved/fio write", "peak RSS growth MiB",
                  "target MiB"], rows)
-    path = save_result("checkpoint", dict(params=args.params, layers=cfg.num_hidden_layers, checkpoint_bytes=total,
+    path = save_result("checkpoint", dict(model=args.model, params=args.params, layers=cfg.num_hidden_layers, checkpoint_bytes=total,
                                           largest_tensor=largest, fio=bw, **child))
     print(f"saved {path}")
     return 0

@@ -26,13 +26,9 @@ from typing import Callable, Optional
 
 import torch
 
-try:
-    from engine.optim import CPUAdamW, kernels
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-    from engine.optim import CPUAdamW, kernels
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+import _common  # noqa: F401 - puts the checkout's engine on the import path when it is not installed
+from engine.dtypes import itemsize
+from engine.optim import CPUAdamW, kernels
 
 
 @dataclass
@@ -51,11 +47,10 @@ def split_sizes(total: int, tensors: int) -> list[int]:
 
 
 def step_bytes(n: int, grad_dtype: torch.dtype, state_dtype: torch.dtype, out_dtype: Optional[torch.dtype]) -> int:
-    gsize = torch.empty((), dtype=grad_dtype).element_size()
-    ssize = torch.empty((), dtype=state_dtype).element_size()
+    gsize, ssize = itemsize(grad_dtype), itemsize(state_dtype)
     per = 4 + 4 + gsize + 2 * ssize + 2 * ssize  # param r/w, grad r, m r/w, v r/w
     if out_dtype is not None:
-        per += torch.empty((), dtype=out_dtype).element_size()
+        per += itemsize(out_dtype)
     return n * per
 
 

@@ -1,8 +1,8 @@
 """LoRA fine-tuning: this engine (frozen bf16 base streamed read-only from NVMe, fp32
 adapters and their AdamW state in DRAM) vs Hugging Face peft with the model in memory.
 
-LoRA r=16, alpha=32 on q,k,v,o,gate,up,down of HF Llama-style presets (vocab 32000,
-bf16 base, fp32 adapters - peft's default layout for a bf16 base), AdamW, batch 2 x seq 256:
+LoRA r=16, alpha=32 on q,k,v,o,gate,up,down of HF Llama-style presets (engine/presets.py;
+vocab 32000, bf16 base, fp32 adapters - peft's default layout for a bf16 base), AdamW, batch 2 x seq 256:
   125m: 768 hidden / 12 layers     350m: 1024 / 24     1b: 2048 / 16 (intermediate 5632, 32 heads)
 Each configuration runs in a fresh subprocess; a sampler thread records the peak of
 system-wide used memory (MemTotal - MemAvailable) beside the process's peak RSS (VmHWM).
@@ -19,34 +19,30 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+from _common import print_table, run_worker, save_result
+from engine.errors import BenchError
+from engine.presets import PRESETS, llama_config
+from engine.procinfo import peak_rss_bytes
 
-PRESETS = {
-    "125m": dict(hidden=768, layers=12, intermediate=2048, heads=12),
-    "350m": dict(hidden=1024, layers=24, intermediate=2816, heads=16),
-    "1b": dict(hidden=2048, layers=16, intermediate=5632, heads=32),
-}
+MODELS = ("125m", "350m", "1b")  # presets of engine/presets.py
 MODES = ("engine", "peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def worker(args) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    p = PRESETS[args.model]
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=p["hidden"], intermediate_size=p["intermediate"],
-                      num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["heads"],
-                      max_position_embeddings=args.seq, tie_word_embeddings=False)
+    cfg = llama_config(args.model, max_positions=args.seq)
     from engine.memory.profiler import MemoryProfiler
 
     sampler = MemoryProfiler().start()  # peak of system-wide used memory over its baseline
-    data = [torch.randint(0, 32000, (args.batch, args.seq)) for _ in range(args.steps)]
+    data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq)) for _ in range(args.steps)]
     times, extra = [], {}
     if args.mode == "peft":
         import peft
@@ -96,13 +92,8 @@ def worker(args) -> dict:
     peak_system = sampler.stop().report(include_series=False)["peak_system_used_over_baseline"]
     return dict(model=args.model, mode=args.mode, params=sum(q.numel() for q in model.parameters()),
                 trainable=sum(q.numel() for q in model.parameters() if q.requires_grad),
-                peak_rss=_vm_hwm(), peak_system=peak_system,
+                peak_rss=peak_rss_bytes(), peak_system=peak_system,
                 step_s=statistics.median(times[1:]) if len(times) > 1 else times[0], times=times, **extra)
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def main() -> int:
@@ -120,23 +111,21 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    from _common import print_table, save_result
-
     path = args.path or tempfile.gettempdir()
     results = []
     for model in args.models.split(","):
         if model not in PRESETS:
-            parser.error(f"unknown model preset {model!r}; known: {', '.join(PRESETS)}")
+            parser.error(f"unknown model preset {model!r}; known: {', '.join(MODELS)} (or any of engine/presets.py)")
         for mode in args.modes.split(","):
             if mode not in MODES:
                 parser.error(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-            cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--steps", str(args.steps),
+            cmd = [os.path.abspath(__file__), "--worker", "--model", model, "--mode", mode, "--steps", str(args.steps),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--path", path]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{model}/{mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            try:
+                r = run_worker(cmd, what=f"{model}/{mode}")
+            except BenchError as exc:
+                print(exc, file=sys.stderr)
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(r)
             print(f"{model:6s} {mode:7s} peak RSS {r['peak_rss'] / 2**30:6.2f} GiB  step {r['step_s']:7.2f} s",
                   flush=True)

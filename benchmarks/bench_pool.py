@@ -1,6 +1,7 @@
 """Pinned-memory overhead on the parameter tensor-size mix of Llama-2-7B and Llama-3-8B.
 
-For every parameter tensor (shapes computed from the models' configs) one host
+For every parameter tensor (shapes from the models' presets in engine/presets.py, as
+Hugging Face builds them on the meta device) one host
 staging buffer is allocated, as an offload engine holding all of them pinned
 would. Reported: reserved bytes / requested bytes for
 
@@ -20,28 +21,11 @@ import sys
 
 import torch
 
-from _common import print_table, save_result
+from _common import parameter_shapes, print_table, save_result
+from engine import PinnedPool, dtypes
+from engine.presets import llama_config
 
-from engine import PinnedPool
-
-CONFIGS = {
-    "Llama-2-7B": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000, tied=False),
-    "Llama-3-8B": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, tied=False),
-}
-
-
-def llama_parameter_shapes(hidden, intermediate, layers, heads, kv_heads, vocab, tied) -> list[tuple[int, ...]]:
-    """Shapes of every parameter tensor of a Llama model, as Hugging Face builds it."""
-    head_dim = hidden // heads
-    layer = [
-        (hidden, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, hidden),  # q k v o
-        (intermediate, hidden), (intermediate, hidden), (hidden, intermediate),  # gate up down
-        (hidden,), (hidden,),  # input / post-attention RMSNorm
-    ]
-    shapes = [(vocab, hidden)] + layer * layers + [(hidden,)]
-    if not tied:
-        shapes.append((vocab, hidden))
-    return shapes
+MODELS = {"Llama-2-7B": "llama-7b", "Llama-3-8B": "llama3-8b"}  # table name -> preset
 
 
 def next_pow2(n: int) -> int:
@@ -73,12 +57,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="bf16,fp32", help="element types of the staged tensors")
     args = parser.parse_args()
-    itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}
     rows, results = [], []
-    for model, cfg in CONFIGS.items():
-        shapes = llama_parameter_shapes(**cfg)
+    for model, preset in MODELS.items():
+        shapes = parameter_shapes(llama_config(preset))
         for dtype in args.dtypes.split(","):
-            sizes = [itemsize[dtype] * int(torch.Size(s).numel()) for s in shapes]
+            sizes = [dtypes.nbytes(s, dtypes.from_name(dtype)) for s in shapes]
             requested = sum(sizes)
             ours, _ = pinned_pool_reserved(sizes)
             theirs, how = torch_pinned_reserved(sizes)

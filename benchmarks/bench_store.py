@@ -18,9 +18,8 @@ import time
 
 import torch
 
-from _common import print_table, save_result
-from bench_pool import llama_parameter_shapes
-from engine import PinnedPool
+from _common import parameter_shapes, print_table, save_result
+from engine import PinnedPool, dtypes
 from engine.storage import TensorStore
 
 
@@ -52,8 +51,12 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    shapes = llama_parameter_shapes(args.hidden, args.intermediate, args.layers, 16, 16, args.vocab, False)
-    sizes = [4 * int(torch.Size(s).numel()) for s in shapes]
+    from transformers import LlamaConfig
+
+    shapes = parameter_shapes(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                                          intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                                          num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False))
+    sizes = [dtypes.nbytes(s, torch.float32) for s in shapes]
     pool = PinnedPool(sum(-(-s // 4096) * 4096 for s in sizes))
     blocks = [pool.alloc(s) for s in sizes]
     for b in blocks:

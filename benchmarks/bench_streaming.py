@@ -1,9 +1,9 @@
 """Peak RSS of a training step (forward + backward) with weights streamed from NVMe vs in memory.
 
-Hugging Face Llama-style models of ~125M, ~350M and ~1.1B parameters (fp32,
+Hugging Face Llama-style models of ~125M, ~350M and ~1.1B parameters (the presets
+125m, 350m and tinyllama-1.1b of engine/presets.py - any preset there works; fp32,
 batch 2 x sequence 256 by default). Each configuration runs in a fresh
-subprocess, which reports its ``VmHWM`` (peak resident set) from
-``/proc/self/status``:
+subprocess, which reports its ``VmHWM`` (peak resident set, ``engine.procinfo``):
 
 ``memory``    the model built normally, forward + backward in DRAM (gradients in ``param.grad``).
 ``adaptive``  built on the meta device and initialized straight into a TensorStore
@@ -19,7 +19,7 @@ segment through two 16 MiB pinned blocks (what the gradient-offload issue will d
 properly); ``--grads memory`` keeps them in ``param.grad`` like the in-memory run.
 
 Reported per run: ``VmHWM`` of the whole process and the peak of the timed steps
-alone (``VmHWM`` reset through ``/proc/self/clear_refs`` before them), the ratio to
+alone (``VmHWM`` reset, ``engine.procinfo.reset_peak_rss``, before them), the ratio to
 the in-memory run, step time, staging memory (reserved / peak held), and the read
 bandwidth (bytes read / time with reads in flight) and compute stall on reads.
 
@@ -36,32 +36,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-MODELS = {
-    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
-    "125m": (768, 2048, 12, 12, 12, 32000),
-    "350m": (1024, 2816, 24, 16, 16, 32000),
-    "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B shapes
-}
+from _common import child_env, print_table, run_worker, save_result
+from engine.errors import BenchError
+from engine.presets import PRESETS
+from engine.procinfo import process_memory, reset_peak_rss
+
+MODELS = ("125m", "350m", "tinyllama-1.1b")  # presets of engine/presets.py (any of them works)
+BIG = ("1b", "tinyllama-1.1b")  # the ~1B presets the target is checked on
 MODES = ("memory", "adaptive", "uniform", "torchpin", "files")
 
 
-def read_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def reset_hwm() -> bool:
+    """Resets VmHWM (False where /proc/self/clear_refs may not be written)."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        reset_peak_rss()
         return True
     except OSError:
         return False
@@ -70,10 +62,7 @@ def reset_hwm() -> bool:
 def llama_config(name: str):
     import transformers
 
-    hidden, inter, layers, heads, kv, vocab = MODELS[name]
-    return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                    num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                                    max_position_embeddings=2048, tie_word_embeddings=False,
+    return transformers.LlamaConfig(**PRESETS[name], max_position_embeddings=2048, tie_word_embeddings=False,
                                     attn_implementation="sdpa")
 
 
@@ -145,7 +134,7 @@ def worker(args) -> dict:
                   checkpointing=args.checkpointing, grads=args.grads if args.mode != "memory" else "memory")
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     result["memlock_limit"] = -1 if soft == resource.RLIM_INFINITY else soft
-    result["rss_imports"] = read_status("VmRSS")
+    result["rss_imports"] = process_memory().rss
     g = torch.Generator().manual_seed(0)
     streamer = sink = pool = None
     t0 = time.perf_counter()
@@ -196,8 +185,8 @@ def worker(args) -> dict:
         result["store_layout"] = store.layout
     result["params"] = sum(p.numel() for p in model.parameters())
     result["build_seconds"] = time.perf_counter() - t0
-    result["rss_after_build"] = read_status("VmRSS")
-    result["hwm_build"] = read_status("VmHWM")
+    memory = process_memory()
+    result["rss_after_build"], result["hwm_build"] = memory.rss, memory.peak_rss
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -218,7 +207,7 @@ def worker(args) -> dict:
         del out
     result["step_seconds"] = times
     result["loss"] = losses[-1]
-    result["hwm_steps"] = read_status("VmHWM")
+    result["hwm_steps"] = process_memory().peak_rss
     result["hwm"] = max(result["hwm_steps"], result["hwm_build"]) if result["hwm_reset"] else result["hwm_steps"]
     if streamer is not None:
         s = streamer.stats()  # the last step only
@@ -269,7 +258,8 @@ def gib(n: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="125m,350m", help=f"comma-separated, from {','.join(MODELS)}")
+    parser.add_argument("--models", default="125m,350m",
+                        help=f"comma-separated presets, e.g. {','.join(MODELS)} (any of engine/presets.py)")
     parser.add_argument("--modes", default="memory,adaptive,uniform", help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
@@ -298,8 +288,8 @@ def main() -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in models:
-        if m not in MODELS:
-            parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+        if m not in PRESETS:
+            parser.error(f"unknown model {m!r}; choose from {', '.join(PRESETS)}")
     for m in modes:
         if m not in MODES:
             parser.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
@@ -313,18 +303,16 @@ def main() -> int:
         passthrough.append("--no-prefault")
     for model in models:
         for mode in modes:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", model, "--mode", mode] + passthrough
+            cmd = [os.path.abspath(__file__), "--worker", "--model", model, "--mode", mode] + passthrough
             print(f"[{model} {mode}] ...", flush=True)
-            env = dict(os.environ)
-            if args.malloc_mmap_threshold:
-                env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-                print(f"[{model} {mode}] FAILED (exit {proc.returncode})")
+            env = child_env(MALLOC_MMAP_THRESHOLD_=str(args.malloc_mmap_threshold)) if args.malloc_mmap_threshold \
+                else child_env()
+            try:
+                r = run_worker(cmd, what=f"[{model} {mode}]", env=env, marker="RESULT ")
+            except BenchError as exc:
+                print(exc)
+                print(f"[{model} {mode}] FAILED")
                 continue
-            r = json.loads(line[len("RESULT "):])
             results.append(r)
             print(f"[{model} {mode}] VmHWM {gib(r['hwm'])} GiB, step {r['step_seconds'][-1]:.1f} s, "
                   f"loss {r['loss']:.4f}", flush=True)
@@ -344,8 +332,6 @@ def main() -> int:
                      gib(r["bytes_read"]) if "bytes_read" in r else "-", bw, sweep,
                      f"{r['stall_seconds']:.2f}" if "stall_seconds" in r else "-",
                      f"{r['hits']}/{r['misses']}" if "hits" in r else "-"])
-    from _common import print_table, save_result
-
     print()
     print_table(["model", "params", "mode", "VmHWM GiB", "vs memory", "steps peak GiB", "vs memory", "step s",
                  "staging GiB", "staging peak", "read GiB/step", "read GiB/s", "sweep GiB/s", "stall s",
@@ -360,9 +346,9 @@ def main() -> int:
         if a and u:
             print(f"{model}: adaptive/uniform staging {a['staging_reserved'] / u['staging_reserved']:.1%}, "
                   f"peak RSS {a['hwm'] / u['hwm']:.1%}")
-    big = [r for r in results if r["model"] == "1b" and r["mode"] == "adaptive" and "1b" in base]
+    big = [r for r in results if r["model"] in BIG and r["mode"] == "adaptive" and r["model"] in base]
     if big:
-        ratio = big[0]["hwm"] / base["1b"]["hwm"]
+        ratio = big[0]["hwm"] / base[big[0]["model"]]["hwm"]
         print(f"\ntarget: streamed peak RSS at 1B <= 30% of in-memory: {ratio:.1%} -> {'MET' if ratio <= 0.30 else 'MISSED'}")
     locked = {r.get("pool_locked") for r in results if r["mode"] != "memory"}
     if False in locked:

@@ -18,27 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 
+from _common import fio_bandwidth, have_fio, print_table, save_result
 from engine.bench import BenchError, BenchSpec, deepspeed_missing, run_isolated, run_mode
 
 MODES = ("engine", "torch", "baseline")  # and "deepspeed" (ZeRO-3 on NVMe) when installed
 
 
 def fio_write_read_bandwidth(path: str) -> float:
-    """fio's sequential 1 MiB QD16 O_DIRECT bandwidth (mean of write and read), bytes/s."""
-    if shutil.which("fio") is None:
+    """fio's sequential 1 MiB QD16 O_DIRECT bandwidth (mean of write and read, one 1 GiB pass each), bytes/s."""
+    if not have_fio():
         return float("nan")
     f = os.path.join(path, "fio.bin")
-    out = []
-    for rw in ("write", "read"):
-        res = subprocess.run(["fio", "--name=b", f"--filename={f}", f"--rw={rw}", "--bs=1M", "--iodepth=16",
-                              "--ioengine=io_uring", "--direct=1", "--size=1G", "--output-format=json"],
-                             capture_output=True, text=True, check=True).stdout
-        out.append(json.loads(res[res.index("{"):])["jobs"][0][rw]["bw_bytes"])
+    out = [fio_bandwidth(f, rw, "1G") for rw in ("write", "read")]
     os.unlink(f)
     return sum(out) / 2
 
@@ -60,8 +54,6 @@ def main() -> int:
     if args.worker:  # kept for runs started by an older driver
         print(json.dumps(run_mode(BenchSpec(model=args.model, mode=args.mode, path=args.path, **spec))))
         return 0
-    from _common import print_table, save_result
-
     path = args.path or tempfile.gettempdir()
     fio_bw = fio_write_read_bandwidth(path)
     results = []

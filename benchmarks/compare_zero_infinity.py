@@ -15,16 +15,12 @@ DeepSpeed's; average peak-RSS reduction vs DeepSpeed over the presets >= 75%.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import save_result  # noqa: E402
-
-from engine.bench import ALL_MODES, compare, format_table, table_rows  # noqa: E402
+from _common import save_result
+from engine.bench import ALL_MODES, compare, format_table, table_rows
 
 
 def main() -> int:

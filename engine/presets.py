@@ -1,8 +1,9 @@
 """Named Llama-style model shapes for the CLI (``plan``, ``bench``, ``train``'s default).
 
 ``tiny`` is the embedded default of ``python -m engine train`` (byte-level vocabulary);
-``125m`` / ``125m-deep`` / ``350m`` / ``1b`` are the benchmark presets; ``llama-7b`` /
-``llama-13b`` / ``llama-70b`` are Llama-2's shapes, for planning. Building on the meta
+``125m`` / ``125m-deep`` / ``350m`` / ``1b`` / ``tinyllama-1.1b`` are the benchmark presets;
+``llama-7b`` / ``llama-13b`` / ``llama-70b`` are Llama-2's shapes and ``llama3-8b`` Llama-3-8B's,
+for planning (and the pinned-pool benchmark's tensor mix). Building on the meta
 device allocates nothing, so even 70B is instant.
 """
 from __future__ import annotations
@@ -25,10 +26,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_attention_heads=16, num_key_value_heads=16),
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=32),
+    # TinyLlama-1.1B's shapes (grouped-query attention, 22 layers): bench_streaming's ~1B model.
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4),
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32),
     "llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                       num_attention_heads=40, num_key_value_heads=40),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8),
     "llama-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                       num_attention_heads=64, num_key_value_heads=8),
 }

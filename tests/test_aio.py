@@ -11,7 +11,7 @@ import torch
 
 from engine import AsyncIO, AsyncIOError, PinnedPool, _native
 
-from conftest import run_unprivileged
+from helpers import run_unprivileged
 
 KiB, MiB = 1 << 10, 1 << 20
 ALIGN = 4096

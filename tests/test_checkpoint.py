@@ -23,8 +23,9 @@ import engine
 from engine.checkpoint import CheckpointError
 from engine.checkpoint.format import read_header
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+from helpers import child_env
+
+ENV = child_env()
 
 # Shared by the test process and its children (exec'd here, run with ``python -c`` there).
 HELPERS = r'''
@@ -670,23 +671,19 @@ def test_from_pretrained_bad_checkpoints(tmp_path, nvme):
 
 
 DRAM_CHILD = r'''
-import json, re, sys
+import json, sys
 import torch, engine
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) * 1024
+from engine.procinfo import process_memory, reset_peak_rss
 
 path, nvme = sys.argv[1:3]
 from transformers import AutoConfig, AutoModelForCausalLM
 with torch.device("meta"):  # import everything transformers loads lazily before measuring
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM to the current RSS
-base = status("VmRSS")
+reset_peak_rss()  # VmHWM := the current RSS
+base = process_memory().rss
 trainer = engine.from_pretrained(path, engine.Config(nvme_path=nvme, sub_group_size=1 << 20,
                                                      resident_threshold_bytes=64 << 10))
-peak = status("VmHWM") - base
+peak = process_memory().peak_rss - base
 pool = trainer.runtime.pool.stats()["capacity"]
 from safetensors import safe_open
 index = json.load(open(path + "/model.safetensors.index.json"))["weight_map"]

@@ -15,7 +15,7 @@ import torch
 
 from engine.cli import main
 from engine.storage import TensorStore, cleanup
-from conftest import REPO
+from helpers import child_env
 
 OWNER = """
 import sys, torch
@@ -30,7 +30,7 @@ sys.stdin.readline()  # alive until the parent says or kills it
 def spawn_owner(path) -> tuple[subprocess.Popen, str]:
     """A child process with a store open on ``path``; returns it and its swap directory."""
     child = subprocess.Popen([sys.executable, "-c", OWNER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+                             stderr=subprocess.PIPE, text=True, env=child_env())
     directory = child.stdout.readline().strip()
     assert directory and os.path.isdir(directory), child.stderr.read()[-3000:]
     return child, directory

@@ -13,16 +13,14 @@ import pytest
 import torch
 
 from engine.cli import main
-from conftest import REPO
+from helpers import run_python
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--batch", "4", "--seq-len", "32", "--quiet"]
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return run_python("-m", "engine", *args, timeout=timeout)
 
 
 def load_report(directory) -> dict:

@@ -6,10 +6,12 @@ import stat
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import engine
 from engine.peft import LoraConfig, apply_lora
+
+import helpers
 
 peft = pytest.importorskip("peft")
 
@@ -23,10 +25,7 @@ SHARD = "20KiB"
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=32)).float()
+    return helpers.tiny_llama(layers=1, vocab=64, hidden=32, inter=64, positions=32)
 
 
 def lora_model(kind: str) -> torch.nn.Module:

@@ -10,26 +10,26 @@ import weakref
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import engine
 import engine._log
 from engine.errors import AsyncIOError, EngineError, ModelAttachedError, TrainerClosedError
 from engine.offload import is_placeholder
+from engine.procinfo import locked_bytes
+
+import helpers
+from helpers import engine_config
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).float()
+    return helpers.tiny_llama(vocab=128, hidden=32, inter=64, positions=32)
 
 
 def config(tmp_path, **overrides) -> engine.Config:
-    base = dict(nvme_path=str(tmp_path), optimizer=engine.AdamWConfig(lr=1e-3, weight_decay=0.1),
-                gradient_accumulation_steps=1, resident_threshold_bytes=1024)
-    base.update(overrides)
-    return engine.Config(**base)
+    fields = dict(gradient_accumulation_steps=1, resident_threshold_bytes=1024)
+    fields.update(overrides)
+    return engine_config(tmp_path, lr=1e-3, **fields)
 
 
 BATCH = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -44,14 +44,6 @@ def train_step(trainer) -> float:
 
 def swap_dirs(tmp_path) -> list[str]:
     return sorted(d for d in os.listdir(tmp_path) if d.startswith("memascend-"))
-
-
-def locked_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmLck:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def open_fds() -> int:

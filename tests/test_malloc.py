@@ -1,25 +1,23 @@
 """glibc mmap threshold: freed activation-sized blocks go back to the OS."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import run_python
 
 CHILD = """
 import ctypes, sys
 from engine.memory.malloc import applied_mmap_threshold, set_mmap_threshold
+from engine.procinfo import process_memory
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 
 def rss():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+    return process_memory().rss
 
 def touched(n):
     p = libc.malloc(n)
@@ -44,8 +42,7 @@ print(before, peak, rss())
 
 
 def run(mode: str) -> tuple[int, int, int]:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=REPO))
+    out = run_python("-c", CHILD, mode, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return tuple(map(int, out.stdout.split()[-3:]))
 

@@ -1,10 +1,8 @@
 """PEFT: LoRA (built in and Hugging Face peft) over a frozen base streamed read-only from NVMe."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
 import os
 import weakref
 
@@ -15,21 +13,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import engine
 from engine.peft import LoraConfig, LoraLinear, apply_lora
 
+import helpers
+from helpers import ACCUMULATING, batches, engine_config, tiny_llama, tiny_llama_config, trainable, train_steps
+
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
-GAS = 2
 
 
 def tiny_config(tied: bool = False) -> LlamaConfig:
-    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=tied)
-
-
-def tiny_llama(tied: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config(tied)).float()
+    return tiny_llama_config(tied=tied)
 
 
 def perturb_adapters(model: torch.nn.Module, seed: int = 3) -> None:
@@ -54,97 +47,26 @@ def peft_llama() -> torch.nn.Module:
     return model
 
 
-def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, 16), generator=g) for _ in range(n)]
-
-
 def config(tmp_path, **overrides) -> engine.Config:
-    base = dict(nvme_path=str(tmp_path), optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
-                gradient_accumulation_steps=GAS, gradient_clipping=1.0, resident_threshold_bytes=4096)
-    base.update(overrides)
-    return engine.Config(**base)
-
-
-def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def correctly_rounded_sqrt():
-    """``Tensor.sqrt`` correctly rounded (IEEE), as the fused AdamW kernel's, inside the block.
-
-    This torch build computes Tensor.sqrt with MKL's vector math, which is not correctly
-    rounded (1 ulp off on ~20% of inputs; see tests/test_optim.py). In fp32 that stays below
-    1e-5, but over a bf16 base a 1-ulp difference in an adapter's update flips bf16 roundings of
-    the next forward's activations (2^-8 relative each) and the trajectories part: measured on
-    the peft-wrapped bf16 model, torch.optim.AdamW with MKL's sqrt vs the same with this sqrt,
-    adapters rel 9.3e-5 after 4 steps (2-core AVX2 EPYC; 3.1e-5 / 1.0e-5 were seen on an
-    AVX-512 BF16 EPYC). That measures MKL, not the engine: with this sqrt torch's AdamW equals
-    the engine bit for bit. The fp32 sqrt of an fp32 value through float64 and back is correctly
-    rounded (53 >= 2*24 + 2 bits, so the double rounding is innocuous)."""
-    mkl_sqrt = torch.Tensor.sqrt
-    calls = 0
-
-    def sqrt(self: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        return mkl_sqrt(self.double()).to(self.dtype)
-
-    torch.Tensor.sqrt = sqrt
-    try:
-        yield
-    finally:
-        torch.Tensor.sqrt = mkl_sqrt
-    assert calls, "torch.optim.AdamW no longer calls Tensor.sqrt: the reference kept MKL's sqrt"
+    return engine_config(tmp_path, lr=1e-2, **{**ACCUMULATING, **overrides})
 
 
 def reference_run(model, data, steps, lr=1e-2, wd=0.1, clip=1.0, seed=7, ieee_sqrt=False):
     """Plain PyTorch in memory: torch.optim.AdamW over the adapters (``ieee_sqrt``: its square
-    root correctly rounded, see :func:`correctly_rounded_sqrt`; the model's forward is untouched)."""
-    params = [p for _, p in trainable(model)]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False)
-    torch.manual_seed(seed)
-    losses = []
-    for i in range(steps):
-        for m in range(GAS):
-            x = data[i * GAS + m]
-            out = model(input_ids=x, labels=x)
-            (out.loss / GAS).backward()
-            losses.append(out.loss.item())
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        with correctly_rounded_sqrt() if ieee_sqrt else contextlib.nullcontext():
-            opt.step()
-        opt.zero_grad()
-    return losses
+    root correctly rounded, see :func:`helpers.correctly_rounded_sqrt`; the model's forward is untouched)."""
+    return helpers.reference_run(model, data, steps, lr=lr, wd=wd, clip=clip, seed=seed, ieee_sqrt=ieee_sqrt,
+                                 params=[p for _, p in trainable(model)])
 
 
 def train(trainer, data, steps, seed=7):
-    torch.manual_seed(seed)
-    losses = []
-    for i in range(steps):
-        for m in range(GAS):
-            x = data[i * GAS + m]
-            out = trainer(input_ids=x, labels=x)
-            trainer.backward(out.loss)
-            trainer.step()
-            losses.append(out.loss.item())
-    return losses
+    return train_steps(trainer, data, steps, seed=seed)
 
 
 def assert_same_training(ref_model, ref_losses, losses, trainer, rtol=1e-5):
     """Losses and every adapter tensor within ``rtol`` (relative; L2 norm for tensors). Not
     bit-exact: torch's AdamW takes its square root from MKL, the fused kernel's is IEEE (see
-    tests/test_trainer.py)."""
-    assert len(losses) == len(ref_losses)
-    for a, b in zip(losses, ref_losses):
-        assert math.isclose(a, b, rel_tol=rtol), (losses, ref_losses)
-    names = trainable(ref_model)
-    assert names
-    for name, p in names:
-        got = trainer.parameter(name).view(p.shape)
-        rel = ((got - p.detach()).norm() / p.detach().norm()).item()
-        assert rel <= rtol, (name, rel)
+    helpers.assert_same_training)."""
+    helpers.assert_same_training(trainable(ref_model), ref_losses, losses, trainer.parameter, rtol, nonempty=True)
 
 
 def assert_bit_identical(ref_model, ref_losses, losses, trainer):

@@ -12,7 +12,7 @@ import torch
 import engine
 from engine import PinnedPool, PoolExhaustedError
 
-from conftest import run_unprivileged
+from helpers import run_unprivileged
 
 MiB = 1 << 20
 ALIGN = 4096

@@ -7,7 +7,7 @@ import sys
 
 from engine.selfcheck import run_selfcheck
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_selfcheck_round_trips_and_cleans_up(tmp_path):

@@ -19,7 +19,7 @@ from engine.storage import TensorStore
 from engine.storage.extents import ExtentAllocator
 from engine.units import format_bytes
 
-from conftest import REPO, run_unprivileged
+from helpers import REPO, run_unprivileged, tiny_llama_config
 
 KiB, MiB = 1 << 10, 1 << 20
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
@@ -594,13 +594,6 @@ def test_growth_beyond_the_reservation_is_bounded_by_the_free_space(small_fs):
         store.put("w", torch.ones(MiB // 4))
         assert MiB <= store.stats()["disk_reserved"] <= max(MiB, free // 8)
         assert torch.equal(store.get("w"), torch.ones(MiB // 4))
-
-
-def tiny_llama_config(hidden=64, inter=128, vocab=256, layers=2):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
 def test_plan_and_initialize_agree_on_a_small_file_system(small_fs, tmp_path, capsys):

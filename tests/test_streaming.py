@@ -24,6 +24,7 @@ from engine.offload import (ParameterStreamer, StagingExhaustedError, initialize
                             is_placeholder, open_streamer, plan_staging)
 from engine.offload.grad_hooks import GradientHooks  # noqa: E402
 from engine.storage import TensorStore  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 THRESHOLD = 1024  # bytes: norms (256 B) stay resident, every projection and embedding is streamed
 CHECKPOINTING = ("none", "reentrant", "non_reentrant")
@@ -90,13 +91,6 @@ def reference(arch: str, tied: bool, ckpt: str, layers: int = 2):
     return state, run_step(model, batch())
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.shape == expected.shape, what
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= 1e-6 * max(scale, 1e-30), f"{what}: max error {err:g} (scale {scale:g})"
-
-
 def assert_same_results(got, expected) -> None:
     logits, loss, grads = got
     ref_logits, ref_loss, ref_grads = expected
@@ -107,12 +101,6 @@ def assert_same_results(got, expected) -> None:
         assert g is not None, name
         assert grads[name] is not None, f"no gradient for {name}"
         assert_close(grads[name], g, f"grad of {name}")
-
-
-@pytest.fixture
-def store(tmp_path):
-    with TensorStore(tmp_path, grow_step="8MiB") as s:
-        yield s
 
 
 def streamed_copy(arch, tied, ckpt, layers=2):

@@ -2,60 +2,28 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import engine
 from engine.config import BASELINE
 from engine.offload.planner import PlanError
+from engine.procinfo import process_memory
 
-GAS = 2
-
-
-def tiny_llama(tied: bool = False, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied)
-    return LlamaForCausalLM(cfg).float()
-
-
-def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, 16), generator=g) for _ in range(n)]
+import helpers
+from helpers import ACCUMULATING, GAS, batches, engine_config, tiny_llama, train_steps
 
 
 def reference_run(model, data, steps, lr=1e-3, wd=0.1, clip=1.0, adamw=True):
-    opt_cls = torch.optim.AdamW if adamw else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=lr, weight_decay=wd, foreach=False)
-    losses = []
-    for i in range(steps):
-        for m in range(GAS):
-            x = data[i * GAS + m]
-            out = model(input_ids=x, labels=x)
-            (out.loss / GAS).backward()
-            losses.append(out.loss.item())
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-    return losses
+    return helpers.reference_run(model, data, steps, lr=lr, wd=wd, clip=clip, adamw=adamw)
 
 
 def engine_run(model, data, steps, config, tmp_path):
-    losses = []
     with engine.initialize(model, config) as trainer:
-        for i in range(steps):
-            for m in range(GAS):
-                x = data[i * GAS + m]
-                out = trainer(input_ids=x, labels=x)
-                trainer.backward(out.loss)
-                trainer.step()
-                losses.append(out.loss.item())
+        losses = train_steps(trainer, data, steps)
         weights = {name: trainer.parameter(name).clone() for name, _ in model.named_parameters()}
         report = trainer.memory_report()
     assert os.listdir(tmp_path) == []  # swap files removed
@@ -63,27 +31,12 @@ def engine_run(model, data, steps, config, tmp_path):
 
 
 def config(tmp_path, **overrides) -> engine.Config:
-    base = dict(nvme_path=str(tmp_path), optimizer=engine.AdamWConfig(lr=1e-3, weight_decay=0.1),
-                gradient_accumulation_steps=GAS, gradient_clipping=1.0, resident_threshold_bytes=4096)
-    base.update(overrides)
-    return engine.Config(**base)
+    return engine_config(tmp_path, lr=1e-3, **{**ACCUMULATING, **overrides})
 
 
 def assert_same_training(ref_model, ref_losses, losses, weights, rtol=1e-5):
-    """Losses within ``rtol`` each; every final weight tensor within ``rtol`` in relative L2 norm.
-
-    Not bit-exact against torch.optim.AdamW: this torch build takes Tensor.sqrt from MKL's
-    vector math, which is not correctly rounded (it differs from the IEEE square root on ~20%
-    of inputs), while the fused kernel's sqrt is IEEE; Adam amplifies those 1-ulp differences
-    on near-zero gradients. Bit-exactness of the offload machinery itself is asserted against
-    the same kernel in memory (test_offload_is_bit_identical_to_the_same_optimizer_in_memory)."""
-    assert len(losses) == len(ref_losses)
-    for a, b in zip(losses, ref_losses):
-        assert math.isclose(a, b, rel_tol=rtol), (losses, ref_losses)
-    for name, p in ref_model.named_parameters():
-        got = weights[name].view(p.shape)
-        rel = ((got - p.detach()).norm() / p.detach().norm()).item()
-        assert rel <= rtol, (name, rel)
+    """Every parameter of ``ref_model`` against ``weights`` (name -> tensor); see helpers.assert_same_training."""
+    helpers.assert_same_training(ref_model.named_parameters(), ref_losses, losses, weights.__getitem__, rtol)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -264,11 +217,6 @@ def test_missing_nvme_path_is_a_clear_error(tmp_path):
         engine.initialize(tiny_llama(), config(tmp_path / "missing"))
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def test_soak_200_steps_memory_flat_and_nothing_leaks(tmp_path):
     model = tiny_llama()
     data = batches(8)
@@ -281,7 +229,7 @@ def test_soak_200_steps_memory_flat_and_nothing_leaks(tmp_path):
                 trainer.step()
 
         train(20, 0)  # warm-up: execution order recorded, allocator caches filled
-        rss, pool = _rss(), trainer.memory_report()["pool"]
+        rss, pool = process_memory().rss, trainer.memory_report()["pool"]
         disk = trainer.runtime.store.stats()["disk_used"]
         swap_files = sorted(os.listdir(trainer.runtime.store.directories[0]))
         train(180, 20)
@@ -290,7 +238,7 @@ def test_soak_200_steps_memory_flat_and_nothing_leaks(tmp_path):
         assert report["pool"]["in_use"] == pool["in_use"] and report["pool"]["live_allocations"] == pool["live_allocations"]
         assert trainer.runtime.store.stats()["disk_used"] == disk
         assert sorted(os.listdir(trainer.runtime.store.directories[0])) == swap_files
-        growth = _rss() - rss
+        growth = process_memory().rss - rss
         assert growth < 16 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 180 steps"
     assert os.listdir(tmp_path) == []
 
@@ -326,7 +274,7 @@ def test_predicted_peak_is_within_20_percent_of_measured(tmp_path, hidden, layer
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(hidden), str(layers), str(vocab), str(tmp_path),
                           activations],

@@ -23,21 +23,13 @@ import engine  # noqa: E402
 from engine.offload import ParameterStreamer, StreamingError, is_placeholder  # noqa: E402
 from engine.storage import TensorStore  # noqa: E402
 
+import helpers  # noqa: E402
+
 transformers.logging.set_verbosity_error()
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= 1e-6 * max(scale, 1e-30), f"{what}: max error {err:g} (scale {scale:g})"
-
-
-@pytest.fixture
-def store(tmp_path):
-    with TensorStore(tmp_path, grow_step="8MiB") as s:
-        yield s
+    helpers.assert_close(actual, expected, what, finite=True)
 
 
 # ---------------------------------------------------------------------- a plain parent using a child's weight
@@ -239,10 +231,7 @@ def test_mamba_training_on_nvme_matches_torch_adamw(tmp_path):
 
 # ---------------------------------------------------------------------- writes to a streamed weight
 def _tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).float()
+    return helpers.tiny_llama(vocab=128, hidden=32, inter=64, positions=32)
 
 
 def _trainer_config(tmp_path) -> engine.Config:

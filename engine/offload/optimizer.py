@@ -23,7 +23,8 @@ class OffloadedOptimizer(torch.optim.Optimizer):
         self._apply = weakref.WeakMethod(runtime.apply_step)  # no cycle through the runtime
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> None:  # noqa: D401 - torch's signature
+    # torch overloads step() on the closure's return type; this optimizer refuses closures
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
         if closure is not None:
             raise ValueError("the offloaded optimizer does not take a closure")
         apply = self._apply()

@@ -177,9 +177,9 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         return OptimizerStepper.buffer_bytes(specs, segment_elements, sub_group, compute, state)
 
     budget = config.budget_bytes
-    depths = [config.prefetch_depth] if config.prefetch_depth != "auto" else [2, 1, 0]
+    depths: list[int] = [config.prefetch_depth] if isinstance(config.prefetch_depth, int) else [2, 1, 0]
     # One segment per sub-group: I/O is chunked anyway, so larger sub-groups only cost memory.
-    groups = [config.sub_group_size] if config.sub_group_size != "auto" else [segment_elements]
+    groups: list[int] = [config.sub_group_size] if isinstance(config.sub_group_size, int) else [segment_elements]
 
     def build(depth: int, group: int) -> MemoryPlan:
         staging, optimizer = staging_for(depth), optimizer_for(group)

@@ -138,8 +138,8 @@ class AsyncIO:
         alignment: int = IO_ALIGNMENT,
         pool: Optional[PinnedPool] = None,
     ):
-        if backend == "auto":
-            backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        if backend == "auto":  # the environment may choose (tests force the fallback this way)
+            backend = os.environ.get(BACKEND_ENV, "auto") or "auto"  # type: ignore[assignment]  # checked next
         check_choice("backend", backend, AioBackend, "unknown AsyncIO backend {value!r} (expected {alternatives})")
         args = dict(block_size=block_size, alignment=alignment, queue_depth=queue_depth, threads=threads)
         self._io: Optional[_native.AsyncIO] = None
@@ -278,7 +278,7 @@ class AsyncIO:
         if errors:
             first = errors[0]
             if len(errors) > 1:
-                first.strerror += f" (and {len(errors) - 1} more failed requests)"
+                first.strerror = f"{first.strerror} (and {len(errors) - 1} more failed requests)"
             raise first
 
     def stats(self) -> dict:

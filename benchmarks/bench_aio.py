@@ -19,8 +19,8 @@ import tempfile
 import time
 
 import numpy as np
-
 from _common import fio_bandwidth, have_fio, print_table, save_result
+
 from engine import AsyncIO, PinnedPool, _native
 from engine.units import parse_bytes
 

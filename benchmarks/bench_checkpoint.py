@@ -28,6 +28,7 @@ import sys
 import tempfile
 
 from _common import fio_bandwidth, have_fio, print_table, run_worker, save_result
+
 from engine.errors import BenchError
 from engine.presets import PRESETS
 

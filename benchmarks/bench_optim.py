@@ -24,9 +24,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import _common  # noqa: F401 - puts the checkout's engine on the import path when it is not installed
 import torch
 
-import _common  # noqa: F401 - puts the checkout's engine on the import path when it is not installed
 from engine.dtypes import itemsize
 from engine.optim import CPUAdamW, kernels
 

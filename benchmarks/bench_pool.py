@@ -20,8 +20,8 @@ import argparse
 import sys
 
 import torch
-
 from _common import parameter_shapes, print_table, save_result
+
 from engine import PinnedPool, dtypes
 from engine.presets import llama_config
 

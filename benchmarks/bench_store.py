@@ -17,8 +17,8 @@ import tempfile
 import time
 
 import torch
-
 from _common import parameter_shapes, print_table, save_result
+
 from engine import PinnedPool, dtypes
 from engine.storage import TensorStore
 

@@ -41,6 +41,7 @@ import tempfile
 import time
 
 from _common import child_env, print_table, run_worker, save_result
+
 from engine.errors import BenchError
 from engine.presets import PRESETS
 from engine.procinfo import process_memory, reset_peak_rss
@@ -126,6 +127,7 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or os.cpu_count())
     import transformers
+
     from engine.offload import initialize_into_store
 
     transformers.logging.set_verbosity_error()

@@ -22,6 +22,7 @@ import sys
 import tempfile
 
 from _common import fio_bandwidth, have_fio, print_table, save_result
+
 from engine.bench import BenchError, BenchSpec, deepspeed_missing, run_isolated, run_mode
 
 MODES = ("engine", "torch", "baseline")  # and "deepspeed" (ZeRO-3 on NVMe) when installed

@@ -8,10 +8,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import run_unprivileged
 
 from engine import AsyncIO, AsyncIOError, PinnedPool, _native
-
-from helpers import run_unprivileged
 
 KiB, MiB = 1 << 10, 1 << 20
 ALIGN = 4096

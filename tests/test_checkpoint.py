@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import stat
@@ -17,13 +16,12 @@ import time
 
 import pytest
 import torch
+from helpers import child_env
 from safetensors.torch import load_file, save_file
 
 import engine
 from engine.checkpoint import CheckpointError
 from engine.checkpoint.format import read_header
-
-from helpers import child_env
 
 ENV = child_env()
 
@@ -261,8 +259,14 @@ def test_odd_sized_model_resumes_in_a_new_process(tmp_path, nvme):
 def test_store_file_round_trip_of_odd_shapes(tmp_path, dtype):
     """Store -> safetensors -> store for sizes around the segment and 4 KiB boundaries, through
     staging blocks sized the way save and load size them (for the largest tensor, as fp32)."""
-    from engine.checkpoint.transfer import (Entry, StoreSource, StoreTarget, load_safetensors,
-                                            staging_bytes_for, write_safetensors)
+    from engine.checkpoint.transfer import (
+        Entry,
+        StoreSource,
+        StoreTarget,
+        load_safetensors,
+        staging_bytes_for,
+        write_safetensors,
+    )
     from engine.storage.staging import staging_blocks
     from engine.storage.store import TensorStore
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from helpers import run_python
 
 from engine.cli import main
-from helpers import run_python
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--batch", "4", "--seq-len", "32", "--quiet"]

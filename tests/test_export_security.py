@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 import stat
 
+import helpers
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 import engine
 from engine.peft import LoraConfig, apply_lora
-
-import helpers
 
 peft = pytest.importorskip("peft")
 

@@ -8,8 +8,10 @@ import math
 import os
 import weakref
 
+import helpers
 import pytest
 import torch
+from helpers import engine_config
 from transformers import LlamaForCausalLM
 
 import engine
@@ -17,9 +19,6 @@ import engine._log
 from engine.errors import AsyncIOError, EngineError, ModelAttachedError, TrainerClosedError
 from engine.offload import is_placeholder
 from engine.procinfo import locked_bytes
-
-import helpers
-from helpers import engine_config
 
 
 def tiny_llama() -> LlamaForCausalLM:

@@ -8,11 +8,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-import engine
-from engine import PinnedPool, PoolExhaustedError
-
 from helpers import run_unprivileged
+
+from engine import PinnedPool, PoolExhaustedError
 
 MiB = 1 << 20
 ALIGN = 4096

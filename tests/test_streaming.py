@@ -19,12 +19,19 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import assert_close  # noqa: E402
+
 from engine import AsyncIO, AsyncIOError, PinnedPool  # noqa: E402
-from engine.offload import (ParameterStreamer, StagingExhaustedError, initialize_into_store,  # noqa: E402
-                            is_placeholder, open_streamer, plan_staging)
+from engine.offload import (  # noqa: E402
+    ParameterStreamer,
+    StagingExhaustedError,
+    initialize_into_store,
+    is_placeholder,
+    open_streamer,
+    plan_staging,
+)
 from engine.offload.grad_hooks import GradientHooks  # noqa: E402
 from engine.storage import TensorStore  # noqa: E402
-from helpers import assert_close  # noqa: E402
 
 THRESHOLD = 1024  # bytes: norms (256 B) stay resident, every projection and embedding is streamed
 CHECKPOINTING = ("none", "reentrant", "non_reentrant")

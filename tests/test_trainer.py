@@ -4,17 +4,16 @@ from __future__ import annotations
 import copy
 import os
 
+import helpers
 import pytest
 import torch
+from helpers import ACCUMULATING, GAS, batches, engine_config, tiny_llama, train_steps
 from transformers import LlamaForCausalLM
 
 import engine
 from engine.config import BASELINE
 from engine.offload.planner import PlanError
 from engine.procinfo import process_memory
-
-import helpers
-from helpers import ACCUMULATING, GAS, batches, engine_config, tiny_llama, train_steps
 
 
 def reference_run(model, data, steps, lr=1e-3, wd=0.1, clip=1.0, adamw=True):

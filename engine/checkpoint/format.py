@@ -23,8 +23,7 @@ from typing import Optional, Sequence, TypeVar
 import torch
 
 from ..dtypes import FROM_SAFETENSORS, TO_SAFETENSORS, itemsize
-from ..errors import (CheckpointError, CheckpointWriteError, EngineError, LatestNotDurableError,  # noqa: F401
-                      LatestNotUpdatedError)
+from ..errors import CheckpointError, CheckpointWriteError, EngineError, LatestNotDurableError, LatestNotUpdatedError  # noqa: F401
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # Deeper JSON is refused before parsing (json's recursive parser would raise RecursionError, or

@@ -21,7 +21,7 @@ import torch
 
 from .._log import logger
 from .atomic import MANIFEST
-from .format import CheckpointError, ST_TO_DTYPE, read_json_file
+from .format import ST_TO_DTYPE, CheckpointError, read_json_file
 
 FORMAT = "memascend-checkpoint"
 VERSION = 1

@@ -37,10 +37,25 @@ from ..dtypes import TO_SAFETENSORS
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
-from .format import (MAX_JSON_DEPTH, CheckpointError, CheckpointWriteError, json_depth, read_header, read_json_file,
-                     split_shards)
-from .manifest import (FORMAT, MAX_MANIFEST_BYTES, VERSION, RngState, check_scheduler_state, group_updates, parse_rng,
-                       read_manifest)
+from .format import (
+    MAX_JSON_DEPTH,
+    CheckpointError,
+    CheckpointWriteError,
+    json_depth,
+    read_header,
+    read_json_file,
+    split_shards,
+)
+from .manifest import (
+    FORMAT,
+    MAX_MANIFEST_BYTES,
+    VERSION,
+    RngState,
+    check_scheduler_state,
+    group_updates,
+    parse_rng,
+    read_manifest,
+)
 from .slots import Slot, drop_absent_state, match_slots, state_slots
 from .transfer import Entry, StoreSource, load_safetensors, staging_bytes_for, write_safetensors
 

@@ -24,7 +24,15 @@ from ..storage.aio import AsyncIO
 from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
 from .atomic import pause_point
-from .format import CheckpointError, SafetensorsFile, TensorInfo, build_header, named_write_error, open_regular, pread_into
+from .format import (
+    CheckpointError,
+    SafetensorsFile,
+    TensorInfo,
+    build_header,
+    named_write_error,
+    open_regular,
+    pread_into,
+)
 from .sinks import open_sink
 
 # A tensor computed only when it is written (a merged LoRA weight): one exists at a time.

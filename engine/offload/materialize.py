@@ -24,8 +24,17 @@ from ..errors import InitializationError, PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..units import format_bytes
 from .buffers import StagingSlot
-from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, ModelParams, StreamedParam, StreamedParameter, discover,
-                     is_placeholder, placeholder, replace_parameter)
+from .params import (
+    DEFAULT_RESIDENT_THRESHOLD,
+    KEY_ATTR,
+    ModelParams,
+    StreamedParam,
+    StreamedParameter,
+    discover,
+    is_placeholder,
+    placeholder,
+    replace_parameter,
+)
 
 Initializer = Callable[[str, tuple[int, ...]], Optional[torch.Tensor]]
 StateDictSource = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]

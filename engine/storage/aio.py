@@ -23,10 +23,10 @@ import torch
 
 from .. import _native
 from .._log import logger, warn_once
-from ..validate import AioBackend, check_choice
 from ..errors import AsyncIOError
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes
+from ..validate import AioBackend, check_choice
 
 BACKEND_ENV = "MEMASCEND_AIO_BACKEND"
 Buffer = Union[PoolBlock, torch.Tensor, memoryview, bytearray, Any]

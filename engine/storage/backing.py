@@ -13,12 +13,12 @@ import os
 import stat
 from typing import Optional
 
+from ..errors import StoreCapacityError
+from ..memory.pool import IO_ALIGNMENT
+from ..validate import StoreLayout
 from . import cleanup
 from .aio import AsyncFile, AsyncIO
 from .extents import ExtentAllocator
-from ..validate import StoreLayout
-from ..errors import StoreCapacityError
-from ..memory.pool import IO_ALIGNMENT
 
 
 class Backing:

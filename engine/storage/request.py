@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, Hashable, Optional
 
+from ..errors import AsyncIOError, IntegrityError
 from .aio import AsyncFile, IORequest
 from .segments import Segment, TensorMeta
-from ..errors import AsyncIOError, IntegrityError
 
 # (request, buffer offset of the part, segment, verify the whole segment's CRC)
 Part = tuple[IORequest, int, Segment, bool]

@@ -46,15 +46,23 @@ from typing import Hashable, Iterable, Optional, Sequence, Union
 import crc32c
 import torch
 
+from ..errors import AsyncIOError
+from ..memory.pool import IO_ALIGNMENT, PinnedPool, round_up_io
+from ..units import parse_bytes
+from ..validate import AioBackend, StoreLayout, check_choice
 from . import cleanup
 from .aio import AsyncFile, AsyncIO, Buffer, _buffer_span
 from .backing import Backing, check_room, open_backing
 from .request import InFlight, Part, StoreRequest
-from .segments import DEFAULT_STRIPE_SIZE, STRIPE_ELEMENT_BYTES, Segment, TensorMeta, aligned_bytes, path_share, segment_elements
-from ..validate import AioBackend, StoreLayout, check_choice
-from ..errors import AsyncIOError
-from ..memory.pool import IO_ALIGNMENT, PinnedPool, round_up_io
-from ..units import parse_bytes
+from .segments import (
+    DEFAULT_STRIPE_SIZE,
+    STRIPE_ELEMENT_BYTES,
+    Segment,
+    TensorMeta,
+    aligned_bytes,
+    path_share,
+    segment_elements,
+)
 
 __all__ = ["TensorStore", "StoreRequest", "TensorMeta", "Segment", "path_share"]
 

@@ -88,7 +88,7 @@ def write_checkpoint(cfg, directory: str, shard_bytes: int = 1 << 30) -> tuple[i
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)
-    shards, current, size, largest = [], {}, 0, 0
+    size, largest = 0, 0
     names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     groups: list[list[tuple[str, tuple]]] = [[]]
     for name, shape in names:

@@ -16,6 +16,7 @@ same nominal count is used for torch (which in fact moves more).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -114,8 +115,10 @@ def bench_ours(sizes: list[int], grad_dtype: torch.dtype, state_dtype: torch.dty
     params = make_params(sizes, grad_dtype)
     opt = CPUAdamW(params, lr=1e-3, weight_decay=0.01, state_dtype=state_dtype)
     out = None if out_dtype is None else {p: torch.empty(p.shape, dtype=out_dtype) for p in params}
-    t = time_steps(lambda: opt.step(out=out), steps, warmup)
-    del opt, params, out
+    # A partial, not a lambda: a closure over opt and out would outlive the del below as free names.
+    step = functools.partial(opt.step, out=out)
+    t = time_steps(step, steps, warmup)
+    del step, opt, params, out
     gc.collect()
     return t
 

@@ -81,7 +81,7 @@ def main() -> int:
                      f"{(m['crc_write_s'] + m['crc_read_s']) / (m['write_s'] + m['read_s']):.1%}" if checksum else ""])
     print(f"{len(shapes)} tensors, {nbytes / 2**30:.2f} GiB, medians of {args.repeats} alternating runs")
     print_table(["layout", "crc32c", "write GiB/s", "read GiB/s", "time vs crc off", "crc time / io time"], rows)
-    print("saved", save_result("store", {f"{l}-{'crc' if c else 'nocrc'}": m for (l, c), m in med.items()}))
+    print("saved", save_result("store", {f"{layout}-{'crc' if c else 'nocrc'}": m for (layout, c), m in med.items()}))
     return 0
 
 

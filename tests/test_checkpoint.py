@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import engine
 from engine.checkpoint import CheckpointError
+from engine.checkpoint.atomic import CheckpointRoot
 from engine.checkpoint.format import read_header
 
 ENV = child_env()
@@ -818,7 +819,7 @@ def test_from_pretrained_refuses_fifos(tmp_path, nvme):
         shutil.copytree(good, case)
         fifo = _fifo_instead_of(case / victim)
         with pytest.raises(CheckpointError, match="not a regular file") as err:
-            _without_hanging(lambda: engine.from_pretrained(str(case), cfg), [fifo])
+            _without_hanging(lambda case=case: engine.from_pretrained(str(case), cfg), [fifo])
         assert fifo in str(err.value), victim
     assert os.listdir(nvme) == []
 

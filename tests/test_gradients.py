@@ -23,7 +23,7 @@ def test_accumulates_over_micro_batches_and_reports_the_norm(tmp_path, grad_buff
     with PinnedPool(4 * MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
         off = GradientOffload(store, pool, specs, grad_buffer=grad_buffer, overflow_check=overflow_check,
                               staging_bytes=256 * 1024)
-        for window in range(2):
+        for _window in range(2):
             off.begin_window()
             total = {n: torch.zeros(s) for n, s in SHAPES.items()}
             for micro in range(3):

@@ -192,7 +192,7 @@ def test_close_after_a_failed_gradient_write_releases_everything_and_reports_onc
     assert not os.path.exists(swap) and swap_dirs(tmp_path) == []
     assert store._closed
     with pytest.raises(ValueError, match="closed"):
-        io.backend
+        _ = io.backend
     with pytest.raises(ValueError, match="closed"):
         pool.stats()
     trainer.close()  # the error was reported once: later calls are no-ops

@@ -162,7 +162,7 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
                     del meta_buffers[name]
                 else:
                     summary["unexpected"].append(name)
-        for request, block in pending:
+        for request, _block in pending:
             request.wait()
         pending.clear()
     finally:

@@ -161,8 +161,8 @@ def main() -> int:
         print(f"fio seq 1 MiB QD16 O_DIRECT: write {bw['write'] / gib:.2f} GiB/s, read {bw['read'] / gib:.2f} GiB/s")
     print_table(["phase", "seconds", "ckpt GiB/s", "moved GiB/s", "moved/fio write", "peak RSS growth MiB",
                  "target MiB"], rows)
-    path = save_result("checkpoint", dict(model=args.model, params=args.params, layers=cfg.num_hidden_layers, checkpoint_bytes=total,
-                                          largest_tensor=largest, fio=bw, **child))
+    path = save_result("checkpoint", dict(model=args.model, params=args.params, layers=cfg.num_hidden_layers,
+                                          checkpoint_bytes=total, largest_tensor=largest, fio=bw, **child))
     print(f"saved {path}")
     return 0
 

@@ -168,7 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     print(f"copy bandwidth (torch copy_, {args.copy_mib} MiB, read+write): {copy_bw / 1e9:.2f} GB/s")
     print(f"in-place add bandwidth (torch add_, {args.copy_mib} MiB x2, 2 reads + 1 write): {add_bw / 1e9:.2f} GB/s")
-    header = f"{'optimizer':<40s} {'ms/step':>9s} {'Mparam/s':>9s} {'GB/step':>8s} {'GB/s':>7s} {'% copy':>7s} {'x foreach':>9s}"
+    header = (f"{'optimizer':<40s} {'ms/step':>9s} {'Mparam/s':>9s} {'GB/step':>8s} {'GB/s':>7s} {'% copy':>7s} "
+              f"{'x foreach':>9s}")
     print(header)  # % copy: achieved bytes/s over the copy bandwidth
     print("-" * len(header))
     for r in rows:

@@ -77,7 +77,8 @@ def main() -> int:
         base = med[(layout, False)]
         rows.append([layout, "on" if checksum else "off", f"{nbytes / m['write_s'] / 2**30:.2f}",
                      f"{nbytes / m['read_s'] / 2**30:.2f}",
-                     f"{(m['write_s'] + m['read_s']) / (base['write_s'] + base['read_s']) - 1:+.1%}" if checksum else "",
+                     (f"{(m['write_s'] + m['read_s']) / (base['write_s'] + base['read_s']) - 1:+.1%}"
+                      if checksum else ""),
                      f"{(m['crc_write_s'] + m['crc_read_s']) / (m['write_s'] + m['read_s']):.1%}" if checksum else ""])
     print(f"{len(shapes)} tensors, {nbytes / 2**30:.2f} GiB, medians of {args.repeats} alternating runs")
     print_table(["layout", "crc32c", "write GiB/s", "read GiB/s", "time vs crc off", "crc time / io time"], rows)

@@ -94,7 +94,8 @@ def AdamWConfig(**kwargs: Any) -> OptimizerConfig:
 
 
 def _nvme_paths(nvme_path: Any) -> Optional[list[str]]:
-    """``nvme_path`` as a list of str paths (None: the private per-user root, $TMPDIR/memascend-<uid>); a ConfigError if it is not one."""
+    """``nvme_path`` as a list of str paths (None: the private per-user root, $TMPDIR/memascend-<uid>);
+    a ConfigError if it is not one."""
     if nvme_path is None:
         return None
     single = isinstance(nvme_path, (str, os.PathLike))

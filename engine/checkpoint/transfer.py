@@ -145,7 +145,8 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
                         complete()
                     block = free.pop()
                     view = block.tensor(round_up_io(nbytes), torch.uint8)
-                    inflight.append((entry, block, view, store.read_into(entry.source.key, view, offset, nbytes), nbytes))
+                    inflight.append((entry, block, view, store.read_into(entry.source.key, view, offset, nbytes),
+                                     nbytes))
             elif isinstance(entry.source, torch.Tensor):
                 tensor = entry.source.detach().to("cpu", entry.dtype).contiguous()
                 if tuple(tensor.shape) != tuple(entry.shape):

@@ -70,8 +70,9 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
     pool with room for one falls back to one write at a time).
 
     ``resident_trainable``: parameters with ``requires_grad`` stay resident whatever their size
-    (as the streamer's option of that name). Parameters already off the meta device are left alone. Returns a summary with ``streamed``,
-    ``resident``, ``bytes_written``, ``unexpected`` (state-dict names the model lacks), ``buffers``.
+    (as the streamer's option of that name). Parameters already off the meta device are left alone.
+    Returns a summary with ``streamed``, ``resident``, ``bytes_written``, ``unexpected``
+    (state-dict names the model lacks), ``buffers``.
     Raises ValueError for missing parameters or wrong shapes, or a meta buffer nothing computes.
     """
     if (initializer is None) == (state_dict is None):

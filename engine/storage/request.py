@@ -82,7 +82,8 @@ class StoreRequest:
                 continue
             actual = self._crc(self._address + buffer_offset, seg.length)
             if actual != expected:
-                raise IntegrityError(meta.key, self._segment_path(meta, seg), seg.file_offset, seg.length, expected, actual)
+                raise IntegrityError(meta.key, self._segment_path(meta, seg), seg.file_offset, seg.length,
+                                     expected, actual)
 
 
 class InFlight(dict):

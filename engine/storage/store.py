@@ -269,7 +269,8 @@ class TensorStore:
                 if self.checksum:
                     meta.crcs[index] = self._crc(address + seg.tensor_offset - offset, seg.length)
                 target = file if file is not None else self._backings[seg.path_index].file
-                parts.append((target.write(seg.file_offset, buffer, seg.length, buffer_offset=seg.tensor_offset - offset),
+                parts.append((target.write(seg.file_offset, buffer, seg.length,
+                                           buffer_offset=seg.tensor_offset - offset),
                               seg.tensor_offset - offset, seg, False))
                 meta.written[index] = True
         except BaseException:
@@ -314,7 +315,8 @@ class TensorStore:
                 continue
             target = file if file is not None else self._backings[seg.path_index].file
             request = target.read(seg.file_offset + lo - seg.tensor_offset, buffer, hi - lo, buffer_offset=lo - offset)
-            parts.append((request, lo - offset, seg, self.checksum and lo == seg.tensor_offset and hi == seg.tensor_end))
+            parts.append((request, lo - offset, seg,
+                          self.checksum and lo == seg.tensor_offset and hi == seg.tensor_end))
         self._stats["bytes_read"] += span
         return self._inflight.track(self._request(meta, "read", parts, address, file, (offset, end)))
 

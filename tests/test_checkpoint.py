@@ -1095,7 +1095,7 @@ def test_enospc_on_a_buffered_shard_names_it(tmp_path, monkeypatch):
     assert err.value.errno == 28 and file in str(err.value) and err.value.filename == file
 
 
-# ---------------------------------------------------------------------------------------------- injected failures of `latest`
+# ---------------------------------------------------------------------------------------- injected failures of `latest`
 def _committed_once(root_dir) -> "CheckpointRoot":
     """A checkpoint root whose 'latest' names 'a' (a manifest-only checkpoint: commit() needs no more)."""
     from engine.checkpoint.atomic import CheckpointRoot, write_file

@@ -150,7 +150,8 @@ def test_qwen2_streamed_matches_in_memory(tied, store):
             assert_same_results(run_step(model, batch()), expected)
 
 
-@pytest.mark.parametrize("buffer_pool,pinned_alloc", [("uniform", "exact"), ("adaptive", "torch"), ("uniform", "torch")])
+@pytest.mark.parametrize("buffer_pool,pinned_alloc",
+                         [("uniform", "exact"), ("adaptive", "torch"), ("uniform", "torch")])
 @pytest.mark.parametrize("ckpt", ["none", "non_reentrant"])
 def test_ablations_give_identical_results(buffer_pool, pinned_alloc, ckpt, store):
     model, expected = streamed_copy("llama", False, ckpt)

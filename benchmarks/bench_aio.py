@@ -19,8 +19,8 @@ import tempfile
 import time
 
 import numpy as np
-
 from _common import fio_bandwidth, have_fio, print_table, save_result
+
 from engine import AsyncIO, PinnedPool, _native
 from engine.units import parse_bytes
 
@@ -95,7 +95,8 @@ def main() -> int:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        results = {p: {name: [] for name in (["fio"] if fio_present else []) + backends} for p in args.patterns.split(",")}
+        results = {p: {name: [] for name in (["fio"] if fio_present else []) + backends}
+                   for p in args.patterns.split(",")}
         for rep in range(args.repeats):
             for pattern, runs in results.items():
                 order = list(runs) if rep % 2 == 0 else list(reversed(runs))

@@ -28,6 +28,7 @@ import sys
 import tempfile
 
 from _common import fio_bandwidth, have_fio, print_table, run_worker, save_result
+
 from engine.errors import BenchError
 from engine.presets import PRESETS
 
@@ -87,7 +88,7 @@ def write_checkpoint(cfg, directory: str, shard_bytes: int = 1 << 30) -> tuple[i
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)
-    shards, current, size, largest = [], {}, 0, 0
+    size, largest = 0, 0
     names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     groups: list[list[tuple[str, tuple]]] = [[]]
     for name, shape in names:
@@ -160,8 +161,8 @@ def main() -> int:
         print(f"fio seq 1 MiB QD16 O_DIRECT: write {bw['write'] / gib:.2f} GiB/s, read {bw['read'] / gib:.2f} GiB/s")
     print_table(["phase", "seconds", "ckpt GiB/s", "moved GiB/s", "moved/fio write", "peak RSS growth MiB",
                  "target MiB"], rows)
-    path = save_result("checkpoint", dict(model=args.model, params=args.params, layers=cfg.num_hidden_layers, checkpoint_bytes=total,
-                                          largest_tensor=largest, fio=bw, **child))
+    path = save_result("checkpoint", dict(model=args.model, params=args.params, layers=cfg.num_hidden_layers,
+                                          checkpoint_bytes=total, largest_tensor=largest, fio=bw, **child))
     print(f"saved {path}")
     return 0
 

@@ -16,6 +16,7 @@ same nominal count is used for torch (which in fact moves more).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -24,9 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import _common  # noqa: F401 - puts the checkout's engine on the import path when it is not installed
 import torch
 
-import _common  # noqa: F401 - puts the checkout's engine on the import path when it is not installed
 from engine.dtypes import itemsize
 from engine.optim import CPUAdamW, kernels
 
@@ -114,8 +115,10 @@ def bench_ours(sizes: list[int], grad_dtype: torch.dtype, state_dtype: torch.dty
     params = make_params(sizes, grad_dtype)
     opt = CPUAdamW(params, lr=1e-3, weight_decay=0.01, state_dtype=state_dtype)
     out = None if out_dtype is None else {p: torch.empty(p.shape, dtype=out_dtype) for p in params}
-    t = time_steps(lambda: opt.step(out=out), steps, warmup)
-    del opt, params, out
+    # A partial, not a lambda: a closure over opt and out would outlive the del below as free names.
+    step = functools.partial(opt.step, out=out)
+    t = time_steps(step, steps, warmup)
+    del step, opt, params, out
     gc.collect()
     return t
 
@@ -165,7 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     print(f"copy bandwidth (torch copy_, {args.copy_mib} MiB, read+write): {copy_bw / 1e9:.2f} GB/s")
     print(f"in-place add bandwidth (torch add_, {args.copy_mib} MiB x2, 2 reads + 1 write): {add_bw / 1e9:.2f} GB/s")
-    header = f"{'optimizer':<40s} {'ms/step':>9s} {'Mparam/s':>9s} {'GB/step':>8s} {'GB/s':>7s} {'% copy':>7s} {'x foreach':>9s}"
+    header = (f"{'optimizer':<40s} {'ms/step':>9s} {'Mparam/s':>9s} {'GB/step':>8s} {'GB/s':>7s} {'% copy':>7s} "
+              f"{'x foreach':>9s}")
     print(header)  # % copy: achieved bytes/s over the copy bandwidth
     print("-" * len(header))
     for r in rows:

@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from _common import print_table, run_worker, save_result
+
 from engine.errors import BenchError
 from engine.presets import PRESETS, llama_config
 from engine.procinfo import peak_rss_bytes

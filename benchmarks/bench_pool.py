@@ -20,8 +20,8 @@ import argparse
 import sys
 
 import torch
-
 from _common import parameter_shapes, print_table, save_result
+
 from engine import PinnedPool, dtypes
 from engine.presets import llama_config
 
@@ -76,7 +76,8 @@ def main() -> int:
                  "torch/ours"], rows)
     print(f"\ntorch caching host allocator: {results[0]['torch_method']}")
     worst = max(r["pinned_pool_ratio"] for r in results if r["model"] == "Llama-2-7B")
-    print(f"target PinnedPool reserved/requested <= 1.01 on the 7B mix: {worst:.4f} -> {'MET' if worst <= 1.01 else 'MISSED'}")
+    print(f"target PinnedPool reserved/requested <= 1.01 on the 7B mix: {worst:.4f} -> "
+          f"{'MET' if worst <= 1.01 else 'MISSED'}")
     print("saved", save_result("pool", {"rows": results}))
     return 0
 

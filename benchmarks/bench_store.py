@@ -17,8 +17,8 @@ import tempfile
 import time
 
 import torch
-
 from _common import parameter_shapes, print_table, save_result
+
 from engine import PinnedPool, dtypes
 from engine.storage import TensorStore
 
@@ -77,11 +77,12 @@ def main() -> int:
         base = med[(layout, False)]
         rows.append([layout, "on" if checksum else "off", f"{nbytes / m['write_s'] / 2**30:.2f}",
                      f"{nbytes / m['read_s'] / 2**30:.2f}",
-                     f"{(m['write_s'] + m['read_s']) / (base['write_s'] + base['read_s']) - 1:+.1%}" if checksum else "",
+                     (f"{(m['write_s'] + m['read_s']) / (base['write_s'] + base['read_s']) - 1:+.1%}"
+                      if checksum else ""),
                      f"{(m['crc_write_s'] + m['crc_read_s']) / (m['write_s'] + m['read_s']):.1%}" if checksum else ""])
     print(f"{len(shapes)} tensors, {nbytes / 2**30:.2f} GiB, medians of {args.repeats} alternating runs")
     print_table(["layout", "crc32c", "write GiB/s", "read GiB/s", "time vs crc off", "crc time / io time"], rows)
-    print("saved", save_result("store", {f"{l}-{'crc' if c else 'nocrc'}": m for (l, c), m in med.items()}))
+    print("saved", save_result("store", {f"{layout}-{'crc' if c else 'nocrc'}": m for (layout, c), m in med.items()}))
     return 0
 
 

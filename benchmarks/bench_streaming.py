@@ -41,6 +41,7 @@ import tempfile
 import time
 
 from _common import child_env, print_table, run_worker, save_result
+
 from engine.errors import BenchError
 from engine.presets import PRESETS
 from engine.procinfo import process_memory, reset_peak_rss
@@ -126,11 +127,13 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or os.cpu_count())
     import transformers
+
     from engine.offload import initialize_into_store
 
     transformers.logging.set_verbosity_error()
     cfg = llama_config(args.model)
-    result = dict(model=args.model, mode=args.mode, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"), batch=args.batch, seq=args.seq, depth=args.depth,
+    result = dict(model=args.model, mode=args.mode, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                  batch=args.batch, seq=args.seq, depth=args.depth,
                   checkpointing=args.checkpointing, grads=args.grads if args.mode != "memory" else "memory")
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     result["memlock_limit"] = -1 if soft == resource.RLIM_INFINITY else soft
@@ -166,7 +169,8 @@ def worker(args) -> dict:
         path = tempfile.mkdtemp(prefix="bench-streaming-", dir=args.path)
         store = TensorStore(path, layout=store_layout, pool=pool)
         # weights are produced one at a time and written through the same pool: no full model in DRAM
-        initialize_into_store(model, store, lambda name, shape: None if "inv_freq" in name else init_value(name, shape, g),
+        initialize_into_store(model, store,
+                              lambda name, shape: None if "inv_freq" in name else init_value(name, shape, g),
                               resident_threshold_bytes=args.threshold,
                               pool=pool if pool is not None else PinnedPool(plan.total_bytes))
         on_grad = None
@@ -349,11 +353,13 @@ def main() -> int:
     big = [r for r in results if r["model"] in BIG and r["mode"] == "adaptive" and r["model"] in base]
     if big:
         ratio = big[0]["hwm"] / base[big[0]["model"]]["hwm"]
-        print(f"\ntarget: streamed peak RSS at 1B <= 30% of in-memory: {ratio:.1%} -> {'MET' if ratio <= 0.30 else 'MISSED'}")
+        print(f"\ntarget: streamed peak RSS at 1B <= 30% of in-memory: {ratio:.1%} -> "
+              f"{'MET' if ratio <= 0.30 else 'MISSED'}")
     locked = {r.get("pool_locked") for r in results if r["mode"] != "memory"}
     if False in locked:
         print("note: the PinnedPool could not be page-locked here (RLIMIT_MEMLOCK); "
-              + ("its slots were pre-faulted so RSS includes them" if args.prefault else "RSS excludes untouched slots"))
+              + ("its slots were pre-faulted so RSS includes them" if args.prefault
+                 else "RSS excludes untouched slots"))
     print("saved", save_result("streaming", {"args": vars(args), "rows": results}))
     return 0
 

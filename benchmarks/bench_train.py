@@ -22,6 +22,7 @@ import sys
 import tempfile
 
 from _common import fio_bandwidth, have_fio, print_table, save_result
+
 from engine.bench import BenchError, BenchSpec, deepspeed_missing, run_isolated, run_mode
 
 MODES = ("engine", "torch", "baseline")  # and "deepspeed" (ZeRO-3 on NVMe) when installed
@@ -82,7 +83,8 @@ def main() -> int:
                      f"{r['peak_system'] / 2**30:.2f}", f"{r['step_s']:.2f}",
                      f"{r['peak_rss'] / torch_r['peak_rss']:.2f}" if torch_r else "",
                      f"{r['step_s'] / bound:.2f}" if r["mode"] != "torch" and bound else ""])
-    print(f"\nbatch {args.batch} x seq {args.seq}, fp32 AdamW{', activation checkpointing' if args.checkpointing else ''}, "
+    print(f"\nbatch {args.batch} x seq {args.seq}, "
+          f"fp32 AdamW{', activation checkpointing' if args.checkpointing else ''}, "
           f"median step of {args.steps} (first excluded); "
           f"fio 1 MiB QD16 mean(write, read) = {fio_bw / 2**30:.2f} GiB/s")
     print_table(["model", "mode", "params", "peak RSS GiB", "peak sys GiB", "step s", "RSS / torch",

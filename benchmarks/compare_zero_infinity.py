@@ -20,6 +20,7 @@ import sys
 import tempfile
 
 from _common import save_result
+
 from engine.bench import ALL_MODES, compare, format_table, table_rows
 
 

@@ -5,7 +5,10 @@ and the :class:`AsyncIO` NVMe engine; the rest of the package builds on them.
 """
 from __future__ import annotations
 
-from . import _native, peft  # engine.peft: LoRA and Hugging Face peft models
+# Public submodules, re-exported as attributes: engine._native (the native core) and
+# engine.peft (LoRA and Hugging Face peft models).
+from . import _native as _native
+from . import peft as peft
 from .api import from_pretrained, initialize, plan
 from .config import AdamWConfig, Config, ConfigError, OptimizerConfig
 from .errors import AsyncIOError, EngineError, PinnedMemoryError, PoolExhaustedError

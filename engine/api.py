@@ -9,8 +9,9 @@ from torch import nn
 
 from .checkpoint.hf import load_pretrained
 from .config import Config
-from .offload.planner import MemoryPlan, plan as _plan
 from .offload.materialize import Initializer
+from .offload.planner import MemoryPlan
+from .offload.planner import plan as _plan
 from .trainer import Trainer
 
 ConfigLike = Union[Config, dict, str, "os.PathLike[str]", None]

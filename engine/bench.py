@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence, get_args
 
 from . import procinfo
-from .config import BASELINE
-from .errors import BenchError  # noqa: F401 - re-exported
 from .api import initialize
-from .config import AdamWConfig, Config
+from .config import BASELINE, AdamWConfig, Config
+from .errors import BenchError  # noqa: F401 - re-exported
 from .memory.profiler import MemoryProfiler, phase
 from .presets import PRESETS, llama_config
 

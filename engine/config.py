@@ -21,13 +21,43 @@ from .ds_config import AutoValues, looks_like_deepspeed
 from .dtypes import DtypeName
 from .errors import ConfigError, EngineError  # noqa: F401 - ConfigError re-exported
 from .units import parse_bytes
+
 # The switches' Literals and the value checks live in engine.validate; importable from here too.
 from .validate import (  # noqa: F401 - re-exported
-    AUTO, BASELINE, CHOICES, DTYPES, FIELD_CHOICES, FP32_MAX, MAX_BLOCK_SIZE, MAX_BYTES, MAX_COUNT, MAX_ELEMENTS,
-    MAX_QUEUE_DEPTH, MAX_SCALE_POWER, OPTIMIZERS, SWITCHES, AioBackend, BufferPool, GradBuffer, OffloadTarget,
-    OptimizerType, OverflowCheck, PinnedAlloc, StateDtypeName, StoreLayout, TrainablePlacementChoice, check_bool,
-    check_bytes, check_choice, check_int, check_int_or_auto, check_number, is_auto, is_number,
+    AUTO,
+    BASELINE,
+    CHOICES,
+    DTYPES,
+    FIELD_CHOICES,
+    FP32_MAX,
+    MAX_BLOCK_SIZE,
+    MAX_BYTES,
+    MAX_COUNT,
+    MAX_ELEMENTS,
+    MAX_QUEUE_DEPTH,
+    MAX_SCALE_POWER,
+    OPTIMIZERS,
+    SWITCHES,
+    AioBackend,
+    BufferPool,
+    GradBuffer,
+    OffloadTarget,
+    OptimizerType,
+    OverflowCheck,
+    PinnedAlloc,
+    StateDtypeName,
+    StoreLayout,
+    TrainablePlacementChoice,
+    check_bool,
+    check_bytes,
+    check_choice,
+    check_int,
+    check_int_or_auto,
+    check_number,
+    is_auto,
+    is_number,
 )
+
 
 @dataclass
 class OptimizerConfig:
@@ -64,7 +94,8 @@ def AdamWConfig(**kwargs: Any) -> OptimizerConfig:
 
 
 def _nvme_paths(nvme_path: Any) -> Optional[list[str]]:
-    """``nvme_path`` as a list of str paths (None: the private per-user root, $TMPDIR/memascend-<uid>); a ConfigError if it is not one."""
+    """``nvme_path`` as a list of str paths (None: the private per-user root, $TMPDIR/memascend-<uid>);
+    a ConfigError if it is not one."""
     if nvme_path is None:
         return None
     single = isinstance(nvme_path, (str, os.PathLike))

@@ -47,9 +47,10 @@ def run_selfcheck(path: Optional[str] = None, size: int | str = "1GiB", chunk: i
     pool = PinnedPool(depth * chunk_bytes + chunk_bytes)
     io = AsyncIO(backend, pool=pool)
     bar = _progress(2 * nchunks, progress)
+    buffers: list[torch.Tensor] = []  # views into the pool: dropped before the pool closes
     try:
         pattern = torch.randint(0, 256, (chunk_bytes,), dtype=torch.uint8)
-        buffers = [pool.alloc(chunk_bytes).tensor(chunk_bytes, torch.uint8) for _ in range(depth)]
+        buffers.extend(pool.alloc(chunk_bytes).tensor(chunk_bytes, torch.uint8) for _ in range(depth))
         for b in buffers:
             b.copy_(pattern)
         f = io.open(os.path.join(directory, "selfcheck.bin"), "rw", create=True, size=total)
@@ -98,7 +99,7 @@ def run_selfcheck(path: Optional[str] = None, size: int | str = "1GiB", chunk: i
     finally:
         bar.close()
         io.close()
-        del buffers
+        buffers.clear()
         pool.close()
         shutil.rmtree(directory, ignore_errors=True)
 

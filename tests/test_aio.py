@@ -8,10 +8,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import run_unprivileged
 
 from engine import AsyncIO, AsyncIOError, PinnedPool, _native
-
-from helpers import run_unprivileged
 
 KiB, MiB = 1 << 10, 1 << 20
 ALIGN = 4096
@@ -117,7 +116,8 @@ def test_read_past_end_of_file_names_file_offset_and_size(tmp_path, backend, poo
         with pytest.raises(AsyncIOError) as info:
             f.read(MiB, buf).wait()
         err = info.value
-        assert (err.errno, err.filename, err.offset, err.nbytes, err.op) == (errno.EIO, str(path), MiB, 2 * ALIGN, "read")
+        assert ((err.errno, err.filename, err.offset, err.nbytes, err.op)
+                == (errno.EIO, str(path), MiB, 2 * ALIGN, "read"))
         assert "end of file" in str(err) and str(path) in str(err) and str(MiB) in str(err)
         # Straddling the end: the first page is read, the rest is an error at the end offset.
         with pytest.raises(AsyncIOError, match="end of file after 4096") as info:

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import stat
@@ -17,13 +16,13 @@ import time
 
 import pytest
 import torch
+from helpers import child_env
 from safetensors.torch import load_file, save_file
 
 import engine
 from engine.checkpoint import CheckpointError
+from engine.checkpoint.atomic import CheckpointRoot
 from engine.checkpoint.format import read_header
-
-from helpers import child_env
 
 ENV = child_env()
 
@@ -261,8 +260,14 @@ def test_odd_sized_model_resumes_in_a_new_process(tmp_path, nvme):
 def test_store_file_round_trip_of_odd_shapes(tmp_path, dtype):
     """Store -> safetensors -> store for sizes around the segment and 4 KiB boundaries, through
     staging blocks sized the way save and load size them (for the largest tensor, as fp32)."""
-    from engine.checkpoint.transfer import (Entry, StoreSource, StoreTarget, load_safetensors,
-                                            staging_bytes_for, write_safetensors)
+    from engine.checkpoint.transfer import (
+        Entry,
+        StoreSource,
+        StoreTarget,
+        load_safetensors,
+        staging_bytes_for,
+        write_safetensors,
+    )
     from engine.storage.staging import staging_blocks
     from engine.storage.store import TensorStore
 
@@ -814,7 +819,7 @@ def test_from_pretrained_refuses_fifos(tmp_path, nvme):
         shutil.copytree(good, case)
         fifo = _fifo_instead_of(case / victim)
         with pytest.raises(CheckpointError, match="not a regular file") as err:
-            _without_hanging(lambda: engine.from_pretrained(str(case), cfg), [fifo])
+            _without_hanging(lambda case=case: engine.from_pretrained(str(case), cfg), [fifo])
         assert fifo in str(err.value), victim
     assert os.listdir(nvme) == []
 
@@ -1090,7 +1095,7 @@ def test_enospc_on_a_buffered_shard_names_it(tmp_path, monkeypatch):
     assert err.value.errno == 28 and file in str(err.value) and err.value.filename == file
 
 
-# ---------------------------------------------------------------------------------------------- injected failures of `latest`
+# ---------------------------------------------------------------------------------------- injected failures of `latest`
 def _committed_once(root_dir) -> "CheckpointRoot":
     """A checkpoint root whose 'latest' names 'a' (a manifest-only checkpoint: commit() needs no more)."""
     from engine.checkpoint.atomic import CheckpointRoot, write_file

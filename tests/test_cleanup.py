@@ -12,10 +12,10 @@ import subprocess
 import sys
 
 import torch
+from helpers import child_env
 
 from engine.cli import main
 from engine.storage import TensorStore, cleanup
-from helpers import child_env
 
 OWNER = """
 import sys, torch
@@ -182,8 +182,9 @@ def test_clean_bad_path_is_one_line_and_exit_2(tmp_path, capsys):
 def test_without_nvme_path_swap_goes_to_one_private_root_per_user_and_is_reclaimed(tmp_path, monkeypatch):
     """No nvme_path: one fixed <tmp>/memascend-<uid> root (a fresh random parent per run would hide
     a killed run's swap directory from every later sweep)."""
-    import engine
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import engine
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     root = cleanup.default_swap_root()

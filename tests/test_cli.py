@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from helpers import run_python
 
 from engine.cli import main
-from helpers import run_python
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--batch", "4", "--seq-len", "32", "--quiet"]
@@ -262,7 +262,7 @@ def test_dataset_files_and_batches(tmp_path):
         TokenBatches(tokens, batch=1, seq_len=4096)
 
 
-# ---------------------------------------------------------------------- --config with DeepSpeed "auto" (hardening item 8)
+# -------------------------------------------------------------------- --config with DeepSpeed "auto" (hardening item 8)
 HF_AUTO_DS = {
     "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
     "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
@@ -294,7 +294,8 @@ def test_deepspeed_auto_without_a_meaning_and_bad_values_are_one_line_errors(tmp
     unresolved = write(tmp_path / "a.json", json.dumps(dict(HF_AUTO_DS, zero_optimization={
         "stage": 3, "offload_param": {"device": "auto", "nvme_path": "auto"}})))
     string_bool = write(tmp_path / "b.json", json.dumps(dict(HF_AUTO_DS, bf16={"enabled": "false"})))
-    nan_lr = write(tmp_path / "c.json", '{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": NaN}}}')
+    nan_lr = write(tmp_path / "c.json",
+                   '{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": NaN}}}')
     cases = [(unresolved, "zero_optimization.offload_param.device, zero_optimization.offload_param.nvme_path"),
              (string_bool, "bf16.enabled must be true or false"),
              (nan_lr, "optimizer.params.lr")]

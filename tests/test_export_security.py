@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 import stat
 
+import helpers
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 import engine
 from engine.peft import LoraConfig, apply_lora
-
-import helpers
 
 peft = pytest.importorskip("peft")
 
@@ -82,7 +81,7 @@ def test_exports_are_private_under_umask_000(kind, tmp_path, umask_000):
     files = export(kind, model, out)
     assert files and all(os.path.dirname(f) == str(out) for f in files)
     seen = []
-    for root, dirs, names in os.walk(out):
+    for root, _dirs, names in os.walk(out):
         assert stat.S_IMODE(os.lstat(root).st_mode) == 0o700, root
         for name in names:
             mode = os.lstat(os.path.join(root, name)).st_mode
@@ -123,7 +122,7 @@ def test_a_named_peft_adapter_goes_to_its_private_subdirectory(tmp_path, umask_0
     files = engine.peft.save_adapter(model, out)
     assert {os.path.relpath(f, out) for f in files} >= {"custom/adapter_model.safetensors",
                                                         "custom/adapter_config.json"}
-    for root, dirs, names in os.walk(out):
+    for root, _dirs, names in os.walk(out):
         assert stat.S_IMODE(os.lstat(root).st_mode) == 0o700, root
         assert all(stat.S_IMODE(os.lstat(os.path.join(root, n)).st_mode) == 0o600 for n in names), names
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]

@@ -23,7 +23,7 @@ def test_accumulates_over_micro_batches_and_reports_the_norm(tmp_path, grad_buff
     with PinnedPool(4 * MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
         off = GradientOffload(store, pool, specs, grad_buffer=grad_buffer, overflow_check=overflow_check,
                               staging_bytes=256 * 1024)
-        for window in range(2):
+        for _window in range(2):
             off.begin_window()
             total = {n: torch.zeros(s) for n, s in SHAPES.items()}
             for micro in range(3):
@@ -43,7 +43,8 @@ def test_accumulates_over_micro_batches_and_reports_the_norm(tmp_path, grad_buff
                     got = torch.empty(math.prod(s))
                     source(Piece(n, 0, math.prod(s), 0), got)
                 torch.testing.assert_close(got.reshape(s), total[n], rtol=1e-6, atol=1e-6)
-        assert off.host_buffer_bytes == (0 if grad_buffer == "streamed" else sum(math.prod(s) for s in SHAPES.values()) * 4)
+        assert off.host_buffer_bytes == (0 if grad_buffer == "streamed"
+                                         else sum(math.prod(s) for s in SHAPES.values()) * 4)
         off.close()
         assert pool.stats()["in_use"] == 0
 

@@ -8,8 +8,10 @@ import math
 import os
 import weakref
 
+import helpers
 import pytest
 import torch
+from helpers import engine_config
 from transformers import LlamaForCausalLM
 
 import engine
@@ -17,9 +19,6 @@ import engine._log
 from engine.errors import AsyncIOError, EngineError, ModelAttachedError, TrainerClosedError
 from engine.offload import is_placeholder
 from engine.procinfo import locked_bytes
-
-import helpers
-from helpers import engine_config
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -193,7 +192,7 @@ def test_close_after_a_failed_gradient_write_releases_everything_and_reports_onc
     assert not os.path.exists(swap) and swap_dirs(tmp_path) == []
     assert store._closed
     with pytest.raises(ValueError, match="closed"):
-        io.backend
+        _ = io.backend
     with pytest.raises(ValueError, match="closed"):
         pool.stats()
     trainer.close()  # the error was reported once: later calls are no-ops

@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from helpers import run_python
 
 CHILD = """

@@ -6,15 +6,14 @@ import json
 import os
 import weakref
 
+import helpers
 import pytest
 import torch
+from helpers import ACCUMULATING, batches, engine_config, tiny_llama, tiny_llama_config, train_steps, trainable
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import engine
 from engine.peft import LoraConfig, LoraLinear, apply_lora
-
-import helpers
-from helpers import ACCUMULATING, batches, engine_config, tiny_llama, tiny_llama_config, trainable, train_steps
 
 peft = pytest.importorskip("peft")
 

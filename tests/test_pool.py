@@ -8,11 +8,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-import engine
-from engine import PinnedPool, PoolExhaustedError
-
 from helpers import run_unprivileged
+
+from engine import PinnedPool, PoolExhaustedError
 
 MiB = 1 << 20
 ALIGN = 4096
@@ -132,7 +130,8 @@ def test_exhaustion_error_names_sizes():
         with pytest.raises(PoolExhaustedError) as info:
             pool.alloc(2 * ALIGN)
         err = info.value
-        assert (err.requested, err.free_bytes, err.largest_free, err.capacity) == (2 * ALIGN, 8 * ALIGN, ALIGN, 16 * ALIGN)
+        assert ((err.requested, err.free_bytes, err.largest_free, err.capacity)
+                == (2 * ALIGN, 8 * ALIGN, ALIGN, 16 * ALIGN))
         assert "requested 8192 bytes" in str(err) and "largest free block 4096" in str(err)
         assert isinstance(err, MemoryError)
 
@@ -177,7 +176,8 @@ def test_concurrent_alloc_free_from_threads():
     assert pool.stats()["in_use"] == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64,
+                                   torch.uint8])
 def test_tensor_views_share_block_memory(dtype):
     with PinnedPool(MiB) as pool:
         block = pool.alloc(10_000)
@@ -190,7 +190,8 @@ def test_tensor_views_share_block_memory(dtype):
         tail = block.tensor(35 - 7, dtype, offset=7 * itemsize)
         assert torch.equal(tail, src.flatten()[7:])
         raw = bytes(block.memoryview()[: 35 * itemsize])
-        assert raw == src.numpy().tobytes() if dtype != torch.bfloat16 else raw == src.view(torch.int16).numpy().tobytes()
+        assert (raw == src.numpy().tobytes() if dtype != torch.bfloat16
+                else raw == src.view(torch.int16).numpy().tobytes())
         with pytest.raises(ValueError, match="needs"):
             block.tensor(block.size // itemsize + 1, dtype)
         del t, tail

@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-from engine.selfcheck import run_selfcheck
-
 from helpers import REPO
+
+from engine.selfcheck import run_selfcheck
 
 
 def test_selfcheck_round_trips_and_cleans_up(tmp_path):

@@ -11,15 +11,15 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import REPO, run_unprivileged, tiny_llama_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine import AsyncIOError, PinnedPool
 from engine.errors import IntegrityError, StoreCapacityError
 from engine.storage import TensorStore
 from engine.storage.extents import ExtentAllocator
 from engine.units import format_bytes
-
-from helpers import REPO, run_unprivileged, tiny_llama_config
 
 KiB, MiB = 1 << 10, 1 << 20
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
@@ -546,9 +546,10 @@ def test_plan_and_initialize_agree_on_paths_of_unequal_free_space(unequal_fs):
     """64 MiB and 16 MiB file systems: a run whose total fits their sum but whose share does not
     fit the small one is refused by the plan check, initialize and the store alike, with the same
     numbers; one that fits trains with each swap file exactly its planned share."""
+    from transformers import LlamaForCausalLM
+
     import engine
     from engine.offload.planner import PlanError, check_disk
-    from transformers import LlamaForCausalLM
 
     big_fs, small = unequal_fs
     paths = [big_fs, small]
@@ -599,10 +600,11 @@ def test_growth_beyond_the_reservation_is_bounded_by_the_free_space(small_fs):
 def test_plan_and_initialize_agree_on_a_small_file_system(small_fs, tmp_path, capsys):
     """A model whose plan fits a 64 MiB file system trains there (its swap file is exactly the
     planned size); one that does not fit is refused by plan, the plan command and initialize alike."""
+    from transformers import LlamaForCausalLM
+
     import engine
     from engine.cli import main
     from engine.offload.planner import PlanError, check_disk
-    from transformers import LlamaForCausalLM
 
     cfg = engine.Config(nvme_path=small_fs, optimizer=engine.AdamWConfig(lr=1e-3))
     torch.manual_seed(0)

@@ -19,12 +19,19 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import assert_close  # noqa: E402
+
 from engine import AsyncIO, AsyncIOError, PinnedPool  # noqa: E402
-from engine.offload import (ParameterStreamer, StagingExhaustedError, initialize_into_store,  # noqa: E402
-                            is_placeholder, open_streamer, plan_staging)
+from engine.offload import (  # noqa: E402
+    ParameterStreamer,
+    StagingExhaustedError,
+    initialize_into_store,
+    is_placeholder,
+    open_streamer,
+    plan_staging,
+)
 from engine.offload.grad_hooks import GradientHooks  # noqa: E402
 from engine.storage import TensorStore  # noqa: E402
-from helpers import assert_close  # noqa: E402
 
 THRESHOLD = 1024  # bytes: norms (256 B) stay resident, every projection and embedding is streamed
 CHECKPOINTING = ("none", "reentrant", "non_reentrant")
@@ -143,7 +150,8 @@ def test_qwen2_streamed_matches_in_memory(tied, store):
             assert_same_results(run_step(model, batch()), expected)
 
 
-@pytest.mark.parametrize("buffer_pool,pinned_alloc", [("uniform", "exact"), ("adaptive", "torch"), ("uniform", "torch")])
+@pytest.mark.parametrize("buffer_pool,pinned_alloc",
+                         [("uniform", "exact"), ("adaptive", "torch"), ("uniform", "torch")])
 @pytest.mark.parametrize("ckpt", ["none", "non_reentrant"])
 def test_ablations_give_identical_results(buffer_pool, pinned_alloc, ckpt, store):
     model, expected = streamed_copy("llama", False, ckpt)

@@ -4,17 +4,16 @@ from __future__ import annotations
 import copy
 import os
 
+import helpers
 import pytest
 import torch
+from helpers import ACCUMULATING, GAS, batches, engine_config, tiny_llama, train_steps
 from transformers import LlamaForCausalLM
 
 import engine
 from engine.config import BASELINE
 from engine.offload.planner import PlanError
 from engine.procinfo import process_memory
-
-import helpers
-from helpers import ACCUMULATING, GAS, batches, engine_config, tiny_llama, train_steps
 
 
 def reference_run(model, data, steps, lr=1e-3, wd=0.1, clip=1.0, adamw=True):
@@ -132,7 +131,8 @@ def test_meta_device_model_is_initialized_into_the_store(tmp_path):
         meta = LlamaForCausalLM(ref.config)
     data = batches(4)
     ref_losses = reference_run(ref, data, 2)
-    with engine.initialize(meta, config(tmp_path), initializer=lambda name, shape: values[name].view(shape) if name in values else None) as tr:
+    with engine.initialize(meta, config(tmp_path),
+                           initializer=lambda name, shape: values[name].view(shape) if name in values else None) as tr:
         losses = []
         for i in range(2):
             for m in range(GAS):
@@ -235,7 +235,8 @@ def test_soak_200_steps_memory_flat_and_nothing_leaks(tmp_path):
         train(180, 20)
         report = trainer.memory_report()
         assert report["steps"] == 200
-        assert report["pool"]["in_use"] == pool["in_use"] and report["pool"]["live_allocations"] == pool["live_allocations"]
+        assert (report["pool"]["in_use"] == pool["in_use"]
+                and report["pool"]["live_allocations"] == pool["live_allocations"])
         assert trainer.runtime.store.stats()["disk_used"] == disk
         assert sorted(os.listdir(trainer.runtime.store.directories[0])) == swap_files
         growth = process_memory().rss - rss
@@ -257,7 +258,8 @@ x = torch.randint(0, vocab, (2, 256))
 conf = engine.Config(nvme_path=sys.argv[4])
 plan = engine.plan(model, conf, example_inputs=dict(input_ids=x, labels=x))
 g = torch.Generator().manual_seed(0)
-init = lambda n, s: None if n.endswith("inv_freq") else (torch.ones(s) if "norm" in n else torch.randn(s, generator=g) * 0.02)
+init = lambda n, s: (None if n.endswith("inv_freq")
+                     else (torch.ones(s) if "norm" in n else torch.randn(s, generator=g) * 0.02))
 with engine.initialize(model, conf, initializer=init) as trainer:
     for _ in range(2):
         trainer.backward(trainer(input_ids=x, labels=x).loss)

@@ -19,11 +19,11 @@ from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 
+import helpers  # noqa: E402
+
 import engine  # noqa: E402
 from engine.offload import ParameterStreamer, StreamingError, is_placeholder  # noqa: E402
 from engine.storage import TensorStore  # noqa: E402
-
-import helpers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

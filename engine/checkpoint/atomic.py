@@ -27,17 +27,30 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import stat
+import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from .._log import logger
 from .format import CheckpointError, LatestNotDurableError, LatestNotUpdatedError, open_regular
+
 # Re-exported: the checkpoint root's callers (and tests) name them here.
-from .private import (NAME, TMP_PREFIX, PrivateOutput, check_name, fsync_path, inside, json_bytes,  # noqa: F401
-                      make_private_dir, open_dir, open_private, remove_quietly, write_file)
+from .private import (  # noqa: F401
+    NAME,
+    TMP_PREFIX,
+    PrivateOutput,
+    check_name,
+    fsync_path,
+    inside,
+    json_bytes,
+    make_private_dir,
+    open_dir,
+    open_private,
+    remove_quietly,
+    write_file,
+)
 
 LATEST = "latest"
 MANIFEST = "manifest.json"

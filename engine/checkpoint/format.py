@@ -23,8 +23,7 @@ from typing import Optional, Sequence, TypeVar
 import torch
 
 from ..dtypes import FROM_SAFETENSORS, TO_SAFETENSORS, itemsize
-from ..errors import (CheckpointError, CheckpointWriteError, EngineError, LatestNotDurableError,  # noqa: F401
-                      LatestNotUpdatedError)
+from ..errors import CheckpointError, CheckpointWriteError, EngineError, LatestNotDurableError, LatestNotUpdatedError  # noqa: F401
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # Deeper JSON is refused before parsing (json's recursive parser would raise RecursionError, or
@@ -208,7 +207,8 @@ def read_header(path: str) -> SafetensorsFile:
     parsed = SafetensorsFile(path, 8 + length, tensors, metadata, size)
     if parsed.header_bytes + pos > size:
         cut = [t.name for t in sorted(tensors.values(), key=lambda t: t.begin) if parsed.offset(t) + t.nbytes > size]
-        raise CheckpointError(f"{path}: file is truncated ({size} bytes, the header needs {parsed.header_bytes + pos}); "
+        raise CheckpointError(f"{path}: file is truncated ({size} bytes, "
+                              f"the header needs {parsed.header_bytes + pos}); "
                               f"tensor(s) cut off: {', '.join(cut[:8])}{' ...' if len(cut) > 8 else ''}")
     if parsed.header_bytes + pos < size:
         raise CheckpointError(f"{path}: {size - parsed.header_bytes - pos} unexpected bytes after the last tensor")

@@ -29,7 +29,15 @@ from ..offload.params import KEY_ATTR, is_placeholder, persistent_buffers
 from ..offload.placement import TrainablePlacement
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
-from .format import MAX_HEADER_BYTES, CheckpointError, SafetensorsFile, open_regular, read_header, read_json_file, read_tensor
+from .format import (
+    MAX_HEADER_BYTES,
+    CheckpointError,
+    SafetensorsFile,
+    open_regular,
+    read_header,
+    read_json_file,
+    read_tensor,
+)
 from .hf_writer import SAFE_INDEX, SAFE_WEIGHTS, write_model
 from .private import PrivateOutput
 from .transfer import Entry, StoreSource, staging_bytes_for

@@ -21,7 +21,7 @@ import torch
 
 from .._log import logger
 from .atomic import MANIFEST
-from .format import CheckpointError, ST_TO_DTYPE, read_json_file
+from .format import ST_TO_DTYPE, CheckpointError, read_json_file
 
 FORMAT = "memascend-checkpoint"
 VERSION = 1
@@ -117,7 +117,8 @@ def _check_files(f: _Fields, files: Any) -> None:
 def _check_tensors(f: _Fields, tensors: Any, files: dict) -> None:
     for name, entry in f.mapping(tensors, "tensors").items():
         field = f"tensors.{name}"
-        f.mapping(entry, field, allowed={"file", "dtype", "shape", "crc32c"}, required={"file", "dtype", "shape", "crc32c"})
+        f.mapping(entry, field, allowed={"file", "dtype", "shape", "crc32c"},
+                  required={"file", "dtype", "shape", "crc32c"})
         if entry["file"] not in files:
             raise f.fail(f"{field}.file", f"names {_short(entry['file'])}, which 'files' does not list")
         if entry["dtype"] not in ST_TO_DTYPE:

@@ -61,11 +61,13 @@ def state_slots(runtime: "OffloadRuntime") -> list[Slot]:
             slots.append(_from_store(store, f"param/{name}", key))
         elif name in runtime.resident_trainables:
             # A resident trainable parameter: the store copy is the truth, the module's follows it.
-            def accept(t: torch.Tensor, key=StoreKey.param(name), p=p) -> None:
+            param_key = StoreKey.param(name)
+
+            def accept(t: torch.Tensor, key: StoreKey = param_key, p=p) -> None:
                 store.put(key, t.to(store.meta(key).dtype))
                 p.data.copy_(t)
 
-            slots.append(_from_store(store, f"param/{name}", StoreKey.param(name), TensorTarget(accept)))
+            slots.append(_from_store(store, f"param/{name}", param_key, TensorTarget(accept)))
         else:
             slots.append(Slot(f"param/{name}", p.dtype, tuple(p.shape), p.detach(),
                               TensorTarget(lambda t, p=p: p.data.copy_(t))))

@@ -37,10 +37,25 @@ from ..dtypes import TO_SAFETENSORS
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
-from .format import (MAX_JSON_DEPTH, CheckpointError, CheckpointWriteError, json_depth, read_header, read_json_file,
-                     split_shards)
-from .manifest import (FORMAT, MAX_MANIFEST_BYTES, VERSION, RngState, check_scheduler_state, group_updates, parse_rng,
-                       read_manifest)
+from .format import (
+    MAX_JSON_DEPTH,
+    CheckpointError,
+    CheckpointWriteError,
+    json_depth,
+    read_header,
+    read_json_file,
+    split_shards,
+)
+from .manifest import (
+    FORMAT,
+    MAX_MANIFEST_BYTES,
+    VERSION,
+    RngState,
+    check_scheduler_state,
+    group_updates,
+    parse_rng,
+    read_manifest,
+)
 from .slots import Slot, drop_absent_state, match_slots, state_slots
 from .transfer import Entry, StoreSource, load_safetensors, staging_bytes_for, write_safetensors
 
@@ -112,8 +127,9 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
         raise CheckpointError(f"refusing to save: {runtime.poisoned}")
     gas = runtime.gradient_accumulation_steps
     if runtime.micro_steps % gas:
-        raise CheckpointError(f"save_checkpoint must be called at an accumulation boundary: {runtime.micro_steps % gas} "
-                              f"of {gas} micro-batches of this window are accumulated and would not be saved")
+        raise CheckpointError(f"save_checkpoint must be called at an accumulation boundary: "
+                              f"{runtime.micro_steps % gas} of {gas} micro-batches of this window are accumulated "
+                              "and would not be saved")
     keep_last = runtime.config.checkpoint_keep_last if keep_last is None else keep_last
     if not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be a non-negative integer (0 keeps all), got {keep_last!r}")
@@ -207,8 +223,8 @@ def _write_state(runtime: "OffloadRuntime", tmp: str, shards: list[list[Slot]]) 
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optional[str] = None, lr_scheduler: Any = None,
-                    load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
+def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optional[str] = None,
+                    lr_scheduler: Any = None, load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
     """See :meth:`Trainer.load_checkpoint`."""
     path = CheckpointRoot(os.fspath(load_dir)).resolve(tag)
     manifest = read_manifest(path)
@@ -250,7 +266,8 @@ def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optio
     for what in ("optimizer", "gradient_accumulation_steps"):
         mine = runtime.config.optimizer.type if what == "optimizer" else runtime.gradient_accumulation_steps
         if manifest.get(what) != mine:
-            logger.warning("checkpoint %s was saved with %s=%r, this trainer uses %r", path, what, manifest.get(what), mine)
+            logger.warning("checkpoint %s was saved with %s=%r, this trainer uses %r",
+                           path, what, manifest.get(what), mine)
     # 3. Stream the tensors. From here on a failure leaves the state half-loaded: say so, and refuse to save it.
     runtime.poisoned = (f"loading checkpoint {path} failed part-way; the trainer's state is incomplete "
                         "- load a good checkpoint before training or saving")

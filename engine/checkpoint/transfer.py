@@ -24,7 +24,15 @@ from ..storage.aio import AsyncIO
 from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
 from .atomic import pause_point
-from .format import CheckpointError, SafetensorsFile, TensorInfo, build_header, named_write_error, open_regular, pread_into
+from .format import (
+    CheckpointError,
+    SafetensorsFile,
+    TensorInfo,
+    build_header,
+    named_write_error,
+    open_regular,
+    pread_into,
+)
 from .sinks import open_sink
 
 # A tensor computed only when it is written (a merged LoRA weight): one exists at a time.
@@ -137,7 +145,8 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
                         complete()
                     block = free.pop()
                     view = block.tensor(round_up_io(nbytes), torch.uint8)
-                    inflight.append((entry, block, view, store.read_into(entry.source.key, view, offset, nbytes), nbytes))
+                    inflight.append((entry, block, view, store.read_into(entry.source.key, view, offset, nbytes),
+                                     nbytes))
             elif isinstance(entry.source, torch.Tensor):
                 tensor = entry.source.detach().to("cpu", entry.dtype).contiguous()
                 if tuple(tensor.shape) != tuple(entry.shape):

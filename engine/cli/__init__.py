@@ -28,7 +28,8 @@ from . import bench, clean, plan, profile, train
 
 def _add_selfcheck(sub) -> None:
     check = sub.add_parser("selfcheck", help="round-trip data through the pinned pool and the I/O engine")
-    check.add_argument("--path", default=None, help="directory for the temporary test file (default: the system temp dir)")
+    check.add_argument("--path", default=None,
+                       help="directory for the temporary test file (default: the system temp dir)")
     check.add_argument("--size", default="1GiB", help="bytes to write and read back (default 1GiB)")
     check.add_argument("--chunk", default="64MiB", help="request size (default 64MiB)")
     check.add_argument("--backend", default="auto", choices=list(get_args(AioBackend)))

@@ -22,8 +22,9 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="125m", help=f"comma-separated presets ({', '.join(PRESETS)}; default 125m)")
     p.add_argument("--modes", default=",".join(MODES),
-                   help=f"comma-separated, of {', '.join(ALL_MODES)} (default: {','.join(MODES)}; 'all': every one); no-SWITCH is "
-                   "the engine with one technique off, deepspeed-default DeepSpeed's default offload settings")
+                   help=f"comma-separated, of {', '.join(ALL_MODES)} (default: {','.join(MODES)}; 'all': every one); "
+                   "no-SWITCH is the engine with one technique off, "
+                   "deepspeed-default DeepSpeed's default offload settings")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)

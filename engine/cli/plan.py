@@ -16,7 +16,8 @@ import torch
 
 from ..config import Config
 from ..errors import CLIError, PlanError
-from ..offload.planner import check_disk, plan as plan_memory
+from ..offload.planner import check_disk
+from ..offload.planner import plan as plan_memory
 from ..presets import PRESETS, build_model
 
 

@@ -23,11 +23,11 @@ from ..api import from_pretrained, initialize
 from ..checkpoint.hf import load_pretrained
 from ..config import AdamWConfig, AutoValues, Config
 from ..data import BYTE_VOCAB, TokenBatches, default_corpus, load_text, tokenize
+from ..errors import CLIError
 from ..memory.profiler import MemoryProfiler
 from ..peft import LoraConfig, apply_lora
-from ..units import format_bytes
-from ..errors import CLIError
 from ..presets import llama_config
+from ..units import format_bytes
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_SEQ = 100, 8, 128
 DEFAULT_LR_SCRATCH, DEFAULT_LR_PRETRAINED = 2e-3, 2e-5

@@ -201,7 +201,8 @@ class StagingBuffers:
         borrow: let a request use a free slot of a larger class (adaptive mode).
     """
 
-    def __init__(self, plan: BufferPlan, pool: Optional[PinnedPool], pinned_alloc: str = "exact", *, borrow: bool = True):
+    def __init__(self, plan: BufferPlan, pool: Optional[PinnedPool], pinned_alloc: str = "exact", *,
+                 borrow: bool = True):
         if pinned_alloc not in PINNED_ALLOCS:
             raise ValueError(f"pinned_alloc must be one of {PINNED_ALLOCS}, got {pinned_alloc!r}")
         if pinned_alloc == "exact" and pool is None:

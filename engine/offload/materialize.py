@@ -24,8 +24,17 @@ from ..errors import InitializationError, PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..units import format_bytes
 from .buffers import StagingSlot
-from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, ModelParams, StreamedParam, StreamedParameter, discover,
-                     is_placeholder, placeholder, replace_parameter)
+from .params import (
+    DEFAULT_RESIDENT_THRESHOLD,
+    KEY_ATTR,
+    ModelParams,
+    StreamedParam,
+    StreamedParameter,
+    discover,
+    is_placeholder,
+    placeholder,
+    replace_parameter,
+)
 
 Initializer = Callable[[str, tuple[int, ...]], Optional[torch.Tensor]]
 StateDictSource = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
@@ -61,8 +70,9 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
     pool with room for one falls back to one write at a time).
 
     ``resident_trainable``: parameters with ``requires_grad`` stay resident whatever their size
-    (as the streamer's option of that name). Parameters already off the meta device are left alone. Returns a summary with ``streamed``,
-    ``resident``, ``bytes_written``, ``unexpected`` (state-dict names the model lacks), ``buffers``.
+    (as the streamer's option of that name). Parameters already off the meta device are left alone.
+    Returns a summary with ``streamed``, ``resident``, ``bytes_written``, ``unexpected``
+    (state-dict names the model lacks), ``buffers``.
     Raises ValueError for missing parameters or wrong shapes, or a meta buffer nothing computes.
     """
     if (initializer is None) == (state_dict is None):
@@ -153,7 +163,7 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
                     del meta_buffers[name]
                 else:
                     summary["unexpected"].append(name)
-        for request, block in pending:
+        for request, _block in pending:
             request.wait()
         pending.clear()
     finally:

@@ -63,7 +63,8 @@ class OrderTracker:
             if trace is None or not self.in_sync or self.pos != len(trace):
                 if trace is not None:
                     self.changes += 1
-                    logger.info("ParameterStreamer: execution order changed; re-recorded (%d events)", len(self.recording))
+                    logger.info("ParameterStreamer: execution order changed; re-recorded (%d events)",
+                                len(self.recording))
                 self.traces[self.mode] = self.recording
                 self.recorded += 1
         self.recording = None

@@ -296,7 +296,8 @@ def discover(model: nn.Module, resident_threshold_bytes: int, *, resident_traina
                 continue
             dtype = dtype_of(param) if dtype_of is not None else param.dtype
             nbytes = param.numel() * dtypes.itemsize(dtype)
-            if nbytes > resident_threshold_bytes and param.numel() > 1 and not (resident_trainable and param.requires_grad):
+            if (nbytes > resident_threshold_bytes and param.numel() > 1
+                    and not (resident_trainable and param.requires_grad)):
                 existing = getattr(param, KEY_ATTR, None)
                 key = existing if existing is not None else param_key(full)
                 cls = nn.Parameter if type(param) is StreamedParameter else type(param)

@@ -46,13 +46,14 @@ from ..config import Config
 from ..errors import EngineError, PlanError  # noqa: F401 - PlanError re-exported
 from ..memory.pool import IO_ALIGNMENT, round_up_io
 from ..storage.backing import available_bytes
-from ..storage.segments import DEFAULT_SEGMENT_ELEMENTS, largest_extent as _extent_bytes
+from ..storage.segments import DEFAULT_SEGMENT_ELEMENTS
+from ..storage.segments import largest_extent as _extent_bytes
 from ..storage.store import path_share
 from ..units import format_bytes
+from .buffers import plan_staging
 from .gradients import grad_staging_bytes
 from .params import discover
 from .stepper import OptimizerStepper, ParamSpec
-from .buffers import plan_staging
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
 DTYPES = dtypes.BY_NAME  # config name -> torch dtype (kept importable from here)

@@ -60,7 +60,8 @@ from .materialize import Initializer, initialize_meta_buffers
 from .optimizer import OffloadedOptimizer
 from .params import KEY_ATTR, is_placeholder
 from .placement import GradientSink, OptimizerBackend, TrainablePlacement
-from .planner import MemoryPlan, plan as plan_memory
+from .planner import MemoryPlan
+from .planner import plan as plan_memory
 from .report import PhaseTimes, RuntimeStats, memory_report, runtime_stats
 from .stepper import ParamSpec
 from .streamer import ParameterStreamer

@@ -56,14 +56,29 @@ from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..storage import TensorStore
 from ..units import format_bytes
-from .buffers import (BUFFER_POOLS, PINNED_ALLOCS, BufferPlan, StagingBuffers, StagingExhaustedError, plan_for_params,
-                      plan_staging)
+from .buffers import (
+    BUFFER_POOLS,
+    PINNED_ALLOCS,
+    BufferPlan,
+    StagingBuffers,
+    StagingExhaustedError,
+    plan_for_params,
+    plan_staging,
+)
 from .device_copy import H2DCopies
 from .materialize import offload_parameters
 from .module_hooks import ModuleHooks
 from .order import OrderTracker, predict
-from .params import (DEFAULT_RESIDENT_THRESHOLD, KEY_ATTR, STREAMER_ATTR, ModelParams, StreamedParam, Unit, discover,
-                     is_placeholder)
+from .params import (
+    DEFAULT_RESIDENT_THRESHOLD,
+    KEY_ATTR,
+    STREAMER_ATTR,
+    ModelParams,
+    StreamedParam,
+    Unit,
+    discover,
+    is_placeholder,
+)
 from .residency import Residency
 from .saved_tensors import SavedTensors, Tape
 

@@ -89,7 +89,8 @@ def lora_layers(model: nn.Module) -> list[AdapterLayer]:
             if layer is not None:
                 out.append(layer)
     if not out:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers (use engine.peft.apply_lora or peft.get_peft_model)")
+        raise ValueError(f"{type(model).__name__} has no LoRA layers "
+                         "(use engine.peft.apply_lora or peft.get_peft_model)")
     return out
 
 

@@ -74,17 +74,33 @@ def _entries(model: nn.Module, value: Callable[[str], torch.Tensor], dtype: Opti
         if out_dtype not in TO_SAFETENSORS:
             raise ValueError(f"{key}: dtype {tensor.dtype} cannot be written to safetensors")
         if full is None:  # a buffer
-            read = (lambda t=tensor, d=out_dtype: t.detach().to(d))
+            read = _converted(tensor, out_dtype)
         elif full in layers:
             read = _merged(layers[full], value, out_dtype)
         else:
-            read = (lambda n=full, d=out_dtype: value(n).to(d))
+            read = _stored(value, full, out_dtype)
         entries.append(Entry(name, out_dtype, tuple(tensor.shape), read))
     return entries
 
 
 def _is_adapter_key(key: str) -> bool:
     return ".lora_" in key
+
+
+def _converted(tensor: torch.Tensor, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A buffer, cast to ``dtype`` when its turn comes."""
+    def read() -> torch.Tensor:
+        return tensor.detach().to(dtype)
+
+    return read
+
+
+def _stored(value: Callable[[str], torch.Tensor], name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A parameter without LoRA, read (from the store when streamed) and cast when its turn comes."""
+    def read() -> torch.Tensor:
+        return value(name).to(dtype)
+
+    return read
 
 
 def _merged(layer, value: Callable[[str], torch.Tensor], dtype: torch.dtype) -> Callable[[], torch.Tensor]:

@@ -124,7 +124,8 @@ class LoraLinear(nn.Module):
     def bias(self) -> Optional[nn.Parameter]:
         return self.base_layer.bias
 
-    def delta_weight(self, lora_A: Optional[torch.Tensor] = None, lora_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def delta_weight(self, lora_A: Optional[torch.Tensor] = None,
+                     lora_B: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``scaling * B @ A`` in fp32 (optionally from given adapter values, e.g. fp32 masters)."""
         a = (self.lora_A.weight if lora_A is None else lora_A).detach().float()
         b = (self.lora_B.weight if lora_B is None else lora_B).detach().float()
@@ -150,7 +151,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"apply_lora needs an engine.peft.LoraConfig, got {type(config).__name__}")
-    existing = [n for n, m in model.named_modules() if isinstance(m, LoraLinear) or type(m).__module__.startswith("peft.")]
+    existing = [n for n, m in model.named_modules()
+                if isinstance(m, LoraLinear) or type(m).__module__.startswith("peft.")]
     if existing:
         raise ValueError(f"the model already has LoRA adapters (e.g. {existing[0]}); apply LoRA once")
     targets: list[tuple[str, nn.Linear]] = []

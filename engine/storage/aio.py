@@ -23,10 +23,10 @@ import torch
 
 from .. import _native
 from .._log import logger, warn_once
-from ..validate import AioBackend, check_choice
 from ..errors import AsyncIOError
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes
+from ..validate import AioBackend, check_choice
 
 BACKEND_ENV = "MEMASCEND_AIO_BACKEND"
 Buffer = Union[PoolBlock, torch.Tensor, memoryview, bytearray, Any]
@@ -47,7 +47,8 @@ def _buffer_span(buffer: Buffer, writable: bool) -> tuple[int, int]:
     except BufferError as exc:
         raise ValueError(f"cannot {'read into' if writable else 'write from'} {type(buffer).__name__}: {exc}") from exc
     except TypeError as exc:
-        raise TypeError(f"not a buffer: {type(buffer).__name__} (use a PoolBlock, a CPU tensor or a bytes-like object)") from exc
+        raise TypeError(f"not a buffer: {type(buffer).__name__} "
+                        "(use a PoolBlock, a CPU tensor or a bytes-like object)") from exc
 
 
 class IORequest:

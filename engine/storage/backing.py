@@ -13,12 +13,12 @@ import os
 import stat
 from typing import Optional
 
+from ..errors import StoreCapacityError
+from ..memory.pool import IO_ALIGNMENT
+from ..validate import StoreLayout
 from . import cleanup
 from .aio import AsyncFile, AsyncIO
 from .extents import ExtentAllocator
-from ..validate import StoreLayout
-from ..errors import StoreCapacityError
-from ..memory.pool import IO_ALIGNMENT
 
 
 class Backing:
@@ -129,6 +129,7 @@ def _refuse_mounted_device(path: str, st: os.stat_result) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_EXCL)  # the kernel refuses this while the device is mounted or held
     except OSError as exc:
         if exc.errno == errno.EBUSY:
-            raise ValueError(f"block device {path!r} is in use (mounted, or a partition of it is); refusing it") from None
+            raise ValueError(f"block device {path!r} is in use (mounted, or a partition of it is); "
+                             "refusing it") from None
         raise
     os.close(fd)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, Hashable, Optional
 
+from ..errors import AsyncIOError, IntegrityError
 from .aio import AsyncFile, IORequest
 from .segments import Segment, TensorMeta
-from ..errors import AsyncIOError, IntegrityError
 
 # (request, buffer offset of the part, segment, verify the whole segment's CRC)
 Part = tuple[IORequest, int, Segment, bool]
@@ -82,7 +82,8 @@ class StoreRequest:
                 continue
             actual = self._crc(self._address + buffer_offset, seg.length)
             if actual != expected:
-                raise IntegrityError(meta.key, self._segment_path(meta, seg), seg.file_offset, seg.length, expected, actual)
+                raise IntegrityError(meta.key, self._segment_path(meta, seg), seg.file_offset, seg.length,
+                                     expected, actual)
 
 
 class InFlight(dict):

@@ -46,15 +46,23 @@ from typing import Hashable, Iterable, Optional, Sequence, Union
 import crc32c
 import torch
 
+from ..errors import AsyncIOError
+from ..memory.pool import IO_ALIGNMENT, PinnedPool, round_up_io
+from ..units import parse_bytes
+from ..validate import AioBackend, StoreLayout, check_choice
 from . import cleanup
 from .aio import AsyncFile, AsyncIO, Buffer, _buffer_span
 from .backing import Backing, check_room, open_backing
 from .request import InFlight, Part, StoreRequest
-from .segments import DEFAULT_STRIPE_SIZE, STRIPE_ELEMENT_BYTES, Segment, TensorMeta, aligned_bytes, path_share, segment_elements
-from ..validate import AioBackend, StoreLayout, check_choice
-from ..errors import AsyncIOError
-from ..memory.pool import IO_ALIGNMENT, PinnedPool, round_up_io
-from ..units import parse_bytes
+from .segments import (
+    DEFAULT_STRIPE_SIZE,
+    STRIPE_ELEMENT_BYTES,
+    Segment,
+    TensorMeta,
+    aligned_bytes,
+    path_share,
+    segment_elements,
+)
 
 __all__ = ["TensorStore", "StoreRequest", "TensorMeta", "Segment", "path_share"]
 
@@ -261,7 +269,8 @@ class TensorStore:
                 if self.checksum:
                     meta.crcs[index] = self._crc(address + seg.tensor_offset - offset, seg.length)
                 target = file if file is not None else self._backings[seg.path_index].file
-                parts.append((target.write(seg.file_offset, buffer, seg.length, buffer_offset=seg.tensor_offset - offset),
+                parts.append((target.write(seg.file_offset, buffer, seg.length,
+                                           buffer_offset=seg.tensor_offset - offset),
                               seg.tensor_offset - offset, seg, False))
                 meta.written[index] = True
         except BaseException:
@@ -306,7 +315,8 @@ class TensorStore:
                 continue
             target = file if file is not None else self._backings[seg.path_index].file
             request = target.read(seg.file_offset + lo - seg.tensor_offset, buffer, hi - lo, buffer_offset=lo - offset)
-            parts.append((request, lo - offset, seg, self.checksum and lo == seg.tensor_offset and hi == seg.tensor_end))
+            parts.append((request, lo - offset, seg,
+                          self.checksum and lo == seg.tensor_offset and hi == seg.tensor_end))
         self._stats["bytes_read"] += span
         return self._inflight.track(self._request(meta, "read", parts, address, file, (offset, end)))
 

@@ -39,5 +39,8 @@ class StoreKey(NamedTuple):
             raise ValueError(f"not an Adam moment: {kind!r} (expected one of {MOMENTS})")
         return cls(kind, name)
 
+    def __repr__(self) -> str:  # as the bare tuple: error messages name keys as they always did
+        return repr(tuple(self))
+
     def __str__(self) -> str:  # the checkpoint's tensor name: "master/model.layers.0.mlp.up_proj.weight"
         return f"{self.kind}/{self.name}"

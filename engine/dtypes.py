@@ -25,6 +25,9 @@ for _name in ("uint16", "uint32", "uint64"):  # present from torch 2.3
         TO_SAFETENSORS[getattr(torch, _name)] = "U" + _name[4:]
 FROM_SAFETENSORS: dict[str, torch.dtype] = {v: k for k, v in TO_SAFETENSORS.items()}
 
+# fp32 masters, gradients and moments: the engine's accumulation precision.
+FP32_BYTES = torch.float32.itemsize
+
 # The native kernels' names (csrc/optim) of the floating dtypes they take.
 KERNEL_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16",
                                         torch.float16: "float16"}

@@ -21,6 +21,7 @@ import torch
 from ..dtypes import itemsize
 from ..memory.pool import PoolBlock, round_up_io
 from ..storage.aio import AsyncIO
+from ..storage.segments import STRIPE_ELEMENT_BYTES
 from ..storage.staging import STAGING_BLOCKS
 from ..storage.store import TensorStore
 from .atomic import pause_point
@@ -76,7 +77,7 @@ def chunk_elements(store: TensorStore, dtype: torch.dtype, block_bytes: int, num
 def staging_bytes_for(store: TensorStore, largest_nbytes: int) -> int:
     """Block size for chunked copies: one fp32 segment, or less when every tensor is smaller
     (``largest_nbytes``: the largest tensor as fp32, so every dtype up to 4 bytes fits)."""
-    return round_up_io(max(1, min(store.segment_elements * 4, largest_nbytes)))
+    return round_up_io(max(1, min(store.segment_elements * STRIPE_ELEMENT_BYTES, largest_nbytes)))
 
 
 # ---------------------------------------------------------------------------------------------- save

@@ -26,6 +26,7 @@ from ..dtypes import BY_NAME
 from ..memory.pool import PinnedPool
 from ..storage import cleanup
 from ..storage.aio import AsyncIO
+from ..storage.segments import STRIPE_ELEMENT_BYTES
 from ..storage.staging import put_chunked  # segment by segment: no full-size staging copy
 from ..storage.store import TensorStore
 from ..units import parse_bytes
@@ -66,7 +67,7 @@ def open_storage(res: Resources, config: Config, plan: MemoryPlan) -> None:
     res.io = AsyncIO(config.aio_backend, queue_depth=config.queue_depth, block_size=parse_bytes(config.block_size),
                      pool=res.pool)
     res.store = TensorStore(paths, layout=config.store, io=res.io, checksum=config.checksum,
-                            stripe_size=plan.segment_elements * 4)
+                            stripe_size=plan.segment_elements * STRIPE_ELEMENT_BYTES)
     res.store.ensure_capacity(plan.disk_bytes, plan.disk_largest_extent)
 
 

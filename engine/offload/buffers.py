@@ -33,7 +33,7 @@ import ctypes
 import math
 import sys
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence, get_args
 
 import torch
 from torch import nn
@@ -42,10 +42,12 @@ from .._log import logger, warn_once
 from ..errors import EngineError, StagingExhaustedError  # noqa: F401 - re-exported
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes
+from ..validate import BufferPool, PinnedAlloc, check_choice
 from .params import DEFAULT_RESIDENT_THRESHOLD, ModelParams, discover, round_up
 
-BUFFER_POOLS = ("adaptive", "uniform")
-PINNED_ALLOCS = ("exact", "torch")
+# The switches' values, spelled once (engine/validate.py).
+BUFFER_POOLS: tuple[str, ...] = get_args(BufferPool)
+PINNED_ALLOCS: tuple[str, ...] = get_args(PinnedAlloc)
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class BufferPlan:
         window_tensors: most distinct tensors live at once (in ``prefetch_depth + 1`` units).
     """
 
-    mode: str
+    mode: BufferPool
     classes: dict[int, int]
     prefetch_depth: int
     window_tensors: int
@@ -78,7 +80,7 @@ class BufferPlan:
         return f"{self.mode} staging: {parts} = {format_bytes(self.total_bytes)}"
 
 
-def plan_buffers(order: Sequence[Sequence[tuple[Hashable, int]]], prefetch_depth: int, mode: str = "adaptive",
+def plan_buffers(order: Sequence[Sequence[tuple[Hashable, int]]], prefetch_depth: int, mode: BufferPool = "adaptive",
                  buffer_count: Optional[int] = None) -> BufferPlan:
     """Plans staging slots for an execution order.
 
@@ -91,8 +93,7 @@ def plan_buffers(order: Sequence[Sequence[tuple[Hashable, int]]], prefetch_depth
         buffer_count: uniform slots; default: the most tensors live at once plus one spare
             (a spare that, in adaptive mode, borrowing from larger classes provides).
     """
-    if mode not in BUFFER_POOLS:
-        raise ValueError(f"buffer_pool must be one of {BUFFER_POOLS}, got {mode!r}")
+    check_choice("buffer_pool", mode, BufferPool)
     if prefetch_depth < 0:
         raise ValueError(f"prefetch_depth must be >= 0, got {prefetch_depth}")
     width = prefetch_depth + 1
@@ -118,7 +119,7 @@ def plan_buffers(order: Sequence[Sequence[tuple[Hashable, int]]], prefetch_depth
 
 
 def plan_staging(model: nn.Module, *, prefetch_depth: int = 1,
-                 resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: str = "adaptive",
+                 resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: BufferPool = "adaptive",
                  buffer_count: Optional[int] = None, resident_trainable: bool = False,
                  dtype_of: Optional[Callable[[nn.Parameter], torch.dtype]] = None) -> BufferPlan:
     """The staging plan a :class:`~engine.offload.ParameterStreamer` with these settings would use for ``model``.
@@ -131,7 +132,7 @@ def plan_staging(model: nn.Module, *, prefetch_depth: int = 1,
     return plan_for_params(params, prefetch_depth, buffer_pool, buffer_count)
 
 
-def plan_for_params(params: ModelParams, prefetch_depth: int, buffer_pool: str,
+def plan_for_params(params: ModelParams, prefetch_depth: int, buffer_pool: BufferPool,
                     buffer_count: Optional[int]) -> BufferPlan:
     """:func:`plan_buffers` over the units of ``params`` in registration order."""
     # A unit runs inside its ancestors' forwards: their weights are live at the same time.
@@ -201,10 +202,8 @@ class StagingBuffers:
         borrow: let a request use a free slot of a larger class (adaptive mode).
     """
 
-    def __init__(self, plan: BufferPlan, pool: Optional[PinnedPool], pinned_alloc: str = "exact", *,
+    def __init__(self, plan: BufferPlan, pool: Optional[PinnedPool], pinned_alloc: PinnedAlloc = "exact", *,
                  borrow: bool = True):
-        if pinned_alloc not in PINNED_ALLOCS:
-            raise ValueError(f"pinned_alloc must be one of {PINNED_ALLOCS}, got {pinned_alloc!r}")
         if pinned_alloc == "exact" and pool is None:
             raise ValueError("pinned_alloc='exact' needs a PinnedPool")
         self.plan = plan

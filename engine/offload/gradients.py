@@ -19,10 +19,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..dtypes import FP32_BYTES
 from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool, PoolBlock, round_up_io
 from ..optim import kernels
 from ..storage.store import StoreRequest, TensorStore
+from ..validate import GradBuffer, OverflowCheck, check_choice
 from .keys import StoreKey
 from .placement import GradFill
 from .stepper import ParamSpec, Piece
@@ -35,7 +37,7 @@ GRAD_STAGING_BYTES = 64 << 20
 def grad_staging_bytes(largest_numel: int) -> int:
     """Pinned bytes the streamed gradient path needs: the in-flight budget, or one fp32 copy of the
     largest gradient when that is larger (it must fit in one block)."""
-    return max(GRAD_STAGING_BYTES, round_up_io(largest_numel * 4))
+    return max(GRAD_STAGING_BYTES, round_up_io(largest_numel * FP32_BYTES))
 
 
 class GradientOffload:
@@ -53,12 +55,11 @@ class GradientOffload:
     """
 
     def __init__(self, store: TensorStore, pool: PinnedPool, params: Sequence[ParamSpec], *,
-                 grad_buffer: str = "streamed", overflow_check: str = "fused", staging_bytes: int = GRAD_STAGING_BYTES,
+                 grad_buffer: GradBuffer = "streamed", overflow_check: OverflowCheck = "fused",
+                 staging_bytes: int = GRAD_STAGING_BYTES,
                  flat_dtype: torch.dtype = torch.float32):
-        if grad_buffer not in ("streamed", "flat"):
-            raise ValueError(f"grad_buffer must be 'streamed' or 'flat', got {grad_buffer!r}")
-        if overflow_check not in ("fused", "naive"):
-            raise ValueError(f"overflow_check must be 'fused' or 'naive', got {overflow_check!r}")
+        check_choice("grad_buffer", grad_buffer, GradBuffer)  # also built without a Config (tests)
+        check_choice("overflow_check", overflow_check, OverflowCheck)
         self.store, self.pool = store, pool
         self.params = {p.name: p for p in params}
         self.grad_buffer, self.overflow_check = grad_buffer, overflow_check
@@ -106,7 +107,7 @@ class GradientOffload:
             if last:
                 self._account(name, view)
         else:
-            block = self._staging(round_up_io(spec.numel * 4))
+            block = self._staging(round_up_io(spec.numel * FP32_BYTES))
             acc = block.tensor(spec.numel, torch.float32)
             if first and name not in self.received:
                 acc.copy_(grad)

@@ -44,6 +44,7 @@ from torch import nn
 from .. import dtypes
 from ..errors import StreamerDetachedError, StreamingError
 from ..memory.pool import IO_ALIGNMENT
+from .keys import StoreKey
 
 DEFAULT_RESIDENT_THRESHOLD = 1 << 20
 """Default ``resident_threshold_bytes``: parameters of at most 1 MiB stay resident."""
@@ -61,9 +62,9 @@ def round_up(n: int, alignment: int = IO_ALIGNMENT) -> int:
     return -(-n // alignment) * alignment
 
 
-def param_key(name: str) -> tuple[str, str]:
+def param_key(name: str) -> StoreKey:
     """The TensorStore key of the parameter named ``name``."""
-    return ("param", name)
+    return StoreKey.param(name)
 
 
 def placeholder(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -58,7 +58,7 @@ from .stepper import OptimizerStepper, ParamSpec
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
 DTYPES = dtypes.BY_NAME  # config name -> torch dtype (kept importable from here)
 # Master weights and gradients are fp32 whatever the compute dtype (the stepper's and the gradient path's choice).
-FP32_BYTES = dtypes.itemsize(torch.float32)
+FP32_BYTES = dtypes.FP32_BYTES
 
 
 @dataclass

@@ -25,11 +25,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..dtypes import FP32_BYTES
 from ..optim import CPUAdamW, kernels
+from ..validate import OverflowCheck, check_choice
 from .placement import GradFill
 from .stepper import StepStats
-
-OVERFLOW_CHECKS = ("fused", "naive")
 
 
 class DramGradients:
@@ -41,9 +41,8 @@ class DramGradients:
             isinf/isnan temporaries, the ablation baseline).
     """
 
-    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], *, overflow_check: str = "fused"):
-        if overflow_check not in OVERFLOW_CHECKS:
-            raise ValueError(f"overflow_check must be 'fused' or 'naive', got {overflow_check!r}")
+    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], *, overflow_check: OverflowCheck = "fused"):
+        check_choice("overflow_check", overflow_check, OverflowCheck)  # also built without a Config (tests)
         self.overflow_check = overflow_check
         # The buffers the optimizer reads (DramOptimizer): one per parameter, allocated once.
         self.buffers: dict[str, torch.Tensor] = {name: torch.zeros(p.shape, dtype=torch.float32)
@@ -89,7 +88,7 @@ class DramGradients:
 
     @property
     def nbytes(self) -> int:
-        return sum(g.numel() * 4 for g in self.buffers.values())
+        return sum(g.numel() * FP32_BYTES for g in self.buffers.values())
 
     def close(self) -> None:
         """Drops the buffers (idempotent)."""
@@ -172,7 +171,7 @@ class DramOptimizer:
     @property
     def state_bytes(self) -> int:
         """DRAM held beyond the parameters: fp32 masters (mixed), gradients, moments."""
-        total = sum(m.numel() * 4 for m in self._out)
+        total = sum(m.numel() * FP32_BYTES for m in self._out)
         total += self.gradients.nbytes
         for state in self.optimizer.state.values():
             total += sum(state[k].numel() * state[k].element_size() for k in ("exp_avg", "exp_avg_sq") if k in state)

@@ -56,9 +56,8 @@ from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..storage import TensorStore
 from ..units import format_bytes
+from ..validate import BufferPool, PinnedAlloc, check_choice
 from .buffers import (
-    BUFFER_POOLS,
-    PINNED_ALLOCS,
     BufferPlan,
     StagingBuffers,
     StagingExhaustedError,
@@ -124,14 +123,13 @@ class ParameterStreamer:
     """
 
     def __init__(self, model: nn.Module, store, pool: Optional[PinnedPool] = None, *, prefetch_depth: int = 1,
-                 resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: str = "adaptive",
-                 buffer_count: Optional[int] = None, pinned_alloc: str = "exact",
+                 resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: BufferPool = "adaptive",
+                 buffer_count: Optional[int] = None, pinned_alloc: PinnedAlloc = "exact",
                  device: Union[str, torch.device] = "cpu", borrow: bool = True, restore_on_exit: bool = True,
                  resident_trainable: bool = False, owns_store: bool = False, owns_pool: bool = False):
-        if buffer_pool not in BUFFER_POOLS:
-            raise ValueError(f"buffer_pool must be one of {BUFFER_POOLS}, got {buffer_pool!r}")
-        if pinned_alloc not in PINNED_ALLOCS:
-            raise ValueError(f"pinned_alloc must be one of {PINNED_ALLOCS}, got {pinned_alloc!r}")
+        # the streamer is also built without a Config (tests, benchmarks): its switches are checked here
+        check_choice("buffer_pool", buffer_pool, BufferPool)
+        check_choice("pinned_alloc", pinned_alloc, PinnedAlloc)
         if pinned_alloc == "torch" and pool is not None:
             raise ValueError("pinned_alloc='torch' pins through PyTorch (the ablation); do not pass a PinnedPool")
         if not isinstance(prefetch_depth, int) or prefetch_depth < 0:
@@ -365,8 +363,8 @@ class ParameterStreamer:
 
 # ---------------------------------------------------------------------- convenience
 def open_streamer(model: nn.Module, paths, *, store: str = "direct", prefetch_depth: int = 1,
-                  resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: str = "adaptive",
-                  buffer_count: Optional[int] = None, pinned_alloc: str = "exact",
+                  resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: BufferPool = "adaptive",
+                  buffer_count: Optional[int] = None, pinned_alloc: PinnedAlloc = "exact",
                   device: Union[str, torch.device] = "cpu", checksum: bool = True, backend: str = "auto",
                   **store_kwargs) -> ParameterStreamer:
     """Builds the PinnedPool (sized by the plan), a TensorStore on ``paths`` and an attached streamer.

@@ -26,8 +26,9 @@ from .offload.runtime import OffloadRuntime
 from .peft import merge_and_export, save_adapter
 
 
-def _counter(name: str) -> property:
-    """A runtime counter, read and written through the facade (checkpoint loads set them)."""
+def _attribute(name: str) -> property:
+    """A runtime attribute read and written through the facade (checkpoint loads set the counters;
+    the other attributes were plain ones of the Trainer and stay assignable)."""
     return property(lambda self: getattr(self.runtime, name),
                     lambda self, value: setattr(self.runtime, name, value),
                     doc=f"The runtime's ``{name}``.")
@@ -46,20 +47,20 @@ class Trainer:
         self.pretrained_path: Optional[str] = None  # set by engine.from_pretrained
 
     # ------------------------------------------------------------------ the runtime's state
-    config: Config = _view("config")  # type: ignore[assignment]
-    module: nn.Module = _view("module")  # type: ignore[assignment]
-    plan: MemoryPlan = _view("plan")  # type: ignore[assignment]
-    optimizer: OffloadedOptimizer = _view("optimizer")  # type: ignore[assignment]
-    scaler = _view("scaler")
-    compute_dtype: torch.dtype = _view("compute_dtype")  # type: ignore[assignment]
-    frozen_dtype: torch.dtype = _view("frozen_dtype")  # type: ignore[assignment]
-    mixed: bool = _view("mixed")  # type: ignore[assignment]
+    config: Config = _attribute("config")  # type: ignore[assignment]
+    module: nn.Module = _attribute("module")  # type: ignore[assignment]
+    plan: MemoryPlan = _attribute("plan")  # type: ignore[assignment]
+    optimizer: OffloadedOptimizer = _attribute("optimizer")  # type: ignore[assignment]
+    scaler = _attribute("scaler")
+    compute_dtype: torch.dtype = _attribute("compute_dtype")  # type: ignore[assignment]
+    frozen_dtype: torch.dtype = _attribute("frozen_dtype")  # type: ignore[assignment]
+    mixed: bool = _attribute("mixed")  # type: ignore[assignment]
     gradient_accumulation_steps: int = _view("gradient_accumulation_steps")  # type: ignore[assignment]
     loss_scale: float = _view("loss_scale")  # type: ignore[assignment]
-    micro_steps: int = _counter("micro_steps")  # type: ignore[assignment]
-    global_steps: int = _counter("global_steps")  # type: ignore[assignment]
-    skipped_steps: int = _counter("skipped_steps")  # type: ignore[assignment]
-    last_grad_norm: Optional[float] = _counter("last_grad_norm")  # type: ignore[assignment]
+    micro_steps: int = _attribute("micro_steps")  # type: ignore[assignment]
+    global_steps: int = _attribute("global_steps")  # type: ignore[assignment]
+    skipped_steps: int = _attribute("skipped_steps")  # type: ignore[assignment]
+    last_grad_norm: Optional[float] = _attribute("last_grad_norm")  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ training API
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -199,3 +199,35 @@ def test_an_existing_export_directory_keeps_its_mode_new_ones_are_0700(tmp_path)
         os.umask(old)
     assert stat.S_IMODE(mine.stat().st_mode) == 0o755
     assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in (mine / "a", mine / "a" / "b"))
+
+
+@pytest.mark.parametrize("export", ["save_adapter", "merge_and_export"])
+def test_weights_are_written_inside_the_opened_directory_even_if_it_is_swapped(tmp_path, monkeypatch, export):
+    """The output directory is replaced by a link to a look-alike (its temporary directory's name
+    recreated there) just before the weights are written: they still go into the directory that was
+    opened (relative to its descriptor), nothing into the look-alike."""
+    import engine.checkpoint.hf_writer as hf_writer
+    import engine.peft.adapters as adapters
+
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    module = adapters if export == "save_adapter" else hf_writer
+    real_write = module.write_safetensors
+
+    def swap_then_write(path, *args, **kwargs):
+        tmp = os.path.basename(os.path.dirname(path))
+        if not victim.exists():
+            os.rename(out, tmp_path / "out-real")
+            (victim / tmp).mkdir(parents=True)
+            os.symlink(victim, out)
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "write_safetensors", swap_then_write)
+    model = lora_model("adapter-builtin")
+    if export == "save_adapter":
+        engine.peft.save_adapter(model, out)
+        weights = "adapter_model.safetensors"
+    else:
+        engine.peft.merge_and_export(model, out, max_shard_size=SHARD)
+        weights = "model.safetensors.index.json"  # and its shards, listed in it
+    assert victim.exists() and [n for _, _, names in os.walk(victim) for n in names] == []
+    assert (tmp_path / "out-real" / weights).is_file()

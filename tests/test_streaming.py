@@ -312,18 +312,22 @@ def test_meta_initializer_errors(store):
 
 
 # ---------------------------------------------------------------------- gradients hook
-def test_on_grad_receives_every_gradient_instead_of_param_grad(store):
+@pytest.mark.parametrize("wiring", ["on_grad", "gradient_hooks"])
+def test_on_grad_receives_every_gradient_instead_of_param_grad(store, wiring):
     model, expected = streamed_copy("llama", True, "reentrant")
     received: dict[str, torch.Tensor] = {}
 
     def on_grad(name, grad):
         received[name] = received[name] + grad if name in received else grad.clone()
 
-    hooks = GradientHooks(model, on_grad).install()  # the gradient path's hooks, next to the streamer
-    with ParameterStreamer(model, store, prefetch_depth=1, resident_threshold_bytes=THRESHOLD):
+    # the streamer's on_grad argument, or the gradient path's hooks installed next to the streamer
+    hooks = GradientHooks(model, on_grad).install() if wiring == "gradient_hooks" else None
+    kwargs = dict(on_grad=on_grad) if wiring == "on_grad" else {}
+    with ParameterStreamer(model, store, prefetch_depth=1, resident_threshold_bytes=THRESHOLD, **kwargs):
         logits, loss, grads = run_step(model, batch())
         assert all(g is None for g in grads.values())
-    hooks.remove()
+    if hooks is not None:
+        hooks.remove()
     ref_logits, ref_loss, ref_grads = expected
     assert_close(logits, ref_logits, "logits")
     assert received.keys() == {n for n, _ in model.named_parameters()}
@@ -523,3 +527,20 @@ def test_cuda_streaming_matches_in_memory(depth, ckpt, store):
             torch.cuda.synchronize()
             assert_same_results(got, expected)
         assert streamer.stats()["pinned_pool"]["capacity"] > 0
+
+
+def test_a_failed_attach_gives_the_model_its_weights_back(store):
+    """A write fails part-way through attach (the third tensor moved to the store): the weights
+    already made placeholders come back, so the in-memory model loses nothing and still runs."""
+    model = build("llama", False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    streamer = ParameterStreamer(model, store, prefetch_depth=1, resident_threshold_bytes=THRESHOLD)
+    assert len(streamer.params.streamed) > 3
+    store._io.inject_fault(3, errno.EIO)
+    with pytest.raises(AsyncIOError):
+        streamer.attach()
+    assert not streamer.attached
+    for name, p in model.named_parameters():
+        assert not is_placeholder(p.data) and type(p) is nn.Parameter, name
+        assert torch.equal(p.detach(), before[name]), name
+    model(batch()).logits.sum()  # runs on its own weights

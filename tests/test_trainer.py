@@ -312,3 +312,14 @@ def test_training_with_activation_checkpointing_matches_torch(tmp_path, reentran
     ref_losses = reference_run(ref, data, 4)
     losses, weights, _ = engine_run(model, data, 4, config(tmp_path), tmp_path)
     assert_same_training(ref, ref_losses, losses, weights)
+
+
+def test_io_wait_counts_the_forward_and_backward_read_stalls(tmp_path):
+    """Without prefetching every streamed weight is read on demand: the time compute waited for
+    those reads is part of the report's I/O wait, with the optimizer's read and write waits."""
+    data = batches(2 * GAS)
+    _, _, report = engine_run(tiny_llama(), data, 2, config(tmp_path, prefetch_depth=0, resident_threshold_bytes=1024),
+                              tmp_path)
+    stall = report["streamer"]["stall_seconds"]
+    assert report["streamer"]["misses"] > 0 and stall > 0
+    assert report["io_wait_s"] >= stall

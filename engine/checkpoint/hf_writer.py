@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 from typing import Any, Optional, Sequence
 
@@ -60,23 +59,21 @@ def write_model(out: PrivateOutput, entries: list[Entry], max_shard_bytes: int, 
     shards = split_shards(entries, max_shard_bytes)
     names = shard_names(len(shards))
     for name, shard in zip(names, shards):
-        write_safetensors(out.path(name), shard, store, list(blocks), metadata=METADATA, io=io)
+        write_safetensors(out.path(name), shard, store, list(blocks), metadata=METADATA, io=io, dir_fd=out.tmp_fd)
         out.commit(name)
     if config is not None:
         write_config(out, config, config_dtype, generation_config)
-    index = os.path.join(out.directory, SAFE_INDEX)
     if len(shards) > 1:
         weight_map = {e.name: name for name, shard in zip(names, shards) for e in shard}
         body = dict(metadata=dict(total_size=sum(e.nbytes for e in entries),
                                   total_parameters=sum(math.prod(e.shape) for e in entries)),
                     weight_map=dict(sorted(weight_map.items())))
         out.write(SAFE_INDEX, json_bytes(body))
-        stale = [os.path.join(out.directory, SAFE_WEIGHTS)]
+        stale = [SAFE_WEIGHTS]
     else:
-        stale = [index]
+        stale = [SAFE_INDEX]
     # Files of an earlier export that this one does not replace would confuse a loader.
-    stale += [os.path.join(out.directory, n) for n in os.listdir(out.directory) if SHARD.match(n) and n not in names]
-    for file in stale:
-        if os.path.isfile(file):
-            os.unlink(file)
+    stale += [n for n in out.names() if SHARD.match(n) and n not in names]
+    for name in stale:
+        out.remove(name)
     return len(shards)

@@ -162,8 +162,28 @@ class PrivateOutput:
             self._dir_fd = self._tmp_fd = -1
 
     def path(self, name: str) -> str:
-        """Where a library writes ``name`` by path before :meth:`commit`."""
+        """Where a library writes ``name`` by path before :meth:`commit` (and the name errors give)."""
         return os.path.join(self.tmp, name)
+
+    def names(self) -> list[str]:
+        """The entries of the output directory (listed through its descriptor)."""
+        return os.listdir(self._dir_fd)
+
+    def remove(self, name: str) -> bool:
+        """Removes the regular file ``name`` from the output directory (relative to its descriptor,
+        never through a link); False when there is none."""
+        try:
+            if not stat.S_ISREG(os.stat(check_name(name), dir_fd=self._dir_fd, follow_symlinks=False).st_mode):
+                return False
+            os.unlink(name, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    @property
+    def tmp_fd(self) -> int:
+        """The temporary directory's descriptor: the engine's own writers open files relative to it."""
+        return self._tmp_fd
 
     def open(self, name: str) -> BinaryIO:
         """A new private temporary file ``name`` for writing; :meth:`commit` it when complete."""

@@ -20,9 +20,9 @@ from .private import open_private
 class BufferedSink:
     """Appends to a new file through the page cache (file systems without O_DIRECT, e.g. tmpfs)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, dir_fd: Optional[int] = None):
         self.path = path
-        self.fd = open_private(path)
+        self.fd = open_private(_name(path, dir_fd), dir_fd)
 
     def append(self, data: memoryview) -> None:
         write_all(self.fd, data)
@@ -42,10 +42,12 @@ class DirectSink:
     to its exact size at the end. Bypasses the page cache, whose write-back throttling otherwise
     limits a large checkpoint to a single stream's bandwidth."""
 
-    def __init__(self, io: AsyncIO, path: str, total: int, blocks: list[PoolBlock]):
-        os.close(open_private(path))
+    def __init__(self, io: AsyncIO, path: str, total: int, blocks: list[PoolBlock], dir_fd: Optional[int] = None):
+        os.close(open_private(_name(path, dir_fd), dir_fd))
         self.path, self.total = path, total
-        self.file = io.open(path, "w", direct=True, size=max(round_up_io(total), IO_ALIGNMENT))
+        # The native engine opens by path: through the directory's descriptor when there is one.
+        where = path if dir_fd is None else f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
+        self.file = io.open(where, "w", direct=True, size=max(round_up_io(total), IO_ALIGNMENT))
         self.blocks = blocks
         self.views = [b.memoryview() for b in blocks]
         self.pending: list = [None] * len(blocks)
@@ -100,17 +102,26 @@ class DirectSink:
         self.views.clear()
 
 
-def open_sink(path: str, total: int, io: Optional[AsyncIO],
-              stream_blocks: list[PoolBlock]) -> Union[BufferedSink, DirectSink]:
+def _name(path: str, dir_fd: Optional[int]) -> str:
+    """What to open: ``path``, or its file name relative to ``dir_fd``."""
+    return path if dir_fd is None else os.path.basename(path)
+
+
+def open_sink(path: str, total: int, io: Optional[AsyncIO], stream_blocks: list[PoolBlock],
+              dir_fd: Optional[int] = None) -> Union[BufferedSink, DirectSink]:
+    """A sink for the new file ``path`` (with ``dir_fd``: ``path``'s file name in that directory,
+    ``path`` naming it in errors)."""
     if io is None or not stream_blocks:
-        return BufferedSink(path)
+        return BufferedSink(path, dir_fd)
     try:
-        return DirectSink(io, path, total, stream_blocks)
+        return DirectSink(io, path, total, stream_blocks, dir_fd)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        if os.path.exists(path):
-            os.unlink(path)
+        try:
+            os.unlink(_name(path, dir_fd), dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
         warn_once("checkpoint-buffered", f"checkpoint: {os.path.dirname(path)!r} does not support O_DIRECT; "
                   "writing through the page cache")
-        return BufferedSink(path)
+        return BufferedSink(path, dir_fd)

@@ -82,8 +82,10 @@ def staging_bytes_for(store: TensorStore, largest_nbytes: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- save
 def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorStore], blocks: list[PoolBlock],
-                      metadata: Optional[dict] = None, io: Optional[AsyncIO] = None) -> dict:
-    """Writes ``entries`` to a new file ``path`` (0600, fsync'ed before returning).
+                      metadata: Optional[dict] = None, io: Optional[AsyncIO] = None,
+                      dir_fd: Optional[int] = None) -> dict:
+    """Writes ``entries`` to a new file ``path`` (0600, fsync'ed before returning); with ``dir_fd``
+    the file is ``path``'s name opened in that directory (``path`` names it in errors).
 
     Store tensors are read segment by segment into ``blocks`` while the previous segment is
     written to the file. With ``io``, half of ``blocks`` carry the file's byte stream and it is
@@ -100,7 +102,7 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
     block_bytes = blocks[0].size if blocks else 0
     free = list(blocks)
     inflight: deque = deque()
-    sink = open_sink(path, total, io, stream_blocks)
+    sink = open_sink(path, total, io, stream_blocks, dir_fd)
     try:
         sink.append(memoryview(header))
         written = 0

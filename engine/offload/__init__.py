@@ -20,8 +20,9 @@ from .params import DEFAULT_RESIDENT_THRESHOLD, StreamedParameter, StreamingErro
 from .placement import GradientSink, OptimizerBackend, TrainablePlacement
 from .resident import DramGradients, DramOptimizer
 from .runtime import OffloadRuntime
+from .standalone import open_streamer
 from .stepper import OptimizerStepper
-from .streamer import ParameterStreamer, open_streamer, plan_staging
+from .streamer import ParameterStreamer, plan_staging
 
 __all__ = [
     "BUFFER_POOLS", "BufferPlan", "DEFAULT_RESIDENT_THRESHOLD", "DramGradients", "DramOptimizer", "GradientOffload",

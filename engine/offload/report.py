@@ -37,7 +37,7 @@ class RuntimeStats:
     forward_s: float
     backward_s: float
     step_s: float
-    io_wait_s: float                 # streamer waits + optimizer read/write waits
+    io_wait_s: float                 # forward/backward stalled on reads + optimizer read/write waits
     optimizer_compute_s: float
     bytes_read: int                  # store totals
     bytes_written: int
@@ -48,7 +48,7 @@ def runtime_stats(counters: dict[str, Any], times: PhaseTimes, store: dict, stre
     """``counters``: micro/global/skipped steps and last_grad_norm; ``store``/``streamer``: their
     ``stats()`` dicts; ``stepper``: the backend's :class:`~engine.offload.stepper.StepStats`."""
     return RuntimeStats(**counters, **asdict(times),
-                        io_wait_s=streamer.get("wait_s", 0.0) + stepper.read_wait_s + stepper.write_wait_s,
+                        io_wait_s=streamer["stall_seconds"] + stepper.read_wait_s + stepper.write_wait_s,
                         optimizer_compute_s=stepper.compute_s, bytes_read=store["bytes_read"],
                         bytes_written=store["bytes_written"])
 

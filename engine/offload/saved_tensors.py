@@ -9,6 +9,13 @@ of non-reentrant activation checkpointing, so checkpointing still drops them). U
 handle in backward re-fetches the weight, and the first unpack of a unit call's handles in a
 graph task is a ``B`` event (it drives prefetching in backward as unit calls do in forward).
 
+Why saved-tensor hooks and not module backward pre-hooks (as ZeRO-3): ``F.linear`` saves
+``weight.t()``, a *view* holding the staging buffer's storage, so the buffer of every layer
+would stay pinned by the autograd graph until backward (peak = the whole model) unless every
+op that saves a weight were replaced. Saved-tensor hooks see every saved tensor of every op and
+fire exactly when autograd needs the data, including in recomputations of activation
+checkpointing (reentrant or not).
+
 Each forward call that saved handles has a :class:`Tape`: the keys it saved and its position
 in the step. Tapes not yet unpacked (``pending``) tell a new root forward whether the step's
 backward is still to come (gradient accumulation over several forwards), and, when the

@@ -25,22 +25,10 @@ One step
     replayed on later ones, separately for grad-enabled/disabled and train/eval passes; when
     the step differs, heuristics take over and the step re-records (``stats()["order_changes"]``).
 
-Why saved-tensor hooks and not module backward pre-hooks (as ZeRO-3)
-    ``F.linear`` saves ``weight.t()``, a *view* holding the staging buffer's storage: the
-    buffer of every layer would stay pinned by the autograd graph until backward (peak = the
-    whole model), unless every op that saves a weight is replaced. Saved-tensor hooks see
-    every saved tensor of every op and fire exactly when autograd needs the data, including in
-    recomputations of activation checkpointing (reentrant or not).
-
-Memory
-    Staging slots are planned from the order: at most the tensors of ``prefetch_depth + 1``
-    consecutive units are held, independent of the number of layers. Every slot comes from the
-    PinnedPool (or, in the ``pinned_alloc="torch"`` ablation, from ``pin_memory()``).
-
-Gradients
-    Autograd accumulates a streamed parameter's gradient in ``param.grad`` as usual. The
-    gradient path (:class:`~engine.offload.grad_hooks.GradientHooks`, installed next to the
-    streamer) takes each contribution as autograd finishes accumulating it instead.
+Memory: at most the tensors of ``prefetch_depth + 1`` consecutive units are staged,
+independent of the number of layers, in slots from the PinnedPool (:mod:`.buffers`).
+Gradients: autograd accumulates into ``param.grad`` as usual, unless ``on_grad`` is given
+(or the runtime's :class:`~engine.offload.grad_hooks.GradientHooks` take them).
 """
 from __future__ import annotations
 
@@ -52,9 +40,8 @@ import torch
 from torch import nn
 
 from .._log import logger
-from ..errors import PoolExhaustedError
+from ..errors import PoolExhaustedError, StreamingError
 from ..memory.pool import PinnedPool
-from ..storage import TensorStore
 from ..units import format_bytes
 from ..validate import BufferPool, PinnedAlloc, check_choice
 from .buffers import (
@@ -65,6 +52,7 @@ from .buffers import (
     plan_staging,
 )
 from .device_copy import H2DCopies
+from .grad_hooks import GradCallback, GradientHooks
 from .materialize import offload_parameters
 from .module_hooks import ModuleHooks
 from .order import OrderTracker, predict
@@ -81,7 +69,7 @@ from .params import (
 from .residency import Residency
 from .saved_tensors import SavedTensors, Tape
 
-__all__ = ["ParameterStreamer", "open_streamer", "plan_staging"]
+__all__ = ["ParameterStreamer", "plan_staging"]
 
 
 def _zero_stats() -> dict:
@@ -116,7 +104,10 @@ class ParameterStreamer:
         resident_trainable: parameters with ``requires_grad`` stay resident whatever their size
             (PEFT: adapters and their optimizer state live in memory; only the frozen base streams).
         owns_store, owns_pool: :meth:`close` (and leaving a ``with`` block) closes the store / the
-            given pool too (:func:`open_streamer` hands both over). A pool the streamer makes is its own.
+            given pool too (:func:`~engine.offload.standalone.open_streamer` hands both over). A pool
+            the streamer makes is its own.
+        on_grad: ``on_grad(name, grad)`` receives every gradient contribution of every trainable
+            parameter instead of ``param.grad`` while attached (:class:`~engine.offload.grad_hooks.GradientHooks`).
 
     Use as a context manager (attach on enter, detach on exit) or call :meth:`attach` /
     :meth:`detach`. :meth:`stats` reports staging memory, I/O and prefetch hits/misses.
@@ -126,7 +117,8 @@ class ParameterStreamer:
                  resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: BufferPool = "adaptive",
                  buffer_count: Optional[int] = None, pinned_alloc: PinnedAlloc = "exact",
                  device: Union[str, torch.device] = "cpu", borrow: bool = True, restore_on_exit: bool = True,
-                 resident_trainable: bool = False, owns_store: bool = False, owns_pool: bool = False):
+                 resident_trainable: bool = False, owns_store: bool = False, owns_pool: bool = False,
+                 on_grad: Optional[GradCallback] = None):
         # the streamer is also built without a Config (tests, benchmarks): its switches are checked here
         check_choice("buffer_pool", buffer_pool, BufferPool)
         check_choice("pinned_alloc", pinned_alloc, PinnedAlloc)
@@ -165,9 +157,11 @@ class ParameterStreamer:
         self._lock = threading.RLock()
         self._order = OrderTracker()
         self._residency = Residency(self.params.streamed, store, self.plan, self.device, self._stats)
-        self._saved = SavedTensors(self._residency, self._event, self._lock)
-        self._hooks = ModuleHooks(model, self.params, self._residency, self._saved, self._order, self._event,
+        event = _weak_event(self)  # the parts must not keep their streamer alive (no cycle)
+        self._saved = SavedTensors(self._residency, event, self._lock)
+        self._hooks = ModuleHooks(model, self.params, self._residency, self._saved, self._order, event,
                                   self._lock, self._stats)
+        self._grad_hooks = GradientHooks(model, on_grad) if on_grad is not None else None
 
     def _reset_state(self) -> None:
         """Forgets everything of one attach (staged weights, frames, tapes, the recorded order)."""
@@ -193,19 +187,37 @@ class ParameterStreamer:
         if self._attached:
             return self
         self._make_buffers()
+        # Weights in memory before attach, held until it succeeds: a failure part-way (e.g. ENOSPC)
+        # gives them back, so the model loses nothing (the memory was the model's anyway).
+        in_memory = {key: sp.param.data for key, sp in self.params.streamed.items()
+                     if not is_placeholder(sp.param.data)}
         try:
             offload_parameters(self.model, self.params, self.store, self.device,
                                acquire=lambda nbytes: self._residency.slot_for(nbytes, demand=True),
                                release=self._buffers.release, mark=self._mark_streamed, stats=self._stats)
             self._hooks.install()
+            if self._grad_hooks is not None:
+                self._grad_hooks.install()
         except BaseException:
             self._hooks.remove()
+            if self._grad_hooks is not None:
+                self._grad_hooks.remove()
+            self._give_back(in_memory)
             raise
         self._attached = True
         logger.info("ParameterStreamer: %d tensors (%s) streamed, %d resident (%s); %s",
                     len(self.params.streamed), format_bytes(self.params.streamed_bytes), len(self.params.resident),
                     format_bytes(self.params.resident_bytes), self.plan.describe())
         return self
+
+    def _give_back(self, data: dict) -> None:
+        """A failed attach: the parameters it made placeholders get their own memory back."""
+        for key, tensor in data.items():
+            sp = self.params.streamed[key]
+            sp.set_data(tensor)
+            for attr in (KEY_ATTR, STREAMER_ATTR):
+                if hasattr(sp.param, attr):
+                    delattr(sp.param, attr)
 
     def _make_buffers(self) -> None:
         if self._buffers is not None:
@@ -234,6 +246,8 @@ class ParameterStreamer:
         Without it they stay placeholders backed by the store."""
         if not self._attached:
             return
+        if self._grad_hooks is not None:
+            self._grad_hooks.remove()
         self._hooks.remove()
         self._hooks.close_frames()  # waits for reads in flight and drops every staged weight
         self._residency.drain()
@@ -361,36 +375,13 @@ class ParameterStreamer:
                 f"{self.buffer_pool}/{self.pinned_alloc}, device={self.device}, attached={self._attached})")
 
 
-# ---------------------------------------------------------------------- convenience
-def open_streamer(model: nn.Module, paths, *, store: str = "direct", prefetch_depth: int = 1,
-                  resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD, buffer_pool: BufferPool = "adaptive",
-                  buffer_count: Optional[int] = None, pinned_alloc: PinnedAlloc = "exact",
-                  device: Union[str, torch.device] = "cpu", checksum: bool = True, backend: str = "auto",
-                  **store_kwargs) -> ParameterStreamer:
-    """Builds the PinnedPool (sized by the plan), a TensorStore on ``paths`` and an attached streamer.
+def _weak_event(streamer: "ParameterStreamer") -> Callable[..., None]:
+    method = weakref.WeakMethod(streamer._event)
 
-    ``store`` is the store-layout ablation switch (``"direct"`` | ``"files"``), passed through to
-    :class:`~engine.storage.TensorStore`; the pool is registered with the store's io_uring.
-    ``streamer.close()`` closes all three.
-    """
-    plan = plan_staging(model, prefetch_depth=prefetch_depth, resident_threshold_bytes=resident_threshold_bytes,
-                        buffer_pool=buffer_pool, buffer_count=buffer_count)
-    pool = PinnedPool(max(plan.total_bytes, 4096)) if pinned_alloc == "exact" else None
-    try:
-        tstore = TensorStore(paths, layout=store, pool=pool, checksum=checksum, backend=backend, **store_kwargs)
-    except BaseException:
-        if pool is not None:
-            pool.close()
-        raise
-    streamer = ParameterStreamer(model, tstore, pool, prefetch_depth=prefetch_depth,
-                                 resident_threshold_bytes=resident_threshold_bytes, buffer_pool=buffer_pool,
-                                 buffer_count=buffer_count, pinned_alloc=pinned_alloc, device=device,
-                                 owns_store=True, owns_pool=True)
-    try:
-        streamer.attach()
-    except BaseException:
-        tstore.close()
-        if pool is not None:
-            pool.close()
-        raise
-    return streamer
+    def event(*args: Any) -> None:
+        target = method()
+        if target is None:
+            raise StreamingError("a streamed weight was used after its ParameterStreamer was garbage-collected")
+        target(*args)
+
+    return event

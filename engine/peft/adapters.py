@@ -160,7 +160,7 @@ def _save_builtin(model: nn.Module, value: Callable[[str], torch.Tensor], out: "
         for which, name in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
             t = value(name).detach().contiguous()
             entries.append(Entry(f"{PEFT_PREFIX}{layer.path}.{which}.weight", t.dtype, tuple(t.shape), t))
-    write_safetensors(out.path(ADAPTER_WEIGHTS), entries, None, [], metadata={"format": "pt"})
+    write_safetensors(out.path(ADAPTER_WEIGHTS), entries, None, [], metadata={"format": "pt"}, dir_fd=out.tmp_fd)
     out.commit(ADAPTER_WEIGHTS)
     hf_config = getattr(model, "config", None)
     name = base_model_name_or_path or getattr(hf_config, "_name_or_path", None) or None

@@ -31,6 +31,12 @@ class Backing:
         self.file = file
         self.allocator = allocator
         self.is_device = is_device
+        self.files_used = 0  # files layout: bytes of the tensors on this path
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes allocated on this path."""
+        return self.allocator.used_bytes if self.allocator is not None else self.files_used
 
     def growth_step(self, grow_step: int) -> int:
         """Growth beyond what was reserved: ``grow_step``, but at most the file's current size

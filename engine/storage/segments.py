@@ -28,6 +28,22 @@ def segment_elements(stripe_size: int) -> int:
 DEFAULT_SEGMENT_ELEMENTS = segment_elements(DEFAULT_STRIPE_SIZE)  # 4 Mi elements
 
 
+def least_used(used: list[int], start: int) -> int:
+    """The path for the next extent: the one with the fewest bytes allocated, ties going
+    round-robin from ``start`` (so a tensor's segments still alternate over equally loaded paths).
+    Greedy least-used placement keeps every path within :func:`path_share` of what is stored."""
+    n = len(used)
+    return min(((start + k) % n for k in range(n)), key=used.__getitem__)
+
+
+def room_needed(used: list[int], nbytes: int, largest_extent: int) -> list[int]:
+    """Free bytes each path needs for ``nbytes`` more, placed on the least-used path: the paths'
+    final loads are bounded by the share of everything stored (what is there plus ``nbytes``);
+    a path already above it receives nothing."""
+    target = path_share(sum(used) + nbytes, len(used), largest_extent)
+    return [max(0, target - u) for u in used]
+
+
 @dataclass(frozen=True)
 class Segment:
     """A piece of a tensor on disk: ``length`` bytes (aligned) at ``file_offset`` of backing

@@ -60,7 +60,9 @@ from .segments import (
     Segment,
     TensorMeta,
     aligned_bytes,
+    least_used,
     path_share,
+    room_needed,
     segment_elements,
 )
 
@@ -107,7 +109,6 @@ class TensorStore:
         self._meta: dict[Hashable, TensorMeta] = {}
         self._backings: list[Backing] = []
         self._next_path = 0  # where the round-robin among equally loaded paths goes next
-        self._files_used = [0] * len(roots)  # files layout: bytes of the tensors on each path
         self._file_counter = 0
         self._closed = False
         # Requests in flight per key: a read waits for the key's writes, a write for its reads
@@ -130,32 +131,15 @@ class TensorStore:
         file by exactly that share, so those allocations need no further growth."""
         self._check_open()
         largest = self.segment_elements * STRIPE_ELEMENT_BYTES if largest_extent is None else largest_extent
-        shares = self._shares(nbytes, largest)
+        shares = room_needed([b.used_bytes for b in self._backings], nbytes, largest)
         check_room(self._backings, shares)
         for b, share in zip(self._backings, shares):
             if b.allocator is not None and not b.is_device:
                 b.allocator.reserve(share)
 
-    def _shares(self, nbytes: int, largest_extent: int) -> list[int]:
-        """Free bytes each path needs for ``nbytes`` more, placed on the least-used path: the
-        paths' final loads are bounded by the share of everything stored (what is there plus
-        ``nbytes``); a path already above it receives nothing."""
-        used = [self._used_on(i) for i in range(len(self._backings))]
-        target = path_share(sum(used) + nbytes, len(self._backings), largest_extent)
-        return [max(0, target - u) for u in used]
-
-    def _used_on(self, index: int) -> int:
-        """Bytes allocated on path ``index``."""
-        allocator = self._backings[index].allocator
-        return allocator.used_bytes if allocator is not None else self._files_used[index]
-
     def _least_used_path(self) -> int:
-        """The path for the next extent: the one with the fewest bytes allocated, ties going
-        round-robin (so a tensor's segments still alternate over equally loaded paths). Greedy
-        least-used placement keeps every path within :func:`path_share` of what is stored."""
-        n = len(self._backings)
-        index = min(((self._next_path + k) % n for k in range(n)), key=self._used_on)
-        self._next_path = (index + 1) % n
+        index = least_used([b.used_bytes for b in self._backings], self._next_path)
+        self._next_path = (index + 1) % len(self._backings)
         return index
 
     # ----------------------------------------------------------------- tensors
@@ -175,7 +159,7 @@ class TensorStore:
         pieces = [(o, min(step, meta.padded_nbytes - o)) for o in range(0, meta.padded_nbytes, step)]
         if self.layout == "files":
             index = self._least_used_path()
-            self._files_used[index] += meta.padded_nbytes
+            self._backings[index].files_used += meta.padded_nbytes
             self._file_counter += 1
             meta.file = os.path.join(self._backings[index].directory, f"tensor-{self._file_counter:08d}.bin")
             meta.segments = [Segment(index, o, o, n) for o, n in pieces]
@@ -225,7 +209,7 @@ class TensorStore:
     def _release_segments(self, meta: TensorMeta) -> None:
         if self.layout == "files":
             if meta.segments:
-                self._files_used[meta.segments[0].path_index] -= meta.padded_nbytes
+                self._backings[meta.segments[0].path_index].files_used -= meta.padded_nbytes
             if meta.file is not None and os.path.exists(meta.file):
                 os.unlink(meta.file)
             return

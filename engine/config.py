@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Union
 
 from . import ds_config
+from .devices import check_device
 from .ds_config import AutoValues, looks_like_deepspeed
 from .dtypes import DtypeName
 from .errors import ConfigError, EngineError  # noqa: F401 - ConfigError re-exported
@@ -166,6 +167,9 @@ class Config:
     trainable_placement: TrainablePlacementChoice = "auto"
     # glibc mmap threshold set at initialize (None: leave glibc's dynamic one); see engine.memory.malloc.
     malloc_mmap_threshold: Union[int, str, None] = "1MiB"
+    # Compute device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N", "separate" (CPU test mode);
+    # see engine.devices.
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict):
@@ -187,6 +191,7 @@ class Config:
         self._validate_numbers()
         self._validate_sizes()
         check_bool("checksum", self.checksum)
+        check_device(self.device)
         return self
 
     def _validate_numbers(self) -> None:

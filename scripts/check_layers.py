@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Lowest first. A module belongs to the first entry whose name equals it or is its package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("leaves", ("engine._native", "engine._log", "engine.units", "engine.errors", "engine.dtypes",
+    ("leaves", ("engine._native", "engine._log", "engine.units", "engine.errors", "engine.dtypes", "engine.devices",
                 "engine.procinfo", "engine.validate", "engine.ds_config", "engine.config", "engine.presets",
                 "engine.data")),
     ("memory, optim", ("engine.memory", "engine.optim")),

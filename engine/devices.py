@@ -1,0 +1,65 @@
+"""The compute device: what ``Config.device`` may say, and the torch device it resolves to.
+
+``"auto"``: CUDA when ``torch.cuda.is_available()``, else the CPU. ``"cpu"``, ``"cuda"`` (the
+current CUDA device), ``"cuda:N"``. ``"separate"`` is a test and diagnostic mode: compute runs
+on the CPU, but in tensors distinct from host staging - weights are copied out of their pinned
+slot, gradients copied back - so the GPU path's placement, copies and ordering run (and are
+tested) on a machine without a GPU. It is slower than ``"cpu"`` and never what "auto" picks.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import ConfigError
+
+DeviceKind = Literal["cpu", "cuda", "separate"]
+_CUDA = re.compile(r"^cuda(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class ComputeDeviceSpec:
+    """A resolved compute device: its kind and the torch device tensors are computed on."""
+
+    kind: DeviceKind
+    device: torch.device
+
+    @property
+    def copies(self) -> bool:
+        """Weights and gradients cross between host staging and separate device tensors."""
+        return self.kind != "cpu"
+
+    def __str__(self) -> str:
+        return "separate (cpu)" if self.kind == "separate" else str(self.device)
+
+
+def check_device(value: object) -> str:
+    """``value`` if it is a device setting this engine knows (the format only; no CUDA query)."""
+    if isinstance(value, str) and (value in ("auto", "cpu", "separate") or _CUDA.match(value)):
+        return value
+    raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'separate' (a CPU test mode), "
+                      f"got {value!r}", "device")
+
+
+def resolve_device(value: str) -> ComputeDeviceSpec:
+    """The compute device ``value`` names on this machine; :class:`ConfigError` when it asks for a
+    CUDA device that is not there (never a silent fallback to the CPU)."""
+    check_device(value)
+    if value == "auto":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    if value in ("cpu", "separate"):
+        return ComputeDeviceSpec(value, torch.device("cpu"))  # type: ignore[arg-type]
+    match = _CUDA.match(value)
+    assert match is not None  # check_device accepted it
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={value!r} but CUDA is not available here (torch.cuda.is_available() is False; "
+                          f"torch {torch.__version__}); use device='cpu' or 'auto'", "device")
+    count = torch.cuda.device_count()
+    index = int(match.group(1)) if match.group(1) is not None else torch.cuda.current_device()
+    if index >= count:
+        raise ConfigError(f"device={value!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})",
+                          "device")
+    return ComputeDeviceSpec("cuda", torch.device("cuda", index))

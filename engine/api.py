@@ -35,14 +35,16 @@ def initialize(model: nn.Module, config: ConfigLike = None,
 
 
 def plan(model: nn.Module, config: ConfigLike = None, *, activation_bytes: int = 0,
-         example_inputs: Optional[dict] = None) -> MemoryPlan:
+         example_inputs: Optional[dict] = None, gpu_memory: Union[int, str, None] = None) -> MemoryPlan:
     """What training ``model`` with ``config`` will need (pool, disk, predicted peak), without allocating.
 
     Pass ``example_inputs`` (keyword arguments of one training forward, e.g. ``input_ids`` and
-    ``labels`` of the batch shape) to include an estimate of the activations.
+    ``labels`` of the batch shape) to include an estimate of the activations. ``gpu_memory``
+    (e.g. ``"24GiB"``): plan the GPU side for a card of that size (default: the free memory of
+    ``config.device`` when it is CUDA; nothing for the CPU).
     """
     return _plan(model, Config.load(config if config is not None else Config()), activation_bytes=activation_bytes,
-                 example_inputs=example_inputs)
+                 example_inputs=example_inputs, gpu_memory=gpu_memory)
 
 
 def from_pretrained(path: Union[str, "os.PathLike[str]"], config: ConfigLike = None, *, hf_config=None,

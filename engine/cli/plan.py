@@ -4,6 +4,10 @@ MODEL is a preset (``llama-7b``, ``llama-13b``, ``llama-70b``, ``1b``, ``350m``,
 ``tiny``) or a Hugging Face ``config.json`` (or a directory with one). The model is built
 on the meta device: nothing is allocated, nothing is written. Exit status 0 when the
 plan fits the budget (and the disk), 1 when it does not.
+
+``--device cuda --gpu-memory 24GiB`` adds the GPU's figures (resident parameters, the
+streamed-weight window, gradient staging, activations) for a card of that size, whether or
+not this machine has one; ``--device cuda`` alone plans for this machine's card and its free memory.
 """
 from __future__ import annotations
 
@@ -28,6 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--memory-budget", "--budget", dest="memory_budget", metavar="BYTES",
                    help="host memory budget, e.g. 16GiB")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="compute dtype (default: the config's, fp32)")
+    p.add_argument("--device", metavar="DEVICE", help="compute device: auto, cpu, cuda, cuda:N "
+                   "(default: the config's, auto)")
+    p.add_argument("--gpu-memory", metavar="BYTES", help="GPU memory budget, e.g. 24GiB: plan for a card of "
+                   "this size (default: the free memory of the --device card)")
     p.add_argument("--nvme-path", action="append", metavar="DIR", help="swap directories (disk is checked there)")
     p.add_argument("--config", metavar="FILE", help="engine config (YAML/JSON) or a DeepSpeed JSON")
     p.add_argument("--batch", type=int, default=0, help="with --seq-len: include the activations of this batch")
@@ -42,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["dtype"] = args.dtype
     if args.memory_budget:
         overrides["host_memory_budget"] = args.memory_budget
+    if args.device:
+        overrides["device"] = args.device
     if args.nvme_path:
         for path in args.nvme_path:
             if not os.path.isdir(path):
@@ -57,13 +67,10 @@ def run(args: argparse.Namespace) -> int:
         example = dict(input_ids=ids, labels=ids)
     fits = True
     try:
-        result = plan_memory(model, cfg, example_inputs=example)
+        result = plan_memory(model, cfg, example_inputs=example, gpu_memory=args.gpu_memory)
     except PlanError as exc:
         # Show the smallest plan anyway, marked as not fitting.
-        smallest = dataclasses.replace(cfg, host_memory_budget=None,
-                                       prefetch_depth=0 if cfg.prefetch_depth == "auto" else cfg.prefetch_depth)
-        result = dataclasses.replace(plan_memory(model, smallest, example_inputs=example),
-                                     budget_bytes=cfg.budget_bytes)
+        result = plan_memory(model, cfg, example_inputs=example, gpu_memory=args.gpu_memory, enforce_budgets=False)
         fits, reason = False, str(exc)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), dtype {cfg.dtype}")
     table = result.table()

@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", metavar="FILE", help="engine config (YAML/JSON) or a DeepSpeed JSON; "
                    "options given here override it")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="compute dtype (default fp32)")
+    p.add_argument("--device", metavar="DEVICE", help="compute device: auto (CUDA when available, else the CPU), "
+                   "cpu, cuda, cuda:N (default: the config's, auto)")
     p.add_argument("--nvme-path", action="append", metavar="DIR",
                    help="directory for the swap files; repeat to stripe over several drives "
                    "(default: $TMPDIR/memascend-<uid>, private to this user)")
@@ -84,6 +86,8 @@ def build_config(args: argparse.Namespace, embedded: bool) -> Config:
     overrides: dict[str, Any] = {}
     if args.dtype:
         overrides["dtype"] = args.dtype
+    if args.device:
+        overrides["device"] = args.device
     if args.nvme_path:
         overrides["nvme_path"] = args.nvme_path[0] if len(args.nvme_path) == 1 else list(args.nvme_path)
     if args.memory_budget:

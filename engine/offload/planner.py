@@ -30,13 +30,19 @@ its state on NVMe (DESIGN.md section 3).
 store segment (4 Mi elements): the optimizer's I/O is chunked, so larger
 sub-groups only cost memory. If even the smallest choice does not fit, planning
 fails with what is needed and what is available - before any allocation or write.
+
+GPU memory (:mod:`engine.offload.gpuplan`): for a CUDA (or ``"separate"``) device the plan also
+predicts what the GPU holds (resident parameters and buffers, the streamed-weight window,
+gradient staging, activations) and checks it against ``gpu_memory`` or the card's free memory;
+an ``"auto"`` depth is then the largest that fits both budgets. On CUDA the activations are
+counted on the GPU, not in host memory. For the CPU device the GPU figures are 0.
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -50,6 +56,8 @@ from ..storage.segments import DEFAULT_SEGMENT_ELEMENTS
 from ..storage.segments import largest_extent as _extent_bytes
 from ..storage.store import path_share
 from ..units import format_bytes
+from . import gpuplan
+from .activations import estimate_activation_bytes
 from .buffers import plan_staging
 from .gradients import grad_staging_bytes
 from .params import discover
@@ -85,10 +93,28 @@ class MemoryPlan:
     trainable_in_memory: bool = False  # trainable params, gradients and optimizer state in DRAM
     trainable_state_bytes: int = 0     # their fp32 master (mixed), gradient and moments, when in DRAM
     disk_largest_extent: int = 0       # the largest extent (store segment, or file) on disk: bounds per-path shares
+    # The compute device planned for ("cpu", "cuda:0", "separate (cpu)") and what its memory holds
+    # (all 0 / None for the CPU; see engine.offload.gpuplan).
+    device: str = "cpu"
+    gpu_resident_bytes: int = 0        # resident parameters (compute dtype) and buffers
+    gpu_window_bytes: int = 0          # device copies of the streamed weights of prefetch_depth + 1 units
+    gpu_grad_bytes: int = 0            # the largest gradient in compute dtype and in fp32
+    gpu_activation_bytes: int = 0
+    gpu_peak_bytes: int = 0            # the sum of the four
+    gpu_budget_bytes: Optional[int] = None  # gpu_memory, or the card's free memory when planning
+
+    @property
+    def host_fits(self) -> bool:
+        return self.budget_bytes is None or self.predicted_peak_bytes <= self.budget_bytes
+
+    @property
+    def gpu_fits(self) -> bool:
+        return self.gpu_budget_bytes is None or self.gpu_peak_bytes <= self.gpu_budget_bytes
 
     @property
     def fits(self) -> bool:
-        return self.budget_bytes is None or self.predicted_peak_bytes <= self.budget_bytes
+        """Host memory and (when planned) GPU memory both within their budgets."""
+        return self.host_fits and self.gpu_fits
 
     def table(self) -> str:
         """A human-readable summary (the CLI's ``plan`` prints it)."""
@@ -108,10 +134,25 @@ class MemoryPlan:
             ("process (Python, torch, ...)", format_bytes(self.process_bytes)),
             ("predicted peak host memory", format_bytes(self.predicted_peak_bytes)),
             ("host memory budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none"),
+        ] + self._gpu_rows() + [
             ("fits", "yes" if self.fits else "NO"),
         ] + [(f"disk on {p}", format_bytes(b)) for p, b in self.disk_per_path.items()]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+    def _gpu_rows(self) -> list[tuple[str, str]]:
+        if self.device == "cpu":
+            return []
+        return [
+            ("compute device", self.device),
+            ("GPU: resident parameters, buffers", format_bytes(self.gpu_resident_bytes)),
+            ("GPU: streamed-weight window", format_bytes(self.gpu_window_bytes)),
+            ("GPU: gradient staging", format_bytes(self.gpu_grad_bytes)),
+            ("GPU: activations", format_bytes(self.gpu_activation_bytes) if self.gpu_activation_bytes
+             else "not included"),
+            ("predicted peak GPU memory", format_bytes(self.gpu_peak_bytes)),
+            ("GPU memory budget", format_bytes(self.gpu_budget_bytes) if self.gpu_budget_bytes else "none"),
+        ]
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -124,13 +165,18 @@ def _trainable(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example_inputs: Optional[dict] = None,
-         segment_elements: int = DEFAULT_SEGMENT_ELEMENTS) -> MemoryPlan:
-    """Plans host and disk memory for training ``model`` (real or meta device) with ``config``.
+         segment_elements: int = DEFAULT_SEGMENT_ELEMENTS, gpu_memory: Union[int, str, None] = None,
+         enforce_budgets: bool = True) -> MemoryPlan:
+    """Plans host, GPU and disk memory for training ``model`` (real or meta device) with ``config``.
 
     ``example_inputs``: keyword arguments of one training forward (e.g. ``input_ids`` and
     ``labels`` of the batch shape); their activations are estimated on the meta device.
-    Raises :class:`PlanError` when ``config.host_memory_budget`` cannot be met.
+    ``gpu_memory`` (bytes or ``"24GiB"``): the GPU budget, planning for that card whether or not
+    this machine has one; default: the free memory of ``config.device`` when it is CUDA.
+    Raises :class:`PlanError` when ``config.host_memory_budget`` or the GPU budget cannot be met,
+    saying by how much; ``enforce_budgets=False`` returns the smallest plan instead (``fits`` False).
     """
+    target = gpuplan.gpu_target(model, config.device, gpu_memory)
     if example_inputs is not None:
         activation_bytes = estimate_activation_bytes(model, example_inputs, DTYPES[config.dtype],
                                                      frozen_dtype=DTYPES[config.frozen_dtype or config.dtype])
@@ -177,6 +223,17 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
             return 0
         return OptimizerStepper.buffer_bytes(specs, segment_elements, sub_group, compute, state)
 
+    streams = config.offload_params == "nvme"
+    gpu_resident = gpuplan.resident_bytes(model, params, dtype_of, streams) if target.planned else 0
+    gpu_grads = gpuplan.grad_bytes([s for _, s in trainable], compute) if target.planned else 0
+    gpu_activations = activation_bytes if target.planned else 0
+    host_activations = 0 if target.kind == "cuda" else activation_bytes  # on CUDA they live on the GPU
+
+    def window_for(depth: int) -> int:
+        if not (target.planned and streams):
+            return 0
+        return gpuplan.window_bytes(model, depth, threshold, in_memory, dtype_of)
+
     budget = config.budget_bytes
     depths: list[int] = [config.prefetch_depth] if isinstance(config.prefetch_depth, int) else [2, 1, 0]
     # One segment per sub-group: I/O is chunked anyway, so larger sub-groups only cost memory.
@@ -187,7 +244,8 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         # At least one I/O page: a model whose weights all stay resident and whose adapters train
         # in DRAM stages nothing, but the pool (and its registrations) must still exist.
         pool = max(staging + grad_staging + optimizer, IO_ALIGNMENT)
-        peak = pool + resident + flat + activation_bytes + process + trainable_state
+        peak = pool + resident + flat + host_activations + process + trainable_state
+        window = window_for(depth)
         on_disk = _disk_tensors([] if in_memory else trainable, params, compute, state, config, frozen_dtype)
         disk = sum(round_up_io(n * size) for n, size in on_disk)
         largest_extent = max((_extent_bytes(n * size, size, segment_elements, config.store) for n, size in on_disk),
@@ -197,20 +255,34 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         return MemoryPlan(depth, group, segment_elements, staging, grad_staging, optimizer, pool, resident, flat,
                           activation_bytes, process, peak, disk, {p: share for p in paths}, budget,
                           sum(math.prod(sp.shape) for sp in params.streamed.values()), numel_trainable,
-                          in_memory, trainable_state, largest_extent)
+                          in_memory, trainable_state, largest_extent, target.label, gpu_resident, window,
+                          gpu_grads, gpu_activations, gpu_resident + window + gpu_grads + gpu_activations,
+                          target.budget_bytes)
 
     candidates = [build(d, g) for d in depths for g in groups]
-    if budget is None:
-        return candidates[0]
     fitting = [c for c in candidates if c.fits]
     if fitting:
         return fitting[0]
-    smallest = min(candidates, key=lambda c: c.predicted_peak_bytes)
-    raise PlanError(
-        f"host_memory_budget {format_bytes(budget)} is too small: the smallest plan needs "
-        f"{format_bytes(smallest.predicted_peak_bytes)} (pinned pool {format_bytes(smallest.pool_bytes)}, resident "
-        f"parameters {format_bytes(smallest.resident_bytes)}, process {format_bytes(process)}"
-        + (f", activations {format_bytes(activation_bytes)}" if activation_bytes else "") + ")")
+    smallest = min(candidates, key=lambda c: (c.predicted_peak_bytes, c.gpu_peak_bytes))
+    if not enforce_budgets:
+        return smallest
+    problems = []
+    if not smallest.host_fits:
+        assert budget is not None
+        problems.append(
+            f"host_memory_budget {format_bytes(budget)} is too small: the smallest plan needs "
+            f"{format_bytes(smallest.predicted_peak_bytes)} (pinned pool {format_bytes(smallest.pool_bytes)}, "
+            f"resident parameters {format_bytes(smallest.resident_bytes)}, process {format_bytes(process)}"
+            + (f", activations {format_bytes(host_activations)}" if host_activations else "")
+            + f"), {format_bytes(smallest.predicted_peak_bytes - budget)} more")
+    if not smallest.gpu_fits:
+        assert smallest.gpu_budget_bytes is not None
+        parts = (f"resident parameters and buffers {format_bytes(gpu_resident)}, streamed-weight window "
+                 f"{format_bytes(smallest.gpu_window_bytes)} at prefetch depth {smallest.prefetch_depth}, "
+                 f"gradient staging {format_bytes(gpu_grads)}"
+                 + (f", activations {format_bytes(gpu_activations)}" if gpu_activations else ""))
+        problems.append(gpuplan.shortfall(target.label, smallest.gpu_peak_bytes, smallest.gpu_budget_bytes, parts))
+    raise PlanError("; ".join(problems))
 
 
 def _memory_state_bytes(numel: int, compute: torch.dtype, state: torch.dtype) -> int:
@@ -240,102 +312,6 @@ def _process_bytes(model: nn.Module) -> int:
         return PROCESS_OVERHEAD
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
     return max(rss - weights, 0)
-
-
-def estimate_activation_bytes(model: nn.Module, example_inputs: dict, dtype: torch.dtype = torch.float32, *,
-                              frozen_dtype: Optional[torch.dtype] = None) -> int:
-    """Bytes of the activations one training step keeps, from shapes alone.
-
-    Runs ``model(**example_inputs)`` and its backward on the meta device (parameters replaced
-    by meta stand-ins through ``torch.func.functional_call``; nothing is allocated) and adds up
-    the tensors autograd saves for backward, weights excluded, plus the largest of them once
-    more for the gradient buffers that exist while backward runs. With activation checkpointing
-    (Hugging Face's ``gradient_checkpointing_enable``), backward recomputes one checkpointed layer
-    at a time and holds all it saves: the largest such layer is added. ``frozen_dtype``: the dtype of
-    parameters with ``requires_grad=False`` (default ``dtype``), e.g. a bf16 base under fp32 adapters.
-    """
-    def meta_dtype(p: torch.Tensor) -> torch.dtype:
-        if not p.is_floating_point():
-            return p.dtype
-        return dtype if p.requires_grad or frozen_dtype is None else frozen_dtype
-
-    saved = _saved_activations_any_device(model, example_inputs, meta_dtype)
-    total = sum(saved.values()) + max(saved.values(), default=0)
-    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
-                    and not hasattr(m, "gradient_checkpointing_enable")]  # the layers, not the model
-    if checkpointed and model.training:
-        # What one layer saves when run without checkpointing: HF layers checkpoint only in
-        # training mode, so the same forward in eval mode shows it.
-        per_layer: dict[int, int] = {}
-        current: list[int] = []
-        def enter(mod: nn.Module, args: Any) -> None:
-            current.append(id(mod))
-
-        def leave(mod: nn.Module, args: Any, out: Any) -> None:
-            current.pop()
-
-        handles = [h for m in checkpointed
-                   for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-
-        def attribute(key: int, nbytes: int) -> None:
-            if current:
-                per_layer[current[-1]] = per_layer.get(current[-1], 0) + nbytes
-
-        try:
-            model.eval()
-            _saved_activations_any_device(model, example_inputs, meta_dtype, on_saved=attribute)
-        finally:
-            model.train()
-            for h in handles:
-                h.remove()
-        total += max(per_layer.values(), default=0)
-    return total
-
-
-def _saved_activations_any_device(model: nn.Module, example_inputs: dict,
-                                  dtype_of: Callable[[torch.Tensor], torch.dtype],
-                                  on_saved: Optional[Callable[[int, int], None]] = None) -> dict[int, int]:
-    try:
-        return _saved_activations(model, example_inputs, dtype_of, device="meta", on_saved=on_saved)
-    except RuntimeError as exc:
-        # Data-dependent Python control flow (e.g. transformers' packed-sequence check, taken
-        # when activation checkpointing turns the KV cache off) calls .item(), which meta
-        # tensors refuse; fake tensors tell such code it is being traced, and still allocate nothing.
-        if "meta tensors" not in str(exc):
-            raise
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode():
-            return _saved_activations(model, example_inputs, dtype_of, device="cpu", on_saved=on_saved)
-
-
-def _saved_activations(model: nn.Module, example_inputs: dict, dtype_of: Callable[[torch.Tensor], torch.dtype],
-                       device: str, on_saved: Optional[Callable[[int, int], None]] = None) -> dict[int, int]:
-    """Bytes of each tensor autograd saves during ``model(**example_inputs)``, weights excluded,
-    with stand-in parameters made on ``device`` (meta, or CPU under a FakeTensorMode);
-    ``on_saved(key, nbytes)`` sees each one as it is first saved."""
-    from torch.func import functional_call
-
-    params = {n: torch.empty(p.shape, dtype=dtype_of(p), device=device).requires_grad_(p.requires_grad)
-              for n, p in model.named_parameters()}
-    buffers = {n: torch.empty(b.shape, dtype=b.dtype, device=device) for n, b in model.named_buffers()}
-    weights = {id(p) for p in params.values()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if id(base) not in weights and id(t) not in weights and id(base) not in saved:
-            saved[id(base)] = base.numel() * base.element_size()
-            if on_saved is not None:
-                on_saved(id(base), saved[id(base)])
-        return t
-
-    inputs = {k: torch.empty(v.shape, dtype=v.dtype, device=device).zero_() if isinstance(v, torch.Tensor) else v
-              for k, v in example_inputs.items()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = functional_call(model, {**params, **buffers}, (), inputs)
-    del out
-    return saved
 
 
 def _disk_tensors(trainable, params, compute: torch.dtype, state: torch.dtype, config: Config,

@@ -52,6 +52,10 @@ OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "momentum")
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu")
 _LOSS_SCALING = {"loss_scale": False, "initial_scale_power": True, "loss_scale_window": True, "hysteresis": True,
                  "min_loss_scale": False}  # fp16 sub-key -> is an integer
+# The compute device has no DeepSpeed key: DeepSpeed computes on the GPU its launcher assigns
+# (LOCAL_RANK / CUDA_VISIBLE_DEVICES), so a translated Config keeps device "auto" (CUDA when
+# available). offload_param.device / offload_optimizer.device name where state is offloaded
+# ("nvme", "cpu", "none"), not where compute runs: they map to offload_params / offload_optimizer.
 # DeepSpeed keys that have no meaning here.
 _DS_IGNORED = {"steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer"}
 

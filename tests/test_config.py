@@ -355,3 +355,78 @@ def test_initialize_with_a_deepspeed_path_refuses_bad_values_before_building(tmp
     path.write_text('{"train_batch_size": "auto", "optimizer": {"type": "AdamW", "params": {"lr": Infinity}}}')
     with pytest.raises(ConfigError, match=r"optimizer\.lr must be .*got inf \(DeepSpeed key optimizer\.params\.lr\)"):
         engine.initialize(torch.nn.Linear(4, 4), str(path))
+
+
+# ---------------------------------------------------------------------- the compute device
+def fake_cuda(monkeypatch, count: int, current: int = 0) -> None:
+    """This CPU machine pretends to have ``count`` CUDA devices (0: CUDA not available)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+
+
+@pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:7", "separate"])
+def test_device_settings_are_accepted_by_format(value):
+    assert Config(device=value).device == value
+    assert Config.from_dict({"device": value}).device == value
+
+
+@pytest.mark.parametrize("value", ["cuda:x", "mps", "gpu", "CUDA", "cuda:", "cuda:-1", " cpu", "", None, 0])
+def test_unknown_device_settings_are_refused_naming_the_choices(value):
+    with pytest.raises(ConfigError, match=r"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'separate'") as info:
+        Config(device=value)
+    assert info.value.field == "device"
+
+
+def test_device_defaults_to_auto_and_loads_from_a_file(tmp_path):
+    assert Config().device == "auto"
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"device": "cuda:1"}))
+    assert Config.load(str(path)).device == "cuda:1"  # the format only: no CUDA needed to load it
+
+
+def test_resolve_device_without_cuda(monkeypatch):
+    import torch
+
+    from engine.devices import ComputeDeviceSpec, resolve_device
+
+    fake_cuda(monkeypatch, 0)
+    assert resolve_device("auto") == ComputeDeviceSpec("cpu", torch.device("cpu"))
+    cpu = resolve_device("cpu")
+    assert (cpu.kind, cpu.device, cpu.copies, str(cpu)) == ("cpu", torch.device("cpu"), False, "cpu")
+    separate = resolve_device("separate")
+    assert (separate.kind, separate.device, separate.copies) == ("separate", torch.device("cpu"), True)
+    assert str(separate) == "separate (cpu)"
+    for value in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match=rf"device='{value}' but CUDA is not available here") as info:
+            resolve_device(value)
+        assert info.value.field == "device" and "use device='cpu' or 'auto'" in str(info.value)
+
+
+def test_resolve_device_with_cuda(monkeypatch):
+    import torch
+
+    from engine.devices import resolve_device
+
+    fake_cuda(monkeypatch, 2, current=1)
+    auto = resolve_device("auto")
+    assert (auto.kind, auto.device, auto.copies, str(auto)) == ("cuda", torch.device("cuda", 1), True, "cuda:1")
+    assert resolve_device("cuda").device == torch.device("cuda", 1)  # the current device
+    assert resolve_device("cuda:0").device == torch.device("cuda", 0)
+    assert resolve_device("cpu").kind == "cpu" and resolve_device("separate").kind == "separate"  # never CUDA
+    with pytest.raises(ConfigError, match=r"device='cuda:2': this machine has 2 CUDA device\(s\) \(cuda:0..cuda:1\)"):
+        resolve_device("cuda:2")
+    with pytest.raises(ConfigError, match="device must be"):
+        resolve_device("cuda:x")
+
+
+def test_deepspeed_has_no_compute_device_and_keeps_auto(caplog):
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        cfg = Config.from_dict({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"},
+                                                      "offload_optimizer": {"device": "nvme"}},
+                                "device": "cuda:1"})
+    # offload_*.device is where state is offloaded, not where compute runs; "device" is no DeepSpeed key.
+    assert (cfg.device, cfg.offload_params, cfg.offload_optimizer) == ("auto", "nvme", "nvme")
+    assert "device" in caplog.text.split("no equivalent in this engine:")[1]

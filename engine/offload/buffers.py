@@ -43,7 +43,7 @@ from ..errors import EngineError, StagingExhaustedError  # noqa: F401 - re-expor
 from ..memory.pool import IO_ALIGNMENT, PinnedPool, PoolBlock
 from ..units import format_bytes
 from ..validate import BufferPool, PinnedAlloc, check_choice
-from .params import DEFAULT_RESIDENT_THRESHOLD, ModelParams, discover, round_up
+from .params import DEFAULT_RESIDENT_THRESHOLD, ModelParams, StreamedParam, discover, round_up
 
 # The switches' values, spelled once (engine/validate.py).
 BUFFER_POOLS: tuple[str, ...] = get_args(BufferPool)
@@ -135,13 +135,19 @@ def plan_staging(model: nn.Module, *, prefetch_depth: int = 1,
 def plan_for_params(params: ModelParams, prefetch_depth: int, buffer_pool: BufferPool,
                     buffer_count: Optional[int]) -> BufferPlan:
     """:func:`plan_buffers` over the units of ``params`` in registration order."""
-    # A unit runs inside its ancestors' forwards: their weights are live at the same time.
+    order = [[(sp.key, sp.slot_nbytes) for sp in live] for live in unit_order(params)]
+    return plan_buffers(order, prefetch_depth, buffer_pool, buffer_count)
+
+
+def unit_order(params: ModelParams) -> list[list[StreamedParam]]:
+    """Each unit's streamed tensors in registration order, with its ancestors' (a unit runs inside
+    its ancestors' forwards: their weights are live at the same time). The planner's GPU window uses it too."""
     order = []
     for unit in params.units:
         live = [u for u in params.units
                 if u is unit or u.name == "" or unit.name.startswith(u.name + ".")]
-        order.append([(sp.key, sp.slot_nbytes) for u in live for _, sp in u.params])
-    return plan_buffers(order, prefetch_depth, buffer_pool, buffer_count)
+        order.append([sp for u in live for _, sp in u.params])
+    return order
 
 
 class StagingSlot:

@@ -232,7 +232,7 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     def window_for(depth: int) -> int:
         if not (target.planned and streams):
             return 0
-        return gpuplan.window_bytes(model, depth, threshold, in_memory, dtype_of)
+        return gpuplan.window_bytes(params, depth)
 
     budget = config.budget_bytes
     depths: list[int] = [config.prefetch_depth] if isinstance(config.prefetch_depth, int) else [2, 1, 0]

@@ -1,0 +1,171 @@
+"""The planner's GPU side: the device memory predicted from shapes (checked against figures
+computed here from the model's configuration), prefetch depth chosen to fit a GPU budget, the
+error that says by how much a plan does not fit, the card's free memory as the default budget,
+and no change at all for the CPU device. No GPU needed: CUDA is faked where it is queried."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import engine
+from engine.config import Config, ConfigError
+from engine.offload.planner import PlanError, plan
+from engine.units import format_bytes
+
+V, H, I, L, HEADS = 250, 64, 128, 2, 4  # vocab 250: the embedding's bytes are no multiple of 512
+BF16 = 2
+
+
+def meta_llama() -> torch.nn.Module:
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                            num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                                            tie_word_embeddings=False))
+
+
+def cuda_config(**fields) -> Config:
+    # Threshold 4 KiB: every matrix is streamed, the norms (128 bytes in bf16) stay resident.
+    return Config(**{"device": "cuda", "dtype": "bf16", "resident_threshold_bytes": 4096, **fields})
+
+
+def block(n: int) -> int:
+    return -(-n // 512) * 512  # the CUDA caching allocator's rounding
+
+
+def expected_window(depth: int) -> int:
+    """The most bytes of depth + 1 consecutive streamed tensors (every Linear is its own unit), in bf16."""
+    layer = [H * H] * 4 + [H * I] * 3  # q, k, v, o, gate, up, down
+    sizes = [block(n * BF16) for n in [V * H] + layer * L + [V * H]]  # embed_tokens ... lm_head
+    return max(sum(sizes[i:i + depth + 1]) for i in range(len(sizes)))
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_gpu_memory_predicted_from_shapes(depth, no_cuda):
+    model = meta_llama()
+    activations = 123_457
+    p = plan(model, cuda_config(prefetch_depth=depth), activation_bytes=activations, gpu_memory="1GiB")
+    norms = (2 * L + 1) * H * BF16
+    buffers = 2 * (H // HEADS // 2) * 4  # rotary inv_freq and original_inv_freq, fp32 (buffers keep their dtype)
+    assert p.gpu_resident_bytes == norms + buffers
+    assert p.gpu_window_bytes == expected_window(depth)
+    assert p.gpu_grad_bytes == V * H * (4 + BF16)  # the largest gradient (the embedding) in bf16 and fp32
+    assert p.gpu_activation_bytes == activations
+    assert p.gpu_peak_bytes == norms + buffers + expected_window(depth) + V * H * 6 + activations
+    assert (p.gpu_budget_bytes, p.device, p.prefetch_depth, p.fits) == (1 << 30, "cuda", depth, True)
+    # On CUDA the activations are on the GPU: host memory does not count them.
+    without = plan(model, cuda_config(prefetch_depth=depth), gpu_memory="1GiB")
+    assert without.predicted_peak_bytes - without.process_bytes == p.predicted_peak_bytes - p.process_bytes
+    table = p.table()
+    for row, value in (("predicted peak GPU memory", p.gpu_peak_bytes), ("GPU memory budget", 1 << 30),
+                       ("GPU: streamed-weight window", expected_window(depth))):
+        assert f"{row}" in table and format_bytes(value) in table.split(row)[1].splitlines()[0]
+
+
+def test_cpu_plans_have_no_gpu_figures_and_are_unchanged(no_cuda):
+    model = meta_llama()
+    base = dict(dtype="bf16", resident_threshold_bytes=4096)
+    auto, cpu = plan(model, Config(**base), activation_bytes=1000), plan(model, Config(device="cpu", **base),
+                                                                        activation_bytes=1000)
+    for p in (auto, cpu):
+        assert (p.device, p.gpu_resident_bytes, p.gpu_window_bytes, p.gpu_grad_bytes, p.gpu_activation_bytes,
+                p.gpu_peak_bytes, p.gpu_budget_bytes) == ("cpu", 0, 0, 0, 0, 0, None)
+        assert "GPU" not in p.table() and "compute device" not in p.table()
+    ignore = {"process_bytes", "predicted_peak_bytes"}  # RSS moves between the two calls
+    assert {k: v for k, v in dataclasses.asdict(auto).items() if k not in ignore} == \
+           {k: v for k, v in dataclasses.asdict(cpu).items() if k not in ignore}
+    assert cpu.predicted_peak_bytes - cpu.process_bytes == cpu.pool_bytes + cpu.resident_bytes + 1000
+
+
+def test_separate_device_gets_gpu_figures_and_keeps_activations_in_host_memory(no_cuda):
+    model = meta_llama()
+    p = plan(model, cuda_config(device="separate", prefetch_depth=1), activation_bytes=5000)
+    assert (p.device, p.gpu_budget_bytes, p.gpu_window_bytes, p.gpu_activation_bytes) == \
+           ("separate (cpu)", None, expected_window(1), 5000)
+    assert p.predicted_peak_bytes - p.process_bytes == p.pool_bytes + p.resident_bytes + 5000  # compute on the CPU
+
+
+def test_auto_depth_is_the_largest_that_fits_the_gpu(no_cuda):
+    model = meta_llama()
+    peaks = {d: plan(model, cuda_config(prefetch_depth=d), gpu_memory="1GiB").gpu_peak_bytes for d in (0, 1, 2)}
+    assert peaks[0] < peaks[1] < peaks[2]
+    for budget, depth in ((peaks[2], 2), (peaks[2] - 1, 1), (peaks[1], 1), (peaks[1] - 1, 0), (peaks[0], 0)):
+        p = plan(model, cuda_config(), gpu_memory=budget)
+        assert (p.prefetch_depth, p.gpu_peak_bytes, p.fits) == (depth, peaks[depth], True), budget
+
+
+def test_a_gpu_budget_that_cannot_be_met_says_by_how_much(no_cuda):
+    model = meta_llama()
+    smallest = plan(model, cuda_config(prefetch_depth=0), gpu_memory="1GiB")
+    budget = smallest.gpu_peak_bytes - 1000
+    with pytest.raises(PlanError) as info:
+        plan(model, cuda_config(), gpu_memory=budget)
+    message = str(info.value)
+    assert message.startswith(f"GPU memory {format_bytes(budget)} on cuda is too small: the smallest plan needs "
+                              f"{format_bytes(smallest.gpu_peak_bytes)} (resident parameters and buffers "
+                              f"{format_bytes(smallest.gpu_resident_bytes)}, streamed-weight window "
+                              f"{format_bytes(expected_window(0))} at prefetch depth 0, gradient staging "
+                              f"{format_bytes(V * H * 6)}), {format_bytes(1000)} more")
+    assert "host_memory_budget" not in message
+    # Not enforced: the smallest plan, marked as not fitting.
+    shown = plan(model, cuda_config(), gpu_memory=budget, enforce_budgets=False)
+    assert (shown.prefetch_depth, shown.gpu_fits, shown.host_fits, shown.fits) == (0, False, True, False)
+    # A fixed depth that does not fit is not lowered.
+    with pytest.raises(PlanError, match="at prefetch depth 2"):
+        plan(model, cuda_config(prefetch_depth=2), gpu_memory=smallest.gpu_peak_bytes)
+
+
+def test_host_and_gpu_both_short_are_both_named(no_cuda):
+    with pytest.raises(PlanError) as info:
+        plan(meta_llama(), cuda_config(host_memory_budget="1MiB"), gpu_memory=4096)
+    host, gpu = str(info.value).split("; ")
+    assert host.startswith("host_memory_budget 1.00 MiB is too small: the smallest plan needs") and "more" in host
+    assert gpu.startswith("GPU memory 4.00 KiB on cuda is too small")
+
+
+def test_the_default_gpu_budget_is_the_cards_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (3 << 30, 80 << 30))
+    model = meta_llama()
+    for device, expected in (("cuda:1", torch.device("cuda", 1)), ("cuda", torch.device("cuda", 0)),
+                             ("auto", torch.device("cuda", 0))):
+        p = plan(model, cuda_config(device=device))
+        assert (p.device, p.gpu_budget_bytes, asked[-1]) == (str(expected), 3 << 30, expected)
+    asked.clear()
+    assert plan(model, cuda_config(), gpu_memory="24GiB").gpu_budget_bytes == 24 << 30
+    assert asked == []  # a given budget asks the card nothing
+    with pytest.raises(PlanError, match=r"GPU memory 1.00 KiB on cuda:0 is too small"):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1024, 80 << 30))
+        plan(model, cuda_config())
+
+
+def test_planning_for_cuda_without_one_needs_gpu_memory_and_bad_values_are_refused(no_cuda):
+    model = meta_llama()
+    with pytest.raises(ConfigError, match=r"CUDA is not available here .*give gpu_memory"):
+        plan(model, cuda_config())
+    assert plan(model, cuda_config(device="cuda:3"), gpu_memory="24GiB").device == "cuda:3"
+    assert plan(model, cuda_config(device="auto"), gpu_memory="24GiB").device == "cuda"
+    with pytest.raises(ConfigError, match="device='cpu' computes on no GPU"):
+        plan(model, cuda_config(device="cpu"), gpu_memory="24GiB")
+    with pytest.raises(ConfigError, match="gpu_memory must be a byte size"):
+        plan(model, cuda_config(), gpu_memory="lots")
+    # The public entry point takes the same argument.
+    assert engine.plan(model, cuda_config(), gpu_memory=1 << 30).gpu_budget_bytes == 1 << 30
+
+
+def test_activation_estimate_goes_to_the_gpu(no_cuda):
+    model = meta_llama()
+    ids = torch.zeros(2, 32, dtype=torch.long, device="meta")
+    p = plan(model, cuda_config(prefetch_depth=0), example_inputs=dict(input_ids=ids, labels=ids), gpu_memory="1GiB")
+    assert p.activation_bytes > 0 and p.gpu_activation_bytes == p.activation_bytes
+    assert p.gpu_peak_bytes == p.gpu_resident_bytes + p.gpu_window_bytes + p.gpu_grad_bytes + p.activation_bytes

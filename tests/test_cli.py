@@ -125,6 +125,50 @@ def test_plan_llama_7b_fits_or_not(capsys):
     assert "does not fit" in captured.err and "1.00 GiB is too small" in captured.err
 
 
+def test_plan_for_a_gpu_this_machine_does_not_have(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["plan", "llama-7b", "--dtype", "bf16", "--device", "cuda", "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(line.split("  ", 1) for line in out.splitlines()[1:])
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    assert rows["compute device"] == "cuda" and rows["GPU memory budget"] == "24.00 GiB" and rows["fits"] == "yes"
+    for row in ("GPU: resident parameters, buffers", "GPU: streamed-weight window", "GPU: gradient staging",
+                "predicted peak GPU memory"):
+        assert rows[row].endswith("iB"), row
+    assert rows["GPU: activations"] == "not included"
+
+    # With activations of a long sequence, 2 GiB is too small: the smallest plan is shown, and why.
+    assert main(["plan", "llama-7b", "--dtype", "bf16", "--device", "cuda:1", "--gpu-memory", "2GiB",
+                 "--batch", "1", "--seq-len", "2048"]) == 1
+    captured = capsys.readouterr()
+    assert "prefetch depth                         0" in captured.out and "compute device" in captured.out
+    assert [line.split()[-1] for line in captured.out.splitlines() if line.startswith("fits")] == ["NO"]
+    assert "does not fit: GPU memory 2.00 GiB on cuda:1 is too small" in captured.err and "more" in captured.err
+
+    # No card to ask and no --gpu-memory; a CPU device with a GPU budget; an unknown device: one-line errors.
+    for argv, message in ((["--device", "cuda"], "give gpu_memory"),
+                          (["--device", "cpu", "--gpu-memory", "8GiB"], "computes on no GPU"),
+                          (["--device", "mps"], "device must be 'auto', 'cpu', 'cuda', 'cuda:N'"),
+                          (["--device", "cuda", "--gpu-memory", "lots"], "gpu_memory must be a byte size")):
+        assert main(["plan", "llama-7b", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    # The CPU device shows no GPU lines.
+    assert main(["plan", "llama-7b", "--device", "cpu"]) == 0
+    assert "GPU" not in capsys.readouterr().out
+
+
+def test_train_device_flag_goes_into_the_config(capsys):
+    from engine.cli import build_parser, train
+
+    parser = build_parser()
+    for flag, device in (([], "auto"), (["--device", "cuda:1"], "cuda:1"), (["--device", "cpu"], "cpu")):
+        assert train.build_config(parser.parse_args(["train", *flag]), embedded=True).device == device
+    assert main(["train", "--device", "mps", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device must be 'auto', 'cpu', 'cuda', 'cuda:N'" in err[0]
+
+
 def test_plan_checks_the_disk_of_the_nvme_paths(tmp_path, capsys):
     # 70B in fp32 needs well over 1 TiB of swap space: no test machine's disk holds it.
     assert main(["plan", "llama-70b", "--nvme-path", str(tmp_path)]) == 1

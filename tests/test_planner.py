@@ -15,13 +15,13 @@ from engine.config import Config, ConfigError
 from engine.offload.planner import PlanError, plan
 from engine.units import format_bytes
 
-V, H, I, L, HEADS = 250, 64, 128, 2, 4  # vocab 250: the embedding's bytes are no multiple of 512
+V, H, INTER, L, HEADS = 250, 64, 128, 2, 4  # vocab 250: the embedding's bytes are no multiple of 512
 BF16 = 2
 
 
 def meta_llama() -> torch.nn.Module:
     with torch.device("meta"):
-        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=L,
                                             num_attention_heads=HEADS, num_key_value_heads=HEADS,
                                             tie_word_embeddings=False))
 
@@ -37,7 +37,7 @@ def block(n: int) -> int:
 
 def expected_window(depth: int) -> int:
     """The most bytes of depth + 1 consecutive streamed tensors (every Linear is its own unit), in bf16."""
-    layer = [H * H] * 4 + [H * I] * 3  # q, k, v, o, gate, up, down
+    layer = [H * H] * 4 + [H * INTER] * 3  # q, k, v, o, gate, up, down
     sizes = [block(n * BF16) for n in [V * H] + layer * L + [V * H]]  # embed_tokens ... lm_head
     return max(sum(sizes[i:i + depth + 1]) for i in range(len(sizes)))
 

@@ -66,8 +66,9 @@ def gpu_target(model: nn.Module, device: str, gpu_memory: Union[int, str, None])
     try:
         spec = resolve_device(device)
     except ConfigError as exc:
-        raise ConfigError(f"{exc}; to plan for a GPU this machine does not have, give gpu_memory "
-                          "(python -m engine plan ... --gpu-memory 24GiB)", exc.field) from None
+        raise ConfigError(f"{exc} (to plan for a GPU this machine does not have, give gpu_memory: "
+                          "engine.plan(..., gpu_memory='24GiB'), python -m engine plan ... --gpu-memory 24GiB)",
+                          exc.field) from None
     if spec.kind == "cpu":
         return GpuTarget("cpu", "cpu", None)
     free, _total = torch.cuda.mem_get_info(spec.device)

@@ -79,7 +79,8 @@ def run_engine(spec: dict[str, Any], out: dict[str, Any]) -> None:
         out.update(device=report.get("device", f"{device} (not reported)"), backend=report["backend"])
         wanted = "separate" if spec["device"] == "separate" else spec["device"].split(":")[0]
         if not str(out["device"]).startswith(wanted):  # e.g. an engine without the GPU data path
-            out["status"] = f"failed: asked for device {spec['device']!r}, the runtime computed on {out['device']}"
+            out["status"] = f"failed: asked for device {spec['device']!r}, the runtime computes on {out['device']}"
+            return  # not measured: a 1B model trained on the wrong device would only spend the time budget
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, first = [], None

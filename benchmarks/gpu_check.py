@@ -140,6 +140,7 @@ def dependencies(wheels: Optional[str]) -> Optional[str]:
     finally:
         os.unlink(f.name)
     print(tail(out))
+    importlib.invalidate_caches()  # what pip just installed is found by find_spec
     still = [pip for mod, pip in NEEDED.items() if importlib.util.find_spec(mod) is None]
     return None if rc == 0 and not still else f"pip exit {rc}; still missing: {', '.join(still) or 'nothing'}"
 

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The GPU check (issue 14) on a GPU machine: builds the engine, runs the CUDA tests and the
+# bf16 benchmarks, prints one table. Arguments go to benchmarks/gpu_check.py (--help lists them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+exec python3 benchmarks/gpu_check.py "$@"

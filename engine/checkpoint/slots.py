@@ -68,6 +68,11 @@ def state_slots(runtime: "OffloadRuntime") -> list[Slot]:
                 p.data.copy_(t)
 
             slots.append(_from_store(store, f"param/{name}", param_key, TensorTarget(accept)))
+        elif name in trainable and in_memory and _master_is_param(runtime, name):
+            # a copying device: the fp32 host master is the parameter's value (saved and loaded as it)
+            m = runtime.backend.master(name)  # type: ignore[attr-defined]
+            slots.append(Slot(f"param/{name}", m.dtype, tuple(m.shape), m,
+                              TensorTarget(lambda t, m=m, p=p: (m.copy_(t), p.data.copy_(m)))))
         else:
             slots.append(Slot(f"param/{name}", p.dtype, tuple(p.shape), p.detach(),
                               TensorTarget(lambda t, p=p: p.data.copy_(t))))
@@ -82,13 +87,18 @@ def state_slots(runtime: "OffloadRuntime") -> list[Slot]:
     return slots
 
 
+def _master_is_param(runtime: "OffloadRuntime", name: str) -> bool:
+    stands_for = getattr(runtime.backend, "stands_for_param", None)
+    return bool(stands_for is not None and stands_for(name))
+
+
 def _in_memory_slots(runtime: "OffloadRuntime", name: str, p: torch.nn.Parameter) -> list[Slot]:
     """Master and CPUAdamW state of a trainable parameter kept in DRAM (``TrainablePlacement.DRAM``)."""
     backend = runtime.backend
     master = backend.master(name)
     optimizer = backend.optimizer
     slots = []
-    if master is not p.data:
+    if master is not p.data and not _master_is_param(runtime, name):
         slots.append(Slot(f"master/{name}", master.dtype, tuple(master.shape), master,
                           TensorTarget(lambda t, m=master: m.copy_(t))))
     state = optimizer.state.get(master, {})

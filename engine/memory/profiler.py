@@ -104,6 +104,8 @@ class MemoryProfiler:
             pool = pool or runtime.pool
             store = store or runtime.store
             self.extra["backend"] = None if runtime.io is None else runtime.io.backend
+            device = getattr(runtime, "device", None)  # the compute device (engine.devices.ComputeDeviceSpec)
+            self.extra["device"] = None if device is None else str(device)
         with self._source_lock:
             if pool is not None:
                 self._pool = pool

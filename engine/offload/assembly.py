@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..devices import ComputeDeviceSpec
 from ..dtypes import BY_NAME
 from ..memory.pool import PinnedPool
 from ..storage import cleanup
@@ -134,20 +135,23 @@ def materialize(res: Resources, model: nn.Module, config: Config, initializer: O
     return masters
 
 
-def open_streamer(res: Resources, model: nn.Module, config: Config, plan: MemoryPlan) -> ParameterStreamer:
-    """The streamer over the runtime's store and pool, attached (the runtime installs the gradient hooks)."""
+def open_streamer(res: Resources, model: nn.Module, config: Config, plan: MemoryPlan,
+                  device: Optional[ComputeDeviceSpec] = None) -> ParameterStreamer:
+    """The streamer over the runtime's store and pool, attached (the runtime installs the gradient hooks);
+    on ``device`` (its kind says whether weights are copied out of staging)."""
     assert res.store is not None
     res.streamer = ParameterStreamer(
         model, res.store, None if config.pinned_alloc == "torch" else res.pool, prefetch_depth=plan.prefetch_depth,
         resident_threshold_bytes=config.resident_threshold_bytes, buffer_pool=config.buffer_pool,
         buffer_count=config.buffer_count if config.buffer_pool == "uniform" else None,
-        pinned_alloc=config.pinned_alloc, restore_on_exit=False, resident_trainable=plan.trainable_in_memory)
+        pinned_alloc=config.pinned_alloc, restore_on_exit=False, resident_trainable=plan.trainable_in_memory,
+        device=device.device if device is not None else "cpu", copies=device.copies if device is not None else False)
     res.streamer.attach()
     return res.streamer
 
 
 def nvme_placement(res: Resources, config: Config, plan: MemoryPlan, specs: Sequence[ParamSpec], *,
-                   compute: torch.dtype, group_hparams: HParams) -> None:
+                   compute: torch.dtype, group_hparams: HParams, device: Optional[ComputeDeviceSpec] = None) -> None:
     """The NVMe path: pipelined stepper over store-resident states, gradients offloaded as produced."""
     assert res.store is not None and res.pool is not None
     opt = config.optimizer
@@ -158,17 +162,20 @@ def nvme_placement(res: Resources, config: Config, plan: MemoryPlan, specs: Sequ
     stepper.initialize_states()
     res.gradients = GradientOffload(res.store, res.pool, specs, grad_buffer=config.grad_buffer,
                                     overflow_check=config.overflow_check, staging_bytes=plan.grad_staging_bytes,
-                                    flat_dtype=compute)  # the compute dtype, as ZeRO-Infinity
+                                    flat_dtype=compute, device=device)  # flat: the compute dtype, as ZeRO-Infinity
 
 
 def dram_placement(res: Resources, config: Config, params: Sequence[tuple[str, nn.Parameter]],
-                   masters: dict[str, torch.Tensor], *, group_hparams: HParams) -> None:
-    """The DRAM path (PEFT): fp32 gradient buffers and CPUAdamW in memory, sharing the buffers."""
+                   masters: dict[str, torch.Tensor], *, group_hparams: HParams,
+                   device: Optional[ComputeDeviceSpec] = None) -> None:
+    """The DRAM path (PEFT): fp32 gradient buffers and CPUAdamW in memory, sharing the buffers; on a
+    copying device over host masters of every trainable parameter, copied to the module after each step."""
     opt = config.optimizer
-    res.gradients = gradients = DramGradients(params, overflow_check=config.overflow_check)
+    copies = device is not None and device.copies
+    res.gradients = gradients = DramGradients(params, overflow_check=config.overflow_check, copies=copies)
     res.backend = DramOptimizer(params, gradients, masters, state_dtype=BY_NAME[config.optimizer_state_dtype],
                                 betas=opt.betas, eps=opt.eps, adamw_mode=opt.type == "adamw",
-                                group_hparams=group_hparams)
+                                group_hparams=group_hparams, copies=copies)
 
 
 def loss_scaler(config: Config) -> Optional[DynamicLossScaler]:

@@ -1,17 +1,35 @@
-"""How a staged weight becomes usable on the compute device.
+"""How a staged weight becomes usable on the compute device, and how a gradient leaves it.
 
-CPU: the pinned staging slot *is* the weight (:func:`host_view`, no copy). CUDA
-(:class:`H2DCopies`): the slot is copied to a device tensor on a side stream, an event
-marks the copy's end; the compute stream waits on that event before the weight is used,
-and the slot is free again once the event has completed.
+Three strategies for weights, chosen once by the streamer from its device and ``copies``:
+
+* CPU (:func:`host_view`): the pinned staging slot *is* the weight, no copy.
+* "separate" (:class:`SeparateCopies`, the CPU test mode): the slot is copied into a fresh
+  CPU tensor synchronously, so the weight computed with is never a view of staging and the
+  slot is free as soon as the copy returns - the GPU path's placement and ordering on a CPU.
+* CUDA (:class:`H2DCopies`): the slot is copied to a device tensor on a side stream, an event
+  marks the copy's end; the compute stream waits on that event before the weight is used,
+  and the slot is free again once the event has completed.
+
+The copying strategies share one interface (``launch -> (weight, completion)``, ``hand_over``,
+``finished``, ``wait``) and count into the streamer's stats: ``h2d_copies``, ``h2d_bytes`` and
+``h2d_wait_s`` - the host time compute waited for a copy: the whole synchronous copy in
+"separate" mode, the ``event.synchronize()`` calls on CUDA (the compute stream's device-side
+``wait_event`` is not a host wait and is not measured here).
+
+Gradients (:class:`D2HCopies`, CUDA): a device gradient is copied into pinned host staging on
+a second stream ordered after the gradient's producer; :func:`device_grad_norm` gives its
+statistics on the device before the copy.
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Optional, Union
 
 import torch
 
 from .buffers import StagingSlot
+
+Copies = Union["SeparateCopies", "H2DCopies"]
 
 
 def host_view(slot: StagingSlot, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -22,11 +40,44 @@ def host_view(slot: StagingSlot, shape: tuple[int, ...], dtype: torch.dtype) -> 
         return slot.tensor(shape, dtype)
 
 
+def _count(stats: dict, key: str, value: float) -> None:
+    stats[key] = stats.get(key, 0) + value
+
+
+class SeparateCopies:
+    """The "separate" device: each staged weight copied into a fresh CPU tensor, synchronously."""
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+        self.device = torch.device("cpu")
+
+    def launch(self, slot: StagingSlot, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+        """A copy of the slot (not a view of it); the completion is None: already done."""
+        start = time.perf_counter()
+        with torch.inference_mode(False):
+            weight = slot.tensor(shape, dtype).clone()
+        _count(self.stats, "h2d_wait_s", time.perf_counter() - start)  # compute ran the copy itself
+        _count(self.stats, "h2d_copies", 1)
+        _count(self.stats, "h2d_bytes", weight.numel() * weight.element_size())
+        return weight, None
+
+    def hand_over(self, weight: torch.Tensor, event: Any) -> None:
+        """Nothing to order: the copy finished before launch returned."""
+
+    @staticmethod
+    def finished(event: Any) -> bool:
+        return True
+
+    def wait(self, event: Any) -> None:
+        """Nothing to wait for."""
+
+
 class H2DCopies:
     """Host-to-device copies of staged weights on one side stream of ``device``."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, stats: dict):
         self.device = device
+        self.stats = stats
         self.stream = torch.cuda.Stream(device)
 
     def launch(self, slot: StagingSlot, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
@@ -34,9 +85,11 @@ class H2DCopies:
         host = slot.tensor(shape, dtype)
         with torch.inference_mode(False), torch.cuda.stream(self.stream):
             weight = torch.empty(shape, dtype=dtype, device=self.device)
-            weight.copy_(host, non_blocking=True)
+            weight.copy_(host, non_blocking=True)  # asynchronous: the slot is pinned (registered arena)
             event = torch.cuda.Event()
             event.record(self.stream)
+        _count(self.stats, "h2d_copies", 1)
+        _count(self.stats, "h2d_bytes", weight.numel() * weight.element_size())
         return weight, event
 
     def hand_over(self, weight: torch.Tensor, event: Any) -> None:
@@ -50,6 +103,50 @@ class H2DCopies:
     def finished(event: Any) -> bool:
         return event.query()
 
-    @staticmethod
-    def wait(event: Any) -> None:
+    def wait(self, event: Any) -> None:
+        """The host waits for the copy (its slot is needed back): counted as h2d_wait_s."""
+        start = time.perf_counter()
         event.synchronize()
+        _count(self.stats, "h2d_wait_s", time.perf_counter() - start)
+
+
+def device_grad_norm(grad: torch.Tensor) -> torch.Tensor:
+    """The fp32 L2 norm of ``grad`` as a 0-dim tensor on its device: one reduction, no full-size
+    fp32 temporary, no host synchronization. Not finite iff an element is inf/NaN (they propagate),
+    or - unlike the host's fused kernel, which sums squares in fp64 - when finite elements' fp32
+    sum of squares overflows (a norm above ~1.8e19): then too the step is skipped as an overflow."""
+    return torch.linalg.vector_norm(grad, dtype=torch.float32)
+
+
+class D2HCopies:
+    """Device-to-host gradient copies into pinned staging on a dedicated stream of ``device``."""
+
+    def __init__(self, device: torch.device, stats: Optional[dict] = None):
+        self.device = device
+        self.stats = stats if stats is not None else {}
+        self.stream = torch.cuda.Stream(device)
+
+    def launch(self, grad: torch.Tensor, out: torch.Tensor) -> Any:
+        """Starts ``out.copy_(grad)`` (``out`` pinned, fp32) after everything the current stream has
+        queued (the gradient's producer); returns the copy's completion event."""
+        producer = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(producer)
+        with torch.cuda.stream(self.stream):
+            src = grad if grad.dtype == out.dtype else grad.to(out.dtype)  # converted on the device
+            out.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        grad.record_stream(self.stream)  # the allocator must not reuse it before the copy ran
+        if src is not grad:
+            src.record_stream(self.stream)
+        _count(self.stats, "d2h_bytes", grad.numel() * grad.element_size())
+        return event
+
+    @staticmethod
+    def finished(event: Any) -> bool:
+        return event.query()
+
+    def wait(self, event: Any) -> None:
+        start = time.perf_counter()
+        event.synchronize()
+        _count(self.stats, "d2h_wait_s", time.perf_counter() - start)

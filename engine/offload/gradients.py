@@ -10,21 +10,34 @@ bounded by ``staging_bytes`` - never proportional to the model.
 
 ``flat`` (the ZeRO-Infinity-like ablation): one host buffer holding every gradient
 (``overflow_check = naive`` adds ``isinf(g).any()`` / ``isnan(g).any()`` temporaries).
+
+On a copying compute device (``device.copies``: CUDA, or the CPU "separate" mode) a gradient
+of a one-micro-batch window gets its statistics on the device before the copy
+(:func:`~engine.offload.device_copy.device_grad_norm`, resolved in :meth:`finish` without a
+per-gradient synchronization); an accumulated one goes through the fused kernel on the host
+as on the CPU. CUDA (streamed mode): the copy into pinned staging runs on a dedicated D2H
+stream ordered after the gradient's producer, and the block's store write starts once the
+copy's event completed; compute waits for a copy only when staging is full (or the next
+micro-batch reads the same slot back). "separate": a synchronous copy. Counted in
+:attr:`device_stats` (``d2h_bytes``, ``d2h_wait_s``).
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from ..devices import ComputeDeviceSpec
 from ..dtypes import FP32_BYTES
 from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool, PoolBlock, round_up_io
 from ..optim import kernels
-from ..storage.store import StoreRequest, TensorStore
+from ..storage.store import TensorStore
 from ..validate import GradBuffer, OverflowCheck, check_choice
+from .device_copy import D2HCopies, device_grad_norm
 from .keys import StoreKey
 from .placement import GradFill
 from .stepper import ParamSpec, Piece
@@ -52,20 +65,27 @@ class GradientOffload:
         overflow_check: ``"fused"`` (one native pass) or ``"naive"`` (torch isinf/isnan temporaries).
         staging_bytes: at most this much pinned staging is in flight before waiting for writes.
         flat_dtype: element type of the flat buffer (the compute dtype, as in ZeRO-Infinity).
+        device: the compute device gradients arrive on (None: the CPU, no copies counted).
     """
 
     def __init__(self, store: TensorStore, pool: PinnedPool, params: Sequence[ParamSpec], *,
                  grad_buffer: GradBuffer = "streamed", overflow_check: OverflowCheck = "fused",
                  staging_bytes: int = GRAD_STAGING_BYTES,
-                 flat_dtype: torch.dtype = torch.float32):
+                 flat_dtype: torch.dtype = torch.float32, device: Optional[ComputeDeviceSpec] = None):
         check_choice("grad_buffer", grad_buffer, GradBuffer)  # also built without a Config (tests)
         check_choice("overflow_check", overflow_check, OverflowCheck)
         self.store, self.pool = store, pool
         self.params = {p.name: p for p in params}
         self.grad_buffer, self.overflow_check = grad_buffer, overflow_check
         self.staging_bytes = staging_bytes
-        self._pending: deque[tuple[StoreRequest, PoolBlock]] = deque()
+        # (write request, or None while its D2H copy runs; block; gradient name; the copy's event)
+        self._pending: deque[list[Any]] = deque()
         self._pending_bytes = 0
+        self.copies = device is not None and device.copies
+        self.device_stats: dict = dict(d2h_bytes=0, d2h_wait_s=0.0)
+        self._d2h = D2HCopies(device.device, self.device_stats) if device is not None and device.kind == "cuda" \
+            else None
+        self._device_norms: dict[str, torch.Tensor] = {}  # one-micro-batch windows: norms still on the device
         # Per parameter (sum of squares, non-finite) of its accumulated gradient in the last
         # micro-batch: a tied weight may receive several contributions, the last one counts.
         self._stats: dict[str, tuple[float, bool]] = {}
@@ -85,6 +105,7 @@ class GradientOffload:
     def begin_window(self) -> None:
         """Starts a new accumulation window (after an optimizer step or at the beginning)."""
         self._stats.clear()
+        self._device_norms.clear()
         self.received.clear()
 
     def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
@@ -99,8 +120,17 @@ class GradientOffload:
         if grad.numel() != spec.numel:
             raise ValueError(f"gradient of {name!r} has {grad.numel()} elements, expected {spec.numel}")
         grad = grad.detach().reshape(-1)
+        if self.copies and self.grad_buffer == "streamed":
+            self._add_copied(name, spec.numel, grad, first, last)
+            self.received.add(name)
+            return
         if grad.device.type != "cpu":
+            nbytes, start = grad.numel() * grad.element_size(), time.perf_counter()
             grad = grad.to("cpu", non_blocking=False)
+            self.device_stats["d2h_bytes"] += nbytes
+            self.device_stats["d2h_wait_s"] += time.perf_counter() - start
+        elif self.copies:  # "separate", flat mode: the copy below is the D2H
+            self.device_stats["d2h_bytes"] += grad.numel() * grad.element_size()
         if self.grad_buffer == "flat":
             view = self._flat[self._offsets[name]: self._offsets[name] + spec.numel]
             view.copy_(grad) if first and name not in self.received else view.add_(grad)
@@ -117,9 +147,80 @@ class GradientOffload:
             if last:
                 self._account(name, acc)
             del acc
-            self._pending.append((self.store.write_from(StoreKey.grad(name), block), block))
+            self._pending.append([self.store.write_from(StoreKey.grad(name), block), block, name, None])
             self._pending_bytes += block.size
         self.received.add(name)
+
+    def _add_copied(self, name: str, numel: int, grad: torch.Tensor, first: bool, last: bool) -> None:
+        """Streamed mode on a copying device: ``grad`` is a compute tensor (CUDA or "separate")."""
+        self._start_copied_writes()
+        key = StoreKey.grad(name)
+        overwrite = first and name not in self.received
+        if overwrite and last:  # a one-micro-batch window: statistics on the device, before the copy
+            self._device_norms[name] = device_grad_norm(grad)
+        block = self._staging(round_up_io(numel * FP32_BYTES))
+        acc = block.tensor(numel, torch.float32)
+        if overwrite:
+            event = self._copy(grad, acc)
+        else:
+            self._device_norms.pop(name, None)  # a later contribution (tied weight): the host sum counts
+            self._flush_copy(name)  # the slot's earlier value must be written before it is read back
+            self.store.read_into(key, block).wait()
+            self._add_host(grad, acc)
+            event = None
+            if last:
+                self._account(name, acc)
+        del acc
+        if event is None:
+            self._pending.append([self.store.write_from(key, block), block, name, None])
+        else:
+            self._pending.append([None, block, name, event])  # the write starts when the copy is done
+        self._pending_bytes += block.size
+
+    def _copy(self, grad: torch.Tensor, out: torch.Tensor) -> Any:
+        """``out`` (pinned fp32) receives ``grad``: asynchronously on CUDA (its event), else now (None)."""
+        if self._d2h is not None and grad.is_cuda:
+            return self._d2h.launch(grad, out)
+        start = time.perf_counter()
+        out.copy_(grad)
+        self.device_stats["d2h_bytes"] += grad.numel() * grad.element_size()
+        self.device_stats["d2h_wait_s"] += time.perf_counter() - start
+        return None
+
+    def _add_host(self, grad: torch.Tensor, acc: torch.Tensor) -> None:
+        """``acc += grad`` on the host (accumulation): a CUDA gradient is copied into a second pinned
+        block first and waited for."""
+        if self._d2h is None or not grad.is_cuda:
+            start = time.perf_counter()
+            acc.add_(grad)  # "separate": the add into staging is the copy
+            self.device_stats["d2h_bytes"] += grad.numel() * grad.element_size()
+            self.device_stats["d2h_wait_s"] += time.perf_counter() - start
+            return
+        block = self._staging(round_up_io(acc.numel() * FP32_BYTES))
+        try:
+            host = block.tensor(acc.numel(), torch.float32)
+            self._d2h.wait(self._d2h.launch(grad, host))
+            acc.add_(host)
+            del host
+        finally:
+            block.free()
+
+    def _start_copied_writes(self) -> None:
+        """Starts the store writes of blocks whose D2H copy has finished (never waits)."""
+        for entry in self._pending:
+            if entry[0] is None and self._d2h is not None and self._d2h.finished(entry[3]):
+                self._start_write(entry)
+
+    def _start_write(self, entry: list) -> None:
+        if entry[3] is not None and self._d2h is not None:
+            self._d2h.wait(entry[3])
+        entry[0] = self.store.write_from(StoreKey.grad(entry[2]), entry[1])
+        entry[3] = None
+
+    def _flush_copy(self, name: str) -> None:
+        for entry in self._pending:
+            if entry[0] is None and entry[2] == name:
+                self._start_write(entry)
 
     def _account(self, name: str, g: torch.Tensor) -> None:
         if self.overflow_check == "fused":
@@ -141,10 +242,13 @@ class GradientOffload:
                 self._retire_oldest()
 
     def _retire_oldest(self) -> None:
-        request, block = self._pending.popleft()
+        entry = self._pending.popleft()
+        block = entry[1]
         self._pending_bytes -= block.size
         try:
-            request.wait()
+            if entry[0] is None:
+                self._start_write(entry)  # compute waits for a D2H copy: staging is full
+            entry[0].wait()
         finally:  # a failed write is complete too: its staging goes back either way
             block.free()
 
@@ -159,9 +263,20 @@ class GradientOffload:
                 self.add(name, torch.zeros(self.params[name].numel), first=True, last=False)
             while self._pending:
                 self._retire_oldest()
+        self._resolve_device_norms()
         nonfinite = any(bad for _, bad in self._stats.values())
         sumsq = math.fsum(s for s, _ in self._stats.values())
         return (math.inf if nonfinite else math.sqrt(sumsq)), nonfinite
+
+    def _resolve_device_norms(self) -> None:
+        """The one-micro-batch windows' device norms, brought to the host at once (one synchronization)."""
+        if not self._device_norms:
+            return
+        names = list(self._device_norms)
+        norms = torch.stack([self._device_norms[n] for n in names]).cpu().double()
+        for name, norm in zip(names, norms.tolist()):
+            self._stats[name] = (norm * norm, not math.isfinite(norm))
+        self._device_norms.clear()
 
     def grad_source(self) -> Optional[GradFill]:
         """For the stepper: fills a piece's fp32 gradient from the flat buffer (``flat`` mode), else None."""

@@ -31,7 +31,7 @@ import torch
 from .._log import warn_once
 from ..units import format_bytes
 from .buffers import BufferPlan, StagingBuffers, StagingExhaustedError, StagingSlot
-from .device_copy import H2DCopies, host_view
+from .device_copy import Copies, host_view
 from .params import StreamedParam, StreamingError
 
 Ptr = tuple  # (device, storage data pointer)
@@ -39,7 +39,7 @@ Ptr = tuple  # (device, storage data pointer)
 
 class State(enum.Enum):
     READING = "reading"  # an NVMe read into the slot is in flight
-    READY = "ready"  # staged (CUDA: device copy launched); no frame uses it
+    READY = "ready"  # staged (copying devices: the copy launched); no frame uses it
     IN_USE = "in use"  # the data of its parameter in at least one running frame
     EVICTED = "evicted"  # out of the window but its slot is still viewed (autograd): data intact
     STALE = "stale"  # evicted, then invalidated while still viewed: freed once the views go
@@ -66,7 +66,7 @@ class Entry:
         self.slot = slot
         self.request = None
         self.weight: Optional[torch.Tensor] = None
-        self.event = None  # CUDA: the H2D copy's completion
+        self.event = None  # a copying device: the copy's completion (None: already done)
         self.prefetched = prefetched
         self.used = False
         self.users = 0  # frames whose parameter data it is
@@ -93,7 +93,7 @@ class Residency:
         self.device = device
         self.stats = stats
         self.buffers: Optional[StagingBuffers] = None
-        self.copies: Optional[H2DCopies] = None  # CUDA only
+        self.copies: Optional[Copies] = None  # None: the slot is the weight (CPU)
         self.reset()
 
     def reset(self) -> None:
@@ -106,8 +106,8 @@ class Residency:
         self._inflight = 0
         self._busy_since = 0.0
 
-    def bind(self, buffers: StagingBuffers, copies: Optional[H2DCopies]) -> None:
-        """The staging slots (and on CUDA the copy stream) made by attach."""
+    def bind(self, buffers: StagingBuffers, copies: Optional[Copies]) -> None:
+        """The staging slots and the copy strategy (None on the CPU) made by attach."""
         self.buffers = buffers
         self.copies = copies
 
@@ -215,11 +215,12 @@ class Residency:
 
     # ------------------------------------------------------------------ reads
     def poll(self) -> None:
-        """Retires reads that have completed (CUDA: starts their copies; frees slots of finished copies)."""
+        """Retires reads that have completed (a copying device: starts their copies; frees the slots
+        of finished copies - the weight is not a view of its slot there)."""
         for entry in list(self._cache.values()):
             if entry.request is not None and entry.request.done():
                 self.retire(entry)
-            if self.copies is not None and entry.event is not None and entry.slot is not None \
+            if self.copies is not None and entry.weight is not None and entry.slot is not None \
                     and self.copies.finished(entry.event):
                 self.buffers.release(entry.slot)
                 entry.slot = None
@@ -253,6 +254,9 @@ class Residency:
             entry.weight = host_view(entry.slot, sp.shape, sp.dtype)
         else:
             entry.weight, entry.event = self.copies.launch(entry.slot, sp.shape, sp.dtype)
+            if self.copies.finished(entry.event):  # "separate": copied already, the slot is free now
+                self.buffers.release(entry.slot)
+                entry.slot = None
 
     def wait(self, key: Hashable) -> torch.Tensor:
         """The weight of ``key``, ready for use on the compute device now (reads it on a miss)."""
@@ -321,7 +325,7 @@ class Residency:
             return
         if self.copies is not None and entry.event is not None:
             self.copies.wait(entry.event)
-        if entry.slot.busy() and self.copies is None:
+        if entry.slot.busy() and self.copies is None:  # a copying device's weight never views its slot
             entry.move(State.EVICTED)
             self._evicted[key] = entry
             return

@@ -15,6 +15,12 @@ The DRAM placement's two roles (:mod:`engine.offload.placement`):
   own parameters in fp32, or fp32 copies whose update is written back to the bf16/fp16
   parameters in the same pass. It reads the gradients straight from the sink it is given
   (the buffers are shared explicitly, never copied).
+
+On a copying compute device (CUDA, or the CPU "separate" mode: ``copies=True``) the module's
+parameters are not host tensors the optimizer may update in place: gradients are copied into
+the host buffers (counted as ``device_stats["d2h_bytes"]``), the optimizer works on host fp32
+masters of *every* trainable parameter (fp32 ones too), and after each step the new values are
+copied to the module's parameters (low-precision ones through the ``out=`` host copy).
 """
 from __future__ import annotations
 
@@ -41,9 +47,12 @@ class DramGradients:
             isinf/isnan temporaries, the ablation baseline).
     """
 
-    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], *, overflow_check: OverflowCheck = "fused"):
+    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], *, overflow_check: OverflowCheck = "fused",
+                 copies: bool = False):
         check_choice("overflow_check", overflow_check, OverflowCheck)  # also built without a Config (tests)
         self.overflow_check = overflow_check
+        self.copies = copies
+        self.device_stats: dict = dict(d2h_bytes=0, d2h_wait_s=0.0)
         # The buffers the optimizer reads (DramOptimizer): one per parameter, allocated once.
         self.buffers: dict[str, torch.Tensor] = {name: torch.zeros(p.shape, dtype=torch.float32)
                                                  for name, p in params}
@@ -62,10 +71,14 @@ class DramGradients:
         if grad.numel() != buf.numel():
             raise ValueError(f"gradient of {name!r} has {grad.numel()} elements, expected {buf.numel()}")
         grad = grad.detach().reshape(buf.shape)
+        start = time.perf_counter()
         if first and name not in self.received:
-            buf.copy_(grad)
+            buf.copy_(grad)  # CUDA: a synchronous D2H (adapters are small)
         else:
-            buf.add_(grad)
+            buf.add_(grad.to(buf.device))
+        if self.copies:
+            self.device_stats["d2h_bytes"] += grad.numel() * grad.element_size()
+            self.device_stats["d2h_wait_s"] += time.perf_counter() - start
         self.received.add(name)
 
     def finish(self) -> tuple[float, bool]:
@@ -107,7 +120,9 @@ class DramOptimizer:
             in the module (contiguous, on the CPU).
         gradients: the sink whose buffers hold the window's gradients.
         masters: fp32 master weights by name for parameters whose dtype is not fp32 (missing
-            ones are seeded from the parameter); fp32 parameters are their own master.
+            ones are seeded from the parameter); fp32 parameters are their own master, except
+            with ``copies`` (a copying compute device), where every parameter gets a host master
+            and the module's parameters receive copies after each step.
         state_dtype: dtype of the Adam moments.
         group_hparams: ``group_hparams(0) -> (lr, weight_decay)``, read at every step so LR
             schedulers acting on the trainer's optimizer apply.
@@ -116,16 +131,23 @@ class DramOptimizer:
     def __init__(self, params: Sequence[tuple[str, nn.Parameter]], gradients: DramGradients,
                  masters: Optional[dict[str, torch.Tensor]] = None, *, state_dtype: torch.dtype = torch.float32,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, adamw_mode: bool = True,
-                 group_hparams: Callable[[int], tuple[float, float]] = lambda g: (1e-3, 0.0)):
+                 group_hparams: Callable[[int], tuple[float, float]] = lambda g: (1e-3, 0.0),
+                 copies: bool = False):
         masters = masters or {}
+        self.copies = copies
         self.params = dict(params)
         self.gradients = gradients
         self.group_hparams = group_hparams
         self.masters: dict[str, torch.Tensor] = {}
         self._out: dict[torch.Tensor, torch.Tensor] = {}  # master -> low-precision parameter data
+        self._to_module: list[tuple[nn.Parameter, torch.Tensor]] = []  # copies: (parameter, host value)
         for name, p in self.params.items():
+            if copies:
+                self._add_copied(name, p, masters.get(name))
+                continue
             if p.device.type != "cpu":
-                raise ValueError(f"{name}: trainable parameters kept in memory must be on the CPU, got {p.device}")
+                raise ValueError(f"{name}: trainable parameters on {p.device} need copies=True (a copying "
+                                 f"compute device); without it they must be on the CPU")
             if p.dtype == torch.float32:
                 if not p.data.is_contiguous():
                     p.data = p.data.contiguous()
@@ -142,6 +164,29 @@ class DramOptimizer:
                                   adamw_mode=adamw_mode, state_dtype=state_dtype)
         self.stats = StepStats()
         self._closed = False
+
+    def _add_copied(self, name: str, p: nn.Parameter, given: Optional[torch.Tensor]) -> None:
+        """A host fp32 master distinct from the parameter (and a host low-precision buffer the
+        kernel writes for a bf16/fp16 one); the module's parameter is a copy of it."""
+        source = p.detach() if given is None or p.dtype == torch.float32 else given.detach()
+        master = source.to("cpu", torch.float32).reshape(p.shape).contiguous().clone()
+        self.masters[name] = master
+        if p.dtype == torch.float32:
+            self._to_module.append((p, master))
+        else:
+            host = torch.empty(p.shape, dtype=p.dtype)
+            self._out[master] = host
+            self._to_module.append((p, host))
+
+    def stands_for_param(self, name: str) -> bool:
+        """True when the fp32 master *is* the parameter's value, kept apart from it only because the
+        parameter lives on a copying device (a checkpoint saves it as the parameter, not a master)."""
+        return self.copies and self.params[name].dtype == torch.float32
+
+    def sync_module(self) -> None:
+        """Copies the masters' current values to the module's parameters (copying devices)."""
+        for p, value in self._to_module:
+            p.data.copy_(value)
 
     def initialize_states(self) -> None:
         """Moments are created by the first step (as torch's AdamW does)."""
@@ -162,6 +207,7 @@ class DramOptimizer:
             # autograd must not accumulate into these: the next gradient arrives through the sink
             for master in self.masters.values():
                 master.grad = None
+        self.sync_module()  # copying devices: the new values to the module (CUDA: H2D)
         self.stats.compute_s += time.perf_counter() - start
 
     def master(self, name: str) -> torch.Tensor:
@@ -171,7 +217,8 @@ class DramOptimizer:
     @property
     def state_bytes(self) -> int:
         """DRAM held beyond the parameters: fp32 masters (mixed), gradients, moments."""
-        total = sum(m.numel() * FP32_BYTES for m in self._out)
+        total = sum(m.numel() * FP32_BYTES for m in self.masters.values() if self.copies or m in self._out)
+        total += sum(h.numel() * h.element_size() for h in self._out.values()) if self.copies else 0
         total += self.gradients.nbytes
         for state in self.optimizer.state.values():
             total += sum(state[k].numel() * state[k].element_size() for k in ("exp_avg", "exp_avg_sq") if k in state)

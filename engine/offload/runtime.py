@@ -43,6 +43,7 @@ from torch import nn
 
 from .._log import logger, warn_once
 from ..config import Config
+from ..devices import ComputeDeviceSpec, resolve_device
 from ..dtypes import BY_NAME
 from ..errors import TrainerClosedError
 from ..memory.malloc import set_mmap_threshold
@@ -62,7 +63,7 @@ from .params import KEY_ATTR, is_placeholder
 from .placement import GradientSink, OptimizerBackend, TrainablePlacement
 from .planner import MemoryPlan
 from .planner import plan as plan_memory
-from .report import PhaseTimes, RuntimeStats, memory_report, runtime_stats
+from .report import DeviceCounters, PhaseTimes, RuntimeStats, memory_report, runtime_stats
 from .stepper import ParamSpec
 from .streamer import ParameterStreamer
 
@@ -73,6 +74,8 @@ class OffloadRuntime:
     def __init__(self, model: nn.Module, config: Config, initializer: Optional[Initializer] = None, *,
                  buffer_initializer: Optional[Initializer] = None):
         check_attachable(model)  # before anything of the model is touched
+        self.device: ComputeDeviceSpec = resolve_device(config.device)  # ConfigError: no silent CPU fallback
+        logger.info("compute device: %s (config.device=%r)", self.device, config.device)
         if buffer_initializer is not None:
             initialize_meta_buffers(model, buffer_initializer)
         self.config = config
@@ -93,6 +96,7 @@ class OffloadRuntime:
         self.scaler: Optional[DynamicLossScaler] = None
         self._grads_since_step = False  # a step() with none changes nothing (as torch.optim)
         self._times = PhaseTimes()
+        self._device_counters = DeviceCounters()  # resident refreshes (the streamer and sink count their own)
         on_meta = any(p.device.type == "meta" for p in model.parameters())
         try:
             self._build(initializer, on_meta)
@@ -117,7 +121,7 @@ class OffloadRuntime:
         in_memory = self.plan.trainable_in_memory
         masters = assembly.materialize(res, model, cfg, initializer, trainable=trainable, compute=self.compute_dtype,
                                        frozen=self.frozen_dtype, in_memory=in_memory)
-        streamer = assembly.open_streamer(res, model, cfg, self.plan)
+        streamer = assembly.open_streamer(res, model, cfg, self.plan, self.device)
         res.hooks = GradientHooks(model, weak_callback(self._on_grad)).install()
         # Only an optimizer step on a streamed weight makes staged copies stale (PEFT: never).
         self._streamed_trainable = any(sp.param.requires_grad for sp in streamer.params.streamed.values())
@@ -125,7 +129,7 @@ class OffloadRuntime:
         if not in_memory:
             self.resident_trainables = {name: p for name, p in streamer.params.resident if name in trainable}
         for name, p in self.resident_trainables.items():
-            self.store.put(StoreKey.param(name), p.detach())
+            self.store.put(StoreKey.param(name), p.detach().cpu())  # the store takes host tensors
         named = [(n, p) for n, p in model.named_parameters() if n in trainable]
         self.trainable = [ParamSpec(name, tuple(p.shape)) for name, p in named]
         assembly.check_optimizer(cfg)
@@ -138,10 +142,10 @@ class OffloadRuntime:
             return group["lr"], group["weight_decay"]
 
         if in_memory:
-            assembly.dram_placement(res, cfg, named, masters, group_hparams=hparams)
+            assembly.dram_placement(res, cfg, named, masters, group_hparams=hparams, device=self.device)
         else:
             assembly.nvme_placement(res, cfg, self.plan, self.trainable, compute=self.compute_dtype,
-                                    group_hparams=hparams)
+                                    group_hparams=hparams, device=self.device)
         self.gradients.begin_window()
         self.scaler = assembly.loss_scaler(cfg)
         logger.info("engine initialized: pool %s, disk %s, prefetch %d, backend %s",
@@ -192,8 +196,12 @@ class OffloadRuntime:
 
     # ------------------------------------------------------------------ phases 1-2: fetch, forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the model; on CUDA, CPU tensors among the arguments (and one level into dicts,
+        lists and tuples) are moved to the compute device first."""
         self.check_open("forward")
         start = time.perf_counter()
+        if self.device.kind == "cuda":
+            args, kwargs = _to_device(args, kwargs, self.device.device)
         try:
             with profile_phase("forward"):  # shaded in a running MemoryProfiler's timeline
                 return self.module(*args, **kwargs)  # the streamer's hooks fetch each unit's weights
@@ -286,7 +294,10 @@ class OffloadRuntime:
         if self._streamed_trainable:
             self.streamer.invalidate()  # staged weights are the old ones now
         for name, p in self.resident_trainables.items():
-            p.data.copy_(self.store.get(StoreKey.param(name)).view(p.shape))
+            value = self.store.get(StoreKey.param(name)).view(p.shape)
+            p.data.copy_(value)  # CUDA: an H2D copy into the resident device tensor
+            if self.device.copies:
+                self._device_counters.h2d_bytes += value.numel() * value.element_size()
 
     def _warn_no_gradients(self, what: str) -> None:
         warn_once(f"no-gradients-{what}",
@@ -334,7 +345,9 @@ class OffloadRuntime:
         counters = dict(micro_steps=self.micro_steps, global_steps=self.global_steps,
                         skipped_steps=self.skipped_steps, last_grad_norm=self.last_grad_norm)
         return runtime_stats(counters, self._times, self.store.stats(), streamer,
-                             self.backend.stats)  # type: ignore[attr-defined]
+                             self.backend.stats,  # type: ignore[attr-defined]
+                             device=self.device, refresh=self._device_counters,
+                             sink=getattr(self.gradients, "device_stats", {}))
 
     def memory_report(self) -> dict:
         """Backend, pool stats, peak RSS, bytes read/written and bandwidth, I/O wait vs compute time."""
@@ -377,3 +390,23 @@ class OffloadRuntime:
             raise error
         # the block's own error is the one to see; closing after it failed as well
         logger.warning("closing the trainer after %s also failed: %s", exc_type.__name__, error)
+
+
+def _move(v: Any, device: torch.device) -> Any:
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu":
+        return v.to(device, non_blocking=v.is_pinned())  # pinned: asynchronous, ordered on the stream
+    return v
+
+
+def _one_level(value: Any, device: torch.device) -> Any:
+    """A CPU tensor moved to ``device``; in a plain dict, list or tuple, its CPU tensors moved."""
+    if type(value) is dict:
+        return {k: _move(v, device) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_move(v, device) for v in value)
+    return _move(value, device)
+
+
+def _to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:
+    """The arguments of a forward, their CPU tensors (one level deep) moved to ``device``."""
+    return tuple(_one_level(a, device) for a in args), {k: _one_level(v, device) for k, v in kwargs.items()}

@@ -13,7 +13,8 @@ This module wires the parts; each has its own file:
   events (what to prefetch).
 * :mod:`~engine.offload.residency` - the staged weights and their states (reading, ready, in
   use, evicted while still viewed, stale); :mod:`~engine.offload.device_copy` - CPU: the slot
-  is the weight; CUDA: a copy on a side stream ordered with an event.
+  is the weight; "separate" (``copies=True`` on the CPU): a synchronous copy out of the slot;
+  CUDA: a copy on a side stream ordered with an event.
 * :mod:`~engine.offload.buffers` - the staging slots and their plan (:func:`plan_staging`).
 
 One step
@@ -51,7 +52,7 @@ from .buffers import (
     plan_for_params,
     plan_staging,
 )
-from .device_copy import H2DCopies
+from .device_copy import Copies, H2DCopies, SeparateCopies
 from .grad_hooks import GradCallback, GradientHooks
 from .materialize import offload_parameters
 from .module_hooks import ModuleHooks
@@ -75,7 +76,7 @@ __all__ = ["ParameterStreamer", "plan_staging"]
 def _zero_stats() -> dict:
     return dict(reads=0, bytes_read=0, read_seconds=0.0, stall_seconds=0.0, hits=0, misses=0,
                 prefetches=0, prefetch_skipped=0, prefetch_unused=0, zombie_hits=0, events=0,
-                bytes_written=0, fetched_on_access=0)
+                bytes_written=0, fetched_on_access=0, h2d_copies=0, h2d_bytes=0, h2d_wait_s=0.0)
 
 
 class ParameterStreamer:
@@ -98,6 +99,9 @@ class ParameterStreamer:
         pinned_alloc: ``"exact"`` (PinnedPool) or ``"torch"`` (``tensor.pin_memory()``, ablation).
         device: compute device, ``"cpu"`` or ``"cuda[:n]"``. On CUDA weights are copied to the device
             on a side stream; resident parameters and buffers are moved there on attach.
+        copies: weights are copied out of their staging slot into tensors of their own (None:
+            exactly when ``device`` is CUDA, which always copies). ``device="cpu", copies=True`` is
+            the "separate" test mode (:mod:`engine.devices`): a synchronous copy on the CPU.
         borrow: adaptive pool: a request may use a free slot of a larger class.
         restore_on_exit: leaving the ``with`` block detaches with ``restore=True`` (weights back in
             memory); set False for models that do not fit in DRAM.
@@ -118,7 +122,7 @@ class ParameterStreamer:
                  buffer_count: Optional[int] = None, pinned_alloc: PinnedAlloc = "exact",
                  device: Union[str, torch.device] = "cpu", borrow: bool = True, restore_on_exit: bool = True,
                  resident_trainable: bool = False, owns_store: bool = False, owns_pool: bool = False,
-                 on_grad: Optional[GradCallback] = None):
+                 on_grad: Optional[GradCallback] = None, copies: Optional[bool] = None):
         # the streamer is also built without a Config (tests, benchmarks): its switches are checked here
         check_choice("buffer_pool", buffer_pool, BufferPool)
         check_choice("pinned_alloc", pinned_alloc, PinnedAlloc)
@@ -141,6 +145,11 @@ class ParameterStreamer:
                 raise RuntimeError("device='cuda' but torch.cuda.is_available() is False")
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
+        if copies is None:
+            copies = self.device.type == "cuda"
+        if self.device.type == "cuda" and not copies:
+            raise ValueError("copies=False on a CUDA device: a staging slot cannot be the weight there")
+        self.copies = bool(copies)
         self.restore_on_exit = restore_on_exit
         self.params: ModelParams = discover(model, self.resident_threshold_bytes, resident_trainable=resident_trainable)
         self.plan: BufferPlan = plan_for_params(self.params, prefetch_depth, buffer_pool, buffer_count)
@@ -150,7 +159,7 @@ class ParameterStreamer:
         self._owns_store = owns_store
         self._borrow = borrow
         self._buffers: Optional[StagingBuffers] = None
-        self._copies: Optional[H2DCopies] = None  # CUDA: the copy stream, kept across attaches
+        self._copies: Optional[Copies] = None  # the copy strategy (CUDA: its stream), kept across attaches
         self._attached = False
         self._stats = _zero_stats()
         # CUDA backward runs in autograd's device thread; CPU parts of a mixed graph may run beside it
@@ -232,8 +241,9 @@ class ParameterStreamer:
             raise StagingExhaustedError(
                 f"the staging plan needs {format_bytes(self.plan.total_bytes)} ({self.plan.describe()}); "
                 f"the PinnedPool has {format_bytes(exc.free_bytes)} free of {format_bytes(exc.capacity)}") from exc
-        if self.device.type == "cuda" and self._copies is None:
-            self._copies = H2DCopies(self.device)
+        if self.copies and self._copies is None:
+            self._copies = H2DCopies(self.device, self._stats) if self.device.type == "cuda" \
+                else SeparateCopies(self._stats)
         self._residency.bind(self._buffers, self._copies)
 
     def _mark_streamed(self, sp: StreamedParam) -> None:
@@ -355,7 +365,9 @@ class ParameterStreamer:
         flight, as observed at events: an upper bound), ``read_bandwidth`` (bytes/s, a lower bound),
         ``stall_seconds`` (compute waiting for reads); ``hits``/``misses`` (weights found in flight or
         staged vs read on demand), ``prefetches``, ``prefetch_skipped`` (no free slot),
-        ``prefetch_unused`` (evicted before use); ``order_changes``, ``traces_recorded``.
+        ``prefetch_unused`` (evicted before use); ``order_changes``, ``traces_recorded``;
+        ``h2d_copies``/``h2d_bytes``/``h2d_wait_s``: weights copied out of staging to the compute
+        device and the host time compute waited for them (:mod:`~engine.offload.device_copy`; 0 on the CPU).
         """
         s = dict(self._stats)
         s["read_bandwidth"] = s["bytes_read"] / s["read_seconds"] if s["read_seconds"] > 0 else 0.0
@@ -363,7 +375,8 @@ class ParameterStreamer:
                  resident_tensors=len(self.params.resident), resident_bytes=self.params.resident_bytes,
                  units=len(self.params.units), prefetch_depth=self.prefetch_depth,
                  order_changes=self._order.changes, traces_recorded=self._order.recorded,
-                 plan_bytes=self.plan.total_bytes, device=str(self.device))
+                 plan_bytes=self.plan.total_bytes, device=str(self.device) if not self.copies or
+                 self.device.type == "cuda" else "separate (cpu)")
         s["pool"] = self._buffers.stats() if self._buffers is not None else None
         if self._pool is not None and self.pinned_alloc == "exact":
             ps = self._pool.stats()

@@ -12,9 +12,8 @@ from helpers import ACCUMULATING, batches, engine_config, reference_run, tiny_ll
 
 import engine
 from engine.devices import resolve_device
-from engine.offload.device_copy import device_grad_norm
+from engine.offload.device_copy import device_grad_norm, inputs_to_device
 from engine.offload.params import is_placeholder
-from engine.offload.runtime import _to_device
 from engine.optim import kernels
 
 peft = pytest.importorskip("peft")
@@ -210,7 +209,7 @@ def test_device_grad_norm_flags_what_the_fused_kernel_flags(bad):
 def test_forward_moves_cpu_tensors_one_level_deep():
     meta = torch.device("meta")
     x, y = torch.ones(2), torch.zeros(3)
-    args, kwargs = _to_device((x, [y], {"a": x}, 7), {"ids": y, "nested": ({"deep": x},)}, meta)
+    args, kwargs = inputs_to_device((x, [y], {"a": x}, 7), {"ids": y, "nested": ({"deep": x},)}, meta)
     assert args[0].is_meta and args[1][0].is_meta and args[2]["a"].is_meta and args[3] == 7
     assert kwargs["ids"].is_meta
     assert kwargs["nested"][0]["deep"] is x  # one level only

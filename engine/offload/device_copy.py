@@ -18,7 +18,8 @@ The copying strategies share one interface (``launch -> (weight, completion)``, 
 
 Gradients (:class:`D2HCopies`, CUDA): a device gradient is copied into pinned host staging on
 a second stream ordered after the gradient's producer; :func:`device_grad_norm` gives its
-statistics on the device before the copy.
+statistics on the device before the copy. Inputs: :func:`inputs_to_device` moves a forward's
+CPU tensors (one level deep into plain dicts, lists, tuples) to a CUDA compute device.
 """
 from __future__ import annotations
 
@@ -150,3 +151,23 @@ class D2HCopies:
         start = time.perf_counter()
         event.synchronize()
         _count(self.stats, "d2h_wait_s", time.perf_counter() - start)
+
+
+def _move(v: Any, device: torch.device) -> Any:
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu":
+        return v.to(device, non_blocking=v.is_pinned())  # pinned: asynchronous, ordered on the stream
+    return v
+
+
+def _one_level(value: Any, device: torch.device) -> Any:
+    """A CPU tensor moved to ``device``; in a plain dict, list or tuple, its CPU tensors moved."""
+    if type(value) is dict:
+        return {k: _move(v, device) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_move(v, device) for v in value)
+    return _move(value, device)
+
+
+def inputs_to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:
+    """The arguments of a forward, their CPU tensors (one level deep) moved to ``device``."""
+    return tuple(_one_level(a, device) for a in args), {k: _one_level(v, device) for k, v in kwargs.items()}

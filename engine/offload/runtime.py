@@ -53,6 +53,7 @@ from ..storage.aio import AsyncIO
 from ..storage.store import TensorStore
 from ..units import format_bytes, parse_bytes
 from . import assembly
+from .device_copy import inputs_to_device
 from .grad_hooks import GradientHooks
 from .keys import StoreKey
 from .lifecycle import Resources, check_attachable, finalize, register, weak_callback
@@ -201,7 +202,7 @@ class OffloadRuntime:
         self.check_open("forward")
         start = time.perf_counter()
         if self.device.kind == "cuda":
-            args, kwargs = _to_device(args, kwargs, self.device.device)
+            args, kwargs = inputs_to_device(args, kwargs, self.device.device)
         try:
             with profile_phase("forward"):  # shaded in a running MemoryProfiler's timeline
                 return self.module(*args, **kwargs)  # the streamer's hooks fetch each unit's weights
@@ -391,22 +392,3 @@ class OffloadRuntime:
         # the block's own error is the one to see; closing after it failed as well
         logger.warning("closing the trainer after %s also failed: %s", exc_type.__name__, error)
 
-
-def _move(v: Any, device: torch.device) -> Any:
-    if isinstance(v, torch.Tensor) and v.device.type == "cpu":
-        return v.to(device, non_blocking=v.is_pinned())  # pinned: asynchronous, ordered on the stream
-    return v
-
-
-def _one_level(value: Any, device: torch.device) -> Any:
-    """A CPU tensor moved to ``device``; in a plain dict, list or tuple, its CPU tensors moved."""
-    if type(value) is dict:
-        return {k: _move(v, device) for k, v in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(_move(v, device) for v in value)
-    return _move(value, device)
-
-
-def _to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:
-    """The arguments of a forward, their CPU tensors (one level deep) moved to ``device``."""
-    return tuple(_one_level(a, device) for a in args), {k: _one_level(v, device) for k, v in kwargs.items()}

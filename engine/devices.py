@@ -5,9 +5,13 @@ current CUDA device), ``"cuda:N"``. ``"separate"`` is a test and diagnostic mode
 on the CPU, but in tensors distinct from host staging - weights are copied out of their pinned
 slot, gradients copied back - so the GPU path's placement, copies and ordering run (and are
 tested) on a machine without a GPU. It is slower than ``"cpu"`` and never what "auto" picks.
+
+``MEMASCEND_AUTO_DEVICE`` (a device setting other than "auto") pins what "auto" resolves to,
+e.g. ``cpu`` on a GPU machine; the test suite pins ``cpu`` (tests that need CUDA ask for it).
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +22,7 @@ from .errors import ConfigError
 
 DeviceKind = Literal["cpu", "cuda", "separate"]
 _CUDA = re.compile(r"^cuda(?::(\d+))?$")
+AUTO_ENV = "MEMASCEND_AUTO_DEVICE"
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,23 @@ class ComputeDeviceSpec:
 
 def check_device(value: object) -> str:
     """``value`` if it is a device setting this engine knows (the format only; no CUDA query)."""
-    if isinstance(value, str) and (value in ("auto", "cpu", "separate") or _CUDA.match(value)):
+    if isinstance(value, str) and _known(value):
         return value
     raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'separate' (a CPU test mode), "
                       f"got {value!r}", "device")
+
+
+def _auto() -> str:
+    pinned = os.environ.get(AUTO_ENV)
+    if pinned:
+        if pinned == "auto" or not _known(pinned):
+            raise ConfigError(f"{AUTO_ENV}={pinned!r}: must be 'cpu', 'cuda', 'cuda:N' or 'separate'", "device")
+        return pinned
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _known(value: str) -> bool:
+    return value in ("auto", "cpu", "separate") or _CUDA.match(value) is not None
 
 
 def resolve_device(value: str) -> ComputeDeviceSpec:
@@ -49,7 +67,7 @@ def resolve_device(value: str) -> ComputeDeviceSpec:
     CUDA device that is not there (never a silent fallback to the CPU)."""
     check_device(value)
     if value == "auto":
-        value = "cuda" if torch.cuda.is_available() else "cpu"
+        value = _auto()
     if value in ("cpu", "separate"):
         return ComputeDeviceSpec(value, torch.device("cpu"))  # type: ignore[arg-type]
     match = _CUDA.match(value)

@@ -1,9 +1,16 @@
 """Fixtures shared by the test files (plain helper functions are in helpers.py)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from engine.devices import AUTO_ENV
 from engine.storage import TensorStore
+
+# The suite compares against torch on the CPU: "auto" means the CPU here even on a GPU machine
+# (child processes inherit it). Tests of the GPU path ask for device="cuda" explicitly.
+os.environ.setdefault(AUTO_ENV, "cpu")
 
 
 @pytest.fixture

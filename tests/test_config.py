@@ -408,9 +408,10 @@ def test_resolve_device_without_cuda(monkeypatch):
 def test_resolve_device_with_cuda(monkeypatch):
     import torch
 
-    from engine.devices import resolve_device
+    from engine.devices import AUTO_ENV, resolve_device
 
     fake_cuda(monkeypatch, 2, current=1)
+    monkeypatch.delenv(AUTO_ENV, raising=False)  # the suite pins "auto" to the CPU (conftest.py)
     auto = resolve_device("auto")
     assert (auto.kind, auto.device, auto.copies, str(auto)) == ("cuda", torch.device("cuda", 1), True, "cuda:1")
     assert resolve_device("cuda").device == torch.device("cuda", 1)  # the current device
@@ -430,3 +431,22 @@ def test_deepspeed_has_no_compute_device_and_keeps_auto(caplog):
     # offload_*.device is where state is offloaded, not where compute runs; "device" is no DeepSpeed key.
     assert (cfg.device, cfg.offload_params, cfg.offload_optimizer) == ("auto", "nvme", "nvme")
     assert "device" in caplog.text.split("no equivalent in this engine:")[1]
+
+
+def test_auto_device_can_be_pinned_by_the_environment(monkeypatch):
+    import torch
+
+    from engine.devices import AUTO_ENV, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv(AUTO_ENV, "cpu")
+    assert resolve_device("auto").kind == "cpu"
+    monkeypatch.setenv(AUTO_ENV, "separate")
+    assert resolve_device("auto").kind == "separate"
+    monkeypatch.delenv(AUTO_ENV)
+    assert resolve_device("auto").device == torch.device("cuda", 0)
+    monkeypatch.setenv(AUTO_ENV, "tpu")
+    with pytest.raises(ConfigError, match=f"{AUTO_ENV}='tpu'"):
+        resolve_device("auto")

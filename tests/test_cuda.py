@@ -202,3 +202,17 @@ def test_a_non_blocking_copy_from_a_pool_tensor_returns_before_it_completes():
         assert returned * 1e3 < copy_ms, (returned * 1e3, copy_ms)
         assert int(dev[-1]) == 7 and int(dev[0]) == 7
         del host
+
+
+def test_close_with_restore_gives_a_cpu_model_back_on_the_cpu(tmp_path):
+    """A model handed over on the CPU is on the CPU again after close(restore_weights=True), every
+    parameter and buffer, with the trained values (never left whole on the GPU)."""
+    model = tiny_llama()
+    with engine.initialize(model, cuda_config(tmp_path)) as trainer:
+        train_steps(trainer, batches(2 * ACCUMULATING["gradient_accumulation_steps"]), 2)
+        trained = {name: trainer.weight(name).clone() for name, _ in model.named_parameters()}
+        trainer.close(restore_weights=True)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), trained[name]), name

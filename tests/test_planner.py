@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import engine
 from engine.config import Config, ConfigError
+from engine.devices import AUTO_ENV
 from engine.offload.planner import PlanError, plan
 from engine.units import format_bytes
 
@@ -131,6 +132,7 @@ def test_host_and_gpu_both_short_are_both_named(no_cuda):
 
 
 def test_the_default_gpu_budget_is_the_cards_free_memory(monkeypatch):
+    monkeypatch.delenv(AUTO_ENV, raising=False)  # the suite pins "auto" to the CPU (conftest.py)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -140,7 +140,7 @@ class D2HCopies:
         grad.record_stream(self.stream)  # the allocator must not reuse it before the copy ran
         if src is not grad:
             src.record_stream(self.stream)
-        _count(self.stats, "d2h_bytes", grad.numel() * grad.element_size())
+        _count(self.stats, "d2h_bytes", out.numel() * out.element_size())  # the fp32 copy crosses
         return event
 
     @staticmethod
@@ -154,13 +154,14 @@ class D2HCopies:
 
 
 def _move(v: Any, device: torch.device) -> Any:
-    if isinstance(v, torch.Tensor) and v.device.type == "cpu":
-        return v.to(device, non_blocking=v.is_pinned())  # pinned: asynchronous, ordered on the stream
+    if isinstance(v, torch.Tensor) and v.device != device and v.device.type in ("cpu", "cuda"):
+        # a CPU tensor (pinned: asynchronous, ordered on the stream) or one on another GPU
+        return v.to(device, non_blocking=v.device.type == "cpu" and v.is_pinned())
     return v
 
 
 def _one_level(value: Any, device: torch.device) -> Any:
-    """A CPU tensor moved to ``device``; in a plain dict, list or tuple, its CPU tensors moved."""
+    """A tensor moved to ``device``; in a plain dict, list or tuple, its tensors moved."""
     if type(value) is dict:
         return {k: _move(v, device) for k, v in value.items()}
     if type(value) in (list, tuple):

@@ -45,6 +45,8 @@ from .stepper import ParamSpec, Piece
 # Pinned staging the streamed gradient path keeps in flight before it waits for writes: enough
 # for the NVMe queue to stay busy, small beside the model (the planner reserves it, see grad_staging_bytes).
 GRAD_STAGING_BYTES = 64 << 20
+# Accumulating a CUDA gradient into its stored sum: elements brought over per host temporary (16 MiB in fp32).
+_ADD_CHUNK = 1 << 22
 
 
 def grad_staging_bytes(largest_numel: int) -> int:
@@ -159,18 +161,22 @@ class GradientOffload:
         if overwrite and last:  # a one-micro-batch window: statistics on the device, before the copy
             self._device_norms[name] = device_grad_norm(grad)
         block = self._staging(round_up_io(numel * FP32_BYTES))
-        acc = block.tensor(numel, torch.float32)
-        if overwrite:
-            event = self._copy(grad, acc)
-        else:
-            self._device_norms.pop(name, None)  # a later contribution (tied weight): the host sum counts
-            self._flush_copy(name)  # the slot's earlier value must be written before it is read back
-            self.store.read_into(key, block).wait()
-            self._add_host(grad, acc)
-            event = None
-            if last:
-                self._account(name, acc)
-        del acc
+        try:
+            acc = block.tensor(numel, torch.float32)
+            if overwrite:
+                event = self._copy(grad, acc)  # nothing after this raises: the block is in flight
+            else:
+                self._device_norms.pop(name, None)  # a later contribution (tied weight): the host sum counts
+                self._flush_copy(name)  # the slot's earlier value must be written before it is read back
+                self.store.read_into(key, block).wait()
+                self._add_host(grad, acc)
+                event = None
+                if last:
+                    self._account(name, acc)
+            del acc
+        except BaseException:
+            block.free()  # back to the pool: a failed copy or read leaves no block behind
+            raise
         if event is None:
             self._pending.append([self.store.write_from(key, block), block, name, None])
         else:
@@ -183,27 +189,24 @@ class GradientOffload:
             return self._d2h.launch(grad, out)
         start = time.perf_counter()
         out.copy_(grad)
-        self.device_stats["d2h_bytes"] += grad.numel() * grad.element_size()
+        self.device_stats["d2h_bytes"] += out.numel() * out.element_size()
         self.device_stats["d2h_wait_s"] += time.perf_counter() - start
         return None
 
     def _add_host(self, grad: torch.Tensor, acc: torch.Tensor) -> None:
-        """``acc += grad`` on the host (accumulation): a CUDA gradient is copied into a second pinned
-        block first and waited for."""
+        """``acc += grad`` on the host (accumulation). A CUDA gradient comes over in chunks of
+        ``_ADD_CHUNK`` elements into ordinary host memory: the pool keeps no room for a second
+        gradient-sized block (the gradient staging holds one largest gradient)."""
+        start = time.perf_counter()
+        flat = grad.reshape(-1)
         if self._d2h is None or not grad.is_cuda:
-            start = time.perf_counter()
-            acc.add_(grad)  # "separate": the add into staging is the copy
-            self.device_stats["d2h_bytes"] += grad.numel() * grad.element_size()
-            self.device_stats["d2h_wait_s"] += time.perf_counter() - start
-            return
-        block = self._staging(round_up_io(acc.numel() * FP32_BYTES))
-        try:
-            host = block.tensor(acc.numel(), torch.float32)
-            self._d2h.wait(self._d2h.launch(grad, host))
-            acc.add_(host)
-            del host
-        finally:
-            block.free()
+            acc.add_(flat)  # "separate": the add into staging is the copy
+        else:
+            for s in range(0, flat.numel(), _ADD_CHUNK):
+                piece = flat[s:s + _ADD_CHUNK]
+                acc[s:s + piece.numel()].add_(piece.to("cpu", torch.float32))  # synchronous: read now
+        self.device_stats["d2h_bytes"] += flat.numel() * FP32_BYTES  # counted as fp32, what crosses
+        self.device_stats["d2h_wait_s"] += time.perf_counter() - start
 
     def _start_copied_writes(self) -> None:
         """Starts the store writes of blocks whose D2H copy has finished (never waits)."""

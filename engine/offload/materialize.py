@@ -27,6 +27,7 @@ from .buffers import StagingSlot
 from .params import (
     DEFAULT_RESIDENT_THRESHOLD,
     KEY_ATTR,
+    STREAMER_ATTR,
     ModelParams,
     StreamedParam,
     StreamedParameter,
@@ -246,6 +247,42 @@ def offload_parameters(model: nn.Module, params: ModelParams, store, device: tor
             for bname, buf in module._buffers.items():
                 if buf is not None and buf.device != device:
                     module._buffers[bname] = buf.to(device)
+
+
+def give_back(params: ModelParams, data: dict) -> None:
+    """A failed attach: the streamed parameters it made placeholders get their own memory
+    (``data``: key -> the tensor each held before) back, and lose the streamer's marks."""
+    for key, tensor in data.items():
+        sp = params.streamed[key]
+        sp.set_data(tensor)
+        for attr in (KEY_ATTR, STREAMER_ATTR):
+            if hasattr(sp.param, attr):
+                delattr(sp.param, attr)
+
+
+class Homes:
+    """Where the model's tensors lived before an attach moved them to the compute device, so a
+    detach that restores (or a failed attach) gives the model back as it was given: a model
+    handed over on the CPU is on the CPU again, never left whole on a GPU it may not fit."""
+
+    def __init__(self, model: nn.Module, params: ModelParams):
+        cpu = torch.device("cpu")
+        # streamed: a placeholder (meta-initialized) or a CPU tensor comes back to the CPU
+        self.streamed = {key: (cpu if is_placeholder(sp.param.data) else sp.param.device)
+                         for key, sp in params.streamed.items()}
+        self.resident = [(param, param.device) for _, param in params.resident if param.device.type != "meta"]
+        self.buffers = [(module, name, buf.device) for module in model.modules()
+                        for name, buf in module._buffers.items() if buf is not None and buf.device.type != "meta"]
+
+    def restore_residents(self) -> None:
+        """Resident parameters and buffers back where they lived (no copy when they never moved)."""
+        for param, home in self.resident:
+            if param.device != home:
+                param.data = param.data.to(home)
+        for module, name, home in self.buffers:
+            buf = module._buffers.get(name)
+            if buf is not None and buf.device != home:
+                module._buffers[name] = buf.to(home)
 
 
 def _set_buffer(model: nn.Module, name: str, value: torch.Tensor, device: torch.device) -> None:

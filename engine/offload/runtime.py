@@ -335,7 +335,7 @@ class OffloadRuntime:
         key = getattr(param, KEY_ATTR, None)
         if key is not None and is_placeholder(param.data):
             return self.store.get(key).view(param.shape)
-        return param.detach()
+        return param.detach().cpu()  # a host tensor, as every other value read here (no copy on the CPU)
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> RuntimeStats:

@@ -54,7 +54,7 @@ from .buffers import (
 )
 from .device_copy import Copies, H2DCopies, SeparateCopies
 from .grad_hooks import GradCallback, GradientHooks
-from .materialize import offload_parameters
+from .materialize import Homes, give_back, offload_parameters
 from .module_hooks import ModuleHooks
 from .order import OrderTracker, predict
 from .params import (
@@ -171,6 +171,7 @@ class ParameterStreamer:
         self._hooks = ModuleHooks(model, self.params, self._residency, self._saved, self._order, event,
                                   self._lock, self._stats)
         self._grad_hooks = GradientHooks(model, on_grad) if on_grad is not None else None
+        self._homes = Homes(model, self.params)  # recorded again at each attach
 
     def _reset_state(self) -> None:
         """Forgets everything of one attach (staged weights, frames, tapes, the recorded order)."""
@@ -200,6 +201,7 @@ class ParameterStreamer:
         # gives them back, so the model loses nothing (the memory was the model's anyway).
         in_memory = {key: sp.param.data for key, sp in self.params.streamed.items()
                      if not is_placeholder(sp.param.data)}
+        self._homes = Homes(self.model, self.params)
         try:
             offload_parameters(self.model, self.params, self.store, self.device,
                                acquire=lambda nbytes: self._residency.slot_for(nbytes, demand=True),
@@ -211,22 +213,14 @@ class ParameterStreamer:
             self._hooks.remove()
             if self._grad_hooks is not None:
                 self._grad_hooks.remove()
-            self._give_back(in_memory)
+            give_back(self.params, in_memory)
+            self._homes.restore_residents()
             raise
         self._attached = True
         logger.info("ParameterStreamer: %d tensors (%s) streamed, %d resident (%s); %s",
                     len(self.params.streamed), format_bytes(self.params.streamed_bytes), len(self.params.resident),
                     format_bytes(self.params.resident_bytes), self.plan.describe())
         return self
-
-    def _give_back(self, data: dict) -> None:
-        """A failed attach: the parameters it made placeholders get their own memory back."""
-        for key, tensor in data.items():
-            sp = self.params.streamed[key]
-            sp.set_data(tensor)
-            for attr in (KEY_ATTR, STREAMER_ATTR):
-                if hasattr(sp.param, attr):
-                    delattr(sp.param, attr)
 
     def _make_buffers(self) -> None:
         if self._buffers is not None:
@@ -252,8 +246,8 @@ class ParameterStreamer:
 
     def detach(self, restore: bool = True) -> None:
         """Removes the hooks; with ``restore`` the streamed parameters get their data back in memory
-        (on ``device``) and leave the store's bookkeeping (their store entries stay until freed).
-        Without it they stay placeholders backed by the store."""
+        and the model its tensors where they lived before attach (a CPU model is on the CPU again);
+        the store entries stay until freed. Without it they stay placeholders backed by the store."""
         if not self._attached:
             return
         if self._grad_hooks is not None:
@@ -261,13 +255,15 @@ class ParameterStreamer:
         self._hooks.remove()
         self._hooks.close_frames()  # waits for reads in flight and drops every staged weight
         self._residency.drain()
-        if restore:
-            for sp in self.params.streamed.values():
-                data = self.store.get(sp.key)  # the parameter's own memory again, not staging
-                sp.set_data(data if self.device.type != "cuda" else data.to(self.device))
+        if restore:  # the model as it was given: streamed weights read back, residents moved home
+            for key, sp in self.params.streamed.items():
+                data = self.store.get(sp.key)  # the parameter's own memory again (host), not staging
+                home = self._homes.streamed.get(key, data.device)
+                sp.set_data(data if home == data.device else data.to(home))
                 for attr in (KEY_ATTR, STREAMER_ATTR):
                     if hasattr(sp.param, attr):
                         delattr(sp.param, attr)
+            self._homes.restore_residents()
         self._attached = False
         self._reset_state()
         self._buffers.close()

@@ -133,14 +133,7 @@ def test_meta_device_model_is_initialized_into_the_store(tmp_path):
     ref_losses = reference_run(ref, data, 2)
     with engine.initialize(meta, config(tmp_path),
                            initializer=lambda name, shape: values[name].view(shape) if name in values else None) as tr:
-        losses = []
-        for i in range(2):
-            for m in range(GAS):
-                x = data[i * GAS + m]
-                out = tr(input_ids=x, labels=x)
-                tr.backward(out.loss)
-                tr.step()
-                losses.append(out.loss.item())
+        losses = train_steps(tr, data, 2)
         weights = {name: tr.parameter(name).clone() for name, _ in ref.named_parameters()}
     assert_same_training(ref, ref_losses, losses, weights)
 

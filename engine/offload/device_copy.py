@@ -73,13 +73,32 @@ class SeparateCopies:
         """Nothing to wait for."""
 
 
-class H2DCopies:
+class _StreamCopies:
+    """Copies on one side stream of ``device``, each finished when its event has completed; the
+    host time spent waiting for one counts as ``<wait_key>`` in ``stats``."""
+
+    wait_key = ""
+
+    def __init__(self, device: torch.device, stats: Optional[dict] = None):
+        self.device = device
+        self.stats = stats if stats is not None else {}
+        self.stream = torch.cuda.Stream(device)
+
+    @staticmethod
+    def finished(event: Any) -> bool:
+        return event.query()
+
+    def wait(self, event: Any) -> None:
+        """The host waits for the copy (e.g. its pinned block is needed back)."""
+        start = time.perf_counter()
+        event.synchronize()
+        _count(self.stats, self.wait_key, time.perf_counter() - start)
+
+
+class H2DCopies(_StreamCopies):
     """Host-to-device copies of staged weights on one side stream of ``device``."""
 
-    def __init__(self, device: torch.device, stats: dict):
-        self.device = device
-        self.stats = stats
-        self.stream = torch.cuda.Stream(device)
+    wait_key = "h2d_wait_s"
 
     def launch(self, slot: StagingSlot, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
         """Starts copying the slot to a new device tensor; returns it and the copy's completion event."""
@@ -100,16 +119,6 @@ class H2DCopies:
         stream.wait_event(event)
         weight.record_stream(stream)
 
-    @staticmethod
-    def finished(event: Any) -> bool:
-        return event.query()
-
-    def wait(self, event: Any) -> None:
-        """The host waits for the copy (its slot is needed back): counted as h2d_wait_s."""
-        start = time.perf_counter()
-        event.synchronize()
-        _count(self.stats, "h2d_wait_s", time.perf_counter() - start)
-
 
 def device_grad_norm(grad: torch.Tensor) -> torch.Tensor:
     """The fp32 L2 norm of ``grad`` as a 0-dim tensor on its device: one reduction, no full-size
@@ -119,13 +128,10 @@ def device_grad_norm(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad, dtype=torch.float32)
 
 
-class D2HCopies:
+class D2HCopies(_StreamCopies):
     """Device-to-host gradient copies into pinned staging on a dedicated stream of ``device``."""
 
-    def __init__(self, device: torch.device, stats: Optional[dict] = None):
-        self.device = device
-        self.stats = stats if stats is not None else {}
-        self.stream = torch.cuda.Stream(device)
+    wait_key = "d2h_wait_s"
 
     def launch(self, grad: torch.Tensor, out: torch.Tensor) -> Any:
         """Starts ``out.copy_(grad)`` (``out`` pinned, fp32) after everything the current stream has
@@ -142,15 +148,6 @@ class D2HCopies:
             src.record_stream(self.stream)
         _count(self.stats, "d2h_bytes", out.numel() * out.element_size())  # the fp32 copy crosses
         return event
-
-    @staticmethod
-    def finished(event: Any) -> bool:
-        return event.query()
-
-    def wait(self, event: Any) -> None:
-        start = time.perf_counter()
-        event.synchronize()
-        _count(self.stats, "d2h_wait_s", time.perf_counter() - start)
 
 
 def _move(v: Any, device: torch.device) -> Any:

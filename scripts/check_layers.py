@@ -22,6 +22,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("checkpoint, peft", ("engine.checkpoint", "engine.peft")),
     ("trainer facade", ("engine.trainer",)),
     ("entry points", ("engine.api", "engine.bench", "engine.selfcheck", "engine.cli", "engine.__main__", "engine")),
+    # Drop-in routes for other training stacks (HF Trainer/TRL, DeepSpeed scripts): they build on
+    # the public entry points; nothing in the engine imports them.
+    ("integrations", ("engine.integrations", "engine.deepspeed_compat")),
 ]
 
 

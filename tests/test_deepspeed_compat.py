@@ -53,7 +53,8 @@ def expected_lr(kind: str, p: dict, t: int, base: float) -> float:
         if t < 0:
             return 0.0
         if t < w:
-            return base * (p["warmup_min_ratio"] + warmup_fraction(t, w, p["warmup_type"]) * (1 - p["warmup_min_ratio"]))
+            ratio = warmup_fraction(t, w, p["warmup_type"])
+            return base * (p["warmup_min_ratio"] + ratio * (1 - p["warmup_min_ratio"]))
         progress = min(1.0, (t - w + 1) / max(1, p["total_num_steps"] - w))
         return base * max(0.0, p["cos_min_ratio"] + (1 - p["cos_min_ratio"]) * (1 + math.cos(math.pi * progress)) / 2)
     low, high = p["warmup_min_lr"], p.get("warmup_max_lr", base)

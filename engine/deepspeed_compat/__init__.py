@@ -73,7 +73,8 @@ def _trainable_set(model: nn.Module, model_parameters: Optional[Iterable[Any]]) 
     own = {id(p) for p in model.parameters()}
     foreign = named - own
     if foreign:
-        raise ConfigError(f"model_parameters: {len(foreign)} tensor(s) are not parameters of the model", "model_parameters")
+        raise ConfigError(f"model_parameters: {len(foreign)} tensor(s) are not parameters of the model",
+                          "model_parameters")
     for p in model.parameters():
         if id(p) not in named:
             p.requires_grad_(False)
@@ -100,9 +101,9 @@ def _dataloader(dataset: Any, engine: DeepSpeedCompatEngine, collate_fn: Optiona
     processes (DeepSpeed starts 2 per GPU) and pinned memory only when computing on CUDA."""
     if not isinstance(dataset, (torch.utils.data.Dataset, torch.utils.data.IterableDataset)):
         raise ConfigError(f"training_data must be a torch Dataset, got {type(dataset).__name__}", "training_data")
-    sampler = None
+    sampler: Optional[torch.utils.data.Sampler] = None
     if not isinstance(dataset, torch.utils.data.IterableDataset):
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0)  # type: ignore[arg-type]
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0)
     return torch.utils.data.DataLoader(dataset, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler,
                                        collate_fn=collate_fn, drop_last=engine.settings.drop_last,
                                        pin_memory=engine.device.type == "cuda")

@@ -157,7 +157,8 @@ class DeepSpeedCompatEngine:
         ``custom_load_fn``) are refused; ``load_lr_scheduler_states=False`` keeps the scheduler as it is."""
         for bad, option in ((not load_module_strict, "load_module_strict=False"),
                             (not load_optimizer_states, "load_optimizer_states=False"),
-                            (load_module_only, "load_module_only=True"), (custom_load_fn is not None, "custom_load_fn")):
+                            (load_module_only, "load_module_only=True"),
+                            (custom_load_fn is not None, "custom_load_fn")):
             if bad:
                 raise _refuse(f"load_checkpoint({option})", "the engine restores the complete training state "
                               "(weights, optimizer moments, counters), checked against its manifest; to start "
@@ -195,8 +196,8 @@ class DeepSpeedCompatEngine:
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
-        """Releases the engine's pool, store and swap files (DeepSpeed has no equivalent; the
-        engine also closes at interpreter exit)."""
+        """Releases the engine's pool, store and swap files (DeepSpeed has no equivalent; without
+        it the swap files are still removed at interpreter exit)."""
         self.trainer.close()
 
     def __enter__(self) -> "DeepSpeedCompatEngine":

@@ -288,3 +288,40 @@ def test_partial_checkpoint_loads_are_refused(tmp_path):
             model_engine.load_checkpoint(str(tmp_path), load_optimizer_states=False)
         with pytest.raises(CheckpointError, match="save_latest=False"):
             model_engine.save_checkpoint(str(tmp_path / "c"), save_latest=False)
+
+
+def test_a_skipped_step_counts_but_does_not_step_the_scheduler(tmp_path):
+    """DeepSpeed: a boundary whose gradient is not finite skips the update and the scheduler,
+    and still counts in global_steps."""
+    script = _script_module()
+    model_engine, _, _, sched = deepspeed.initialize(model=script.make_model(), config=ds_config(tmp_path))
+    x = script.TokenDataset(n=2).tokens
+    with model_engine:
+        for _ in range(2):
+            model_engine.backward(model_engine(input_ids=x, labels=x).loss * float("inf"))
+            model_engine.step()
+        assert (model_engine.global_steps, model_engine.skipped_steps) == (1, 1)
+        assert sched.last_batch_iteration == -1
+        train(model_engine, [x, x], 0, 2)
+        assert (model_engine.global_steps, model_engine.skipped_steps) == (2, 1)
+        assert sched.last_batch_iteration == 0
+    with pytest.raises(ConfigError, match="training_data must be a torch Dataset"):
+        deepspeed.initialize(model=script.make_model(), config=ds_config(tmp_path), training_data=object())
+
+
+def test_a_callable_lr_scheduler_gets_the_engine_optimizer(tmp_path):
+    script = _script_module()
+    cfg = ds_config(tmp_path)
+    del cfg["scheduler"]
+    made = []
+
+    def make(opt):
+        made.append(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+        return made[-1]
+
+    model_engine, optimizer, _, sched = deepspeed.initialize(model=script.make_model(), config=cfg, lr_scheduler=make)
+    x = script.TokenDataset(n=2).tokens
+    with model_engine:
+        assert sched is made[0] and sched.optimizer is optimizer and model_engine.lr_scheduler is sched
+        train(model_engine, [x] * 4, 0, 4)
+        assert model_engine.get_lr() == [LR * 0.25]  # halved at each of the two boundaries

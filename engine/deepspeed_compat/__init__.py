@@ -99,10 +99,12 @@ def _dataloader(dataset: Any, engine: DeepSpeedCompatEngine, collate_fn: Optiona
     (shuffled with seed 0; the same order every epoch unless the script calls
     ``loader.sampler.set_epoch(epoch)``), micro-batch size, ``dataloader_drop_last``; no worker
     processes (DeepSpeed starts 2 per GPU) and pinned memory only when computing on CUDA."""
-    if not isinstance(dataset, (torch.utils.data.Dataset, torch.utils.data.IterableDataset)):
-        raise ConfigError(f"training_data must be a torch Dataset, got {type(dataset).__name__}", "training_data")
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    if not iterable and not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):  # DeepSpeed's test
+        raise ConfigError(f"training_data must be a torch Dataset (map-style: __getitem__ and __len__, e.g. a "
+                          f"datasets.Dataset; or an IterableDataset), got {type(dataset).__name__}", "training_data")
     sampler: Optional[torch.utils.data.Sampler] = None
-    if not isinstance(dataset, torch.utils.data.IterableDataset):
+    if not iterable:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0)
     return torch.utils.data.DataLoader(dataset, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler,
                                        collate_fn=collate_fn, drop_last=engine.settings.drop_last,

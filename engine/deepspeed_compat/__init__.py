@@ -50,12 +50,13 @@ def init_distributed(*args: Any, **kwargs: Any) -> None:
     _single_process("init_distributed")
 
 
-def _trainable_set(model: nn.Module, model_parameters: Optional[Iterable[Any]]) -> None:
+def _trainable_set(model: nn.Module, model_parameters: Optional[Iterable[Any]]) -> list[nn.Parameter]:
     """Applies ``model_parameters``, DeepSpeed's "what the optimizer updates": parameters of the
     model that are not named are frozen (``requires_grad=False``: not updated, as in DeepSpeed);
-    named parameters that are already frozen stay so (ZeRO optimizes ``requires_grad`` ones only)."""
+    named parameters that are already frozen stay so (ZeRO optimizes ``requires_grad`` ones only).
+    Returns the parameters it froze."""
     if model_parameters is None:
-        return
+        return []
     named: set[int] = set()
     for item in model_parameters:
         if isinstance(item, dict):  # a param group
@@ -75,9 +76,10 @@ def _trainable_set(model: nn.Module, model_parameters: Optional[Iterable[Any]]) 
     if foreign:
         raise ConfigError(f"model_parameters: {len(foreign)} tensor(s) are not parameters of the model",
                           "model_parameters")
-    for p in model.parameters():
-        if id(p) not in named:
-            p.requires_grad_(False)
+    frozen = [p for p in model.parameters() if id(p) not in named and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 def _scheduler(lr_scheduler: Any, section: Any, optimizer: torch.optim.Optimizer) -> Any:
@@ -147,8 +149,13 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     settings = resolve(read(config_source(args, config, config_params)))
     if args is not None and hasattr(args, "local_rank"):
         args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # as DeepSpeed aligns it
-    _trainable_set(model, model_parameters)
-    trainer = engine_initialize(model, settings.config)
+    frozen = _trainable_set(model, model_parameters)
+    try:
+        trainer = engine_initialize(model, settings.config)
+    except BaseException:
+        for p in frozen:  # the model goes back to the caller as it came
+            p.requires_grad_(True)
+        raise
     try:
         scheduler = _scheduler(lr_scheduler, settings.scheduler, trainer.optimizer)
         model_engine = DeepSpeedCompatEngine(trainer, settings, scheduler)

@@ -127,6 +127,9 @@ def _saved_dataset(path: str, text_field: Optional[str]) -> Documents:
     except ImportError:
         raise CLIError(f"--data {path!r} is a datasets directory: reading it needs the datasets package "
                        "(pip install 'memascend-engine[data]')") from None
+    for state in (os.path.join(path, "state.json"), os.path.join(path, "train", "state.json")):
+        if _no_data_files(state):  # datasets itself cannot load a save of 0 rows in 0 shards
+            raise DataError(f"--data {path!r}: the dataset has no rows")
     loaded = datasets.load_from_disk(path)
     where = "datasets directory"
     if isinstance(loaded, datasets.DatasetDict):
@@ -146,6 +149,13 @@ def _saved_dataset(path: str, text_field: Optional[str]) -> Documents:
             yield _arrow_documents(path, chunk.column(0), kind, field, row)
             row += chunk.num_rows
     return Documents(path, kind, field, f"{where}, {_column_words(kind, field)}", len(loaded), batches)
+
+
+def _no_data_files(state_json: str) -> bool:
+    if not os.path.isfile(state_json):
+        return False
+    with open(state_json, encoding="utf-8") as f:
+        return json.load(f).get("_data_files") == []
 
 
 def _parquet(path: str, files: list[str], text_field: Optional[str]) -> Documents:

@@ -64,6 +64,10 @@ def test_every_format_gives_the_same_stream(tmp_path):
     pq.write_table(pa.table({"text": DOCS[:2]}), str(shards / "part-0.parquet"))
     pq.write_table(pa.table({"text": DOCS[2:]}), str(shards / "part-1.parquet"))
     assert stream(shards) == want
+    pq.write_table(pa.table({"input_ids": [[1]], "text": ["a"]}), str(shards / "part-2.parquet"))
+    with pytest.raises(DataError, match=r"part-2\.parquet' would be read by its pre-tokenized column 'input_ids', "
+                                        r".*part-0\.parquet' by its field 'text'"):
+        open_documents(str(shards))  # the shards disagree: part-2 would be read pre-tokenized
 
 
 def test_batches_span_many_record_batches(tmp_path, monkeypatch):

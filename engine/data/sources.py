@@ -138,9 +138,9 @@ def _saved_dataset(path: str, text_field: Optional[str]) -> Documents:
                             f"{', '.join(loaded) or 'none'}); pass one split's directory, e.g. "
                             f"{os.path.join(path, next(iter(loaded), 'SPLIT'))}")
         loaded, where = loaded["train"], "datasets directory (DatasetDict), split 'train'"
-    kind, field = _choose_column(path, loaded.features.arrow_schema, text_field)
-    if len(loaded) == 0:
+    if len(loaded) == 0:  # before the columns: an empty column's type may be null
         raise DataError(f"--data {path!r}: the dataset has no rows")
+    kind, field = _choose_column(path, loaded.features.arrow_schema, text_field)
     table = loaded.select_columns([field]).with_format("arrow")
 
     def batches() -> Iterator[DocBatch]:
@@ -166,12 +166,15 @@ def _parquet(path: str, files: list[str], text_field: Optional[str]) -> Document
             opened.append(pa.parquet.ParquetFile(name))
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"--data {name!r} is not a parquet file ({exc}); {FORMATS}") from None
-    kind, field = _choose_column(files[0], opened[0].schema_arrow, text_field)
-    for name, pf in zip(files[1:], opened[1:]):
-        _choose_column(name, pf.schema_arrow, field if kind == "text" else None)  # every file has it
     rows = sum(pf.metadata.num_rows for pf in opened)
-    if rows == 0:
+    if rows == 0:  # before the columns: an empty column's type may be null
         raise DataError(f"--data {path!r}: the parquet data has no rows")
+    kind, field = _choose_column(files[0], opened[0].schema_arrow, text_field)
+    for name, pf in zip(files[1:], opened[1:]):  # every file has the same column
+        got = _choose_column(name, pf.schema_arrow, text_field)
+        if got != (kind, field):
+            raise DataError(f"--data {name!r} would be read by its {_column_words(*got)}, {files[0]!r} by its "
+                            f"{_column_words(kind, field)}: the files must agree (name the column with --text-field)")
 
     def batches() -> Iterator[DocBatch]:
         for name, pf in zip(files, opened):

@@ -252,3 +252,25 @@ def test_token_stream_is_int32_and_batches_are_int64(tmp_path):
     assert x.dtype == torch.int64 and x.shape == (2, 8)
     assert torch.equal(x, TokenBatches(torch.tensor(tokens, dtype=torch.int64), 2, 8, seed=3).batch_at(4))
     assert np.array_equal(np.asarray(tokens[:8]), np.frombuffer(b"abcdefgh", np.uint8))
+
+
+def test_a_progress_bar_when_tokenizing_takes_a_while(tmp_path, monkeypatch, capsys):
+    """tqdm on stderr (delay 1 s: small datasets print nothing), off with progress=False (--quiet)."""
+    import time
+
+    from engine.data import BYTES, Encoder, sources
+
+    def slow(texts):
+        time.sleep(0.6)
+        return BYTES.encode(texts)
+
+    monkeypatch.setattr(sources, "BATCH_ROWS", 1)
+    docs = open_documents(save_dataset(tmp_path / "ds", {"text": ["a", "b", "c"]}))
+    slow_bytes = Encoder(slow, BYTES.separator, "slow bytes")
+    capsys.readouterr()
+    assert token_stream(docs, slow_bytes, progress=True).tolist() == expected_bytes(["a", "b", "c"])
+    err = capsys.readouterr().err
+    assert "tokenizing" in err and "3/3" in err
+    token_stream(docs, BYTES, progress=True)
+    token_stream(docs, slow_bytes, progress=False)
+    assert "tokenizing" not in capsys.readouterr().err

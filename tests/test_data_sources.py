@@ -240,6 +240,10 @@ def test_cli_data_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert "no field 'text'; its columns: body" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    tokens = save_dataset(tmp_path / "ids", {"input_ids": [list(range(290, 310))]})
+    assert main(["train", "--data", tokens, "--steps", "1", *SMALL, "--output-dir", str(tmp_path)]) == 2
+    assert "the data has token id 309 but the model's vocabulary is 256: pre-tokenized for another model?" in (
+        capsys.readouterr().err)
     assert not os.path.exists(tmp_path / "train.json")
 
 

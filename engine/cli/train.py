@@ -229,7 +229,8 @@ def _tokens(args: argparse.Namespace) -> tuple[torch.Tensor, bool]:
     encoder = _encoder(args.model) if docs.kind == "text" else BYTES  # pre-tokenized: no tokenizer needed
     tokens = token_stream(docs, encoder, progress=not args.quiet)
     how = "as they are" if docs.kind == "tokens" else f"tokenized: {encoder.name}"
-    print(f"data: {docs.path} ({docs.description}): {len(tokens):,} tokens, {how}", file=sys.stderr)
+    if args.data:  # the shipped corpus needs no note
+        print(f"data: {docs.path} ({docs.description}): {len(tokens):,} tokens, {how}", file=sys.stderr)
     return tokens, docs.kind == "text" and encoder is BYTES
 
 
@@ -241,7 +242,8 @@ def _check_vocab(args: argparse.Namespace, tokens: torch.Tensor, byte_level: boo
     if byte_level and vocab < BYTE_VOCAB:
         raise CLIError(f"--model {args.model!r} has no tokenizer and a vocabulary of {vocab} < 256: cannot use "
                        "byte-level tokens")
-    raise CLIError(f"the data has token id {top} but the model's vocabulary is {vocab}")
+    raise CLIError(f"the data has token id {top} but the model's vocabulary is {vocab}: pre-tokenized for another "
+                   "model? Tokenize it with this model's tokenizer, or name its text column with --text-field")
 
 
 # ---------------------------------------------------------------------- the run

@@ -54,7 +54,7 @@ def open_documents(path: str, text_field: Optional[str] = None) -> Documents:
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
         if not files:
             raise DataError(f"--data {path!r}: a directory with neither a datasets save_to_disk "
-                            "(dataset_info.json / dataset_dict.json) nor .parquet files in it; " + FORMATS)
+                            "(state.json / dataset_dict.json) nor .parquet files in it; " + FORMATS)
         return _parquet(path, files, text_field)
     if not os.path.isfile(path):
         raise FileNotFoundError(2, f"--data {path!r}: no such file or directory", path)

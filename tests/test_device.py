@@ -2,8 +2,11 @@
 back, resident values refreshed) trains exactly as torch in memory; CUDA-marked twins run on a GPU."""
 from __future__ import annotations
 
+import collections
 import copy
 import math
+import types
+from collections.abc import Mapping
 
 import helpers
 import pytest
@@ -206,13 +209,66 @@ def test_device_grad_norm_flags_what_the_fused_kernel_flags(bad):
     assert kernels.grad_stats(g)[1] and not math.isfinite(device_grad_norm(g).item())
 
 
-def test_forward_moves_cpu_tensors_one_level_deep():
+def _leaves(value):
+    """Every tensor inside ``value``, at any depth."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+
+
+def test_forward_moves_cpu_tensors_at_any_depth_keeping_container_types():
+    from transformers import BatchEncoding
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
     meta = torch.device("meta")
+    Pair = collections.namedtuple("Pair", "left right")
     x, y = torch.ones(2), torch.zeros(3)
-    args, kwargs = inputs_to_device((x, [y], {"a": x}, 7), {"ids": y, "nested": ({"deep": x},)}, meta)
-    assert args[0].is_meta and args[1][0].is_meta and args[2]["a"].is_meta and args[3] == 7
-    assert kwargs["ids"].is_meta
-    assert kwargs["nested"][0]["deep"] is x  # one level only
+    be = BatchEncoding({"input_ids": x, "extra": [{"deep": (y, Pair(x, "tag"))}]})
+    out = CausalLMOutputWithPast(loss=x, logits=y)
+    od = collections.OrderedDict(a=[[[x]]], b=7)
+    args, kwargs = inputs_to_device((be, Pair(left=x, right=[y]), od, 7, "s"),
+                                    {"ids": y, "out": out, "nested": ({"deep": [x, None]},)}, meta)
+    assert len(list(_leaves((args, kwargs)))) == 10
+    assert all(t.is_meta for t in _leaves((args, kwargs)))
+    moved_be, pair, moved_od = args[0], args[1], args[2]
+    assert type(moved_be) is BatchEncoding and moved_be.input_ids.is_meta  # attribute access still works
+    assert type(moved_be["extra"][0]["deep"][1]) is Pair and moved_be["extra"][0]["deep"][1].right == "tag"
+    assert type(pair) is Pair and pair.left.is_meta and type(pair.right) is list
+    assert type(moved_od) is collections.OrderedDict and list(moved_od) == ["a", "b"] and moved_od["b"] == 7
+    assert type(kwargs["out"]) is CausalLMOutputWithPast and kwargs["out"].logits.is_meta
+    assert kwargs["out"][1].is_meta  # a ModelOutput's positional view follows its fields
+    assert kwargs["nested"][0]["deep"][1] is None and args[3:] == (7, "s")
+    # the caller's containers are not changed
+    assert be["input_ids"] is x and out.logits is y and od["a"][0][0][0] is x
+
+
+def test_forward_inputs_with_nothing_to_move_are_passed_as_they_are():
+    meta = torch.device("meta")
+    m = torch.ones(2, device="meta")
+    nested = {"a": [m, (1, "x")], "b": collections.OrderedDict(c=m)}
+    args, kwargs = inputs_to_device((nested,), {"k": [m]}, meta)
+    assert args[0] is nested and kwargs["k"][0] is m
+
+
+def test_forward_inputs_a_mapping_that_cannot_be_rebuilt_becomes_a_dict_with_a_warning():
+    meta = torch.device("meta")
+    frozen = types.MappingProxyType({"ids": torch.ones(2), "n": 3})
+    with pytest.warns(UserWarning, match="mappingproxy.*plain dict"):
+        (moved,), _ = inputs_to_device((frozen,), {}, meta)
+    assert type(moved) is dict and moved["ids"].is_meta and moved["n"] == 3
+
+
+def test_forward_inputs_a_container_that_contains_itself_is_not_followed_forever():
+    meta = torch.device("meta")
+    loop: list = [torch.ones(1)]
+    loop.append(loop)
+    (moved,), _ = inputs_to_device((loop,), {}, meta)
+    assert moved[0].is_meta and moved[1] is loop
 
 
 def test_cuda_device_without_cuda_is_an_error(tmp_path):

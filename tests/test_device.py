@@ -11,17 +11,22 @@ from collections.abc import Mapping
 import helpers
 import pytest
 import torch
-from helpers import ACCUMULATING, batches, engine_config, reference_run, tiny_llama, train_steps
+from helpers import ACCUMULATING, batches, engine_config, reference_run, tiny_llama, train_steps, trainable
 
 import engine
+from engine import PinnedPool
 from engine.devices import resolve_device
 from engine.offload.device_copy import device_grad_norm, inputs_to_device
+from engine.offload.gradients import GradientOffload
 from engine.offload.params import is_placeholder
+from engine.offload.stepper import ParamSpec
 from engine.optim import kernels
+from engine.storage import TensorStore
 
 peft = pytest.importorskip("peft")
 
 LR = 1e-3
+MiB = 1 << 20
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -207,6 +212,84 @@ def test_device_grad_norm_flags_what_the_fused_kernel_flags(bad):
     assert not flagged and math.isclose(n * n, s, rel_tol=1e-5)
     g[1234] = bad
     assert kernels.grad_stats(g)[1] and not math.isfinite(device_grad_norm(g).item())
+
+
+def _offload(store, pool, shapes):
+    specs = [ParamSpec(n, s) for n, s in shapes.items()]
+    return GradientOffload(store, pool, specs, device=resolve_device("separate"))
+
+
+def _counting_recounts(monkeypatch) -> list:
+    calls: list = []
+    original = GradientOffload._recount_from_store
+
+    def counted(self, name):
+        calls.append(name)
+        original(self, name)
+    monkeypatch.setattr(GradientOffload, "_recount_from_store", counted)
+    return calls
+
+
+def test_a_huge_finite_device_gradient_gets_the_exact_fp64_norm(tmp_path, monkeypatch):
+    shapes = {"huge": (3000,), "normal": (500,), "big": (40, 25)}
+    grads = {"huge": torch.full((3000,), 3e18), "normal": torch.randn(500), "big": torch.randn(40, 25) * 1e19}
+    grads["huge"][7] = -1e20
+    assert math.isinf(device_grad_norm(grads["huge"]).item())  # the fp32 sum of squares overflows
+    recounts = _counting_recounts(monkeypatch)
+    with PinnedPool(4 * MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = _offload(store, pool, shapes)
+        off.begin_window()
+        for n, g in grads.items():
+            off.add(n, g, first=True, last=True)
+        norm, bad = off.finish()
+        expected = torch.cat([g.flatten() for g in grads.values()]).double().norm().item()
+        assert not bad and math.isclose(norm, expected, rel_tol=1e-6)
+        assert sorted(recounts) == ["big", "huge"]  # only the overflowed ones are read back
+        off.begin_window()  # an ordinary window: nothing read back (no extra cost)
+        for n, g in grads.items():
+            off.add(n, torch.randn(g.shape), first=True, last=True)
+        assert math.isfinite(off.finish()[0]) and len(recounts) == 2
+        off.close()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_device_gradient_beside_a_huge_one_is_flagged(tmp_path, monkeypatch, bad):
+    recounts = _counting_recounts(monkeypatch)
+    with PinnedPool(MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = _offload(store, pool, {"a": (1000,), "b": (1000,), "c": (10,)})
+        off.begin_window()
+        a, b = torch.full((1000,), 1e19), torch.full((1000,), 1e19)
+        b[3] = bad
+        for n, g in (("a", a), ("b", b), ("c", torch.ones(10))):
+            off.add(n, g, first=True, last=True)
+        norm, flagged = off.finish()
+        assert flagged and math.isinf(norm)
+        # a NaN decides at once; an inf is told from an overflow by the host count of that gradient
+        assert len(recounts) <= (0 if math.isnan(bad) else 2)
+        off.close()
+
+
+def test_huge_finite_gradients_are_clipped_in_separate_mode_as_on_the_cpu(tmp_path, monkeypatch):
+    """A loss scaled by 1e20 (fp32): every gradient's norm is far above the fp32 sum of squares'
+    range; the step must be taken and clipped exactly as the CPU path (fp64 kernel) takes it."""
+    data = batches(3)
+    recounts = _counting_recounts(monkeypatch)
+    results = {}
+    for device in ("cpu", "separate"):
+        (tmp_path / device).mkdir()
+        cfg = engine_config(tmp_path / device, lr=LR, gradient_clipping=1.0, device=device)
+        with engine.initialize(tiny_llama(), cfg) as trainer:
+            for x in data:
+                out = trainer(input_ids=x, labels=x)
+                trainer.backward(out.loss * 1e20)
+                trainer.step()
+                assert math.isfinite(trainer.runtime.last_grad_norm) and trainer.runtime.last_grad_norm > 1e19
+            assert trainer.runtime.skipped_steps == 0 and trainer.runtime.global_steps == 3
+            results[device] = {n: trainer.parameter(n).clone() for n, _ in trainable(trainer.module)}
+    assert recounts  # the separate mode went through the device norms and read the overflowed ones back
+    for n, want in results["cpu"].items():
+        got = results["separate"][n]
+        assert ((got - want).norm() / want.norm()).item() <= 1e-5, n
 
 
 def _leaves(value):

@@ -125,9 +125,10 @@ class H2DCopies(_StreamCopies):
 
 def device_grad_norm(grad: torch.Tensor) -> torch.Tensor:
     """The fp32 L2 norm of ``grad`` as a 0-dim tensor on its device: one reduction, no full-size
-    fp32 temporary, no host synchronization. Not finite iff an element is inf/NaN (they propagate),
-    or - unlike the host's fused kernel, which sums squares in fp64 - when finite elements' fp32
-    sum of squares overflows (a norm above ~1.8e19): then too the step is skipped as an overflow."""
+    fp32 temporary, no host synchronization. NaN when an element is NaN; inf when one is inf, or -
+    unlike the host's fused kernel, which sums squares in fp64 - when finite elements' fp32 sum of
+    squares overflows (a norm above ~1.8e19): the caller tells these apart (GradientOffload
+    recounts such a gradient on the host), so a huge finite gradient is clipped as on the CPU."""
     return torch.linalg.vector_norm(grad, dtype=torch.float32)
 
 

@@ -14,8 +14,9 @@ bounded by ``staging_bytes`` - never proportional to the model.
 On a copying compute device (``device.copies``: CUDA, or the CPU "separate" mode) a gradient
 of a one-micro-batch window gets its statistics on the device before the copy
 (:func:`~engine.offload.device_copy.device_grad_norm`, resolved in :meth:`finish` without a
-per-gradient synchronization); an accumulated one goes through the fused kernel on the host
-as on the CPU. CUDA (streamed mode): the copy into pinned staging runs on a dedicated D2H
+per-gradient synchronization; a device norm of inf is recounted on the host from the stored
+gradient, so an fp32 overflow of finite values is not taken for an inf); an accumulated one
+goes through the fused kernel on the host as on the CPU. CUDA (streamed mode): the copy into pinned staging runs on a dedicated D2H
 stream ordered after the gradient's producer, and the block's store write starts once the
 copy's event completed; compute waits for a copy only when staging is full (or the next
 micro-batch reads the same slot back). "separate": a synchronous copy. Counted in
@@ -272,14 +273,40 @@ class GradientOffload:
         return (math.inf if nonfinite else math.sqrt(sumsq)), nonfinite
 
     def _resolve_device_norms(self) -> None:
-        """The one-micro-batch windows' device norms, brought to the host at once (one synchronization)."""
+        """The one-micro-batch windows' device norms, brought to the host at once (one synchronization).
+
+        A device norm of inf is ambiguous: an inf element, or finite elements whose fp32 sum of
+        squares overflowed (a norm above ~1.8e19) - where the host's fp64 kernel would give a finite
+        norm and the step would be clipped. Only then (no NaN and no other non-finite gradient in
+        the window, which would skip the step anyway) is such a gradient read back from the store
+        and counted on the host as on the CPU path, stopping at the first that is truly non-finite.
+        """
         if not self._device_norms:
             return
         names = list(self._device_norms)
         norms = torch.stack([self._device_norms[n] for n in names]).cpu().double()
+        overflowed = []
         for name, norm in zip(names, norms.tolist()):
             self._stats[name] = (norm * norm, not math.isfinite(norm))
+            if math.isinf(norm):
+                overflowed.append(name)
         self._device_norms.clear()
+        if not overflowed or any(bad for n, (_, bad) in self._stats.items() if n not in overflowed):
+            return
+        for name in overflowed:
+            self._recount_from_store(name)
+            if self._stats[name][1]:
+                return  # a real inf: the step is skipped, the others need no recount
+
+    def _recount_from_store(self, name: str) -> None:
+        """The host statistics of ``name``'s stored gradient (its writes have completed)."""
+        numel = self.params[name].numel
+        block = self._staging(round_up_io(numel * FP32_BYTES))
+        try:
+            self.store.read_into(StoreKey.grad(name), block).wait()
+            self._account(name, block.tensor(numel, torch.float32))
+        finally:
+            block.free()
 
     def grad_source(self) -> Optional[GradFill]:
         """For the stepper: fills a piece's fp32 gradient from the flat buffer (``flat`` mode), else None."""

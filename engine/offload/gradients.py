@@ -16,11 +16,11 @@ of a one-micro-batch window gets its statistics on the device before the copy
 (:func:`~engine.offload.device_copy.device_grad_norm`, resolved in :meth:`finish` without a
 per-gradient synchronization; a device norm of inf is recounted on the host from the stored
 gradient, so an fp32 overflow of finite values is not taken for an inf); an accumulated one
-goes through the fused kernel on the host as on the CPU. CUDA (streamed mode): the copy into pinned staging runs on a dedicated D2H
-stream ordered after the gradient's producer, and the block's store write starts once the
-copy's event completed; compute waits for a copy only when staging is full (or the next
-micro-batch reads the same slot back). "separate": a synchronous copy. Counted in
-:attr:`device_stats` (``d2h_bytes``, ``d2h_wait_s``).
+goes through the fused kernel on the host as on the CPU. CUDA (streamed mode): the copy into
+pinned staging runs on a dedicated D2H stream ordered after the gradient's producer, and the
+block's store write starts once the copy's event completed; compute waits for a copy only
+when staging is full (or the next micro-batch reads the same slot back). "separate": a
+synchronous copy. Counted in :attr:`device_stats` (``d2h_bytes``, ``d2h_wait_s``).
 """
 from __future__ import annotations
 

@@ -352,3 +352,19 @@ def test_fp16_a_huge_loss_scale_on_the_gpu_backs_off_until_a_step_is_taken(tmp_p
         assert all(d.type == "cuda" for d in norms)
         assert all(torch.isfinite(trainer.parameter(n)).all() for n in initial)
         assert any(not torch.equal(trainer.parameter(n), v) for n, v in initial.items())
+
+
+# ---------------------------------------------------------------------- the flat gradient ablation
+def test_the_flat_gradient_buffer_on_the_gpu_matches_torch(tmp_path, monkeypatch):
+    """grad_buffer="flat" on CUDA: each gradient copied synchronously into the host buffer; the
+    accumulation adds in pieces (made small here so the tiny model's gradients take several)."""
+    monkeypatch.setattr(gradients_module, "_ADD_CHUNK", 1000)
+    ref, model = tiny_llama().cuda(), tiny_llama()
+    data = batches(6)
+    ref_losses = reference_run(ref, [x.cuda() for x in data], 3, lr=LR, ieee_sqrt=True)
+    with engine.initialize(model, cuda_config(tmp_path, grad_buffer="flat")) as trainer:
+        assert_everything_streamed(trainer)
+        losses = train_steps(trainer, data, 3)
+        assert_same(((n, p.detach().cpu()) for n, p in ref.named_parameters()), ref_losses, losses,
+                    lambda name: trainer.parameter(name).cpu(), nonempty=True)
+        assert trainer.memory_report()["d2h_bytes"] == 6 * sum(p.numel() for p in ref.parameters()) * 4

@@ -214,6 +214,20 @@ def test_device_grad_norm_flags_what_the_fused_kernel_flags(bad):
     assert kernels.grad_stats(g)[1] and not math.isfinite(device_grad_norm(g).item())
 
 
+def test_separate_device_with_the_flat_gradient_buffer_matches_torch_in_memory(tmp_path):
+    """The flat ablation on a copying device: each gradient copied into the host buffer (and added
+    to it over the accumulation window), its statistics on the host; fp32 within 1e-5 of torch."""
+    ref, model = tiny_llama(), tiny_llama()
+    data = batches(6)
+    ref_losses = reference_run(ref, data, 3, lr=LR, ieee_sqrt=True)
+    with engine.initialize(model, config(tmp_path, device="separate", grad_buffer="flat")) as trainer:
+        assert trainer.runtime.gradients.grad_buffer == "flat"
+        losses = train_steps(trainer, data, 3)
+        helpers.assert_same_training(ref.named_parameters(), ref_losses, losses, trainer.parameter, nonempty=True)
+        numel = sum(p.numel() for p in ref.parameters())
+        assert trainer.memory_report()["d2h_bytes"] == 6 * numel * 4  # every micro-batch's fp32 gradients
+
+
 def _offload(store, pool, shapes):
     specs = [ParamSpec(n, s) for n, s in shapes.items()]
     return GradientOffload(store, pool, specs, device=resolve_device("separate"))

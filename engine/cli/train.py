@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--nvme-path", action="append", metavar="DIR",
                    help="directory for the swap files; repeat to stripe over several drives "
                    "(default: $TMPDIR/memascend-<uid>, private to this user)")
+    p.add_argument("--gpu-memory", metavar="BYTES", help="GPU memory budget, e.g. 20GiB (default: the config's "
+                   "gpu_memory, else the card's free memory); a run that cannot fit is refused before allocating")
     p.add_argument("--memory-budget", metavar="BYTES", help="host memory budget, e.g. 4GiB (the run is refused "
                    "before any allocation if it cannot fit)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only (engine.peft)")
@@ -99,6 +101,8 @@ def build_config(args: argparse.Namespace, embedded: bool) -> Config:
         overrides["nvme_path"] = args.nvme_path[0] if len(args.nvme_path) == 1 else list(args.nvme_path)
     if args.memory_budget:
         overrides["host_memory_budget"] = args.memory_budget
+    if args.gpu_memory:
+        overrides["gpu_memory"] = args.gpu_memory
     if args.grad_accum:
         overrides["gradient_accumulation_steps"] = args.grad_accum
     if overrides:

@@ -76,6 +76,23 @@ def tiny_llama(tied: bool = False, layers: int = 2, **shape):
     return LlamaForCausalLM(tiny_llama_config(tied=tied, layers=layers, **shape)).float()
 
 
+LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+def peft_llama(targets: Sequence[str] = tuple(LORA_TARGETS)):
+    """A tiny Llama wrapped by Hugging Face peft LoRA, with non-zero B so both adapter paths train from step 1."""
+    import peft
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                              target_modules=list(targets)))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
 def batches(n: int, seed: int = 1, vocab: int = 256, shape: tuple[int, int] = (2, 16)) -> list[torch.Tensor]:
     """``n`` seeded batches of token ids (each used as input and labels)."""
     g = torch.Generator().manual_seed(seed)

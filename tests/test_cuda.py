@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import ACCUMULATING, batches, engine_config, reference_run, tiny_llama, train_steps
+from helpers import ACCUMULATING, batches, engine_config, peft_llama, reference_run, tiny_llama, train_steps
 from helpers import assert_same_training as assert_same
 
 import engine
@@ -253,19 +253,9 @@ def test_a_model_already_on_the_gpu_trains_as_torch_and_is_given_back_there(tmp_
 
 
 # ---------------------------------------------------------------------- PEFT on the GPU
-LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
-
-
 def _peft_llama(device: str):
-    peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                              target_modules=LORA_TARGETS))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # B starts at zero: give it values so both adapter paths train from step 1
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.to(device)
+    pytest.importorskip("peft")
+    return peft_llama().to(device)
 
 
 @pytest.mark.parametrize("given_on", ["cpu", "cuda"])

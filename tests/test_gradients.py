@@ -49,6 +49,34 @@ def test_accumulates_over_micro_batches_and_reports_the_norm(tmp_path, grad_buff
         assert pool.stats()["in_use"] == 0
 
 
+@pytest.mark.parametrize("grad_buffer", ["streamed", "flat"])
+@pytest.mark.parametrize("copies", [False, True])
+def test_a_gradient_absent_from_the_last_micro_batch_still_counts(tmp_path, grad_buffer, copies):
+    # A parameter used only in micro-batch 1 of 2 (a conditional branch, an MoE expert): its
+    # accumulated gradient enters the norm, and a NaN in it is flagged (it was missed before).
+    from engine.devices import resolve_device
+
+    specs = [ParamSpec("a", (1000,)), ParamSpec("b", (10,))]
+    device = resolve_device("separate") if copies else None
+    with PinnedPool(MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = GradientOffload(store, pool, specs, grad_buffer=grad_buffer, device=device)
+        off.begin_window()
+        off.add("a", torch.full((1000,), 3.0), first=True, last=False)
+        off.add("b", torch.ones(10), first=True, last=False)
+        off.add("b", torch.ones(10), first=False, last=True)
+        norm, bad = off.finish()
+        assert not bad and math.isclose(norm, math.sqrt(1000 * 9.0 + 10 * 4.0), rel_tol=1e-12)
+        off.begin_window()
+        nan = torch.ones(1000)
+        nan[17] = float("nan")
+        off.add("a", nan, first=True, last=False)
+        off.add("b", torch.ones(10), first=True, last=True)
+        norm, bad = off.finish()
+        assert bad and math.isinf(norm)
+        off.close()
+        assert pool.stats()["in_use"] == 0
+
+
 @pytest.mark.parametrize("overflow_check", ["fused", "naive"])
 @pytest.mark.parametrize("bad_value", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_gradient_is_flagged(tmp_path, overflow_check, bad_value):

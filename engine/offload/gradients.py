@@ -278,6 +278,16 @@ class GradientOffload:
         """Waits for every gradient write; returns (global L2 norm, any inf/NaN) of the window."""
         while self._pending:
             self._retire_oldest()
+        # Statistics are taken on a gradient's last-micro-batch contribution; one that had
+        # contributions earlier in the window but none in its last micro-batch (a conditional branch,
+        # an MoE expert) is counted from its accumulated value now, so its norm and inf/NaN count.
+        unaccounted = [n for n in self.received if n not in self._stats and n not in self._device_norms]
+        for name in unaccounted:
+            if self.grad_buffer == "flat":
+                start = self._offsets[name]
+                self._account(name, self._flat[start: start + self.params[name].numel])
+            else:
+                self._recount_from_store(name)
         missing = [n for n in self.params if n not in self.received]
         if missing:
             # A parameter that took no part in the loss has a zero gradient (torch would skip it).

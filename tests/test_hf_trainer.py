@@ -39,7 +39,7 @@ def training_args(out, **extra) -> dict:
 
 def offload_trainer(tmp_path, data, **extra) -> OffloadTrainer:
     args = transformers.TrainingArguments(**training_args(tmp_path / "out", **extra))
-    (tmp_path / "swap").mkdir(exist_ok=True)
+    (tmp_path / "swap").mkdir(parents=True, exist_ok=True)
     cfg = engine.Config(nvme_path=str(tmp_path / "swap"), resident_threshold_bytes=4096)
     return OffloadTrainer(model=tiny_llama(), args=args, train_dataset=data, engine_config=cfg)
 
@@ -211,3 +211,50 @@ def test_example_script_runs(tmp_path):
     proc = run_python(os.path.join(REPO, "examples", "hf_trainer.py"), "--output-dir", str(out), timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "config.json").is_file()
+
+
+def tiny_tokenizer(vocab_words: int = 200):
+    """A word-level fast tokenizer built in memory (no hub download): ``w0 ... w199`` plus specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(vocab_words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")
+
+
+def test_trl_sft_trainer_with_lora_trains_and_saves_a_loadable_adapter(tmp_path, monkeypatch):
+    trl = pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # trl's telemetry ping, and nothing else, would reach the hub
+    from engine.integrations.transformers import OffloadTrainerMixin
+
+    class OffloadSFTTrainer(OffloadTrainerMixin, trl.SFTTrainer):
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{j}" for j in torch.randint(0, 200, (12,), generator=g).tolist()) for _ in range(8)]
+    data = datasets.Dataset.from_dict({"text": texts})
+
+    def run(cls, out, **extra):
+        # SFTConfig defaults to bf16=True (autocast in the plain Trainer, bf16 weights in the engine): fp32 here
+        args = trl.SFTConfig(**training_args(out, max_steps=3, max_length=16, num_train_epochs=1, bf16=False))
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        trainer = cls(model=tiny_llama(), args=args, train_dataset=data, processing_class=tiny_tokenizer(),
+                      peft_config=lora, **extra)
+        trainer.train()
+        return trainer
+
+    ref = run(trl.SFTTrainer, tmp_path / "plain")
+    (tmp_path / "swap").mkdir()
+    with run(OffloadSFTTrainer, tmp_path / "out", engine_config=engine.Config(nvme_path=str(tmp_path / "swap"))) as ours:
+        assert_same_logs(train_logs(ours), train_logs(ref))
+        ours.save_model(str(tmp_path / "adapter"))
+        assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+        loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+        lora_names = [n for n, _ in ours.model.named_parameters() if "lora_" in n]
+        assert lora_names
+        values = dict(loaded.named_parameters())
+        for name in lora_names:  # the same PeftModel names on both sides
+            assert torch.equal(values[name], ours.engine.parameter(name).view(values[name].shape)), name

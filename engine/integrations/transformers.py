@@ -37,7 +37,7 @@ from ..checkpoint.private import PrivateOutput, json_bytes
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, TrainerClosedError
 from ..offload.materialize import Initializer
-from ..peft import is_peft_model, lora_layers
+from ..peft import LoraLinear, is_peft_model
 from ..trainer import Trainer as EngineTrainer
 from .hf_args import EngineConfigLike, OffloadTrainingArguments, check_arguments, resolve_config
 from .hf_optimizer import EngineStepOptimizer
@@ -226,7 +226,7 @@ class OffloadTrainerMixin:
         os.makedirs(output_dir, exist_ok=True)
         if self.engine is None:  # not trained yet: the in-memory model, as transformers saves it (safetensors)
             self.model.save_pretrained(output_dir)  # type: ignore[operator]
-        elif is_peft_model(self.model) or lora_layers(self.model):
+        elif is_peft_model(self.model) or any(isinstance(m, LoraLinear) for m in self.model.modules()):
             self.engine.save_adapter(output_dir)
         else:
             self.engine.save_pretrained(output_dir)

@@ -248,7 +248,8 @@ def test_trl_sft_trainer_with_lora_trains_and_saves_a_loadable_adapter(tmp_path,
 
     ref = run(trl.SFTTrainer, tmp_path / "plain")
     (tmp_path / "swap").mkdir()
-    with run(OffloadSFTTrainer, tmp_path / "out", engine_config=engine.Config(nvme_path=str(tmp_path / "swap"))) as ours:
+    cfg = engine.Config(nvme_path=str(tmp_path / "swap"))
+    with run(OffloadSFTTrainer, tmp_path / "out", engine_config=cfg) as ours:
         assert_same_logs(train_logs(ours), train_logs(ref))
         ours.save_model(str(tmp_path / "adapter"))
         assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -70,9 +70,10 @@ def training_values(args: TrainingArguments) -> AutoValues:
 def _with_values(cfg: Config, values: AutoValues) -> Config:
     opt = dataclasses.replace(cfg.optimizer, lr=values["lr"], betas=values["betas"], eps=values["eps"],
                               weight_decay=values["weight_decay"])
-    return dataclasses.replace(cfg, optimizer=opt, dtype=values["dtype"],
-                               gradient_accumulation_steps=values["gradient_accumulation_steps"],
-                               gradient_clipping=values["gradient_clipping"]).validate()
+    changes: dict[str, Any] = dict(optimizer=opt, dtype=values["dtype"],
+                                   gradient_accumulation_steps=values["gradient_accumulation_steps"],
+                                   gradient_clipping=values["gradient_clipping"])
+    return dataclasses.replace(cfg, **changes).validate()
 
 
 def _current(cfg: Config) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import transformers
@@ -36,7 +36,6 @@ from .._log import logger
 from ..checkpoint.private import PrivateOutput, json_bytes
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, TrainerClosedError
-from ..offload.materialize import Initializer
 from ..peft import LoraLinear, is_peft_model
 from ..trainer import Trainer as EngineTrainer
 from .hf_args import EngineConfigLike, OffloadTrainingArguments, check_arguments, resolve_config
@@ -63,7 +62,7 @@ class OffloadTrainerMixin:
 
     # set by transformers.Trainer.__init__; declared for the type checker
     args: transformers.TrainingArguments
-    model: nn.Module
+    model: Any
     optimizer: Any
     lr_scheduler: Any
     accelerator: Any
@@ -71,11 +70,11 @@ class OffloadTrainerMixin:
     data_collator: Any
 
     def __init__(self, *args: Any, engine_config: EngineConfigLike = None,
-                 engine_initializer: Optional[Initializer] = None, **kwargs: Any):
+                 engine_initializer: Optional[Callable[[str, tuple[int, ...]], torch.Tensor]] = None, **kwargs: Any):
         self.engine: Optional[EngineTrainer] = None
         self._engine_initializer = engine_initializer
         self._io_mark: tuple[float, int] = (time.perf_counter(), 0)
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         check_arguments(self.args)
         if self.optimizer is not None:
             raise ConfigError("optimizers=(optimizer, ...) cannot be used with the engine-backed Trainer: the "
@@ -217,7 +216,7 @@ class OffloadTrainerMixin:
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """HF safetensors from the engine (the adapters only, for LoRA), tokenizer, ``training_args.json``."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:
             return
         if state_dict is not None:
@@ -225,7 +224,7 @@ class OffloadTrainerMixin:
                               "state_dict")
         os.makedirs(output_dir, exist_ok=True)
         if self.engine is None:  # not trained yet: the in-memory model, as transformers saves it (safetensors)
-            self.model.save_pretrained(output_dir)  # type: ignore[operator]
+            self.model.save_pretrained(output_dir)
         elif is_peft_model(self.model) or any(isinstance(m, LoraLinear) for m in self.model.modules()):
             self.engine.save_adapter(output_dir)
         else:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import REPO, run_python, tiny_llama
+from helpers import REPO, batches, run_python, tiny_llama
 
 import engine
 from engine.errors import ConfigError
@@ -182,8 +182,6 @@ def test_unsupported_training_arguments_are_named_in_one_error(tmp_path):
 def test_window_end_closes_a_short_window(tmp_path):
     """Runtime API used by the integration: an explicit window end steps after 1 of 2 micro-batches,
     the next micro-batch opens a new window (its gradient overwrites, not adds)."""
-    from helpers import batches, reference_run
-
     data = batches(3)
     ref_model = tiny_llama()
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, weight_decay=0.0, foreach=False)
@@ -192,7 +190,6 @@ def test_window_end_closes_a_short_window(tmp_path):
             (ref_model(input_ids=x, labels=x).loss / len(window)).backward()
         ref_opt.step()
         ref_opt.zero_grad()
-    del reference_run
     cfg = engine.Config(nvme_path=str(tmp_path), gradient_accumulation_steps=2, resident_threshold_bytes=4096,
                         optimizer=engine.AdamWConfig(lr=1e-3))
     with engine.initialize(tiny_llama(), cfg) as t:
@@ -259,3 +256,39 @@ def test_trl_sft_trainer_with_lora_trains_and_saves_a_loadable_adapter(tmp_path,
         values = dict(loaded.named_parameters())
         for name in lora_names:  # the same PeftModel names on both sides
             assert torch.equal(values[name], ours.engine.parameter(name).view(values[name].shape)), name
+
+
+def test_engine_pretrained_loads_a_checkpoint_and_trains_like_the_plain_trainer(tmp_path):
+    tiny_llama().save_pretrained(str(tmp_path / "hf"))  # safetensors + config.json
+    data = token_dataset(8)
+    ref = transformers.Trainer(model=transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")),
+                               args=transformers.TrainingArguments(**training_args(tmp_path / "plain",
+                                                                                   num_train_epochs=1)),
+                               train_dataset=data)
+    ref.train()
+    (tmp_path / "swap").mkdir()
+    args = transformers.TrainingArguments(**training_args(tmp_path / "out", num_train_epochs=1))
+    with OffloadTrainer(args=args, train_dataset=data, engine_pretrained=str(tmp_path / "hf"),
+                        engine_config={"nvme_path": str(tmp_path / "swap")}) as ours:
+        assert ours.engine is not None and ours.model is ours.engine.module
+        ours.train()
+        assert_same_logs(train_logs(ours), train_logs(ref))
+        assert_same_weights(ours, ref.model)
+
+
+def test_meta_device_model_with_an_initializer(tmp_path):
+    source = tiny_llama()
+    values = {n: p.detach().clone() for n, p in source.named_parameters()}
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(source.config)
+    data = token_dataset(4)
+    ref = transformers.Trainer(model=source, args=transformers.TrainingArguments(
+        **training_args(tmp_path / "plain", num_train_epochs=1)), train_dataset=data)
+    ref.train()
+    (tmp_path / "swap").mkdir()
+    args = transformers.TrainingArguments(**training_args(tmp_path / "out", num_train_epochs=1))
+    with OffloadTrainer(model=meta, args=args, train_dataset=data, engine_config={"nvme_path": str(tmp_path / "swap")},
+                        engine_initializer=lambda name, shape: values[name].view(shape)) as ours:
+        ours.train()
+        assert_same_logs(train_logs(ours), train_logs(ref))
+        assert_same_weights(ours, ref.model)

@@ -177,6 +177,8 @@ def check_arguments(args: TrainingArguments) -> None:
     if getattr(args, "deepspeed_plugin", None) is not None:
         problems.append("deepspeed= with plain TrainingArguments (DeepSpeed itself would run): use "
                         "engine.integrations.transformers.OffloadTrainingArguments, or pass engine_config=")
+    if args.load_best_model_at_end:
+        problems.append("load_best_model_at_end=True (it loads weights into the model behind the engine)")
     if args.fp16_full_eval or args.bf16_full_eval:
         problems.append("fp16_full_eval/bf16_full_eval (evaluation runs in the engine's dtype)")
     if problems:

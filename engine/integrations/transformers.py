@@ -58,7 +58,9 @@ class OffloadTrainerMixin:
     the meta device, ``initializer(name, shape) -> tensor`` (see :func:`engine.initialize`).
     The engine is :attr:`engine` once built (first ``train``/``evaluate``/``create_optimizer``);
     it stays open after ``train()`` for ``evaluate``/``save_model``; :meth:`close` (or ``with``)
-    releases it, as does garbage collection through the engine's own finalizer."""
+    releases it, as does garbage collection through the engine's own finalizer.
+    ``engine_pretrained``: instead of ``model=``, a Hugging Face checkpoint directory loaded with
+    :func:`engine.from_pretrained` (larger than DRAM is fine); the engine exists from the start."""
 
     # set by transformers.Trainer.__init__; declared for the type checker
     args: transformers.TrainingArguments
@@ -70,17 +72,44 @@ class OffloadTrainerMixin:
     data_collator: Any
 
     def __init__(self, *args: Any, engine_config: EngineConfigLike = None,
-                 engine_initializer: Optional[Callable[[str, tuple[int, ...]], torch.Tensor]] = None, **kwargs: Any):
+                 engine_initializer: Optional[Callable[[str, tuple[int, ...]], torch.Tensor]] = None,
+                 engine_pretrained: Union[str, "os.PathLike[str]", None] = None, **kwargs: Any):
         self.engine: Optional[EngineTrainer] = None
         self._engine_initializer = engine_initializer
         self._io_mark: tuple[float, int] = (time.perf_counter(), 0)
+        if engine_pretrained is not None:
+            args = self._open_pretrained(engine_pretrained, engine_config, args, kwargs)
         super().__init__(*args, **kwargs)
         check_arguments(self.args)
+        if getattr(self, "model_init", None) is not None:
+            raise ConfigError("model_init= cannot be used with the engine-backed Trainer (train() would replace the "
+                              "engine's model): pass model= or engine_pretrained=", "model_init")
         if self.optimizer is not None:
             raise ConfigError("optimizers=(optimizer, ...) cannot be used with the engine-backed Trainer: the "
                               "engine runs its own AdamW (an LR scheduler may be given)", "optimizers")
-        self.engine_config: Config = resolve_config(engine_config, self.args)
+        if self.engine is None:
+            self.engine_config: Config = resolve_config(engine_config, self.args)
         logger.info("engine config from TrainingArguments: %s", self.engine_config)
+
+    def _open_pretrained(self, path: Union[str, "os.PathLike[str]"], engine_config: EngineConfigLike,
+                         args: tuple, kwargs: dict[str, Any]) -> tuple:
+        """``engine_pretrained=``: the model comes from :func:`engine.from_pretrained` (built on the meta
+        device, each tensor read from the safetensors straight into the store), before the Trainer
+        sees it. Returns the positional arguments with the model in place."""
+        given = kwargs.get("model", args[0] if args else None)
+        if given is not None:
+            raise ConfigError("pass either model= or engine_pretrained=, not both", "engine_pretrained")
+        training = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if not isinstance(training, transformers.TrainingArguments):
+            raise ConfigError("engine_pretrained= needs args=TrainingArguments(...) (the engine config is "
+                              "resolved from them before the model is loaded)", "engine_pretrained")
+        check_arguments(training)
+        self.engine_config = resolve_config(engine_config, training)
+        self.engine = api.from_pretrained(path, self.engine_config)
+        if args:
+            return (self.engine.module, *args[1:])
+        kwargs["model"] = self.engine.module
+        return args
 
     # ------------------------------------------------------------------ the engine
     def _ensure_engine(self) -> EngineTrainer:

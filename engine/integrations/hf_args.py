@@ -47,7 +47,9 @@ class OffloadTrainingArguments(TrainingArguments):
     ``PackageNotFoundError: deepspeed>=0.9.3``), and ``_setup_devices`` would start DeepSpeed's
     distributed backend. This class takes the value out first: it is kept as
     :attr:`engine_deepspeed` (a path or dict) and ``deepspeed`` stays ``None``, so neither
-    happens; :class:`~engine.integrations.transformers.OffloadTrainer` reads it."""
+    happens; :class:`~engine.integrations.transformers.OffloadTrainer` reads it. For a subclass of
+    the arguments put it last, so the subclass's field defaults stay:
+    ``@dataclass class OffloadSFTConfig(trl.SFTConfig, OffloadTrainingArguments): pass``."""
 
     def __post_init__(self) -> None:
         self.engine_deepspeed: Union[dict, str, None] = self.deepspeed

@@ -5,10 +5,12 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import REPO, batches, run_python, tiny_llama
+from helpers import REPO, batches, child_env, run_python, tiny_llama
 
 import engine
 from engine.errors import ConfigError
@@ -292,3 +294,13 @@ def test_meta_device_model_with_an_initializer(tmp_path):
         ours.train()
         assert_same_logs(train_logs(ours), train_logs(ref))
         assert_same_weights(ours, ref.model)
+
+
+def test_trl_example_script_runs(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "sft"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "trl_sft.py"), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=180, env=child_env(HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()

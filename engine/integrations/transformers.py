@@ -89,6 +89,12 @@ class OffloadTrainerMixin:
                               "engine runs its own AdamW (an LR scheduler may be given)", "optimizers")
         if self.engine is None:
             self.engine_config: Config = resolve_config(engine_config, self.args)
+        elif self.model is not self.engine.module:
+            raise ConfigError("the Trainer replaced the engine_pretrained model (e.g. wrapped it for a peft_config): "
+                              "with peft, pass model= (the engine is then built over the wrapped model)",
+                              "engine_pretrained")
+        else:
+            self._warn_weight_decay()
         logger.info("engine config from TrainingArguments: %s", self.engine_config)
 
     def _open_pretrained(self, path: Union[str, "os.PathLike[str]"], engine_config: EngineConfigLike,

@@ -40,8 +40,8 @@ def plan(model: nn.Module, config: ConfigLike = None, *, activation_bytes: int =
 
     Pass ``example_inputs`` (keyword arguments of one training forward, e.g. ``input_ids`` and
     ``labels`` of the batch shape) to include an estimate of the activations. ``gpu_memory``
-    (e.g. ``"24GiB"``): plan the GPU side for a card of that size (default: the free memory of
-    ``config.device`` when it is CUDA; nothing for the CPU).
+    (e.g. ``"24GiB"``): plan the GPU side for a card of that size (default: ``config.gpu_memory``,
+    else the free memory of ``config.device`` when it is CUDA; nothing for the CPU).
     """
     return _plan(model, Config.load(config if config is not None else Config()), activation_bytes=activation_bytes,
                  example_inputs=example_inputs, gpu_memory=gpu_memory)

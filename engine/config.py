@@ -128,6 +128,10 @@ class Config:
     their fp32 gradients and optimizer state in DRAM (``"memory"``) or on NVMe (``"nvme"``);
     ``"auto"`` lets the planner choose (see :mod:`engine.offload.planner`).
 
+    GPU: ``device`` (see :mod:`engine.devices`); ``gpu_memory`` (bytes or ``"24GiB"``) is the
+    budget the planner checks the GPU side against before anything is allocated (``None``: the
+    card's free memory); ignored, with a warning, when ``"auto"`` resolves to the CPU.
+
     Host memory: ``malloc_mmap_threshold`` (default 1 MiB) is set as glibc's mmap threshold
     at initialize, so freed activations return to the OS and peak RSS does not grow with
     depth (:mod:`engine.memory.malloc`); ``None`` leaves glibc's dynamic threshold.
@@ -170,6 +174,8 @@ class Config:
     # Compute device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N", "separate" (CPU test mode);
     # see engine.devices.
     device: str = "auto"
+    # GPU memory budget of the run (bytes or "24GiB"); None: the card's free memory. See engine.offload.gpuplan.
+    gpu_memory: Union[int, str, None] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict):
@@ -192,7 +198,16 @@ class Config:
         self._validate_sizes()
         check_bool("checksum", self.checksum)
         check_device(self.device)
+        self._validate_gpu_memory()
         return self
+
+    def _validate_gpu_memory(self) -> None:
+        if self.gpu_memory is None:
+            return
+        check_bytes("gpu_memory", self.gpu_memory, 1, MAX_BYTES)
+        if self.device == "cpu":
+            raise ConfigError(f"gpu_memory={self.gpu_memory!r} is a GPU budget but device='cpu' computes on no "
+                              "GPU; remove gpu_memory or set device 'cuda', 'cuda:N' or 'auto'", "gpu_memory")
 
     def _validate_numbers(self) -> None:
         for name in ("gradient_accumulation_steps", "loss_scale_window", "hysteresis", "buffer_count"):

@@ -152,3 +152,8 @@ class BenchError(EngineError, RuntimeError):
 
 class CLIError(EngineError):
     """Bad command-line input or a feature this build lacks; printed as one line."""
+
+
+class DataError(EngineError, ValueError):
+    """Training data that cannot be read as documents: the message names the file, the row
+    or field, and the fix."""

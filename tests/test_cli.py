@@ -169,6 +169,17 @@ def test_train_device_flag_goes_into_the_config(capsys):
     assert len(err) == 1 and "device must be 'auto', 'cpu', 'cuda', 'cuda:N'" in err[0]
 
 
+def test_train_gpu_memory_flag_goes_into_the_config(capsys):
+    from engine.cli import build_parser, train
+
+    args = build_parser().parse_args(["train", "--device", "cuda", "--gpu-memory", "20GiB"])
+    assert train.build_config(args, embedded=True).gpu_memory == "20GiB"
+    # the CPU computes on no GPU: a budget there is a mistake, refused before anything is built
+    assert main(["train", "--device", "cpu", "--gpu-memory", "8GiB", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "computes on no GPU" in err[0]
+
+
 def test_plan_checks_the_disk_of_the_nvme_paths(tmp_path, capsys):
     # 70B in fp32 needs well over 1 TiB of swap space: no test machine's disk holds it.
     assert main(["plan", "llama-70b", "--nvme-path", str(tmp_path)]) == 1

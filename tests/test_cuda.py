@@ -18,6 +18,8 @@ from helpers import assert_same_training as assert_same
 import engine
 from engine.bench import init_value
 from engine.memory.pool import PinnedPool
+from engine.offload import gradients as gradients_module
+from engine.offload.params import is_placeholder
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -216,3 +218,153 @@ def test_close_with_restore_gives_a_cpu_model_back_on_the_cpu(tmp_path):
     assert all(b.device.type == "cpu" for b in model.buffers())
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), trained[name]), name
+
+
+# ---------------------------------------------------------------------- a model handed over on the GPU
+@pytest.mark.parametrize("threshold", [0, 4096], ids=["all-streamed", "norms-resident"])
+def test_a_model_already_on_the_gpu_trains_as_torch_and_is_given_back_there(tmp_path, threshold):
+    """Each weight is read from its device tensor (a D2H copy into the store) and the model's own
+    device copies of the streamed weights are freed; resident parameters and buffers stay on the
+    GPU; batches already there are used as they are. fp32 within 1e-5 of torch on this GPU, and
+    close(restore_weights=True) puts every tensor back on the GPU with the trained values."""
+    ref, model = tiny_llama().cuda(), tiny_llama().cuda()  # the same seed: the same weights
+    data = [x.cuda() for x in batches(12)]
+    ref_losses = reference_run(ref, data, 6, lr=LR, ieee_sqrt=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with engine.initialize(model, cuda_config(tmp_path, resident_threshold_bytes=threshold)) as trainer:
+        params = trainer.runtime.streamer.params
+        assert params.streamed and (bool(params.resident) == (threshold > 0))
+        freed = before - torch.cuda.memory_allocated()
+        # the streamed weights' blocks are gone; what initialize allocated there is one placeholder
+        # scalar per dtype (one 512-byte block of the caching allocator)
+        assert freed >= sum(sp.nbytes for sp in params.streamed.values()) - 512, freed
+        assert all(p.device.type == "cuda" for _, p in params.resident)
+        assert all(b.device.type == "cuda" for b in model.buffers())
+        losses = train_steps(trainer, data, 6)
+        assert_same(((n, p.detach().cpu()) for n, p in ref.named_parameters()), ref_losses, losses,
+                    lambda name: trainer.parameter(name).cpu(), nonempty=True)
+        trained = {name: trainer.weight(name).cpu().clone() for name, _ in model.named_parameters()}
+        trainer.close(restore_weights=True)
+    assert all(p.device.type == "cuda" and not is_placeholder(p.data) for p in model.parameters())
+    assert all(b.device.type == "cuda" for b in model.buffers())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach().cpu(), trained[name]), name
+
+
+# ---------------------------------------------------------------------- PEFT on the GPU
+LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+def _peft_llama(device: str):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                              target_modules=LORA_TARGETS))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B starts at zero: give it values so both adapter paths train from step 1
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.to(device)
+
+
+@pytest.mark.parametrize("given_on", ["cpu", "cuda"])
+def test_peft_lora_on_the_gpu_matches_torch_on_the_gpu(tmp_path, given_on):
+    """peft LoRA on a tiny Llama: the frozen base streamed read-only to the GPU, the adapters
+    trained wherever the planner puts them; fp32 within 1e-5 of torch.optim.AdamW over the
+    adapters on this GPU, for a model handed over on the CPU or already on the GPU."""
+    ref, model = _peft_llama("cuda"), _peft_llama(given_on)
+    data = batches(12)
+    trainable = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    ref_losses = reference_run(ref, [x.cuda() for x in data], 6, lr=LR, params=[p for _, p in trainable],
+                               ieee_sqrt=True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and p.numel() > 1}
+    with engine.initialize(model, cuda_config(tmp_path)) as trainer:
+        assert trainer.runtime.device.kind == "cuda"
+        assert frozen <= {sp.name for sp in trainer.runtime.streamer.params.streamed.values()}
+        losses = train_steps(trainer, data if given_on == "cpu" else [x.cuda() for x in data], 6)
+        assert_same(((n, p.detach().cpu()) for n, p in trainable), ref_losses, losses,
+                    lambda name: trainer.parameter(name).cpu(), nonempty=True)
+        assert trainer.memory_report()["h2d_bytes"] > 0
+
+
+# ---------------------------------------------------------------------- fp16 loss scaling on the GPU
+def _count_device_norms(monkeypatch) -> list:
+    """The devices of the gradients whose statistics were taken by ``device_grad_norm``."""
+    calls: list = []
+    original = gradients_module.device_grad_norm
+
+    def counted(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(grad.device)
+        return original(grad)
+    monkeypatch.setattr(gradients_module, "device_grad_norm", counted)
+    return calls
+
+
+def test_fp16_overflow_on_the_gpu_skips_the_step_and_lowers_the_scale(tmp_path, monkeypatch):
+    """tests/test_trainer.py's CPU test on the GPU: the overflow flag comes from the gradients'
+    statistics taken on the GPU (one-micro-batch windows), the step is skipped, the scale backs off."""
+    norms = _count_device_norms(monkeypatch)
+    model = tiny_llama()
+    x = batches(1)[0]
+    cfg = cuda_config(tmp_path, dtype="fp16", gradient_accumulation_steps=1, hysteresis=1, initial_scale_power=8)
+    with engine.initialize(model, cfg) as trainer:
+        trainer.backward(trainer(input_ids=x, labels=x).loss)
+        trainer.step()
+        assert trainer.global_steps == 1 and trainer.loss_scale == 256.0
+        assert norms and all(d.type == "cuda" for d in norms), norms
+        before = {n: trainer.parameter(n).clone() for n, _ in model.named_parameters()}
+        taken = len(norms)
+        trainer.backward(trainer(input_ids=x, labels=x).loss * float("inf"))
+        trainer.step()
+        assert len(norms) == 2 * taken  # this window's statistics came from the GPU too
+        assert trainer.skipped_steps == 1 and trainer.global_steps == 1 and trainer.loss_scale == 128.0
+        for n, _ in model.named_parameters():
+            after = trainer.parameter(n)
+            assert torch.equal(after, before[n]) and torch.isfinite(after).all(), n
+            for state in ("exp_avg", "exp_avg_sq"):
+                assert torch.isfinite(trainer.runtime.store.get((state, n))).all(), (state, n)
+        trainer.backward(trainer(input_ids=x, labels=x).loss)
+        trainer.step()
+        assert trainer.global_steps == 2
+
+
+def test_fp16_a_huge_loss_scale_on_the_gpu_backs_off_until_a_step_is_taken(tmp_path, monkeypatch):
+    """Scale 2**40: the scaled gradients overflow fp16 on the GPU; every such step is skipped
+    with the weights untouched and the scale halved (hysteresis 1), until a step is taken."""
+    norms = _count_device_norms(monkeypatch)
+    model = tiny_llama()
+    x = batches(1)[0]
+    cfg = cuda_config(tmp_path, dtype="fp16", gradient_accumulation_steps=1, hysteresis=1, initial_scale_power=40)
+    with engine.initialize(model, cfg) as trainer:
+        initial = {n: trainer.parameter(n).clone() for n, _ in model.named_parameters()}
+        scale = trainer.loss_scale
+        assert scale == 2.0 ** 40
+        for attempt in range(1, 41):
+            trainer.backward(trainer(input_ids=x, labels=x).loss)
+            trainer.step()
+            if trainer.global_steps:
+                break
+            scale /= 2
+            assert (trainer.skipped_steps, trainer.loss_scale) == (attempt, scale)
+            assert all(torch.equal(trainer.parameter(n), v) for n, v in initial.items())
+        assert trainer.global_steps == 1 and trainer.skipped_steps >= 1, (trainer.skipped_steps, trainer.loss_scale)
+        assert all(d.type == "cuda" for d in norms)
+        assert all(torch.isfinite(trainer.parameter(n)).all() for n in initial)
+        assert any(not torch.equal(trainer.parameter(n), v) for n, v in initial.items())
+
+
+# ---------------------------------------------------------------------- the flat gradient ablation
+def test_the_flat_gradient_buffer_on_the_gpu_matches_torch(tmp_path, monkeypatch):
+    """grad_buffer="flat" on CUDA: each gradient copied synchronously into the host buffer; the
+    accumulation adds in pieces (made small here so the tiny model's gradients take several)."""
+    monkeypatch.setattr(gradients_module, "_ADD_CHUNK", 1000)
+    ref, model = tiny_llama().cuda(), tiny_llama()
+    data = batches(6)
+    ref_losses = reference_run(ref, [x.cuda() for x in data], 3, lr=LR, ieee_sqrt=True)
+    with engine.initialize(model, cuda_config(tmp_path, grad_buffer="flat")) as trainer:
+        assert_everything_streamed(trainer)
+        losses = train_steps(trainer, data, 3)
+        assert_same(((n, p.detach().cpu()) for n, p in ref.named_parameters()), ref_losses, losses,
+                    lambda name: trainer.parameter(name).cpu(), nonempty=True)
+        assert trainer.memory_report()["d2h_bytes"] == 6 * sum(p.numel() for p in ref.parameters()) * 4

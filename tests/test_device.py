@@ -2,23 +2,31 @@
 back, resident values refreshed) trains exactly as torch in memory; CUDA-marked twins run on a GPU."""
 from __future__ import annotations
 
+import collections
 import copy
 import math
+import types
+from collections.abc import Mapping
 
 import helpers
 import pytest
 import torch
-from helpers import ACCUMULATING, batches, engine_config, reference_run, tiny_llama, train_steps
+from helpers import ACCUMULATING, batches, engine_config, reference_run, tiny_llama, train_steps, trainable
 
 import engine
+from engine import PinnedPool
 from engine.devices import resolve_device
 from engine.offload.device_copy import device_grad_norm, inputs_to_device
+from engine.offload.gradients import GradientOffload
 from engine.offload.params import is_placeholder
+from engine.offload.stepper import ParamSpec
 from engine.optim import kernels
+from engine.storage import TensorStore
 
 peft = pytest.importorskip("peft")
 
 LR = 1e-3
+MiB = 1 << 20
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -206,13 +214,158 @@ def test_device_grad_norm_flags_what_the_fused_kernel_flags(bad):
     assert kernels.grad_stats(g)[1] and not math.isfinite(device_grad_norm(g).item())
 
 
-def test_forward_moves_cpu_tensors_one_level_deep():
+def test_separate_device_with_the_flat_gradient_buffer_matches_torch_in_memory(tmp_path):
+    """The flat ablation on a copying device: each gradient copied into the host buffer (and added
+    to it over the accumulation window), its statistics on the host; fp32 within 1e-5 of torch."""
+    ref, model = tiny_llama(), tiny_llama()
+    data = batches(6)
+    ref_losses = reference_run(ref, data, 3, lr=LR, ieee_sqrt=True)
+    with engine.initialize(model, config(tmp_path, device="separate", grad_buffer="flat")) as trainer:
+        assert trainer.runtime.gradients.grad_buffer == "flat"
+        losses = train_steps(trainer, data, 3)
+        helpers.assert_same_training(ref.named_parameters(), ref_losses, losses, trainer.parameter, nonempty=True)
+        numel = sum(p.numel() for p in ref.parameters())
+        assert trainer.memory_report()["d2h_bytes"] == 6 * numel * 4  # every micro-batch's fp32 gradients
+
+
+def _offload(store, pool, shapes):
+    specs = [ParamSpec(n, s) for n, s in shapes.items()]
+    return GradientOffload(store, pool, specs, device=resolve_device("separate"))
+
+
+def _counting_recounts(monkeypatch) -> list:
+    calls: list = []
+    original = GradientOffload._recount_from_store
+
+    def counted(self, name):
+        calls.append(name)
+        original(self, name)
+    monkeypatch.setattr(GradientOffload, "_recount_from_store", counted)
+    return calls
+
+
+def test_a_huge_finite_device_gradient_gets_the_exact_fp64_norm(tmp_path, monkeypatch):
+    shapes = {"huge": (3000,), "normal": (500,), "big": (40, 25)}
+    grads = {"huge": torch.full((3000,), 3e18), "normal": torch.randn(500), "big": torch.randn(40, 25) * 1e19}
+    grads["huge"][7] = -1e20
+    assert math.isinf(device_grad_norm(grads["huge"]).item())  # the fp32 sum of squares overflows
+    recounts = _counting_recounts(monkeypatch)
+    with PinnedPool(4 * MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = _offload(store, pool, shapes)
+        off.begin_window()
+        for n, g in grads.items():
+            off.add(n, g, first=True, last=True)
+        norm, bad = off.finish()
+        expected = torch.cat([g.flatten() for g in grads.values()]).double().norm().item()
+        assert not bad and math.isclose(norm, expected, rel_tol=1e-6)
+        assert sorted(recounts) == ["big", "huge"]  # only the overflowed ones are read back
+        off.begin_window()  # an ordinary window: nothing read back (no extra cost)
+        for n, g in grads.items():
+            off.add(n, torch.randn(g.shape), first=True, last=True)
+        assert math.isfinite(off.finish()[0]) and len(recounts) == 2
+        off.close()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_device_gradient_beside_a_huge_one_is_flagged(tmp_path, monkeypatch, bad):
+    recounts = _counting_recounts(monkeypatch)
+    with PinnedPool(MiB) as pool, TensorStore(str(tmp_path), pool=pool) as store:
+        off = _offload(store, pool, {"a": (1000,), "b": (1000,), "c": (10,)})
+        off.begin_window()
+        a, b = torch.full((1000,), 1e19), torch.full((1000,), 1e19)
+        b[3] = bad
+        for n, g in (("a", a), ("b", b), ("c", torch.ones(10))):
+            off.add(n, g, first=True, last=True)
+        norm, flagged = off.finish()
+        assert flagged and math.isinf(norm)
+        # a NaN decides at once; an inf is told from an overflow by the host count of that gradient
+        assert len(recounts) <= (0 if math.isnan(bad) else 2)
+        off.close()
+
+
+def test_huge_finite_gradients_are_clipped_in_separate_mode_as_on_the_cpu(tmp_path, monkeypatch):
+    """A loss scaled by 1e20 (fp32): every gradient's norm is far above the fp32 sum of squares'
+    range; the step must be taken and clipped exactly as the CPU path (fp64 kernel) takes it."""
+    data = batches(3)
+    recounts = _counting_recounts(monkeypatch)
+    results = {}
+    for device in ("cpu", "separate"):
+        (tmp_path / device).mkdir()
+        cfg = engine_config(tmp_path / device, lr=LR, gradient_clipping=1.0, device=device)
+        with engine.initialize(tiny_llama(), cfg) as trainer:
+            for x in data:
+                out = trainer(input_ids=x, labels=x)
+                trainer.backward(out.loss * 1e20)
+                trainer.step()
+                assert math.isfinite(trainer.runtime.last_grad_norm) and trainer.runtime.last_grad_norm > 1e19
+            assert trainer.runtime.skipped_steps == 0 and trainer.runtime.global_steps == 3
+            results[device] = {n: trainer.parameter(n).clone() for n, _ in trainable(trainer.module)}
+    assert recounts  # the separate mode went through the device norms and read the overflowed ones back
+    for n, want in results["cpu"].items():
+        got = results["separate"][n]
+        assert ((got - want).norm() / want.norm()).item() <= 1e-5, n
+
+
+def _leaves(value):
+    """Every tensor inside ``value``, at any depth."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+
+
+def test_forward_moves_cpu_tensors_at_any_depth_keeping_container_types():
+    from transformers import BatchEncoding
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
     meta = torch.device("meta")
+    Pair = collections.namedtuple("Pair", "left right")
     x, y = torch.ones(2), torch.zeros(3)
-    args, kwargs = inputs_to_device((x, [y], {"a": x}, 7), {"ids": y, "nested": ({"deep": x},)}, meta)
-    assert args[0].is_meta and args[1][0].is_meta and args[2]["a"].is_meta and args[3] == 7
-    assert kwargs["ids"].is_meta
-    assert kwargs["nested"][0]["deep"] is x  # one level only
+    be = BatchEncoding({"input_ids": x, "extra": [{"deep": (y, Pair(x, "tag"))}]})
+    out = CausalLMOutputWithPast(loss=x, logits=y)
+    od = collections.OrderedDict(a=[[[x]]], b=7)
+    args, kwargs = inputs_to_device((be, Pair(left=x, right=[y]), od, 7, "s"),
+                                    {"ids": y, "out": out, "nested": ({"deep": [x, None]},)}, meta)
+    assert len(list(_leaves((args, kwargs)))) == 10
+    assert all(t.is_meta for t in _leaves((args, kwargs)))
+    moved_be, pair, moved_od = args[0], args[1], args[2]
+    assert type(moved_be) is BatchEncoding and moved_be.input_ids.is_meta  # attribute access still works
+    assert type(moved_be["extra"][0]["deep"][1]) is Pair and moved_be["extra"][0]["deep"][1].right == "tag"
+    assert type(pair) is Pair and pair.left.is_meta and type(pair.right) is list
+    assert type(moved_od) is collections.OrderedDict and list(moved_od) == ["a", "b"] and moved_od["b"] == 7
+    assert type(kwargs["out"]) is CausalLMOutputWithPast and kwargs["out"].logits.is_meta
+    assert kwargs["out"][1].is_meta  # a ModelOutput's positional view follows its fields
+    assert kwargs["nested"][0]["deep"][1] is None and args[3:] == (7, "s")
+    # the caller's containers are not changed
+    assert be["input_ids"] is x and out.logits is y and od["a"][0][0][0] is x
+
+
+def test_forward_inputs_with_nothing_to_move_are_passed_as_they_are():
+    meta = torch.device("meta")
+    m = torch.ones(2, device="meta")
+    nested = {"a": [m, (1, "x")], "b": collections.OrderedDict(c=m)}
+    args, kwargs = inputs_to_device((nested,), {"k": [m]}, meta)
+    assert args[0] is nested and kwargs["k"][0] is m
+
+
+def test_forward_inputs_a_mapping_that_cannot_be_rebuilt_becomes_a_dict_with_a_warning():
+    meta = torch.device("meta")
+    frozen = types.MappingProxyType({"ids": torch.ones(2), "n": 3})
+    with pytest.warns(UserWarning, match="mappingproxy.*plain dict"):
+        (moved,), _ = inputs_to_device((frozen,), {}, meta)
+    assert type(moved) is dict and moved["ids"].is_meta and moved["n"] == 3
+
+
+def test_forward_inputs_a_container_that_contains_itself_is_not_followed_forever():
+    meta = torch.device("meta")
+    loop: list = [torch.ones(1)]
+    loop.append(loop)
+    (moved,), _ = inputs_to_device((loop,), {}, meta)
+    assert moved[0].is_meta and moved[1] is loop
 
 
 def test_cuda_device_without_cuda_is_an_error(tmp_path):

@@ -171,3 +171,67 @@ def test_activation_estimate_goes_to_the_gpu(no_cuda):
     p = plan(model, cuda_config(prefetch_depth=0), example_inputs=dict(input_ids=ids, labels=ids), gpu_memory="1GiB")
     assert p.activation_bytes > 0 and p.gpu_activation_bytes == p.activation_bytes
     assert p.gpu_peak_bytes == p.gpu_resident_bytes + p.gpu_window_bytes + p.gpu_grad_bytes + p.activation_bytes
+
+
+def test_config_gpu_memory_is_the_budget_and_the_argument_wins(no_cuda):
+    model = meta_llama()
+    peaks = {d: plan(model, cuda_config(prefetch_depth=d), gpu_memory="1GiB").gpu_peak_bytes for d in (0, 1, 2)}
+    p = plan(model, cuda_config(gpu_memory=peaks[1]))  # no card here: the field plans for that card
+    assert (p.gpu_budget_bytes, p.prefetch_depth, p.fits) == (peaks[1], 1, True)
+    assert plan(model, cuda_config(gpu_memory=peaks[1]), gpu_memory=peaks[2]).prefetch_depth == 2
+    assert plan(model, cuda_config(gpu_memory="24GiB")).gpu_budget_bytes == 24 << 30
+    with pytest.raises(PlanError, match=rf"GPU memory {format_bytes(peaks[0] - 1)} on cuda is too small"):
+        plan(model, cuda_config(gpu_memory=peaks[0] - 1))
+
+
+def test_config_gpu_memory_is_used_over_the_cards_free_memory(monkeypatch):
+    monkeypatch.delenv(AUTO_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (3 << 30, 80 << 30))
+    for device in ("cuda", "auto"):  # "auto" resolves to the card here: the field applies
+        p = plan(meta_llama(), cuda_config(device=device, gpu_memory="2GiB"))
+        assert (p.device, p.gpu_budget_bytes) == ("cuda", 2 << 30) and asked == []
+
+
+def test_config_gpu_memory_with_auto_on_a_cpu_machine_is_ignored_with_a_warning(no_cuda):
+    with pytest.warns(UserWarning, match="gpu_memory='2GiB' is ignored: device 'auto' resolves to the CPU"):
+        p = plan(meta_llama(), cuda_config(device="auto", gpu_memory="2GiB"))
+    assert (p.device, p.gpu_budget_bytes, p.gpu_peak_bytes) == ("cpu", None, 0)
+
+
+def test_config_gpu_memory_in_separate_mode_is_checked_before_anything_is_allocated(tmp_path):
+    from helpers import tiny_llama
+
+    model = tiny_llama()
+    cfg = Config(device="separate", nvme_path=str(tmp_path), resident_threshold_bytes=4096)
+    needed = plan(model, dataclasses.replace(cfg, prefetch_depth=0)).gpu_peak_bytes
+    assert plan(model, dataclasses.replace(cfg, gpu_memory=needed)).fits
+    with pytest.raises(PlanError, match=rf"on separate \(cpu\) is too small: .*{format_bytes(1)} more"):
+        engine.initialize(model, dataclasses.replace(cfg, gpu_memory=needed - 1))
+    assert list(tmp_path.iterdir()) == []  # no swap directory, no store file
+    assert all(not p.is_meta and torch.isfinite(p).all() for p in model.parameters())  # the model untouched
+
+
+@pytest.mark.parametrize("value, message", [("lots", "gpu_memory must be a byte size"), (0, "gpu_memory must be"),
+                                            (True, "gpu_memory must be")])
+def test_config_gpu_memory_is_validated(value, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(gpu_memory=value)
+    with pytest.raises(ConfigError, match="device='cpu' computes on no GPU"):
+        Config(device="cpu", gpu_memory="8GiB")
+    assert Config.load(Config(device="cuda", gpu_memory="24GiB").to_dict()).gpu_memory == "24GiB"
+    assert Config.load({"device": "separate", "gpu_memory": 1 << 30}).gpu_memory == 1 << 30
+
+
+def test_cli_plan_takes_its_gpu_budget_from_the_config(tmp_path, capsys, no_cuda):
+    from engine.cli import main
+
+    cfg = tmp_path / "engine.json"
+    cfg.write_text('{"device": "cuda", "gpu_memory": "30GiB"}')
+    for extra, shown in (([], "30.00 GiB"), (["--gpu-memory", "24GiB"], "24.00 GiB")):
+        assert main(["plan", "llama-7b", "--dtype", "bf16", "--config", str(cfg), *extra]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("GPU memory budget")]
+        assert rows and rows[0].split()[-2:] == shown.split(), (extra, rows)

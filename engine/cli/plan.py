@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", metavar="DEVICE", help="compute device: auto, cpu, cuda, cuda:N "
                    "(default: the config's, auto)")
     p.add_argument("--gpu-memory", metavar="BYTES", help="GPU memory budget, e.g. 24GiB: plan for a card of "
-                   "this size (default: the free memory of the --device card)")
+                   "this size (default: the config's gpu_memory, else the free memory of the --device card)")
     p.add_argument("--nvme-path", action="append", metavar="DIR", help="swap directories (disk is checked there)")
     p.add_argument("--config", metavar="FILE", help="engine config (YAML/JSON) or a DeepSpeed JSON")
     p.add_argument("--batch", type=int, default=0, help="with --seq-len: include the activations of this batch")

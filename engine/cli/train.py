@@ -15,14 +15,14 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from ..api import from_pretrained, initialize
 from ..checkpoint.hf import load_pretrained
 from ..config import AdamWConfig, AutoValues, Config
-from ..data import BYTE_VOCAB, TokenBatches, default_corpus, load_text, tokenize
+from ..data import BYTE_VOCAB, BYTES, Encoder, TokenBatches, corpus_documents, open_documents, token_stream
 from ..errors import CLIError
 from ..memory.profiler import MemoryProfiler
 from ..peft import LoraConfig, apply_lora
@@ -39,8 +39,15 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="Hugging Face model directory (config.json + *.safetensors); "
                    "default: the 'tiny' preset trained from scratch")
-    p.add_argument("--data", metavar="FILE", help="training text: .txt, or .jsonl with a \"text\" field per line "
-                   "(default: the corpus shipped with the package)")
+    p.add_argument("--data", metavar="PATH", help="training data: a .txt file (one document), .jsonl (one object "
+                   "per line), a .parquet file or a directory of them, or a datasets save_to_disk directory "
+                   "(a DatasetDict: its 'train' split); parquet/datasets with an input_ids column are used "
+                   "pre-tokenized. Documents are tokenized with the --model directory's tokenizer (byte-level "
+                   "without one), joined with its EOS token (byte-level: a blank line) and packed: each "
+                   "sequence is a random --seq-len window of that stream (resumable by --seed). The stream "
+                   "is held in memory, 4 bytes per token (default: the corpus shipped with the package)")
+    p.add_argument("--text-field", metavar="NAME", help="the text field of .jsonl/parquet/datasets rows (default "
+                   "\"text\"; naming it also makes a pre-tokenized input_ids column be ignored)")
     p.add_argument("--config", metavar="FILE", help="engine config (YAML/JSON) or a DeepSpeed JSON; "
                    "options given here override it")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="compute dtype (default fp32)")
@@ -49,6 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--nvme-path", action="append", metavar="DIR",
                    help="directory for the swap files; repeat to stripe over several drives "
                    "(default: $TMPDIR/memascend-<uid>, private to this user)")
+    p.add_argument("--gpu-memory", metavar="BYTES", help="GPU memory budget, e.g. 20GiB (default: the config's "
+                   "gpu_memory, else the card's free memory); a run that cannot fit is refused before allocating")
     p.add_argument("--memory-budget", metavar="BYTES", help="host memory budget, e.g. 4GiB (the run is refused "
                    "before any allocation if it cannot fit)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only (engine.peft)")
@@ -92,6 +101,8 @@ def build_config(args: argparse.Namespace, embedded: bool) -> Config:
         overrides["nvme_path"] = args.nvme_path[0] if len(args.nvme_path) == 1 else list(args.nvme_path)
     if args.memory_budget:
         overrides["host_memory_budget"] = args.memory_budget
+    if args.gpu_memory:
+        overrides["gpu_memory"] = args.gpu_memory
     if args.grad_accum:
         overrides["gradient_accumulation_steps"] = args.grad_accum
     if overrides:
@@ -141,8 +152,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CLIError(f"--model {args.model!r}: no such model directory")
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise CLIError(f"--model {args.model!r}: no config.json in the directory")
-    if args.data is not None and not os.path.isfile(args.data):
-        raise CLIError(f"--data {args.data!r}: no such file")
+    if args.data is not None and not os.path.exists(args.data):
+        raise CLIError(f"--data {args.data!r}: no such file or directory")
     if args.resume and not os.path.isdir(args.checkpoint_dir):
         raise CLIError(f"--resume: no checkpoint directory {args.checkpoint_dir!r}")
 
@@ -156,7 +167,7 @@ def _check_writable(directory: str) -> None:
 
 
 def _build_trainer(args: argparse.Namespace, cfg: Config):
-    """The trainer and the tokenizer (None: byte-level) for the chosen model."""
+    """The trainer for the chosen model."""
     if args.model is None:
         from transformers import LlamaForCausalLM
 
@@ -164,12 +175,10 @@ def _build_trainer(args: argparse.Namespace, cfg: Config):
         model = LlamaForCausalLM(llama_config("tiny", max_positions=max(args.seq_len, 128)))
         if args.lora:
             _apply_lora(args, model)
-        return initialize(model, cfg), None
+        return initialize(model, cfg)
     if args.lora:
-        trainer = _lora_from_pretrained(args, cfg)
-    else:
-        trainer = from_pretrained(args.model, cfg)
-    return trainer, _tokenizer(args.model, trainer.module)
+        return _lora_from_pretrained(args, cfg)
+    return from_pretrained(args.model, cfg)
 
 
 def _lora_config(args: argparse.Namespace) -> LoraConfig:
@@ -193,19 +202,52 @@ def _lora_from_pretrained(args: argparse.Namespace, cfg: Config):
                                  buffer_initializer=src.initializer)
 
 
-def _tokenizer(model_dir: str, model: torch.nn.Module) -> Optional[Callable[[str], list[int]]]:
-    """The model directory's tokenizer when it has one; byte-level tokens otherwise."""
-    if any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
+def _encoder(model_dir: Optional[str]) -> Encoder:
+    """The model directory's tokenizer when it has one (EOS between documents); byte-level otherwise."""
+    if model_dir is None or not any(os.path.exists(os.path.join(model_dir, f))
+                                    for f in ("tokenizer.json", "tokenizer.model")):
+        if model_dir is not None:
+            print(f"note: {model_dir} has no tokenizer; using byte-level tokens", file=sys.stderr)
+        return BYTES
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        return lambda text: tok(text, add_special_tokens=False)["input_ids"]
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if vocab < BYTE_VOCAB:
-        raise CLIError(f"--model {model_dir!r} has no tokenizer and a vocabulary of {vocab} < 256: cannot use "
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        # verbose=False: documents longer than the model's context are expected, packing cuts them.
+        return tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+    if tok.eos_token_id is not None:
+        return Encoder(encode, (int(tok.eos_token_id),), f"{model_dir}'s tokenizer, EOS {tok.eos_token!r} "
+                       f"(id {tok.eos_token_id}) between documents")
+    separator = tuple(encode(["\n\n"])[0])
+    print(f"note: {model_dir}'s tokenizer has no EOS token; documents are joined with the tokens of a "
+          f"blank line {list(separator)} (set eos_token in its tokenizer_config.json to change it)", file=sys.stderr)
+    return Encoder(encode, separator, f"{model_dir}'s tokenizer, a blank line between documents")
+
+
+def _tokens(args: argparse.Namespace) -> tuple[torch.Tensor, bool]:
+    """The packed token stream of ``--data`` (or the shipped corpus), and whether it is byte-level;
+    read before any model is built: a bad row fails the run before minutes of loading weights."""
+    docs = open_documents(args.data, args.text_field) if args.data else corpus_documents()
+    encoder = _encoder(args.model) if docs.kind == "text" else BYTES  # pre-tokenized: no tokenizer needed
+    tokens = token_stream(docs, encoder, progress=not args.quiet)
+    how = "as they are" if docs.kind == "tokens" else f"tokenized: {encoder.name}"
+    if args.data:  # the shipped corpus needs no note
+        print(f"data: {docs.path} ({docs.description}): {len(tokens):,} tokens, {how}", file=sys.stderr)
+    return tokens, docs.kind == "text" and encoder is BYTES
+
+
+def _check_vocab(args: argparse.Namespace, tokens: torch.Tensor, byte_level: bool, trainer) -> None:
+    vocab = trainer.module.get_input_embeddings().weight.shape[0]
+    top = int(tokens.max())
+    if top < vocab:
+        return
+    if byte_level and vocab < BYTE_VOCAB:
+        raise CLIError(f"--model {args.model!r} has no tokenizer and a vocabulary of {vocab} < 256: cannot use "
                        "byte-level tokens")
-    print(f"note: {model_dir} has no tokenizer; using byte-level tokens", file=sys.stderr)
-    return None
+    raise CLIError(f"the data has token id {top} but the model's vocabulary is {vocab}: pre-tokenized for another "
+                   "model? Tokenize it with this model's tokenizer, or name its text column with --text-field")
 
 
 # ---------------------------------------------------------------------- the run
@@ -225,19 +267,17 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     embedded = args.model is None
     cfg = build_config(args, embedded)
-    text = load_text(args.data) if args.data else default_corpus()
     _check_writable(args.output_dir)  # created at the end; a run must not fail only then
+    tokens, byte_level = _tokens(args)
 
     prof = MemoryProfiler(args.profile_interval, label="python -m engine train").start()
     started = time.perf_counter()
     trainer = None
     try:
-        trainer, tokenizer = _build_trainer(args, cfg)
+        batches = TokenBatches(tokens, args.batch, args.seq_len, seed=args.seed)
+        trainer = _build_trainer(args, cfg)
         prof.attach(trainer=trainer)
-        batches = TokenBatches(tokenize(text, tokenizer), args.batch, args.seq_len, seed=args.seed)
-        vocab = trainer.module.get_input_embeddings().weight.shape[0]
-        if int(batches.train.max()) >= vocab:
-            raise CLIError(f"the data has token id {int(batches.train.max())} but the model's vocabulary is {vocab}")
+        _check_vocab(args, tokens, byte_level, trainer)
         if args.resume:
             path, _ = trainer.load_checkpoint(args.checkpoint_dir)
             print(f"resumed from {path} at step {trainer.global_steps}", file=sys.stderr)
@@ -253,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
         prof.stop()
     wall = time.perf_counter() - started
     prof.extra["train"] = dict(result, wall_s=wall, model=args.model or "tiny (embedded default)",
-                               data=args.data or "engine/data/corpus.txt", config=cfg.to_dict())
+                               data=args.data or "engine/data/corpus.txt", tokens=len(tokens),
+                               config=cfg.to_dict())
     prof.extra["memory_report"] = _jsonable(report)
     json_path, png_path = prof.save(args.output_dir, "train")
     _print_summary(result, report, prof, wall, json_path, png_path)

@@ -111,7 +111,9 @@ def materialize(res: Resources, model: nn.Module, config: Config, initializer: O
         if not mixed:
             return
         if in_memory:
-            masters[name] = value.detach().float().clone()
+            # a host tensor whatever the model's device (the DRAM optimizer's masters): a model
+            # already on the GPU gives its fp32 master by a D2H copy
+            masters[name] = value.detach().to("cpu", torch.float32, copy=True)
         else:
             put_chunked(store, StoreKey.master(name), value.detach().float(), pool)
 

@@ -19,11 +19,14 @@ The copying strategies share one interface (``launch -> (weight, completion)``, 
 Gradients (:class:`D2HCopies`, CUDA): a device gradient is copied into pinned host staging on
 a second stream ordered after the gradient's producer; :func:`device_grad_norm` gives its
 statistics on the device before the copy. Inputs: :func:`inputs_to_device` moves a forward's
-CPU tensors (one level deep into plain dicts, lists, tuples) to a CUDA compute device.
+CPU tensors (at any depth in mappings, lists, tuples; container types kept) to a CUDA compute device.
 """
 from __future__ import annotations
 
+import copy
 import time
+import warnings
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Optional, Union
 
 import torch
@@ -122,9 +125,10 @@ class H2DCopies(_StreamCopies):
 
 def device_grad_norm(grad: torch.Tensor) -> torch.Tensor:
     """The fp32 L2 norm of ``grad`` as a 0-dim tensor on its device: one reduction, no full-size
-    fp32 temporary, no host synchronization. Not finite iff an element is inf/NaN (they propagate),
-    or - unlike the host's fused kernel, which sums squares in fp64 - when finite elements' fp32
-    sum of squares overflows (a norm above ~1.8e19): then too the step is skipped as an overflow."""
+    fp32 temporary, no host synchronization. NaN when an element is NaN; inf when one is inf, or -
+    unlike the host's fused kernel, which sums squares in fp64 - when finite elements' fp32 sum of
+    squares overflows (a norm above ~1.8e19): the caller tells these apart (GradientOffload
+    recounts such a gradient on the host), so a huge finite gradient is clipped as on the CPU."""
     return torch.linalg.vector_norm(grad, dtype=torch.float32)
 
 
@@ -150,22 +154,86 @@ class D2HCopies(_StreamCopies):
         return event
 
 
-def _move(v: Any, device: torch.device) -> Any:
-    if isinstance(v, torch.Tensor) and v.device != device and v.device.type in ("cpu", "cuda"):
+def _move(v: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if v.device != device and v.device.type in ("cpu", "cuda"):
         # a CPU tensor (pinned: asynchronous, ordered on the stream) or one on another GPU
         return v.to(device, non_blocking=v.device.type == "cpu" and v.is_pinned())
     return v
 
 
-def _one_level(value: Any, device: torch.device) -> Any:
-    """A tensor moved to ``device``; in a plain dict, list or tuple, its tensors moved."""
+_rebuild_warned: set[type] = set()
+
+
+def _as_dict(value: Any, items: dict) -> dict:
+    """The fallback for a mapping that cannot be copied and updated: a plain dict, said once per type."""
+    if type(value) not in _rebuild_warned:
+        _rebuild_warned.add(type(value))
+        warnings.warn(f"inputs_to_device: a {type(value).__qualname__} input cannot be rebuilt with its "
+                      "tensors moved to the compute device; the forward receives a plain dict instead "
+                      "(pass a dict, or a mapping that supports copy.copy and item assignment)",
+                      stacklevel=4)
+    return items
+
+
+def _mapping(value: Mapping, device: torch.device, active: set[int]) -> Any:
+    moved = {k: _moved(v, device, active) for k, v in value.items()}
+    changed = {k: v for k, v in moved.items() if v is not value[k]}
+    if not changed:
+        return value
     if type(value) is dict:
-        return {k: _move(v, device) for k, v in value.items()}
+        return moved
+    if not isinstance(value, MutableMapping):
+        return _as_dict(value, moved)
+    try:
+        # a shallow copy keeps the type and its attributes (BatchEncoding's encodings, a
+        # ModelOutput's fields); item assignment then replaces only the moved values
+        new = copy.copy(value)
+        for k, v in changed.items():
+            new[k] = v
+    except (TypeError, AttributeError, KeyError, copy.Error):
+        return _as_dict(value, moved)
+    return new
+
+
+def _sequence(value: Union[list, tuple], device: torch.device, active: set[int]) -> Any:
+    moved = [_moved(v, device, active) for v in value]
+    if all(m is v for m, v in zip(moved, value)):
+        return value
     if type(value) in (list, tuple):
-        return type(value)(_move(v, device) for v in value)
-    return _move(value, device)
+        return type(value)(moved)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*moved)  # a named tuple: positional fields
+    try:
+        return type(value)(moved)  # a list/tuple subclass built from its items
+    except TypeError:
+        return list(moved) if isinstance(value, list) else tuple(moved)
+
+
+def _moved(value: Any, device: torch.device, active: set[int]) -> Any:
+    """``value`` with every CPU tensor inside it moved to ``device``, containers rebuilt only
+    where something moved (so an input with nothing to move is returned as is)."""
+    if isinstance(value, torch.Tensor):
+        return _move(value, device)
+    if not isinstance(value, (Mapping, list, tuple)) or id(value) in active:
+        return value  # a leaf that is not a tensor, or a container that contains itself
+    active.add(id(value))
+    try:
+        if isinstance(value, Mapping):
+            return _mapping(value, device, active)
+        return _sequence(value, device, active)
+    finally:
+        active.discard(id(value))
 
 
 def inputs_to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:
-    """The arguments of a forward, their CPU tensors (one level deep) moved to ``device``."""
-    return tuple(_one_level(a, device) for a in args), {k: _one_level(v, device) for k, v in kwargs.items()}
+    """The arguments of a forward with their CPU tensors moved to ``device``, at any depth inside
+    mappings (dicts, transformers' ``BatchEncoding`` and ``ModelOutput``), lists and tuples.
+
+    Containers keep their types: a mapping is shallow-copied and the moved values assigned (the
+    caller's object is not changed); a mapping that cannot be copied and updated that way becomes
+    a plain dict, with one warning per type. Named tuples are rebuilt from their fields. Other
+    objects (dataclasses, custom classes) and tensors already on the device are passed as they are.
+    """
+    active: set[int] = set()
+    return (tuple(_moved(a, device, active) for a in args),
+            {k: _moved(v, device, active) for k, v in kwargs.items()})

@@ -10,13 +10,14 @@ For a CUDA (or the test-only ``"separate"``) compute device the GPU holds, at it
   largest trainable gradient in fp32 plus its compute-dtype original;
 * the activations (given or estimated; not counted in host memory then).
 
-The budget is ``gpu_memory`` when given (plan for a card this machine does not have), else the
-card's free memory (``torch.cuda.mem_get_info``) plus what the model itself occupies there now
-(its weights leave the card or are counted again as resident).
+The budget is ``gpu_memory`` when given (plan for a card this machine does not have), else
+``Config.gpu_memory``, else the card's free memory (``torch.cuda.mem_get_info``) plus what the
+model itself occupies there now (its weights leave the card or are counted again as resident).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -48,11 +49,21 @@ class GpuTarget:
         return self.kind != "cpu"
 
 
-def gpu_target(model: nn.Module, device: str, gpu_memory: Union[int, str, None]) -> GpuTarget:
-    """The device ``Config.device`` names, for planning. With ``gpu_memory`` no CUDA is needed
-    ("cuda"/"cuda:N"/"auto" plan for that card); without it, "cuda" is resolved here and
-    its free memory queried; ConfigError when it is not there (or gpu_memory contradicts "cpu")."""
+def gpu_target(model: nn.Module, device: str, gpu_memory: Union[int, str, None],
+               configured: Union[int, str, None] = None) -> GpuTarget:
+    """The device ``Config.device`` names, for planning. With ``gpu_memory`` (the plan's argument)
+    no CUDA is needed ("cuda"/"cuda:N"/"auto" plan for that card); without it, "cuda" is resolved
+    here and its free memory queried; ConfigError when it is not there (or gpu_memory contradicts
+    "cpu"). ``configured`` (``Config.gpu_memory``, the budget of a run on this machine) stands in
+    for a missing ``gpu_memory``, except that "auto" then means what it resolves to here: on a
+    machine without CUDA the run computes on the CPU, and the budget is ignored with a warning."""
     check_device(device)
+    if gpu_memory is None and configured is not None:
+        if device == "auto" and resolve_device(device).kind == "cpu":
+            warnings.warn(f"gpu_memory={configured!r} is ignored: device 'auto' resolves to the CPU here "
+                          "(set device 'cuda' to plan for a card this machine does not have)", stacklevel=3)
+            return GpuTarget("cpu", "cpu", None)
+        gpu_memory = configured
     if gpu_memory is not None:
         budget = check_bytes("gpu_memory", gpu_memory, 1, MAX_BYTES)
         if device == "cpu":

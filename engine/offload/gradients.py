@@ -9,17 +9,19 @@ flags inf/NaN in one pass with no temporaries. Host memory: the staging in fligh
 bounded by ``staging_bytes`` - never proportional to the model.
 
 ``flat`` (the ZeRO-Infinity-like ablation): one host buffer holding every gradient
-(``overflow_check = naive`` adds ``isinf(g).any()`` / ``isnan(g).any()`` temporaries).
+(``overflow_check = naive`` adds ``isinf(g).any()`` / ``isnan(g).any()`` temporaries); on a
+copying device each gradient is copied into it synchronously, its statistics taken on the host.
 
 On a copying compute device (``device.copies``: CUDA, or the CPU "separate" mode) a gradient
 of a one-micro-batch window gets its statistics on the device before the copy
 (:func:`~engine.offload.device_copy.device_grad_norm`, resolved in :meth:`finish` without a
-per-gradient synchronization); an accumulated one goes through the fused kernel on the host
-as on the CPU. CUDA (streamed mode): the copy into pinned staging runs on a dedicated D2H
-stream ordered after the gradient's producer, and the block's store write starts once the
-copy's event completed; compute waits for a copy only when staging is full (or the next
-micro-batch reads the same slot back). "separate": a synchronous copy. Counted in
-:attr:`device_stats` (``d2h_bytes``, ``d2h_wait_s``).
+per-gradient synchronization; a device norm of inf is recounted on the host from the stored
+gradient, so an fp32 overflow of finite values is not taken for an inf); an accumulated one
+goes through the fused kernel on the host as on the CPU. CUDA (streamed mode): the copy into
+pinned staging runs on a dedicated D2H stream ordered after the gradient's producer, and the
+block's store write starts once the copy's event completed; compute waits for a copy only
+when staging is full (or the next micro-batch reads the same slot back). "separate": a
+synchronous copy. Counted in :attr:`device_stats` (``d2h_bytes``, ``d2h_wait_s``).
 """
 from __future__ import annotations
 
@@ -126,32 +128,49 @@ class GradientOffload:
             self._add_copied(name, spec.numel, grad, first, last)
             self.received.add(name)
             return
+        if self.grad_buffer == "flat":
+            self._add_flat(name, spec.numel, grad, first and name not in self.received, last)
+            self.received.add(name)
+            return
         if grad.device.type != "cpu":
             nbytes, start = grad.numel() * grad.element_size(), time.perf_counter()
             grad = grad.to("cpu", non_blocking=False)
             self.device_stats["d2h_bytes"] += nbytes
             self.device_stats["d2h_wait_s"] += time.perf_counter() - start
-        elif self.copies:  # "separate", flat mode: the copy below is the D2H
-            self.device_stats["d2h_bytes"] += grad.numel() * grad.element_size()
-        if self.grad_buffer == "flat":
-            view = self._flat[self._offsets[name]: self._offsets[name] + spec.numel]
-            view.copy_(grad) if first and name not in self.received else view.add_(grad)
-            if last:
-                self._account(name, view)
+        block = self._staging(round_up_io(spec.numel * FP32_BYTES))
+        acc = block.tensor(spec.numel, torch.float32)
+        if first and name not in self.received:
+            acc.copy_(grad)
         else:
-            block = self._staging(round_up_io(spec.numel * FP32_BYTES))
-            acc = block.tensor(spec.numel, torch.float32)
-            if first and name not in self.received:
-                acc.copy_(grad)
-            else:
-                self.store.read_into(StoreKey.grad(name), block).wait()
-                acc.add_(grad)
-            if last:
-                self._account(name, acc)
-            del acc
-            self._pending.append([self.store.write_from(StoreKey.grad(name), block), block, name, None])
-            self._pending_bytes += block.size
+            self.store.read_into(StoreKey.grad(name), block).wait()
+            acc.add_(grad)
+        if last:
+            self._account(name, acc)
+        del acc
+        self._pending.append([self.store.write_from(StoreKey.grad(name), block), block, name, None])
+        self._pending_bytes += block.size
         self.received.add(name)
+
+    def _add_flat(self, name: str, numel: int, grad: torch.Tensor, overwrite: bool, last: bool) -> None:
+        """``flat`` mode (the ablation): the gradient into its range of the host buffer, synchronously,
+        as ZeRO-Infinity's host gradient buffer (no overlap with compute). A CUDA gradient is copied
+        straight into the buffer (a synchronous D2H on the producer's stream), or added to it in
+        ``_ADD_CHUNK`` pieces: no full-size host temporary either way."""
+        view = self._flat[self._offsets[name]: self._offsets[name] + numel]
+        start = time.perf_counter()
+        on_host = grad.device.type == "cpu"
+        if on_host or overwrite:
+            view.copy_(grad) if overwrite else view.add_(grad)
+        else:
+            for s in range(0, numel, _ADD_CHUNK):
+                piece = grad[s:s + _ADD_CHUNK]
+                view[s:s + piece.numel()].add_(piece.to("cpu"))  # synchronous: read now
+        if not on_host or self.copies:  # "separate": the copy into the buffer is the D2H
+            self.device_stats["d2h_bytes"] += numel * grad.element_size()
+        if not on_host:
+            self.device_stats["d2h_wait_s"] += time.perf_counter() - start
+        if last:
+            self._account(name, view)
 
     def _add_copied(self, name: str, numel: int, grad: torch.Tensor, first: bool, last: bool) -> None:
         """Streamed mode on a copying device: ``grad`` is a compute tensor (CUDA or "separate")."""
@@ -272,14 +291,40 @@ class GradientOffload:
         return (math.inf if nonfinite else math.sqrt(sumsq)), nonfinite
 
     def _resolve_device_norms(self) -> None:
-        """The one-micro-batch windows' device norms, brought to the host at once (one synchronization)."""
+        """The one-micro-batch windows' device norms, brought to the host at once (one synchronization).
+
+        A device norm of inf is ambiguous: an inf element, or finite elements whose fp32 sum of
+        squares overflowed (a norm above ~1.8e19) - where the host's fp64 kernel would give a finite
+        norm and the step would be clipped. Only then (no NaN and no other non-finite gradient in
+        the window, which would skip the step anyway) is such a gradient read back from the store
+        and counted on the host as on the CPU path, stopping at the first that is truly non-finite.
+        """
         if not self._device_norms:
             return
         names = list(self._device_norms)
         norms = torch.stack([self._device_norms[n] for n in names]).cpu().double()
+        overflowed = []
         for name, norm in zip(names, norms.tolist()):
             self._stats[name] = (norm * norm, not math.isfinite(norm))
+            if math.isinf(norm):
+                overflowed.append(name)
         self._device_norms.clear()
+        if not overflowed or any(bad for n, (_, bad) in self._stats.items() if n not in overflowed):
+            return
+        for name in overflowed:
+            self._recount_from_store(name)
+            if self._stats[name][1]:
+                return  # a real inf: the step is skipped, the others need no recount
+
+    def _recount_from_store(self, name: str) -> None:
+        """The host statistics of ``name``'s stored gradient (its writes have completed)."""
+        numel = self.params[name].numel
+        block = self._staging(round_up_io(numel * FP32_BYTES))
+        try:
+            self.store.read_into(StoreKey.grad(name), block).wait()
+            self._account(name, block.tensor(numel, torch.float32))
+        finally:
+            block.free()
 
     def grad_source(self) -> Optional[GradFill]:
         """For the stepper: fills a piece's fp32 gradient from the flat buffer (``flat`` mode), else None."""

@@ -200,7 +200,8 @@ def offload_parameters(model: nn.Module, params: ModelParams, store, device: tor
                        acquire: Callable[[int], StagingSlot], release: Callable[[StagingSlot], None],
                        mark: Callable[[StreamedParam], None], stats: dict) -> None:
     """Streamed parameters of ``model`` go to the store (``mark`` makes each one a placeholder);
-    resident ones (and, on CUDA, the buffers) go to ``device``.
+    resident ones and the buffers go to ``device``. Wherever a parameter lives (CPU, or a model
+    handed over already on a GPU: a D2H copy into the staging slot), it is read from there.
 
     A streamed parameter already a placeholder in the store (:func:`initialize_into_store`) is
     checked, not written again. ``acquire(nbytes)``/``release(slot)``: a staging slot to write
@@ -242,11 +243,10 @@ def offload_parameters(model: nn.Module, params: ModelParams, store, device: tor
                              "(engine.offload.initialize_into_store)")
         elif param.device != device:
             param.data = param.data.to(device)
-    if device.type == "cuda":
-        for module in model.modules():
-            for bname, buf in module._buffers.items():
-                if buf is not None and buf.device != device:
-                    module._buffers[bname] = buf.to(device)
+    for module in model.modules():  # buffers to the compute device too (a CUDA model computing on the CPU)
+        for bname, buf in module._buffers.items():
+            if buf is not None and buf.device != device and buf.device.type != "meta":
+                module._buffers[bname] = buf.to(device)
 
 
 def give_back(params: ModelParams, data: dict) -> None:
@@ -263,7 +263,8 @@ def give_back(params: ModelParams, data: dict) -> None:
 class Homes:
     """Where the model's tensors lived before an attach moved them to the compute device, so a
     detach that restores (or a failed attach) gives the model back as it was given: a model
-    handed over on the CPU is on the CPU again, never left whole on a GPU it may not fit."""
+    handed over on the CPU is on the CPU again, never left whole on a GPU it may not fit, and
+    one handed over on a GPU is on that GPU again (its streamed weights read back from the store)."""
 
     def __init__(self, model: nn.Module, params: ModelParams):
         cpu = torch.device("cpu")

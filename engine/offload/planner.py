@@ -33,7 +33,8 @@ fails with what is needed and what is available - before any allocation or write
 
 GPU memory (:mod:`engine.offload.gpuplan`): for a CUDA (or ``"separate"``) device the plan also
 predicts what the GPU holds (resident parameters and buffers, the streamed-weight window,
-gradient staging, activations) and checks it against ``gpu_memory`` or the card's free memory;
+gradient staging, activations) and checks it against ``gpu_memory`` (the argument, else
+``Config.gpu_memory``) or the card's free memory;
 an ``"auto"`` depth is then the largest that fits both budgets. On CUDA the activations are
 counted on the GPU, not in host memory. For the CPU device the GPU figures are 0.
 """
@@ -172,11 +173,12 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     ``example_inputs``: keyword arguments of one training forward (e.g. ``input_ids`` and
     ``labels`` of the batch shape); their activations are estimated on the meta device.
     ``gpu_memory`` (bytes or ``"24GiB"``): the GPU budget, planning for that card whether or not
-    this machine has one; default: the free memory of ``config.device`` when it is CUDA.
+    this machine has one; default: ``config.gpu_memory``, else the free memory of ``config.device``
+    when it is CUDA (the argument wins over the field).
     Raises :class:`PlanError` when ``config.host_memory_budget`` or the GPU budget cannot be met,
     saying by how much; ``enforce_budgets=False`` returns the smallest plan instead (``fits`` False).
     """
-    target = gpuplan.gpu_target(model, config.device, gpu_memory)
+    target = gpuplan.gpu_target(model, config.device, gpu_memory, config.gpu_memory)
     if example_inputs is not None:
         activation_bytes = estimate_activation_bytes(model, example_inputs, DTYPES[config.dtype],
                                                      frozen_dtype=DTYPES[config.frozen_dtype or config.dtype])

@@ -69,9 +69,15 @@ class Trainer:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.runtime.forward(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagates ``loss / gradient_accumulation_steps`` (times the fp16 loss scale)."""
-        self.runtime.backward(loss)
+    def backward(self, loss: torch.Tensor, *, scale_wrt_gas: bool = True) -> None:
+        """Backpropagates ``loss / gradient_accumulation_steps`` (times the fp16 loss scale);
+        ``scale_wrt_gas=False``: ``loss`` as given (already normalized over the window)."""
+        self.runtime.backward(loss, scale_wrt_gas=scale_wrt_gas)
+
+    def set_window_end(self, last: bool) -> None:
+        """Whether the next micro-batch closes its accumulation window (see
+        :meth:`OffloadRuntime.set_window_end`): for loops that end windows early."""
+        self.runtime.set_window_end(last)
 
     def step(self) -> None:
         """Call after every micro-batch; the optimizer runs at the accumulation boundary.

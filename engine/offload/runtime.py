@@ -96,6 +96,8 @@ class OffloadRuntime:
         self.resident_trainables: dict[str, nn.Parameter] = {}
         self.scaler: Optional[DynamicLossScaler] = None
         self._grads_since_step = False  # a step() with none changes nothing (as torch.optim)
+        self._window_len = 0  # micro-batches stepped since the last boundary
+        self._window_end: Optional[bool] = None  # set_window_end's answer for the next micro-batch
         self._times = PhaseTimes()
         self._device_counters = DeviceCounters()  # resident refreshes (the streamer and sink count their own)
         on_meta = any(p.device.type == "meta" for p in model.parameters())
@@ -210,18 +212,32 @@ class OffloadRuntime:
             self._times.forward_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ phases 3-4: backward, gradient out
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagates ``loss / gradient_accumulation_steps`` (times the fp16 loss scale)."""
+    def backward(self, loss: torch.Tensor, *, scale_wrt_gas: bool = True) -> None:
+        """Backpropagates ``loss / gradient_accumulation_steps`` (times the fp16 loss scale);
+        ``scale_wrt_gas=False`` (DeepSpeed's name): ``loss`` as given, for a caller that already
+        normalized it over the window (the Hugging Face Trainer)."""
         self.check_open("backward")
         start = time.perf_counter()
-        scaled = loss.float() / self.gradient_accumulation_steps  # the window's mean, not its sum
+        scaled = loss.float()
+        if scale_wrt_gas:
+            scaled = scaled / self.gradient_accumulation_steps  # the window's mean, not its sum
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale  # fp16: keep small gradients representable
         with profile_phase("backward"):
             scaled.backward()  # weights re-fetched through saved handles; gradients leave via _on_grad
         self._times.backward_s += time.perf_counter() - start
 
+    def set_window_end(self, last: bool) -> None:
+        """Says whether the next micro-batch closes its accumulation window, for a loop that
+        decides its own boundaries (the Hugging Face Trainer closes an epoch's short last
+        window early). Call before that micro-batch's ``backward()``; its ``step()`` then runs
+        the optimizer exactly when ``last``, and the next micro-batch opens a new window.
+        Without a call a window is ``gradient_accumulation_steps`` micro-batches long."""
+        self._window_end = bool(last)
+
     def _window_position(self) -> tuple[bool, bool]:
+        if self._window_end is not None:
+            return self._window_len == 0, self._window_end
         gas = self.gradient_accumulation_steps
         micro = self.micro_steps % gas
         return micro == 0, micro == gas - 1
@@ -246,7 +262,10 @@ class OffloadRuntime:
             return
         self._grads_since_step = False
         self.micro_steps += 1
-        if self.micro_steps % self.gradient_accumulation_steps == 0:
+        explicit, self._window_end = self._window_end, None
+        boundary = explicit if explicit is not None else self.micro_steps % self.gradient_accumulation_steps == 0
+        self._window_len = 0 if boundary else self._window_len + 1
+        if boundary:
             with profile_phase("optimizer"):
                 self.optimizer.step()  # -> apply_step (torch LR schedulers see this optimizer)
 
@@ -312,6 +331,7 @@ class OffloadRuntime:
         self.streamer.invalidate()
         self.gradients.begin_window()
         self._grads_since_step = False  # a backward() before the load belongs to the state it replaced
+        self._window_len, self._window_end = 0, None
 
     # ------------------------------------------------------------------ values
     def parameter(self, name: str) -> torch.Tensor:

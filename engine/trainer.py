@@ -21,6 +21,7 @@ from .config import Config
 from .memory.profiler import phase as profile_phase
 from .offload.materialize import Initializer
 from .offload.optimizer import OffloadedOptimizer
+from .offload.param_groups import ParamGroupsLike
 from .offload.planner import MemoryPlan
 from .offload.runtime import OffloadRuntime
 from .peft import merge_and_export, save_adapter
@@ -42,8 +43,9 @@ class Trainer:
     """Returned by :func:`engine.initialize`. Use it like the model plus DeepSpeed's engine API."""
 
     def __init__(self, model: nn.Module, config: Config, initializer: Optional[Initializer] = None, *,
-                 buffer_initializer: Optional[Initializer] = None):
-        self.runtime = OffloadRuntime(model, config, initializer, buffer_initializer=buffer_initializer)
+                 buffer_initializer: Optional[Initializer] = None, param_groups: ParamGroupsLike = None):
+        self.runtime = OffloadRuntime(model, config, initializer, buffer_initializer=buffer_initializer,
+                                      param_groups=param_groups)
         self.pretrained_path: Optional[str] = None  # set by engine.from_pretrained
 
     # ------------------------------------------------------------------ the runtime's state

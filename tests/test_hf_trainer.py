@@ -70,12 +70,14 @@ def assert_same_weights(offload: OffloadTrainer, model: torch.nn.Module) -> None
         assert rel <= RTOL, (name, rel)
 
 
-@pytest.mark.parametrize("rows", [16, 10], ids=["full-windows", "short-last-window"])
-def test_losses_grad_norms_lrs_and_weights_equal_the_plain_trainer(tmp_path, rows):
+@pytest.mark.parametrize("rows, weight_decay", [(16, 0.0), (10, 0.0), (16, 0.1)],
+                         ids=["full-windows", "short-last-window", "weight-decay-groups"])
+def test_losses_grad_norms_lrs_and_weights_equal_the_plain_trainer(tmp_path, rows, weight_decay):
+    # weight_decay > 0: transformers exempts biases and norm weights, and so must the engine's groups
     data = token_dataset(rows)
-    ref = plain_trainer(tmp_path, data)
+    ref = plain_trainer(tmp_path, data, weight_decay=weight_decay)
     ref.train()
-    with offload_trainer(tmp_path, data) as ours:
+    with offload_trainer(tmp_path, data, weight_decay=weight_decay) as ours:
         ours.train()
         assert_same_logs(train_logs(ours), train_logs(ref))
         assert max(h["grad_norm"] for h in train_logs(ref)) > 1.0  # clipping acted

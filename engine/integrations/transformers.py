@@ -93,8 +93,6 @@ class OffloadTrainerMixin:
             raise ConfigError("the Trainer replaced the engine_pretrained model (e.g. wrapped it for a peft_config): "
                               "with peft, pass model= (the engine is then built over the wrapped model)",
                               "engine_pretrained")
-        else:
-            self._warn_weight_decay()
         logger.info("engine config from TrainingArguments: %s", self.engine_config)
 
     def _open_pretrained(self, path: Union[str, "os.PathLike[str]"], engine_config: EngineConfigLike,
@@ -111,7 +109,7 @@ class OffloadTrainerMixin:
                               "resolved from them before the model is loaded)", "engine_pretrained")
         check_arguments(training)
         self.engine_config = resolve_config(engine_config, training)
-        self.engine = api.from_pretrained(path, self.engine_config)
+        self.engine = api.from_pretrained(path, self.engine_config, param_groups=self._param_groups)
         if args:
             return (self.engine.module, *args[1:])
         kwargs["model"] = self.engine.module
@@ -120,21 +118,17 @@ class OffloadTrainerMixin:
     # ------------------------------------------------------------------ the engine
     def _ensure_engine(self) -> EngineTrainer:
         if self.engine is None:
-            self._warn_weight_decay()
-            self.engine = api.initialize(self.model, self.engine_config, self._engine_initializer)
+            self.engine = api.initialize(self.model, self.engine_config, self._engine_initializer,
+                                         param_groups=self._param_groups)
         self.engine.runtime.check_open("the Trainer")
         return self.engine
 
-    def _warn_weight_decay(self) -> None:
-        """transformers decays all but biases and norm weights; the engine has one param group."""
-        if self.engine_config.optimizer.weight_decay <= 0:
-            return
-        decay = set(self.get_decay_parameter_names(self.model))  # type: ignore[attr-defined]
-        exempt = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in decay]
-        if exempt:
-            logger.warning("weight_decay=%g applies to every trainable parameter in the engine, also to the %d "
-                           "that transformers.Trainer exempts (biases, norm weights, e.g. %s)",
-                           self.engine_config.optimizer.weight_decay, len(exempt), exempt[0])
+    def _param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """transformers.Trainer's two groups: weight decay for all but biases and norm weights."""
+        decay = set(self.get_decay_parameter_names(model))  # type: ignore[attr-defined]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [n for n in names if n in decay], "weight_decay": self.engine_config.optimizer.weight_decay},
+                {"params": [n for n in names if n not in decay], "weight_decay": 0.0}]
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """Builds the engine over ``self.model`` and gives the Trainer its optimizer view."""

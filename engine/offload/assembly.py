@@ -169,7 +169,7 @@ def nvme_placement(res: Resources, config: Config, plan: MemoryPlan, specs: Sequ
 
 def dram_placement(res: Resources, config: Config, params: Sequence[tuple[str, nn.Parameter]],
                    masters: dict[str, torch.Tensor], *, group_hparams: HParams,
-                   device: Optional[ComputeDeviceSpec] = None) -> None:
+                   device: Optional[ComputeDeviceSpec] = None, groups: Optional[dict[str, int]] = None) -> None:
     """The DRAM path (PEFT): fp32 gradient buffers and CPUAdamW in memory, sharing the buffers; on a
     copying device over host masters of every trainable parameter, copied to the module after each step."""
     opt = config.optimizer
@@ -177,7 +177,7 @@ def dram_placement(res: Resources, config: Config, params: Sequence[tuple[str, n
     res.gradients = gradients = DramGradients(params, overflow_check=config.overflow_check, copies=copies)
     res.backend = DramOptimizer(params, gradients, masters, state_dtype=BY_NAME[config.optimizer_state_dtype],
                                 betas=opt.betas, eps=opt.eps, adamw_mode=opt.type == "adamw",
-                                group_hparams=group_hparams, copies=copies)
+                                group_hparams=group_hparams, copies=copies, groups=groups)
 
 
 def loss_scaler(config: Config) -> Optional[DynamicLossScaler]:

@@ -18,7 +18,7 @@ from ..errors import TrainerClosedError
 class OffloadedOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` over the trainable parameters; ``apply_step`` is the runtime's."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], defaults: dict, runtime: Any):
+    def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], defaults: dict, runtime: Any):
         super().__init__(params, defaults)
         self._apply = weakref.WeakMethod(runtime.apply_step)  # no cycle through the runtime
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -124,15 +124,16 @@ class DramOptimizer:
             with ``copies`` (a copying compute device), where every parameter gets a host master
             and the module's parameters receive copies after each step.
         state_dtype: dtype of the Adam moments.
-        group_hparams: ``group_hparams(0) -> (lr, weight_decay)``, read at every step so LR
-            schedulers acting on the trainer's optimizer apply.
+        group_hparams: ``group_hparams(g) -> (lr, weight_decay)`` of param group g, read at every
+            step so LR schedulers acting on the trainer's optimizer apply.
+        groups: the param group of each parameter by name (default: all in group 0).
     """
 
     def __init__(self, params: Sequence[tuple[str, nn.Parameter]], gradients: DramGradients,
                  masters: Optional[dict[str, torch.Tensor]] = None, *, state_dtype: torch.dtype = torch.float32,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, adamw_mode: bool = True,
                  group_hparams: Callable[[int], tuple[float, float]] = lambda g: (1e-3, 0.0),
-                 copies: bool = False):
+                 copies: bool = False, groups: Optional[Mapping[str, int]] = None):
         masters = masters or {}
         self.copies = copies
         self.params = dict(params)
@@ -159,9 +160,14 @@ class DramOptimizer:
                 if not p.data.is_contiguous():
                     p.data = p.data.contiguous()
                 self._out[self.masters[name]] = p.data
-        lr, weight_decay = group_hparams(0)
-        self.optimizer = CPUAdamW(list(self.masters.values()), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                  adamw_mode=adamw_mode, state_dtype=state_dtype)
+        # One CPUAdamW group per engine param group that has members here: _group_ids[i] is
+        # the engine group of CPUAdamW group i (its lr / weight decay are read at each step).
+        groups = groups or {}
+        self._group_ids = sorted({groups.get(name, 0) for name in self.masters})
+        self.optimizer = CPUAdamW(
+            [dict(params=[m for name, m in self.masters.items() if groups.get(name, 0) == g],
+                  **dict(zip(("lr", "weight_decay"), group_hparams(g)))) for g in self._group_ids],
+            betas=betas, eps=eps, adamw_mode=adamw_mode, state_dtype=state_dtype)
         self.stats = StepStats()
         self._closed = False
 
@@ -195,9 +201,8 @@ class DramOptimizer:
         """One AdamW step over the parameters that received a gradient this window (as torch skips
         parameters whose ``grad`` is None); ``grad_scale`` multiplies every gradient first."""
         start = time.perf_counter()
-        lr, weight_decay = self.group_hparams(0)
-        for group in self.optimizer.param_groups:
-            group["lr"], group["weight_decay"] = lr, weight_decay
+        for group, g in zip(self.optimizer.param_groups, self._group_ids):
+            group["lr"], group["weight_decay"] = self.group_hparams(g)
         grads = self.gradients
         for name in grads.received:
             self.masters[name].grad = grads.buffers[name]

@@ -60,6 +60,8 @@ from .lifecycle import Resources, check_attachable, finalize, register, weak_cal
 from .loss_scaler import DynamicLossScaler
 from .materialize import Initializer, initialize_meta_buffers
 from .optimizer import OffloadedOptimizer
+from .param_groups import ParamGroupsLike
+from .param_groups import resolve as resolve_param_groups
 from .params import KEY_ATTR, is_placeholder
 from .placement import GradientSink, OptimizerBackend, TrainablePlacement
 from .planner import MemoryPlan
@@ -73,7 +75,7 @@ class OffloadRuntime:
     """Owns the store, pool, I/O ring, streamer, gradient sink and optimizer backend of one model."""
 
     def __init__(self, model: nn.Module, config: Config, initializer: Optional[Initializer] = None, *,
-                 buffer_initializer: Optional[Initializer] = None):
+                 buffer_initializer: Optional[Initializer] = None, param_groups: ParamGroupsLike = None):
         check_attachable(model)  # before anything of the model is touched
         self.device: ComputeDeviceSpec = resolve_device(config.device)  # ConfigError: no silent CPU fallback
         logger.info("compute device: %s (config.device=%r)", self.device, config.device)
@@ -102,7 +104,7 @@ class OffloadRuntime:
         self._device_counters = DeviceCounters()  # resident refreshes (the streamer and sink count their own)
         on_meta = any(p.device.type == "meta" for p in model.parameters())
         try:
-            self._build(initializer, on_meta)
+            self._build(initializer, on_meta, param_groups)
         except BaseException:
             # Give an in-memory model its weights back; a meta-built one has nowhere to keep them.
             error = self._shutdown(restore_weights=not on_meta)
@@ -110,7 +112,7 @@ class OffloadRuntime:
                 logger.warning("releasing a trainer whose initialization failed also failed: %s", error)
             raise
 
-    def _build(self, initializer: Optional[Initializer], on_meta: bool) -> None:
+    def _build(self, initializer: Optional[Initializer], on_meta: bool, param_groups: ParamGroupsLike) -> None:
         cfg, model, res = self.config, self.module, self._res
         assembly.check_supported(cfg)
         if cfg.malloc_mmap_threshold is not None:
@@ -118,9 +120,14 @@ class OffloadRuntime:
         if on_meta and initializer is None:
             raise ValueError("the model is on the meta device: pass initializer(name, shape) -> tensor "
                              "(or load it with engine.from_pretrained)")
+        trainable = assembly.trainable_names(model)
+        # Checked before anything is allocated; tensors are matched while they are the user's objects.
+        if callable(param_groups):
+            param_groups = param_groups(model)
+        groups = resolve_param_groups(param_groups, [(n, p) for n, p in model.named_parameters() if n in trainable],
+                                      lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
         self.plan: MemoryPlan = plan_memory(model, cfg)
         assembly.open_storage(res, cfg, self.plan)
-        trainable = assembly.trainable_names(model)
         in_memory = self.plan.trainable_in_memory
         masters = assembly.materialize(res, model, cfg, initializer, trainable=trainable, compute=self.compute_dtype,
                                        frozen=self.frozen_dtype, in_memory=in_memory)
@@ -134,18 +141,22 @@ class OffloadRuntime:
         for name, p in self.resident_trainables.items():
             self.store.put(StoreKey.param(name), p.detach().cpu())  # the store takes host tensors
         named = [(n, p) for n, p in model.named_parameters() if n in trainable]
-        self.trainable = [ParamSpec(name, tuple(p.shape)) for name, p in named]
         assembly.check_optimizer(cfg)
         opt = cfg.optimizer
-        self.optimizer = OffloadedOptimizer([p for _, p in named], dict(lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                                                        weight_decay=opt.weight_decay), self)
-        group = self.optimizer.param_groups[0]
+        self.trainable = [ParamSpec(name, tuple(p.shape), groups.index[name]) for name, p in named]
+        by_name = dict(named)
+        self.optimizer = OffloadedOptimizer(
+            [dict(params=[by_name[n] for n in members], **options)
+             for members, options in zip(groups.members([n for n, _ in named]), groups.options)],
+            dict(lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay), self)
+        torch_groups = self.optimizer.param_groups  # the list, not the runtime: no reference cycle
 
         def hparams(g: int) -> tuple[float, float]:  # read at every step: LR schedulers apply
-            return group["lr"], group["weight_decay"]
+            return torch_groups[g]["lr"], torch_groups[g]["weight_decay"]
 
         if in_memory:
-            assembly.dram_placement(res, cfg, named, masters, group_hparams=hparams, device=self.device)
+            assembly.dram_placement(res, cfg, named, masters, group_hparams=hparams, device=self.device,
+                                    groups=groups.index)
         else:
             assembly.nvme_placement(res, cfg, self.plan, self.trainable, compute=self.compute_dtype,
                                     group_hparams=hparams, device=self.device)

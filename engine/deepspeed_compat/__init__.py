@@ -23,8 +23,8 @@ from .lr_schedules import WarmupCosineLR, WarmupDecayLR, WarmupLR
 from .model_engine import DeepSpeedCompatEngine
 from .settings import config_source, read, resolve
 
-__all__ = ["DeepSpeedCompatEngine", "TrainingDataLoader", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "add_config_arguments",
-           "init_distributed", "initialize", "lr_schedules"]
+__all__ = ["DeepSpeedCompatEngine", "TrainingDataLoader", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR",
+           "add_config_arguments", "init_distributed", "initialize", "lr_schedules"]
 
 
 def _single_process(what: str) -> None:

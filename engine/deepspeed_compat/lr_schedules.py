@@ -115,7 +115,8 @@ class _Warmup(LRScheduler):
                                   f"{{'last_batch_iteration': t}}, got keys {sorted(state_dict)}")
         t = state_dict["last_batch_iteration"]
         if isinstance(t, bool) or not isinstance(t, int) or t < -1:
-            raise CheckpointError(f"{type(self).__name__}.load_state_dict: last_batch_iteration {t!r} is not an int >= -1")
+            raise CheckpointError(f"{type(self).__name__}.load_state_dict: last_batch_iteration {t!r} is not "
+                                  "an int >= -1")
         self.last_epoch = t + 1
         self._step_count = self.last_epoch + 1  # torch's count: its initial step, then one per step()
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

@@ -81,6 +81,57 @@ def test_batches_span_many_record_batches(tmp_path, monkeypatch):
     jsonl = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
     assert stream(ds) == stream(tmp_path / "a.parquet") == stream(jsonl) == expected_bytes(docs)
     assert stream(ds) != stream(save_dataset(tmp_path / "shuffled", {"text": docs[::-1]}))
+    for source in (ds, str(tmp_path / "a.parquet"), jsonl):  # 3 rows at a time, never all 10 at once
+        assert [len(batch) for batch in open_documents(source).batches()] == [3, 3, 3, 1], source
+
+
+def test_a_directory_of_many_parquet_shards_opens_one_file_at_a_time(tmp_path):
+    """300 shards under an open-file limit of (open now + 20): footers are read one file at a
+    time and each file is open only while read. A file that cannot be opened is the system's
+    error naming it (not "not a parquet file")."""
+    resource = pytest.importorskip("resource")
+    docs = [f"shard {i}" for i in range(300)]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, doc in enumerate(docs):
+        pq.write_table(pa.table({"text": [doc]}), str(shards / f"part-{i:05d}.parquet"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 20, hard))
+        got = stream(shards)
+        assert open_documents(str(shards)).rows == 300
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert got == expected_bytes(docs)
+    os.symlink(str(tmp_path / "gone"), str(shards / "part-99999.parquet"))  # a shard removed under its link
+    with pytest.raises(OSError, match=r"part-99999\.parquet'?: cannot read it .*No such file") as info:
+        open_documents(str(shards))
+    assert not isinstance(info.value, DataError) and info.value.errno == 2  # the system's error, not "not parquet"
+
+
+def test_split_named_parquet_files_read_the_train_split(tmp_path):
+    """A Hub snapshot's data/: train-* shards next to test-* and validation-*: only train-* is read."""
+    data = tmp_path / "data"
+    data.mkdir()
+    train_docs = ["first train doc", "second train doc", "third"]
+    pq.write_table(pa.table({"text": train_docs[:2]}), str(data / "train-00000-of-00002.parquet"))
+    pq.write_table(pa.table({"text": train_docs[2:]}), str(data / "train-00001-of-00002.parquet"))
+    pq.write_table(pa.table({"text": ["a test doc"]}), str(data / "test-00000-of-00001.parquet"))
+    pq.write_table(pa.table({"text": ["a validation doc"]}), str(data / "validation-00000-of-00001.parquet"))
+    docs = open_documents(str(data))
+    assert docs.rows == 3 and token_stream(docs).tolist() == expected_bytes(train_docs)
+    assert docs.description == "2 parquet files, split 'train'; test, validation files not read, field 'text'"
+    pq.write_table(pa.table({"text": ["x"]}), str(data / "part-0.parquet"))
+    with pytest.raises(DataError, match=r"some \.parquet files are named by split .* and some not "
+                                        r"\('part-0\.parquet'\)"):
+        open_documents(str(data))
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    pq.write_table(pa.table({"text": ["x"]}), str(held_out / "test-00000-of-00001.parquet"))
+    with pytest.raises(DataError, match=r"named by split \(test\) and none is a train-\* file"):
+        open_documents(str(held_out))
+    assert stream(held_out / "test-00000-of-00001.parquet") == expected_bytes(["x"])  # a file named: read
 
 
 def test_pre_tokenized_input_ids_are_used_as_they_are(tmp_path):

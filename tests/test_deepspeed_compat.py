@@ -93,14 +93,55 @@ def test_lr_schedules_follow_deepspeeds_formulas(kind, params):
     got, want = [], []
     for t in range(-1, 14):  # construction sets t = -1, then one step each
         got.append([g["lr"] for g in opt.param_groups])
-        # WarmupLR's default warmup_max_lr is the first group's lr (DeepSpeed's), for every group
-        want.append([expected_lr(kind, params, t, base if kind == "WarmupCosineLR" else bases[0]) for base in bases])
+        # WarmupLR's default warmup_max_lr is each group's own lr (DeepSpeed PR #8171)
+        want.append([expected_lr(kind, params, t, base) for base in bases])
         opt.step()
         sched.step()
     for g, w in zip(got, want):
         for x, y in zip(g, w):
             assert math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-15), (kind, got, want)
     assert json.loads(json.dumps(sched.state_dict())) == sched.state_dict()  # JSON: goes into checkpoints
+
+
+def _decay(total: int):
+    a = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([a], lr=0.01)
+    params = dict(warmup_min_lr=0.0, warmup_max_lr=0.01, warmup_num_steps=2, total_num_steps=total,
+                  warmup_type="linear")
+    return opt, lr_schedules.from_config(opt, {"type": "WarmupDecayLR", "params": params}), params
+
+
+def test_a_resumed_schedule_keeps_its_counter_and_takes_the_new_configs_settings():
+    """DeepSpeed's state_dict is the counter only: resumed with total 100, the schedule decays to 100."""
+    opt, sched, _ = _decay(10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert sched.state_dict() == {"last_batch_iteration": 4}
+    opt2, resumed, params = _decay(100)
+    resumed.load_state_dict(json.loads(json.dumps(sched.state_dict())))  # through JSON, as in a checkpoint
+    assert resumed.total_num_steps == 100 and resumed.last_batch_iteration == 4
+    opt2.step()
+    resumed.step()
+    assert resumed.last_batch_iteration == 5
+    assert opt2.param_groups[0]["lr"] == expected_lr("WarmupDecayLR", params, 5, 0.01) == 0.01 * 95 / 98
+    assert resumed.get_last_lr() == [0.01 * 95 / 98]
+    with pytest.raises(CheckpointError, match="last_batch_iteration"):
+        resumed.load_state_dict({"last_epoch": 3})
+
+
+def test_step_takes_deepspeeds_last_batch_iteration():
+    opt, sched, params = _decay(10)
+    for t in (7, 3, -1):
+        opt.step()
+        sched.step(last_batch_iteration=t)
+        assert sched.last_batch_iteration == t
+        assert opt.param_groups[0]["lr"] == expected_lr("WarmupDecayLR", params, t, 0.01)
+    opt.step()
+    sched.step()  # and counts on from there
+    assert sched.last_batch_iteration == 0 and opt.param_groups[0]["lr"] == 0.0
+    with pytest.raises(ConfigError, match="last_batch_iteration must be an int >= -1"):
+        sched.step(last_batch_iteration=-2)
 
 
 def test_unsupported_schedule_is_a_config_error():
@@ -325,3 +366,77 @@ def test_a_callable_lr_scheduler_gets_the_engine_optimizer(tmp_path):
         assert sched is made[0] and sched.optimizer is optimizer and model_engine.lr_scheduler is sched
         train(model_engine, [x] * 4, 0, 4)
         assert model_engine.get_lr() == [LR * 0.25]  # halved at each of the two boundaries
+
+
+def test_lr_kwargs_reach_the_schedule_and_a_bad_one_changes_nothing(tmp_path):
+    script = _script_module()
+    cfg = ds_config(tmp_path, gradient_accumulation_steps=1, train_batch_size=2)
+    model_engine, _, _, sched = deepspeed.initialize(model=script.make_model(), config=cfg)
+    x = script.TokenDataset(n=2).tokens
+    with model_engine:
+        names = [n for n, _ in model_engine.module.named_parameters()]
+        train(model_engine, [x, x], 0, 2)  # t = 1: a non-zero lr for the step below
+        before = {n: model_engine.trainer.weight(n).clone() for n in names}
+        state = (model_engine.global_steps, model_engine.micro_steps, sched.last_batch_iteration, model_engine.get_lr())
+        model_engine.backward(model_engine(input_ids=x, labels=x).loss)
+        for bad, match in (({"epoch_typo": 1}, "does not take them"), ({"last_batch_iteration": 1.5}, "an int >= -1"),
+                           ([("last_batch_iteration", 1)], "must be a dict")):
+            with pytest.raises(ConfigError, match=match):
+                model_engine.step(lr_kwargs=bad)
+            assert (model_engine.global_steps, model_engine.micro_steps, sched.last_batch_iteration,
+                    model_engine.get_lr()) == state
+            assert all(torch.equal(model_engine.trainer.weight(n), before[n]) for n in names)
+        model_engine.step(lr_kwargs={"last_batch_iteration": 5})  # the window's gradient is still there
+        assert model_engine.global_steps == 3 and sched.last_batch_iteration == 5
+        params = cfg["scheduler"]["params"]
+        assert model_engine.get_lr() == [expected_lr(cfg["scheduler"]["type"], params, 5, LR)]
+        assert not all(torch.equal(model_engine.trainer.weight(n), before[n]) for n in names)
+
+
+def test_a_failed_initialize_leaves_requires_grad_as_it_was(tmp_path):
+    """model_parameters freezes the others; an error after the trainer is built (here the
+    scheduler section's typo) gives the model back trainable as it came."""
+    script = _script_module()
+    model = script.make_model()
+    model.model.norm.weight.requires_grad_(False)  # frozen by the caller: stays frozen
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = ds_config(tmp_path, scheduler={"type": "WarmupLR", "params": {"warmup_num_step": 10}})
+    layer = [p for n, p in model.named_parameters() if ".layers.0." in n]
+    with pytest.raises(ConfigError, match="warmup_num_step"):
+        deepspeed.initialize(model=model, model_parameters=layer, config=cfg)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and not flags["model.norm.weight"]
+
+
+def test_the_loader_has_deepspeeds_data_sampler(tmp_path):
+    script = _script_module()
+    cfg = ds_config(tmp_path)
+    model_engine, _, loader, _ = deepspeed.initialize(model=script.make_model(), config=cfg,
+                                                      training_data=script.TokenDataset(n=8))
+    with model_engine:
+        assert isinstance(loader.data_sampler, torch.utils.data.DistributedSampler)
+        assert loader.data_sampler is loader.sampler
+        first = [b["input_ids"] for b in loader]
+        assert [torch.equal(a, b) for a, b in zip(first, (b["input_ids"] for b in loader))] == [True] * 4
+        loader.data_sampler.set_epoch(1)  # what scripts call: a new order
+        second = [b["input_ids"] for b in loader]
+        assert not all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_save_16bit_model_with_a_filename_is_private_and_replaces_with_a_warning(tmp_path, caplog):
+    script = _script_module()
+    model_engine, _, _, _ = deepspeed.initialize(model=script.make_model(), config=ds_config(tmp_path))
+    out = tmp_path / "new" / "out"  # two missing directories
+    with model_engine:
+        assert model_engine.save_16bit_model(str(out), "weights.pt")
+        first = load_file(str(out / "weights.safetensors"))
+        train(model_engine, [script.TokenDataset(n=2).tokens] * 6, 0, 6)  # 3 steps: the third at lr > 0
+        with caplog.at_level("WARNING", logger="engine"):
+            assert model_engine.save_16bit_model(str(out), "weights.pt")
+        second = load_file(str(out / "weights.safetensors"))
+        with pytest.raises(CheckpointError, match="plain name"):
+            model_engine.save_16bit_model(str(out), ".hidden.bin")
+    assert "save_16bit_model: replacing" in caplog.text and "weights.safetensors" in caplog.text
+    assert sorted(os.listdir(out)) == ["weights.safetensors"]  # no staging left behind
+    assert any(not torch.equal(first[n], second[n]) for n in first)
+    for path, mode in ((tmp_path / "new", 0o700), (out, 0o700), (out / "weights.safetensors", 0o600)):
+        assert os.stat(path).st_mode & 0o777 == mode, path

@@ -3,8 +3,9 @@
 Formats: a ``.txt`` file (one document), a ``.jsonl`` file (one object per line, the text
 in ``text_field``), a ``.parquet`` file or a directory of them, and a directory written by
 ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``: its ``"train"`` split).
-Arrow-backed formats (parquet, datasets) are read in record batches, never whole, so a
-dataset larger than DRAM streams through; they may also be pre-tokenized (an ``input_ids``
+Arrow-backed formats (parquet, datasets) are read in record batches, never whole: the text
+is read a batch at a time, but the token stream built from it is held in memory (4 bytes per
+token, :func:`engine.data.token_stream`). They may also be pre-tokenized (an ``input_ids``
 column of integer lists). ``datasets`` and ``pyarrow`` are the optional extra
 ``memascend-engine[data]``, imported only when such a file is read.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Union
 
@@ -55,7 +57,7 @@ def open_documents(path: str, text_field: Optional[str] = None) -> Documents:
         if not files:
             raise DataError(f"--data {path!r}: a directory with neither a datasets save_to_disk "
                             "(state.json / dataset_dict.json) nor .parquet files in it; " + FORMATS)
-        return _parquet(path, files, text_field)
+        return _parquet_dir(path, files, text_field)
     if not os.path.isfile(path):
         raise FileNotFoundError(2, f"--data {path!r}: no such file or directory", path)
     if path.endswith(".parquet"):
@@ -158,32 +160,76 @@ def _no_data_files(state_json: str) -> bool:
         return json.load(f).get("_data_files") == []
 
 
-def _parquet(path: str, files: list[str], text_field: Optional[str]) -> Documents:
+def _parquet(path: str, files: list[str], text_field: Optional[str], what: str = "") -> Documents:
+    """Parquet files read in order. Only their footers are read here (one file open at a time:
+    a directory of thousands of shards stays under the open-file limit); each file is opened
+    again while its rows are read."""
     pa = _pyarrow()
-    opened = []
-    for name in files:
-        try:
-            opened.append(pa.parquet.ParquetFile(name))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"--data {name!r} is not a parquet file ({exc}); {FORMATS}") from None
-    rows = sum(pf.metadata.num_rows for pf in opened)
+    metadata = [_parquet_metadata(pa, name) for name in files]
+    rows = sum(m.num_rows for m in metadata)
     if rows == 0:  # before the columns: an empty column's type may be null
         raise DataError(f"--data {path!r}: the parquet data has no rows")
-    kind, field = _choose_column(files[0], opened[0].schema_arrow, text_field)
-    for name, pf in zip(files[1:], opened[1:]):  # every file has the same column
-        got = _choose_column(name, pf.schema_arrow, text_field)
+    schemas = [m.schema.to_arrow_schema() for m in metadata]
+    kind, field = _choose_column(files[0], schemas[0], text_field)
+    for name, schema in zip(files[1:], schemas[1:]):  # every file has the same column
+        got = _choose_column(name, schema, text_field)
         if got != (kind, field):
             raise DataError(f"--data {name!r} would be read by its {_column_words(*got)}, {files[0]!r} by its "
                             f"{_column_words(kind, field)}: the files must agree (name the column with --text-field)")
 
     def batches() -> Iterator[DocBatch]:
-        for name, pf in zip(files, opened):
+        for name in files:
             row = 0
-            for chunk in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):  # a row group at a time
-                yield _arrow_documents(name, chunk.column(0), kind, field, row)
-                row += chunk.num_rows
-    what = "parquet file" if len(files) == 1 and files[0] == path else f"{len(files)} parquet files"
+            with pa.parquet.ParquetFile(name) as pf:  # open while it is read, closed after
+                for chunk in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):  # a row group at a time
+                    yield _arrow_documents(name, chunk.column(0), kind, field, row)
+                    row += chunk.num_rows
+    what = what or ("parquet file" if len(files) == 1 and files[0] == path else f"{len(files)} parquet files")
     return Documents(path, kind, field, f"{what}, {_column_words(kind, field)}", rows, batches)
+
+
+def _parquet_metadata(pa: Any, name: str) -> Any:
+    """The file's footer (row count, schema); the file is closed again when this returns."""
+    try:
+        return pa.parquet.read_metadata(name)
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"--data {name!r} is not a parquet file ({exc}); {FORMATS}") from None
+    except OSError as exc:  # e.g. permissions, too many open files: the system's error, the file named
+        raise OSError(exc.errno, f"--data {name!r}: cannot read it ({exc})", name) from exc
+
+
+# A Hub dataset's data files named by split (datasets' convention): "train-00000-of-00002.parquet",
+# "test.parquet", "validation_0.parquet".
+_SPLIT_NAME = re.compile(r"^(train|training|test|testing|eval|evaluation|validation|valid|val|dev)(?=[-_.])",
+                         re.IGNORECASE)
+_TRAIN = ("train", "training")
+
+
+def _parquet_dir(path: str, files: list[str], text_field: Optional[str]) -> Documents:
+    """A directory of parquet files: all of them, or when they are named by split (a Hub
+    snapshot's ``data/``), the ``train`` split's only; a mix of split-named and other files is
+    refused (which are training data is unclear)."""
+    splits = {name: _split_of(name) for name in files}
+    named = [name for name, split in splits.items() if split is not None]
+    if not named:
+        return _parquet(path, files, text_field)
+    if len(named) != len(files):
+        other = next(name for name in files if splits[name] is None)
+        raise DataError(f"--data {path!r}: some .parquet files are named by split ({os.path.basename(named[0])!r}) "
+                        f"and some not ({os.path.basename(other)!r}); which are training data is unclear - pass "
+                        "a directory holding only the training files")
+    train = [name for name in files if splits[name] in _TRAIN]
+    others = sorted({str(splits[name]) for name in files if splits[name] not in _TRAIN})
+    if not train:
+        raise DataError(f"--data {path!r}: its .parquet files are named by split ({', '.join(others)}) and none is "
+                        "a train-* file; pass a directory or file of training data")
+    skipped = f"; {', '.join(others)} files not read" if others else ""
+    return _parquet(path, train, text_field, f"{len(train)} parquet files, split 'train'{skipped}")
+
+
+def _split_of(name: str) -> Optional[str]:
+    match = _SPLIT_NAME.match(os.path.basename(name))
+    return match.group(1).lower() if match else None
 
 
 def _column_words(kind: str, field: str) -> str:

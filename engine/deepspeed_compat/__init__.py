@@ -23,8 +23,8 @@ from .lr_schedules import WarmupCosineLR, WarmupDecayLR, WarmupLR
 from .model_engine import DeepSpeedCompatEngine
 from .settings import config_source, read, resolve
 
-__all__ = ["DeepSpeedCompatEngine", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "add_config_arguments",
-           "init_distributed", "initialize", "lr_schedules"]
+__all__ = ["DeepSpeedCompatEngine", "TrainingDataLoader", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR",
+           "add_config_arguments", "init_distributed", "initialize", "lr_schedules"]
 
 
 def _single_process(what: str) -> None:
@@ -96,10 +96,19 @@ def _scheduler(lr_scheduler: Any, section: Any, optimizer: torch.optim.Optimizer
     return lr_scheduler(optimizer)
 
 
+class TrainingDataLoader(torch.utils.data.DataLoader):
+    """A torch DataLoader with DeepSpeed's ``data_sampler`` attribute (``DeepSpeedDataLoader``'s
+    sampler: scripts call ``loader.data_sampler.set_epoch(epoch)``); None for an IterableDataset."""
+
+    def __init__(self, dataset: Any, sampler: Optional[torch.utils.data.Sampler], **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.data_sampler = sampler
+
+
 def _dataloader(dataset: Any, engine: DeepSpeedCompatEngine, collate_fn: Optional[Callable]) -> Any:
     """DeepSpeed's training loader, one process: a ``DistributedSampler`` over 1 replica
     (shuffled with seed 0; the same order every epoch unless the script calls
-    ``loader.sampler.set_epoch(epoch)``), micro-batch size, ``dataloader_drop_last``; no worker
+    ``loader.data_sampler.set_epoch(epoch)``), micro-batch size, ``dataloader_drop_last``; no worker
     processes (DeepSpeed starts 2 per GPU) and pinned memory only when computing on CUDA."""
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
     if not iterable and not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):  # DeepSpeed's test
@@ -108,9 +117,9 @@ def _dataloader(dataset: Any, engine: DeepSpeedCompatEngine, collate_fn: Optiona
     sampler: Optional[torch.utils.data.Sampler] = None
     if not iterable:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0)
-    return torch.utils.data.DataLoader(dataset, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler,
-                                       collate_fn=collate_fn, drop_last=engine.settings.drop_last,
-                                       pin_memory=engine.device.type == "cuda")
+    return TrainingDataLoader(dataset, sampler, batch_size=engine.train_micro_batch_size_per_gpu(),
+                              collate_fn=collate_fn, drop_last=engine.settings.drop_last,
+                              pin_memory=engine.device.type == "cuda")
 
 
 def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: Any = None,
@@ -152,16 +161,16 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     frozen = _trainable_set(model, model_parameters)
     try:
         trainer = engine_initialize(model, settings.config)
+        try:
+            scheduler = _scheduler(lr_scheduler, settings.scheduler, trainer.optimizer)
+            model_engine = DeepSpeedCompatEngine(trainer, settings, scheduler)
+            loader = _dataloader(training_data, model_engine, collate_fn) if training_data is not None else None
+        except BaseException:
+            trainer.close(restore_weights=True)  # the model goes back to the caller as it was
+            raise
     except BaseException:
-        for p in frozen:  # the model goes back to the caller as it came
+        for p in frozen:  # ... and as trainable as it came, whichever step failed
             p.requires_grad_(True)
-        raise
-    try:
-        scheduler = _scheduler(lr_scheduler, settings.scheduler, trainer.optimizer)
-        model_engine = DeepSpeedCompatEngine(trainer, settings, scheduler)
-        loader = _dataloader(training_data, model_engine, collate_fn) if training_data is not None else None
-    except BaseException:
-        trainer.close(restore_weights=True)  # the model goes back to the caller as it was
         raise
     model_engine.training_dataloader = loader
     return model_engine, trainer.optimizer, loader, scheduler

@@ -14,12 +14,15 @@ commit 22779f2, read for this module; no code taken), with ``t`` DeepSpeed's
   ``r = max(0, cos_min_ratio + (1 - cos_min_ratio) * (1 + cos(pi * p)) / 2)``; ``r = 0`` at ``t < 0``.
 
 As in DeepSpeed, building a schedule sets the optimizer's lr to its ``t = -1`` value (the first
-optimizer step runs at it), and the engine steps the schedule after each applied optimizer
-step. torch's ``last_epoch`` is ``t + 1`` (torch counts its own initial step), so
-``state_dict()`` is torch's (plain numbers and strings: JSON in the engine's checkpoint).
+optimizer step runs at it), the engine steps the schedule after each applied optimizer step,
+and ``step(last_batch_iteration=n)`` jumps to ``t = n``. torch's ``last_epoch`` is ``t + 1``
+(torch counts its own initial step). ``state_dict()`` is DeepSpeed's, the counter only
+(``{"last_batch_iteration": t}``): a resumed schedule keeps the counter and takes every
+setting (steps, lrs, warmup) from the config it was built with, as DeepSpeed's does.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -27,7 +30,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from .._log import logger
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..validate import check_int, check_number
 
 LOG, LINEAR = "log", "linear"
@@ -49,6 +52,25 @@ def _warmup_type(value: str) -> str:
         logger.warning("scheduler.params.warmup_type %r is unknown (log or linear): using log", value)
         return LOG
     return value
+
+
+def check_iteration(value: Any, name: str = "lr_kwargs.last_batch_iteration") -> int:
+    """A schedule position ``t`` passed to ``step``: an int >= -1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ConfigError(f"{name} must be an int >= -1, got {value!r}", name)
+    return value
+
+
+def check_step_kwargs(scheduler: Any, kwargs: Mapping[str, Any]) -> None:
+    """Checks ``scheduler.step(**kwargs)`` would accept ``kwargs`` (names, and DeepSpeed's
+    ``last_batch_iteration``), so a bad one is refused before the optimizer steps."""
+    try:
+        inspect.signature(scheduler.step).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"step(lr_kwargs={dict(kwargs)!r}): {type(scheduler).__name__}.step does not take them "
+                          f"({exc})", "lr_kwargs") from None
+    if isinstance(scheduler, _Warmup) and kwargs.get("last_batch_iteration") is not None:
+        check_iteration(kwargs["last_batch_iteration"])
 
 
 class _Warmup(LRScheduler):
@@ -74,6 +96,31 @@ class _Warmup(LRScheduler):
             return math.log(t + 1) / math.log(self.warmup_num_steps)
         return t / self.warmup_num_steps
 
+    def step(self, last_batch_iteration: Optional[int] = None) -> None:  # type: ignore[override]
+        """One schedule step (``t + 1``), or to ``t = last_batch_iteration`` as DeepSpeed's
+        schedules take it (the engine passes ``step(lr_kwargs=...)`` here)."""
+        if last_batch_iteration is not None:
+            self.last_epoch = check_iteration(last_batch_iteration)  # torch's step adds the 1 of t + 1
+        super().step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """DeepSpeed's: the counter only; the settings are the config's, never the checkpoint's."""
+        return {"last_batch_iteration": self.last_batch_iteration}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restores the counter; the optimizer's lrs are the checkpoint's (the engine restores them)
+        until the next ``step()`` computes this schedule's."""
+        if set(state_dict) != {"last_batch_iteration"}:
+            raise CheckpointError(f"{type(self).__name__}.load_state_dict: expected DeepSpeed's "
+                                  f"{{'last_batch_iteration': t}}, got keys {sorted(state_dict)}")
+        t = state_dict["last_batch_iteration"]
+        if isinstance(t, bool) or not isinstance(t, int) or t < -1:
+            raise CheckpointError(f"{type(self).__name__}.load_state_dict: last_batch_iteration {t!r} is not "
+                                  "an int >= -1")
+        self.last_epoch = t + 1
+        self._step_count = self.last_epoch + 1  # torch's count: its initial step, then one per step()
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def get_lr(self) -> list[float]:  # type: ignore[override]  # torch types it list[float | Tensor]
         t = self.last_batch_iteration
         return [self._lr(t, g) for g in range(len(self.optimizer.param_groups))]
@@ -83,14 +130,14 @@ class _Warmup(LRScheduler):
 
 
 class WarmupLR(_Warmup):
-    """DeepSpeed's ``WarmupLR``: from ``warmup_min_lr`` to ``warmup_max_lr`` (default: the
-    optimizer's lr) over ``warmup_num_steps``, then constant."""
+    """DeepSpeed's ``WarmupLR``: from ``warmup_min_lr`` to ``warmup_max_lr`` (default: each param
+    group's own lr) over ``warmup_num_steps``, then constant."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_min_lr: Numbers = 0.0,
                  warmup_max_lr: Optional[Numbers] = None, warmup_num_steps: int = 1000, warmup_type: str = LOG,
                  last_batch_iteration: int = -1) -> None:
-        if warmup_max_lr is None:
-            warmup_max_lr = optimizer.param_groups[0]["lr"]
+        if warmup_max_lr is None:  # each group's own lr (DeepSpeed PR #8171; before it: group 0's for all)
+            warmup_max_lr = [float(group["lr"]) for group in optimizer.param_groups]
         self.min_lrs = _per_group(optimizer, warmup_min_lr, "warmup_min_lr")
         self.max_lrs = _per_group(optimizer, warmup_max_lr, "warmup_max_lr")
         super().__init__(optimizer, warmup_num_steps, warmup_type, last_batch_iteration)

@@ -9,15 +9,16 @@ ones included; checkpoints are the engine's own (safetensors + JSON, never pickl
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from .._log import logger
+from ..checkpoint.private import PrivateOutput, check_name
 from ..errors import CheckpointError, ConfigError
 from ..trainer import Trainer
+from .lr_schedules import check_step_kwargs
 from .settings import Settings
 
 
@@ -76,7 +77,14 @@ class DeepSpeedCompatEngine:
 
     def step(self, lr_kwargs: Optional[dict] = None) -> None:
         """Call after every micro-batch. At the accumulation boundary the optimizer steps and then,
-        when the step was applied (not skipped on a non-finite gradient), the LR scheduler."""
+        when the step was applied (not skipped on a non-finite gradient), the LR scheduler, given
+        ``lr_kwargs`` (e.g. DeepSpeed's ``{"last_batch_iteration": n}``). ``lr_kwargs`` are checked
+        first: a bad one is a ConfigError with nothing stepped. Without a scheduler they are
+        unused, as in DeepSpeed."""
+        if lr_kwargs is not None and not isinstance(lr_kwargs, dict):
+            raise ConfigError(f"step(lr_kwargs=...) must be a dict, got {type(lr_kwargs).__name__}", "lr_kwargs")
+        if lr_kwargs and self.lr_scheduler is not None:
+            check_step_kwargs(self.lr_scheduler, lr_kwargs)
         applied = self.trainer.global_steps
         self.trainer.step()
         if self.trainer.global_steps != applied and self.lr_scheduler is not None:
@@ -175,7 +183,8 @@ class DeepSpeedCompatEngine:
         """Writes the weights in the compute dtype as **safetensors**, never pickle: DeepSpeed's
         default ``pytorch_model.bin`` becomes Hugging Face's ``model.safetensors`` (sharded past 5GB,
         with ``config.json``: ``from_pretrained`` loads the directory); another ``save_filename``
-        becomes ``<its stem>.safetensors``, one file. Returns True."""
+        becomes ``<its stem>.safetensors``, one file (private, written atomically; an earlier file of
+        that name is replaced, with a warning). Returns True."""
         if exclude_frozen_parameters:
             raise _refuse("save_16bit_model(exclude_frozen_parameters=True)", "the export holds every weight; "
                           "for LoRA adapters only use model_engine.trainer.save_adapter")
@@ -184,14 +193,17 @@ class DeepSpeedCompatEngine:
         if save_filename == "pytorch_model.bin" or stem == "model":
             self.trainer.save_pretrained(save_dir)
             return True
-        os.makedirs(save_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".export-", dir=save_dir)  # 0700, on the target's file system
-        try:
-            files = self.trainer.save_pretrained(staging, max_shard_size=2 ** 62)  # one shard
-            tensors = [f for f in files if f.endswith(".safetensors")]
-            os.replace(tensors[0], os.path.join(save_dir, f"{stem}.safetensors"))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        name = check_name(f"{stem}.safetensors", "save_16bit_model file name")
+        # The engine's one private writer: save_pretrained writes one shard into a subdirectory of
+        # the output's private staging directory; the shard is renamed there and committed (0600,
+        # fsync'ed, renamed into place; the directory fsync'ed when the output closes).
+        with PrivateOutput(save_dir) as out:
+            files = self.trainer.save_pretrained(out.path("stage"), max_shard_size=2 ** 62)
+            shard = next(os.path.basename(f) for f in files if f.endswith(".safetensors"))
+            os.replace(os.path.join("stage", shard), name, src_dir_fd=out.tmp_fd, dst_dir_fd=out.tmp_fd)
+            if name in out.names():
+                logger.warning("save_16bit_model: replacing %s", os.path.join(save_dir, name))
+            out.commit(name)
         return True
 
     # ------------------------------------------------------------------ teardown

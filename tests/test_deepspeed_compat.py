@@ -440,3 +440,52 @@ def test_save_16bit_model_with_a_filename_is_private_and_replaces_with_a_warning
     assert any(not torch.equal(first[n], second[n]) for n in first)
     for path, mode in ((tmp_path / "new", 0o700), (out, 0o700), (out / "weights.safetensors", 0o600)):
         assert os.stat(path).st_mode & 0o777 == mode, path
+
+
+def _groups(model: torch.nn.Module, by_name: bool) -> list[dict]:
+    """Weight decay for matrices, none (and another lr) for norm weights, as scripts commonly group."""
+    pick = (lambda n, p: n) if by_name else (lambda n, p: p)
+    named = list(model.named_parameters())
+    return [{"params": [pick(n, p) for n, p in named if "norm" not in n], "weight_decay": 0.1},
+            {"params": [pick(n, p) for n, p in named if "norm" in n], "weight_decay": 0.0, "lr": 2 * LR}]
+
+
+def _steps(step_engine, data, *, prescaled: bool = False) -> list[float]:
+    losses = []
+    for x in data:
+        loss = step_engine(input_ids=x, labels=x).loss
+        if prescaled:  # the caller divides by the accumulation itself
+            step_engine.backward(loss / 2, scale_wrt_gas=False)
+        else:
+            step_engine.backward(loss)
+        step_engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_param_groups_with_options_and_prescaled_losses_match_the_native_api(tmp_path):
+    """model_parameters as param groups with their own lr / weight_decay become the engine's
+    groups (as DeepSpeed's optimizer takes them); backward(scale_wrt_gas=False) of a loss the
+    script divided itself is the same step."""
+    script = _script_module()
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randint(0, 256, (2, 16), generator=g) for _ in range(6)]
+    cfg = ds_config(tmp_path)
+    del cfg["scheduler"]
+    cfg["optimizer"]["params"]["lr"] = LR
+    model = script.make_model()
+    model_engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=_groups(model, False),
+                                                         config=cfg)
+    with model_engine:
+        assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(LR, 0.1), (2 * LR, 0.0)]
+        compat = _steps(model_engine, data, prescaled=True)
+        compat_weights = {n: model_engine.trainer.weight(n).clone() for n, _ in model.named_parameters()}
+    (tmp_path / "native").mkdir()
+    native_cfg = engine.Config(nvme_path=str(tmp_path / "native"), gradient_accumulation_steps=2,
+                               gradient_clipping=1.0, resident_threshold_bytes=1024,
+                               optimizer=engine.AdamWConfig(lr=LR, weight_decay=0.1))
+    model = script.make_model()
+    with engine.initialize(model, native_cfg, param_groups=_groups(model, True)) as trainer:
+        assert _steps(trainer, data) == compat
+        for name, value in compat_weights.items():
+            assert torch.equal(trainer.weight(name), value), name

@@ -50,24 +50,27 @@ def init_distributed(*args: Any, **kwargs: Any) -> None:
     _single_process("init_distributed")
 
 
-def _trainable_set(model: nn.Module, model_parameters: Optional[Iterable[Any]]) -> list[nn.Parameter]:
+def _trainable_set(model: nn.Module, model_parameters: Optional[Iterable[Any]]
+                   ) -> tuple[list[nn.Parameter], Optional[list[dict[str, Any]]]]:
     """Applies ``model_parameters``, DeepSpeed's "what the optimizer updates": parameters of the
     model that are not named are frozen (``requires_grad=False``: not updated, as in DeepSpeed);
     named parameters that are already frozen stay so (ZeRO optimizes ``requires_grad`` ones only).
-    Returns the parameters it froze."""
+    Param-group dicts may set ``lr`` / ``weight_decay`` (over the config's, as in DeepSpeed).
+    Returns the parameters it froze, and the param groups for the engine (None: one group)."""
     if model_parameters is None:
-        return []
+        return [], None
     named: set[int] = set()
+    groups: list[dict[str, Any]] = []
+    loose: list[torch.Tensor] = []  # tensors outside any dict: the config's values
     for item in model_parameters:
         if isinstance(item, dict):  # a param group
-            extra = sorted(k for k in item if k != "params")
-            if extra:
-                raise ConfigError(f"model_parameters: per-group options {extra} are not supported (one param group; "
-                                  "the hyper-parameters come from the config's optimizer section)", "model_parameters")
-            params = item["params"]
-            named.update(id(p) for p in ([params] if isinstance(params, torch.Tensor) else params))
+            params = item.get("params", [])
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            named.update(id(p) for p in params)
+            groups.append({**item, "params": params})
         elif isinstance(item, torch.Tensor):
             named.add(id(item))
+            loose.append(item)
         else:
             raise ConfigError(f"model_parameters must be tensors or param-group dicts, got {type(item).__name__}",
                               "model_parameters")
@@ -79,7 +82,13 @@ def _trainable_set(model: nn.Module, model_parameters: Optional[Iterable[Any]]) 
     frozen = [p for p in model.parameters() if id(p) not in named and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    return frozen
+    if not any(set(g) - {"params"} for g in groups):
+        return frozen, None  # no per-group options: one group with the config's values
+    if loose:
+        groups.append({"params": loose})
+    for g in groups:  # parameters the caller had frozen stay out of the optimizer
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    return frozen, groups
 
 
 def _scheduler(lr_scheduler: Any, section: Any, optimizer: torch.optim.Optimizer) -> Any:
@@ -158,9 +167,9 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     settings = resolve(read(config_source(args, config, config_params)))
     if args is not None and hasattr(args, "local_rank"):
         args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # as DeepSpeed aligns it
-    frozen = _trainable_set(model, model_parameters)
+    frozen, param_groups = _trainable_set(model, model_parameters)
     try:
-        trainer = engine_initialize(model, settings.config)
+        trainer = engine_initialize(model, settings.config, param_groups=param_groups)
         try:
             scheduler = _scheduler(lr_scheduler, settings.scheduler, trainer.optimizer)
             model_engine = DeepSpeedCompatEngine(trainer, settings, scheduler)

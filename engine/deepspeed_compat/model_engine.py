@@ -65,15 +65,12 @@ class DeepSpeedCompatEngine:
     # ------------------------------------------------------------------ the step
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Backpropagates ``loss / gradient_accumulation_steps()`` and returns that value, as
-        DeepSpeed does with its default ``scale_wrt_gas=True`` (the only mode here)."""
+        DeepSpeed does (``scale_wrt_gas=False``: ``loss`` as it is, the caller has scaled it)."""
         if retain_graph:
             raise ConfigError("backward(retain_graph=True) is not supported: the engine frees each unit's weights "
                               "after its backward", "retain_graph")
-        if not scale_wrt_gas:
-            raise ConfigError("backward(scale_wrt_gas=False) is not supported: the engine always averages the "
-                              "accumulation window (loss / gradient_accumulation_steps)", "scale_wrt_gas")
-        self.trainer.backward(loss)
-        return loss.detach() / self.gradient_accumulation_steps()
+        self.trainer.backward(loss, scale_wrt_gas=scale_wrt_gas)
+        return loss.detach() / self.gradient_accumulation_steps() if scale_wrt_gas else loss.detach()
 
     def step(self, lr_kwargs: Optional[dict] = None) -> None:
         """Call after every micro-batch. At the accumulation boundary the optimizer steps and then,

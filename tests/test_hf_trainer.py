@@ -306,3 +306,18 @@ def test_trl_example_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_an_fp16_step_the_loss_scaler_skips_does_not_advance_the_schedule(tmp_path):
+    # A loss scale of 2**60 overflows fp16 gradients: the engine skips each step (backing off
+    # the scale), and the plain Trainer's rule holds - a skipped step leaves the LR where it was.
+    args = transformers.TrainingArguments(**training_args(tmp_path / "out", fp16=True, num_train_epochs=1,
+                                                          gradient_accumulation_steps=1, lr_scheduler_type="linear",
+                                                          warmup_steps=0))
+    (tmp_path / "swap").mkdir()
+    cfg = engine.Config(nvme_path=str(tmp_path / "swap"), initial_scale_power=60)
+    with OffloadTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset(8), engine_config=cfg) as ours:
+        ours.train()
+        assert ours.engine.skipped_steps == 4 and ours.engine.global_steps == 0
+        assert [h["learning_rate"] for h in train_logs(ours)] == [3e-3] * 4
+        assert ours.lr_scheduler.last_epoch == 0

@@ -171,8 +171,17 @@ class OffloadTrainerMixin:
         engine.set_window_end(bool(self.accelerator.sync_gradients))  # the loop's boundary, short windows too
         with self._backward_through(engine):
             loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        skipped = engine.skipped_steps
         engine.step()  # the optimizer runs here at the window's last micro-batch
+        self._report_skipped(engine.skipped_steps > skipped)
         return loss
+
+    def _report_skipped(self, skipped: bool) -> None:
+        """An fp16 step the engine's loss scaler skipped must not advance the LR scheduler: the loop
+        asks ``accelerator.optimizer_step_was_skipped``, which reads the prepared optimizer's
+        overflow flag (set by accelerate's GradScaler path, unused here: mixed_precision is "no")."""
+        if self.accelerator.sync_gradients and hasattr(self.optimizer, "_is_overflow"):
+            self.optimizer._is_overflow = skipped
 
     def _clip_grad_norm(self, model: nn.Module) -> Optional[float]:
         """The engine clipped at its step (``gradient_clipping`` = ``max_grad_norm``): its pre-clip norm."""

@@ -210,8 +210,8 @@ class OffloadRuntime:
 
     # ------------------------------------------------------------------ phases 1-2: fetch, forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs the model; on CUDA, CPU tensors among the arguments (and one level into dicts,
-        lists and tuples) are moved to the compute device first."""
+        """Runs the model; on CUDA, CPU tensors among the arguments (at any depth inside mappings,
+        lists and tuples, container types kept) are moved to the compute device first."""
         self.check_open("forward")
         start = time.perf_counter()
         if self.device.kind == "cuda":

@@ -117,6 +117,24 @@ def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
             assert torch.equal(resumed.engine.weight(name), value), name  # same kernel, same state: bit-identical
 
 
+def test_resume_after_a_short_window_equals_the_uninterrupted_run(tmp_path):
+    # 10 rows, batch 2, accumulation 2: every epoch ends with a one-micro-batch window, and the
+    # epoch-end checkpoint is taken right after it.
+    data = token_dataset(10)
+    whole = dict(save_strategy="epoch")
+    with offload_trainer(tmp_path / "a", data, **whole) as full:
+        full.train()
+        ref_logs, ref_weights = train_logs(full), {n: full.engine.weight(n).clone()
+                                                    for n, _ in full.model.named_parameters()}
+    ckpt = tmp_path / "a" / "out" / "checkpoint-3"
+    assert (ckpt / ENGINE_CHECKPOINT_DIR).is_dir()
+    with offload_trainer(tmp_path / "b", data, **whole) as resumed:
+        resumed.train(resume_from_checkpoint=str(ckpt))
+        assert_same_logs([h for h in train_logs(resumed) if h["step"] > 3], [h for h in ref_logs if h["step"] > 3])
+        for name, value in ref_weights.items():
+            assert torch.equal(resumed.engine.weight(name), value), name
+
+
 DS_ZERO3 = {
     "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "SWAP"},
                           "offload_optimizer": {"device": "nvme", "nvme_path": "SWAP"},
@@ -175,6 +193,32 @@ def test_engine_config_loses_to_training_arguments_with_one_warning(tmp_path, ca
     assert (cfg.gradient_accumulation_steps, cfg.optimizer.lr, cfg.gradient_clipping) == (2, 3e-3, 1.0)
     msgs = [r.getMessage() for r in caplog.records if "TrainingArguments win" in r.getMessage()]
     assert len(msgs) == 1 and "gradient_accumulation_steps=8 -> 2" in msgs[0] and "lr=0.5 -> 0.003" in msgs[0]
+    # optim=adamw_torch: an engine config's L2-decay Adam becomes AdamW, named in the warning too
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        cfg = resolve_config(engine.Config(optimizer=engine.OptimizerConfig(type="adam")), args)
+    assert cfg.optimizer.type == "adamw"
+    assert any("optimizer.type='adam' -> 'adamw'" in r.getMessage() for r in caplog.records)
+
+
+def test_constructor_refusals_release_an_engine_pretrained_engine(tmp_path, monkeypatch):
+    args = transformers.TrainingArguments(**training_args(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="optimizer_cls_and_kwargs"):
+        OffloadTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset(4),
+                       optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))
+    with pytest.raises(ConfigError, match="auto_find_batch_size"):
+        OffloadTrainer(model=tiny_llama(), args=transformers.TrainingArguments(
+            **training_args(tmp_path / "out", auto_find_batch_size=True)), train_dataset=token_dataset(4))
+    # engine_pretrained builds the engine before the Trainer: a refusal after that closes it
+    src = tmp_path / "pretrained"
+    tiny_llama().save_pretrained(src)
+    closed = []
+    monkeypatch.setattr(engine.Trainer, "close", lambda self, **kw: closed.append(self))
+    with pytest.raises(ConfigError, match="optimizer_cls_and_kwargs"):
+        OffloadTrainer(args=args, train_dataset=token_dataset(4), engine_pretrained=str(src),
+                       engine_config=engine.Config(nvme_path=str(tmp_path)),
+                       optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))
+    assert len(closed) == 1
 
 
 def test_unsupported_training_arguments_are_named_in_one_error(tmp_path):
@@ -185,11 +229,13 @@ def test_unsupported_training_arguments_are_named_in_one_error(tmp_path):
 
 def test_window_end_closes_a_short_window(tmp_path):
     """Runtime API used by the integration: an explicit window end steps after 1 of 2 micro-batches,
-    the next micro-batch opens a new window (its gradient overwrites, not adds)."""
-    data = batches(3)
+    the next micro-batch opens a new window (its gradient overwrites, not adds); windows without a
+    call then have the full length again, counted from their own start, and a checkpoint can be
+    taken at each boundary."""
+    data = batches(5)
     ref_model = tiny_llama()
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, weight_decay=0.0, foreach=False)
-    for window in ([data[0]], [data[1], data[2]]):
+    for window in ([data[0]], [data[1], data[2]], [data[3], data[4]]):
         for x in window:
             (ref_model(input_ids=x, labels=x).loss / len(window)).backward()
         ref_opt.step()
@@ -201,7 +247,12 @@ def test_window_end_closes_a_short_window(tmp_path):
             t.set_window_end(last)
             t.backward(t(input_ids=x, labels=x).loss / size, scale_wrt_gas=False)
             t.step()
-        assert t.global_steps == 2
+        assert t.global_steps == 2 and t.runtime.window_micro_batches == 0
+        t.save_checkpoint(str(tmp_path / "ckpt"))  # at a boundary, micro_steps 3 of accumulation 2
+        for x in data[3:]:  # no set_window_end: a window of gradient_accumulation_steps
+            t.backward(t(input_ids=x, labels=x).loss)
+            t.step()
+            assert t.global_steps == (3 if x is data[4] else 2)
         for name, p in ref_model.named_parameters():
             rel = ((t.weight(name).view(p.shape) - p.detach()).norm() / p.detach().norm()).item()
             assert rel <= RTOL, (name, rel)

@@ -143,3 +143,21 @@ def test_bad_groups_are_refused_before_anything_is_built(tmp_path, groups, messa
         engine.initialize(model, engine_config(tmp_path, lr=1e-3), param_groups=groups)
     for n, p in model.named_parameters():  # the model keeps its weights
         assert torch.equal(p.detach(), before[n]), n
+
+
+def test_a_checkpoint_refuses_groups_with_other_members(tmp_path):
+    # The same two groups in the other order would swap their weight decay: refused, as torch's
+    # load_state_dict refuses groups of other sizes; another group count is refused too.
+    model = tiny_llama()
+    norms = [n for n, _ in model.named_parameters() if no_decay(n)]
+    others = [n for n, _ in model.named_parameters() if not no_decay(n)]
+    (tmp_path / "a").mkdir()
+    with engine.initialize(copy.deepcopy(model), engine_config(tmp_path / "a", lr=1e-3),
+                           param_groups=[{"params": norms, "weight_decay": 0.0}, {"params": others}]) as trainer:
+        trainer.save_checkpoint(str(tmp_path / "ckpt"))
+    for i, groups in enumerate(([{"params": others}, {"params": norms, "weight_decay": 0.0}], None)):
+        (tmp_path / f"b{i}").mkdir()
+        with engine.initialize(copy.deepcopy(model), engine_config(tmp_path / f"b{i}", lr=1e-3),
+                               param_groups=groups) as trainer:
+            with pytest.raises(engine.errors.CheckpointError, match="param group"):
+                trainer.load_checkpoint(str(tmp_path / "ckpt"))

@@ -29,7 +29,8 @@ MAX_MANIFEST_BYTES = 256 << 20  # ~200 bytes per tensor: a million tensors
 MAX_COUNTER = (1 << 63) - 1     # step counters are int64 wherever they go
 TOP_KEYS = {"format", "version", "tag", "created_ns", "dtype", "optimizer_state_dtype", "optimizer",
             "gradient_accumulation_steps", "files", "tensors", "trainer", "lr_scheduler", "rng", "client_state"}
-TRAINER_KEYS = {"micro_steps", "global_steps", "skipped_steps", "last_grad_norm", "loss_scaler", "param_groups"}
+TRAINER_KEYS = {"micro_steps", "global_steps", "skipped_steps", "last_grad_norm", "loss_scaler", "param_groups",
+                "param_group_members"}
 COUNTERS = ("micro_steps", "global_steps", "skipped_steps")
 # Keys torch LR schedulers add to param groups; a checkpoint may hold them although the loading
 # trainer has no scheduler yet.
@@ -141,6 +142,11 @@ def _check_trainer(f: _Fields, saved: Any) -> None:
     groups = saved["param_groups"]
     if not isinstance(groups, list):
         raise f.fail("trainer.param_groups", f"must be a list, got {_short(groups)}")
+    members = saved.get("param_group_members")
+    if members is not None and (not isinstance(members, list) or len(members) != len(groups) or not all(
+            isinstance(m, list) and all(isinstance(n, str) for n in m) for m in members)):
+        raise f.fail("trainer.param_group_members", f"must be a list of name lists, one per param group, "
+                                                    f"got {_short(members)}")
     for i, group in enumerate(groups):
         field = f"trainer.param_groups[{i}]"
         f.mapping(group, field)

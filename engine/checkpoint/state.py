@@ -118,6 +118,15 @@ def _param_groups(runtime: "OffloadRuntime") -> list[dict]:
             for group in runtime.optimizer.param_groups]
 
 
+def _group_members(runtime: "OffloadRuntime") -> list[list[str]]:
+    """The names of each param group's parameters: a load checks them, as torch's load_state_dict
+    checks group sizes (the same groups in another order would swap their lr / weight decay)."""
+    members: list[list[str]] = [[] for _ in runtime.optimizer.param_groups]
+    for spec in runtime.trainable:
+        members[spec.group].append(spec.name)
+    return members
+
+
 # ---------------------------------------------------------------------------------------------- save
 def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state: Optional[dict] = None, *,
                     tag: Optional[str] = None, lr_scheduler: Any = None, keep_last: Optional[int] = None,
@@ -125,11 +134,10 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
     """See :meth:`Trainer.save_checkpoint`."""
     if runtime.poisoned:
         raise CheckpointError(f"refusing to save: {runtime.poisoned}")
-    gas = runtime.gradient_accumulation_steps
-    if runtime.micro_steps % gas:
+    if runtime.window_micro_batches:
         raise CheckpointError(f"save_checkpoint must be called at an accumulation boundary: "
-                              f"{runtime.micro_steps % gas} of {gas} micro-batches of this window are accumulated "
-                              "and would not be saved")
+                              f"{runtime.window_micro_batches} of {runtime.gradient_accumulation_steps} micro-batches "
+                              "of this window are accumulated and would not be saved")
     keep_last = runtime.config.checkpoint_keep_last if keep_last is None else keep_last
     if not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be a non-negative integer (0 keeps all), got {keep_last!r}")
@@ -174,7 +182,7 @@ def _save_locked(runtime: "OffloadRuntime", root: CheckpointRoot, tag: str, shar
         files=files, tensors=tensors,
         trainer=dict(micro_steps=runtime.micro_steps, global_steps=runtime.global_steps,
                      skipped_steps=runtime.skipped_steps, last_grad_norm=runtime.last_grad_norm,
-                     loss_scaler=scaler, param_groups=groups),
+                     loss_scaler=scaler, param_groups=groups, param_group_members=_group_members(runtime)),
         lr_scheduler=scheduler, rng=_rng_state(), client_state=client)
     try:
         write_file(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -256,6 +264,12 @@ def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optio
     if len(groups) != len(runtime.optimizer.param_groups):
         raise CheckpointError(f"{path}: {len(groups)} optimizer param group(s) saved, the trainer has "
                               f"{len(runtime.optimizer.param_groups)}")
+    members = saved.get("param_group_members")  # absent in checkpoints written before param groups
+    if members is not None and members != _group_members(runtime):
+        mine = _group_members(runtime)
+        diff = [f"group {i}: {len(a)} saved vs {len(b)} here" for i, (a, b) in enumerate(zip(members, mine)) if a != b]
+        raise CheckpointError(f"{path}: the optimizer param groups hold other parameters than this trainer's "
+                              f"({'; '.join(diff)}): build the trainer with the param_groups it was saved with")
     # Every value that goes into the trainer is checked before the first tensor is loaded.
     updates = group_updates(manifest_file, groups, runtime.optimizer.param_groups)
     if lr_scheduler is not None and manifest.get("lr_scheduler") is None:

@@ -154,11 +154,18 @@ def resolve_config(engine_config: EngineConfigLike, args: TrainingArguments) -> 
         defaults = _current(Config(optimizer=OptimizerConfig()))
         conflicts = [f"{k}={v!r} -> {values[k]!r}" for k, v in _current(cfg).items()  # type: ignore[literal-required]
                      if v != defaults[k] and v != values[k]]  # type: ignore[literal-required]
+        if cfg.optimizer.type != "adamw":  # optim=adamw_torch (check_arguments): decoupled weight decay
+            conflicts.append(f"optimizer.type={cfg.optimizer.type!r} -> 'adamw'")
+            cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, type="adamw"))
         if conflicts:
             logger.warning("engine config: TrainingArguments win over the engine config's %s", ", ".join(conflicts))
     cfg = _with_values(cfg, values)
     if cfg.device == "auto" and args.use_cpu:
         cfg = dataclasses.replace(cfg, device="cpu")  # use_cpu=True: no CUDA even when one is there
+    batches_on = args.device.type  # where the Trainer's _prepare_inputs puts every batch
+    if (cfg.device == "cpu" and batches_on == "cuda") or (cfg.device.startswith("cuda") and batches_on == "cpu"):
+        raise ConfigError(f"the engine computes on {cfg.device!r} but the Trainer puts batches on {batches_on!r}: "
+                          "use the same device (use_cpu=True for the CPU, or the engine's device 'auto')", "device")
     return cfg
 
 
@@ -181,6 +188,9 @@ def check_arguments(args: TrainingArguments) -> None:
                         "engine.integrations.transformers.OffloadTrainingArguments, or pass engine_config=")
     if args.load_best_model_at_end:
         problems.append("load_best_model_at_end=True (it loads weights into the model behind the engine)")
+    if args.auto_find_batch_size:
+        problems.append("auto_find_batch_size=True (a retry after an out-of-memory error would restart the loop "
+                        "inside an accumulation window the engine holds)")
     if args.fp16_full_eval or args.bf16_full_eval:
         problems.append("fp16_full_eval/bf16_full_eval (evaluation runs in the engine's dtype)")
     if problems:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import transformers
+from accelerate.utils import TorchDynamoPlugin
 from torch import nn
 
 from .. import api
@@ -79,7 +80,18 @@ class OffloadTrainerMixin:
         self._io_mark: tuple[float, int] = (time.perf_counter(), 0)
         if engine_pretrained is not None:
             args = self._open_pretrained(engine_pretrained, engine_config, args, kwargs)
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+            self._check_construction()
+            if self.engine is None:
+                self.engine_config: Config = resolve_config(engine_config, self.args)
+        except BaseException:
+            self.close()  # an engine_pretrained engine already holds swap files and pinned memory
+            raise
+        logger.info("engine config from TrainingArguments: %s", self.engine_config)
+
+    def _check_construction(self) -> None:
+        """What the Trainer was given that the engine cannot honour, each a clear error."""
         check_arguments(self.args)
         if getattr(self, "model_init", None) is not None:
             raise ConfigError("model_init= cannot be used with the engine-backed Trainer (train() would replace the "
@@ -87,13 +99,14 @@ class OffloadTrainerMixin:
         if self.optimizer is not None:
             raise ConfigError("optimizers=(optimizer, ...) cannot be used with the engine-backed Trainer: the "
                               "engine runs its own AdamW (an LR scheduler may be given)", "optimizers")
-        if self.engine is None:
-            self.engine_config: Config = resolve_config(engine_config, self.args)
-        elif self.model is not self.engine.module:
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            raise ConfigError("optimizer_cls_and_kwargs= cannot be used with the engine-backed Trainer: the engine "
+                              "runs its own AdamW over NVMe state (set its hyper-parameters in TrainingArguments)",
+                              "optimizer_cls_and_kwargs")
+        if self.engine is not None and self.model is not self.engine.module:
             raise ConfigError("the Trainer replaced the engine_pretrained model (e.g. wrapped it for a peft_config): "
                               "with peft, pass model= (the engine is then built over the wrapped model)",
                               "engine_pretrained")
-        logger.info("engine config from TrainingArguments: %s", self.engine_config)
 
     def _open_pretrained(self, path: Union[str, "os.PathLike[str]"], engine_config: EngineConfigLike,
                          args: tuple, kwargs: dict[str, Any]) -> tuple:
@@ -196,7 +209,9 @@ class OffloadTrainerMixin:
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
         args = super()._build_accelerator_args(**kwargs)  # type: ignore[misc]
         # accelerate must not move the model or its inputs, nor autocast / GradScale it: the engine does.
-        args.update(device_placement=False, mixed_precision="no")
+        # Nor compile it: without torch_compile accelerate still takes ACCELERATE_DYNAMO_BACKEND from
+        # the environment (accelerate launch sets it), and dynamo cannot trace streamed weights.
+        args.update(device_placement=False, mixed_precision="no", dynamo_plugin=TorchDynamoPlugin(backend="no"))
         return args
 
     # ------------------------------------------------------------------ logging, evaluation
@@ -216,6 +231,16 @@ class OffloadTrainerMixin:
         self._io_mark = (now, moved)
         return {"engine_peak_rss_gb": report["peak_rss_bytes"] / 1e9,
                 "engine_nvme_gbps": (moved - before) / 1e9 / max(now - then, 1e-9)}
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._io_mark = (time.perf_counter(), self._bytes_moved())  # NVMe rates count from here
+        return super().train(*args, **kwargs)  # type: ignore[misc]
+
+    def _bytes_moved(self) -> int:
+        if self.engine is None or self.engine.runtime.closed:
+            return 0
+        report = self.engine.memory_report()
+        return int(report["bytes_read"]) + int(report["bytes_written"])
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._ensure_engine()  # evaluation runs with the weights streamed, before train() too
@@ -248,8 +273,11 @@ class OffloadTrainerMixin:
     def _engine_checkpoint(checkpoint: str) -> str:
         path = os.path.join(checkpoint, ENGINE_CHECKPOINT_DIR)
         if not os.path.isdir(path):
-            raise CheckpointError(f"{checkpoint!r} holds no engine checkpoint ({ENGINE_CHECKPOINT_DIR}/): "
-                                  "resume only from checkpoints an engine-backed Trainer saved")
+            hint = ("it was saved with save_only_model=True, which keeps no optimizer or engine state: resume "
+                    "from a checkpoint saved without it, or start from its model.safetensors with engine_pretrained="
+                    if os.path.isfile(os.path.join(checkpoint, "trainer_state.json"))
+                    else "resume only from checkpoints an engine-backed Trainer saved")
+            raise CheckpointError(f"{checkpoint!r} holds no engine checkpoint ({ENGINE_CHECKPOINT_DIR}/): {hint}")
         return path
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:

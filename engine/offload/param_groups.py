@@ -69,7 +69,8 @@ def resolve(groups: Optional[GroupList], named: Sequence[tuple[str, nn.Parameter
         for name in members:
             if name not in trainable:
                 raise ConfigError(f"{where} names {name!r}, which is not a trainable parameter of the model "
-                                  "(requires_grad=False, or not the model's)", where)
+                                  "(requires_grad=False, not the model's, or a tied alias: name a tied weight as "
+                                  "model.named_parameters() lists it)", where)
             if name in index:
                 raise ConfigError(f"{where} names {name!r}, which param_groups[{index[name]}] names too", where)
             index[name] = g
@@ -103,7 +104,9 @@ def _names(params: Any, by_tensor: dict[int, str], where: str) -> list[str]:
 
 
 def _number(group: Mapping[str, Any], key: str, default: float, where: str) -> float:
-    value: Union[float, int] = group.get(key, default)
+    value: Union[float, int, torch.Tensor] = group.get(key, default)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # torch.optim takes a tensor lr too
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ConfigError(f"{where}[{key!r}] must be a number >= 0, got {value!r}", f"{where}.{key}")
     return float(value)

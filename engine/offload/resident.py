@@ -162,10 +162,10 @@ class DramOptimizer:
                 self._out[self.masters[name]] = p.data
         # One CPUAdamW group per engine param group that has members here: _group_ids[i] is
         # the engine group of CPUAdamW group i (its lr / weight decay are read at each step).
-        groups = groups or {}
-        self._group_ids = sorted({groups.get(name, 0) for name in self.masters})
+        group_of = (lambda name: 0) if groups is None else groups.__getitem__  # given: every name is in it
+        self._group_ids = sorted({group_of(name) for name in self.masters})
         self.optimizer = CPUAdamW(
-            [dict(params=[m for name, m in self.masters.items() if groups.get(name, 0) == g],
+            [dict(params=[m for name, m in self.masters.items() if group_of(name) == g],
                   **dict(zip(("lr", "weight_decay"), group_hparams(g)))) for g in self._group_ids],
             betas=betas, eps=eps, adamw_mode=adamw_mode, state_dtype=state_dtype)
         self.stats = StepStats()

@@ -246,12 +246,17 @@ class OffloadRuntime:
         Without a call a window is ``gradient_accumulation_steps`` micro-batches long."""
         self._window_end = bool(last)
 
+    @property
+    def window_micro_batches(self) -> int:
+        """Micro-batches accumulated in the open window (0: at an accumulation boundary)."""
+        return self._window_len
+
     def _window_position(self) -> tuple[bool, bool]:
-        if self._window_end is not None:
-            return self._window_len == 0, self._window_end
-        gas = self.gradient_accumulation_steps
-        micro = self.micro_steps % gas
-        return micro == 0, micro == gas - 1
+        # Counted from the window's own start, not micro_steps: after a short window ended by
+        # set_window_end the next full-length window starts on a fresh count.
+        last = self._window_end if self._window_end is not None \
+            else self._window_len + 1 == self.gradient_accumulation_steps
+        return self._window_len == 0, last
 
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:
         """Phase 4: one gradient contribution, straight from autograd to the gradient sink."""
@@ -274,7 +279,7 @@ class OffloadRuntime:
         self._grads_since_step = False
         self.micro_steps += 1
         explicit, self._window_end = self._window_end, None
-        boundary = explicit if explicit is not None else self.micro_steps % self.gradient_accumulation_steps == 0
+        boundary = explicit if explicit is not None else self._window_len + 1 == self.gradient_accumulation_steps
         self._window_len = 0 if boundary else self._window_len + 1
         if boundary:
             with profile_phase("optimizer"):

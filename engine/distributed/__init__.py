@@ -8,7 +8,7 @@ only the leaves (no offload, no storage).
 """
 from __future__ import annotations
 
-from .collectives import all_gather_bytes, all_reduce_mean_, barrier, agree
+from .collectives import agree, all_gather_bytes, all_reduce_mean_, barrier
 from .paths import rank_paths
 from .process_group import SINGLE, DistributedSpec, env_local_rank, init_from_env
 from .sharding import shard_indices

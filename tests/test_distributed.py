@@ -153,9 +153,18 @@ def nvme_runs(runs):
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    # fp32 rtol 1e-5 as tests/test_trainer.py: the averaged gradient differs from one process's
-    # by summation order only (two partial means, then their mean)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{what}: {m}")
+    """Within rtol 1e-5 as tests/test_trainer.py measures it (helpers.assert_same_training): each
+    value for losses and norms, the relative L2 norm of the difference for a weight tensor. The
+    averaged gradient differs from one process's by summation order only (two partial means, then
+    their mean); Adam turns those last-bit differences on near-zero gradient elements into ~1e-6
+    absolute differences of single elements (measured: 11 of 16384 lm_head elements, max 2.2e-6),
+    so an elementwise bound would fail where the tensor agrees to ~1e-7 in norm."""
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    if a.numel() > 16:
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel <= 1e-5, f"{what}: relative L2 difference {rel:g}"
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0.0, msg=lambda m: f"{what}: {m}")
 
 
 def _assert_same_training(single: dict, two: list[dict]) -> None:

@@ -37,16 +37,18 @@ def _run(spec: DistributedSpec, collective: str, what: str, call: Callable[[], _
 
 def all_reduce_mean_(tensor: torch.Tensor, spec: DistributedSpec, what: str) -> torch.Tensor:
     """Averages ``tensor`` over the ranks, in place (sum, then divide by the world size); returns it.
-    With NCCL a host tensor makes a round trip through the rank's device."""
+
+    The backend reduces a private copy (on the rank's device with NCCL), copied back after: a
+    backend's work object may hold the tensor it reduced for a while after the call returned
+    (seen with gloo), and ``tensor`` is often a view of a pinned pool block that must be freed."""
     if not spec.is_distributed:
         return tensor
 
     def call() -> torch.Tensor:
-        work = tensor if spec.backend != "nccl" or tensor.device.type == "cuda" else tensor.to(spec.device)
+        work = tensor.to(spec.device, copy=True) if spec.backend == "nccl" else tensor.clone()
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
         work.div_(spec.world_size)
-        if work is not tensor:
-            tensor.copy_(work)
+        tensor.copy_(work)
         return tensor
     return _run(spec, "all_reduce", what, call)
 

@@ -283,3 +283,20 @@ def test_rank_paths_shard_indices_and_config():
     assert [len(shard_indices(5, DistributedSpec(r, 2), even=False)) for r in range(2)] == [3, 2]
     with pytest.raises(DistributedError, match="does not split evenly over 2 ranks"):
         shard_indices(5, DistributedSpec(0, 2))
+
+
+def test_cli_train_shards_the_global_batch_and_rank_0_reports(runs):
+    def train(world: int, tag: str) -> list[float]:
+        nvme, out = os.path.join(runs.root, f"cli-nvme-{tag}"), os.path.join(runs.root, f"cli-out-{tag}")
+        os.makedirs(nvme)
+        args = ["engine", "train", "--steps", "2", "--batch", "4", "--seq-len", "32", "--quiet", "--dtype", "fp32",
+                "--nvme-path", nvme, "--output-dir", out]
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)] if world > 1 else []
+        r = subprocess.run([sys.executable, *launcher, "-m", *args], capture_output=True, text=True, timeout=300,
+                           env=_env())
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("peak RSS") == 1  # one summary: rank 0's
+        with open(os.path.join(out, "train.json")) as f:
+            return json.load(f)["train"]["losses"]
+    one, two = train(1, "one"), train(2, "two")
+    _close(torch.tensor(two), torch.tensor(one), "CLI step losses (global batch 4)")

@@ -104,7 +104,8 @@ def main() -> None:
     print(f"{'ranks':>5} {'rank':>4} {'step s':>8} {'optim s':>8} {'read MB':>8} {'written MB':>10} "
           f"{'peak RSS MB':>11}  vs 1 rank (optim, NVMe bytes)")
     for world, r in rows:
-        ratio = f"{r['optimizer_s'] / one['optimizer_s']:.2f}x, {(r['read'] + r['written']) / (one['read'] + one['written']):.2f}x"
+        moved = (r["read"] + r["written"]) / (one["read"] + one["written"])
+        ratio = f"{r['optimizer_s'] / one['optimizer_s']:.2f}x, {moved:.2f}x"
         print(f"{world:>5} {r['rank']:>4} {r['step_s']:>8.3f} {r['optimizer_s']:>8.3f} {r['read'] / 1e6:>8.1f} "
               f"{r['written'] / 1e6:>10.1f} {r['peak_rss'] / 1e6:>11.1f}  {ratio}")
 

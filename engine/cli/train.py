@@ -22,8 +22,8 @@ import torch
 from ..api import from_pretrained, initialize
 from ..checkpoint.hf import load_pretrained
 from ..config import AdamWConfig, AutoValues, Config
-from ..distributed import all_reduce_mean_, shard_indices
 from ..data import BYTE_VOCAB, BYTES, Encoder, TokenBatches, corpus_documents, open_documents, token_stream
+from ..distributed import all_reduce_mean_, shard_indices
 from ..errors import CLIError
 from ..memory.profiler import MemoryProfiler
 from ..peft import LoraConfig, apply_lora
@@ -67,7 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", metavar="NAMES",
                    help="comma-separated names of the linear layers to adapt (default q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"micro-batch size (default {DEFAULT_BATCH}); under torchrun the global one, split over the ranks")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"micro-batch size (default {DEFAULT_BATCH}); under torchrun the global one, split by rank")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ, help=f"tokens per sequence (default {DEFAULT_SEQ})")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR_SCRATCH} from scratch, "

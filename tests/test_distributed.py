@@ -4,7 +4,7 @@ DistributedError, per-rank swap paths.
 
 Ranks are child processes given torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT) directly - as torchrun sets it, but without its agent, which would kill the survivor
-of a dead rank before it could report; one test launches through torchrun itself.
+of a dead rank before it could report; the CLI test launches through torchrun itself.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ WORKER = textwrap.dedent('''
     a = json.loads(sys.argv[1])
     rank = int(os.environ.get("RANK", "0"))
     model = peft_llama() if a["lora"] else tiny_llama()
-    cfg = engine.Config(nvme_path=a["nvme"], device="cpu", optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
+    cfg = engine.Config(nvme_path=a["nvme"], device=a.get("device", "cpu"), optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
                         gradient_accumulation_steps=2, gradient_clipping=1.0, resident_threshold_bytes=4096,
                         trainable_placement="memory" if a["lora"] else "nvme", collective_timeout_s=a["timeout"])
     trainer = engine.initialize(model, cfg)
@@ -232,18 +232,13 @@ def test_a_dead_rank_ends_the_survivor_with_a_distributed_error(runs, nvme_runs)
     assert again[0]["losses"]
 
 
-def test_torchrun_launch(runs):
-    a = runs.args("torchrun", steps=1)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        runs.worker, json.dumps(a), REPO], capture_output=True, text=True, timeout=180, env=_env())
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [runs.result("torchrun", rank)["report"]["world_size"] for rank in (0, 1)] == [2, 2]
-
-
-def test_two_ranks_on_one_plain_path_do_not_collide(runs):
-    # no placeholder: both ranks' private swap directories under one path, neither reclaimed by the other
-    two = runs.run(2, "shared-path", steps=1)
-    assert two[0]["report"]["world_size"] == 2
+def test_two_ranks_on_one_plain_path_do_not_collide_copying_device(runs, nvme_runs):
+    """No placeholder: both ranks' private swap directories under one path, neither reclaimed by the
+    other. On the "separate" device (the GPU path's copies, on the CPU): gradients averaged on the
+    compute tensor before the device norm, accumulated ones on the host."""
+    single, _ = nvme_runs
+    two = runs.run(2, "shared-path", device="separate")
+    _assert_same_training(single[0], two)
     assert os.listdir(runs.args("shared-path")["nvme"]) == []  # both removed their own at close
 
 
@@ -295,7 +290,7 @@ def test_cli_train_shards_the_global_batch_and_rank_0_reports(runs):
         r = subprocess.run([sys.executable, *launcher, "-m", *args], capture_output=True, text=True, timeout=300,
                            env=_env())
         assert r.returncode == 0, r.stderr[-3000:]
-        assert r.stdout.count("peak RSS") == 1  # one summary: rank 0's
+        assert r.stdout.count("peak RSS") == 1  # one summary: rank 0's (torchrun: one launch line)
         with open(os.path.join(out, "train.json")) as f:
             return json.load(f)["train"]["losses"]
     one, two = train(1, "one"), train(2, "two")

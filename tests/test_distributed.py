@@ -40,7 +40,8 @@ WORKER = textwrap.dedent('''
     a = json.loads(sys.argv[1])
     rank = int(os.environ.get("RANK", "0"))
     model = peft_llama() if a["lora"] else tiny_llama()
-    cfg = engine.Config(nvme_path=a["nvme"], device=a.get("device", "cpu"), optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
+    cfg = engine.Config(nvme_path=a["nvme"], device=a.get("device", "cpu"),
+                        optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
                         gradient_accumulation_steps=2, gradient_clipping=1.0, resident_threshold_bytes=4096,
                         trainable_placement="memory" if a["lora"] else "nvme", collective_timeout_s=a["timeout"])
     trainer = engine.initialize(model, cfg)

@@ -39,6 +39,8 @@ WORKER = textwrap.dedent('''
 
     a = json.loads(sys.argv[1])
     rank = int(os.environ.get("RANK", "0"))
+    if a.get("own_group"):  # the user's group, initialized before the engine: used as it is
+        torch.distributed.init_process_group("gloo")
     model = peft_llama() if a["lora"] else tiny_llama()
     cfg = engine.Config(nvme_path=a["nvme"], device=a.get("device", "cpu"),
                         optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
@@ -72,6 +74,7 @@ WORKER = textwrap.dedent('''
     save_file({n: trainer.runtime.parameter(n).clone().reshape(-1) for n in names},
               os.path.join(a["out"], f"weights-{a['tag']}-{rank}.safetensors"))
     out["report"] = {k: trainer.memory_report()[k] for k in ("rank", "world_size")}
+    out["created"] = spec.created
     with open(os.path.join(a["out"], f"out-{a['tag']}-{rank}.json"), "w") as f:
         json.dump(out, f)
     trainer.close()
@@ -183,6 +186,7 @@ def _assert_same_training(single: dict, two: list[dict]) -> None:
 def test_two_ranks_train_as_one_process_with_the_global_batch_nvme(nvme_runs):
     single, two = nvme_runs
     assert [t["report"] for t in two] == [dict(rank=0, world_size=2), dict(rank=1, world_size=2)]
+    assert [t["created"] for t in two] == [True, True]  # made from torchrun's environment
     assert single[0]["report"] == dict(rank=0, world_size=1)
     _assert_same_training(single[0], two)
     # {rank} paths: each rank's private swap directory was in its own directory (removed at close)
@@ -191,7 +195,8 @@ def test_two_ranks_train_as_one_process_with_the_global_batch_nvme(nvme_runs):
 
 def test_two_ranks_train_as_one_process_dram_lora(runs):
     single = runs.run(1, "lora-single", lora=True)
-    two = runs.run(2, "lora-two", lora=True)
+    two = runs.run(2, "lora-two", lora=True, own_group=True)
+    assert [t["created"] for t in two] == [False, False]  # the script's own process group
     assert single[0]["weights"] and all("lora" in n for n in single[0]["weights"])
     _assert_same_training(single[0], two)
 
@@ -296,3 +301,12 @@ def test_cli_train_shards_the_global_batch_and_rank_0_reports(runs):
             return json.load(f)["train"]["losses"]
     one, two = train(1, "one"), train(2, "two")
     _close(torch.tensor(two), torch.tensor(one), "CLI step losses (global batch 4)")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpu_ranks_nccl_train_as_one_gpu_process(runs):
+    """NCCL (device "cuda" becomes cuda:LOCAL_RANK): the same equality as on gloo."""
+    single = runs.run(1, "cuda-single", device="cuda")
+    two = runs.run(2, "cuda-two", device="cuda")
+    _assert_same_training(single[0], two)

@@ -213,7 +213,8 @@ class GradientOffload:
         average = last and self._dist is not None
         if average and (overwrite or name in self._averaged):
             # the whole window's gradient, or a later contribution of its last micro-batch: averaged on the device
-            grad = self._mean(name, grad.contiguous() if overwrite else grad.clone())
+            # in fp32 (a bf16 gradient is averaged as the host path sums it), then the norm of the average
+            grad = self._mean(name, grad.float().contiguous() if overwrite else grad.float().clone())
             self._averaged.add(name)
         if overwrite and last:  # a one-micro-batch window: statistics on the device, before the copy
             self._device_norms[name] = device_grad_norm(grad)

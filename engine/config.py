@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import string
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Union
 
@@ -104,7 +105,25 @@ def _nvme_paths(nvme_path: Any) -> Optional[list[str]]:
     out = [_fspath(p) for p in paths]
     if not out or not all(out):
         raise ConfigError(f"nvme_path must be a directory or a non-empty list of them, got {nvme_path!r}", "nvme_path")
+    for p in out:
+        _check_placeholders(p)
     return out
+
+
+def _check_placeholders(path: str) -> None:
+    """A path may hold ``{rank}`` / ``{local_rank}`` (formatted per rank, engine.distributed.paths), nothing else."""
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(path) if f is not None]
+        path.format(rank=0, local_rank=0)
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        fields, bad = [], f" ({exc})"
+    else:
+        bad = ""
+    unknown = [f for f in fields if f not in ("rank", "local_rank")]
+    if bad or unknown:
+        raise ConfigError(f"nvme_path {path!r}: only the placeholders {{rank}} and {{local_rank}} may appear in "
+                          f"braces{bad or ', got ' + ', '.join('{' + f + '}' for f in unknown)}; write a literal "
+                          "brace as {{ or }}", "nvme_path")
 
 
 def _fspath(path: Any) -> str:
@@ -176,6 +195,10 @@ class Config:
     device: str = "auto"
     # GPU memory budget of the run (bytes or "24GiB"); None: the card's free memory. See engine.offload.gpuplan.
     gpu_memory: Union[int, str, None] = None
+    # Several ranks (torchrun): how long a collective waits for the other ranks before it fails with
+    # DistributedError - the bound on noticing a dead rank. Used when the engine creates the process
+    # group (an already initialized group keeps its own timeout); see engine.distributed.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict):
@@ -216,6 +239,7 @@ class Config:
         check_int("initial_scale_power", self.initial_scale_power, 0, MAX_SCALE_POWER)
         check_int("checkpoint_keep_last", self.checkpoint_keep_last, 0)
         check_number("gradient_clipping", self.gradient_clipping)  # 0: off
+        check_number("collective_timeout_s", self.collective_timeout_s, 0.0, 7 * 24 * 3600.0, low_open=True)
         check_number("loss_scale", self.loss_scale, 0.0, FP32_MAX)  # 0: dynamic
         check_number("min_loss_scale", self.min_loss_scale, 0.0, FP32_MAX, low_open=True)
         check_int_or_auto("prefetch_depth", self.prefetch_depth, 0, MAX_COUNT)

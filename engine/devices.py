@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -62,9 +62,11 @@ def _known(value: str) -> bool:
     return value in ("auto", "cpu", "separate") or _CUDA.match(value) is not None
 
 
-def resolve_device(value: str) -> ComputeDeviceSpec:
+def resolve_device(value: str, local_rank: Optional[int] = None) -> ComputeDeviceSpec:
     """The compute device ``value`` names on this machine; :class:`ConfigError` when it asks for a
-    CUDA device that is not there (never a silent fallback to the CPU)."""
+    CUDA device that is not there (never a silent fallback to the CPU). ``local_rank`` (one of
+    several ranks on this machine): "cuda" and "auto" mean ``cuda:local_rank``, each rank its own
+    GPU; an explicit "cuda:N" is kept."""
     check_device(value)
     if value == "auto":
         value = _auto()
@@ -76,7 +78,10 @@ def resolve_device(value: str) -> ComputeDeviceSpec:
         raise ConfigError(f"device={value!r} but CUDA is not available here (torch.cuda.is_available() is False; "
                           f"torch {torch.__version__}); use device='cpu' or 'auto'", "device")
     count = torch.cuda.device_count()
-    index = int(match.group(1)) if match.group(1) is not None else torch.cuda.current_device()
+    if match.group(1) is not None:
+        index = int(match.group(1))
+    else:
+        index = local_rank if local_rank is not None else torch.cuda.current_device()
     if index >= count:
         raise ConfigError(f"device={value!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})",
                           "device")

@@ -56,6 +56,8 @@ _LOSS_SCALING = {"loss_scale": False, "initial_scale_power": True, "loss_scale_w
 # (LOCAL_RANK / CUDA_VISIBLE_DEVICES), so a translated Config keeps device "auto" (CUDA when
 # available). offload_param.device / offload_optimizer.device name where state is offloaded
 # ("nvme", "cpu", "none"), not where compute runs: they map to offload_params / offload_optimizer.
+# Nor has collective_timeout_s (DeepSpeed takes the timeout as init_distributed(timeout=...)): a
+# translated Config keeps the engine's default; set it on the Config.
 # DeepSpeed keys that have no meaning here.
 _DS_IGNORED = {"steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer"}
 

@@ -146,6 +146,11 @@ class LatestNotDurableError(CheckpointWriteError):
                                     "then save again")
 
 
+class DistributedError(EngineError, RuntimeError):
+    """A collective or the process group failed (a peer died, a timeout, a bad torchrun environment);
+    names the collective, the rank and what it was doing."""
+
+
 class BenchError(EngineError, RuntimeError):
     """A benchmark configuration failed; the message holds the end of its stderr."""
 

@@ -18,6 +18,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "engine.data")),
     ("memory, optim", ("engine.memory", "engine.optim")),
     ("storage", ("engine.storage",)),
+    # torch.distributed: the process group and collectives the runtime uses (imports only leaves).
+    ("distributed", ("engine.distributed",)),
     ("offload runtime", ("engine.offload",)),
     ("checkpoint, peft", ("engine.checkpoint", "engine.peft")),
     ("trainer facade", ("engine.trainer",)),

@@ -15,6 +15,14 @@ manifest
     scheduler's ``state_dict`` when one is passed, RNG states (torch, CUDA, numpy,
     python) and the user's ``client_state``.
 
+Several ranks (replicated state, :mod:`engine.distributed`): rank 0 writes the checkpoint while
+the others wait for its result (:func:`on_main_rank`: every rank returns the path, or raises
+rank 0's error); each rank's RNG states go with it, ``rng-rank-<r>.json`` beside the manifest
+for ranks r >= 1 (rank 0's are the manifest's ``rng``), so a resumed rank draws what it would
+have drawn. Every rank loads the same checkpoint, so the world size may change: a rank the
+checkpoint has no RNG file for (more ranks than were saved) takes rank 0's. A load that fails
+on one rank fails on all (:func:`~engine.distributed.agree`). ``client_state`` is rank 0's.
+
 JSON and safetensors only: nothing is ever unpickled. ``client_state`` and the
 scheduler state must therefore be JSON values; ``client_state`` is checked to come
 back exactly as given.
@@ -27,12 +35,13 @@ import os
 import random
 import shutil
 import time
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
 
 import numpy as np
 import torch
 
 from .._log import logger
+from ..distributed import agree, all_gather_bytes
 from ..dtypes import TO_SAFETENSORS
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
@@ -64,6 +73,37 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_SHARD = "2GiB"
 PathLike = Union[str, "os.PathLike[str]"]
+_R = TypeVar("_R")
+MAX_RNG_FILE_BYTES = 1 << 20
+
+
+def rng_file(rank: int) -> str:
+    """The name of rank ``rank``'s RNG states in a checkpoint directory (ranks >= 1)."""
+    return f"rng-rank-{rank:05d}.json"
+
+
+def on_main_rank(runtime: "OffloadRuntime", what: str, write: Callable[[], _R]) -> _R:
+    """``write()`` on rank 0 only (its result must be JSON: a path, a list of files); the other
+    ranks wait for it and return the same result, or raise rank 0's error. One process: ``write()``.
+    The others wait inside a collective: ``collective_timeout_s`` must exceed the longest write."""
+    spec = runtime.distributed
+    if not spec.is_distributed:
+        return write()
+    result: Any = None
+    error: Optional[BaseException] = None
+    if spec.is_main:
+        try:
+            result = write()
+        except BaseException as exc:  # told to the others first, raised below
+            error = exc
+    payload = json.dumps(dict(ok=error is None, result=result, error=f"{type(error).__name__}: {error}"
+                              if error is not None else None)).encode() if spec.is_main else b""
+    told = json.loads(all_gather_bytes(payload, spec, f"{what} (waiting for rank 0)")[0])
+    if error is not None:
+        raise error
+    if not told["ok"]:
+        raise CheckpointError(f"{what} failed on rank 0, which writes it: {told['error']}")
+    return told["result"]
 
 
 # ---------------------------------------------------------------------------------------------- JSON state
@@ -153,24 +193,33 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
     slots = [s for s in state_slots(runtime) if s.source is not None]
     shards = split_shards(slots, max_shard)
 
-    root = CheckpointRoot(os.fspath(save_dir))
-    with root.saving():  # one saver per directory: retention would delete another's checkpoints
-        final = _save_locked(runtime, root, tag, shards, groups, scheduler, client)
-        try:
-            _retain(root, keep_last)
-        except OSError as exc:
-            raise CheckpointWriteError(root.root, exc, f"checkpoint {tag!r} was saved at {final} and 'latest' names "
-                                                       f"it, but removing old checkpoints (keep_last={keep_last}) "
-                                                       f"in {root.root} failed: {exc}") from exc
-    return final
+    # Several ranks: every rank's RNG states to rank 0, which writes (the state is replicated).
+    rngs = [json.loads(b) for b in all_gather_bytes(json.dumps(_rng_state()).encode(), runtime.distributed,
+                                                    "save_checkpoint (RNG states)")]
+
+    def write() -> str:
+        root = CheckpointRoot(os.fspath(save_dir))
+        with root.saving():  # one saver per directory: retention would delete another's checkpoints
+            final = _save_locked(runtime, root, tag, shards, groups, scheduler, client, rngs)
+            try:
+                _retain(root, keep_last)
+            except OSError as exc:
+                raise CheckpointWriteError(root.root, exc, f"checkpoint {tag!r} was saved at {final} and 'latest' "
+                                                           f"names it, but removing old checkpoints (keep_last="
+                                                           f"{keep_last}) in {root.root} failed: {exc}") from exc
+        return final
+    return on_main_rank(runtime, "save_checkpoint", write)
 
 
 def _save_locked(runtime: "OffloadRuntime", root: CheckpointRoot, tag: str, shards: list[list[Slot]], groups: list,
-                 scheduler: Any, client: Any) -> str:
-    """Writes checkpoint ``tag`` under a temporary name and commits it; returns its directory."""
+                 scheduler: Any, client: Any, rngs: list[dict]) -> str:
+    """Writes checkpoint ``tag`` under a temporary name and commits it; returns its directory.
+    ``rngs``: each rank's RNG states (rank 0's into the manifest, the others' into their files)."""
     tmp = root.begin(tag)
     try:
         files, tensors = _write_state(runtime, tmp, shards)
+        for rank, state in enumerate(rngs[1:], start=1):
+            write_file(tmp, rng_file(rank), json.dumps(state).encode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves it to the next save)
         raise
@@ -183,7 +232,7 @@ def _save_locked(runtime: "OffloadRuntime", root: CheckpointRoot, tag: str, shar
         trainer=dict(micro_steps=runtime.micro_steps, global_steps=runtime.global_steps,
                      skipped_steps=runtime.skipped_steps, last_grad_norm=runtime.last_grad_norm,
                      loss_scaler=scaler, param_groups=groups, param_group_members=_group_members(runtime)),
-        lr_scheduler=scheduler, rng=_rng_state(), client_state=client)
+        lr_scheduler=scheduler, rng=rngs[0], client_state=client)
     try:
         write_file(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
         pause_point("manifest-written")
@@ -233,7 +282,31 @@ def _write_state(runtime: "OffloadRuntime", tmp: str, shards: list[list[Slot]]) 
 # ---------------------------------------------------------------------------------------------- load
 def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optional[str] = None,
                     lr_scheduler: Any = None, load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
-    """See :meth:`Trainer.load_checkpoint`."""
+    """See :meth:`Trainer.load_checkpoint`. Several ranks: each loads the same checkpoint; when one
+    fails, every rank raises (none trains on alone)."""
+    spec = runtime.distributed
+    try:
+        loaded = _load(runtime, load_dir, tag, lr_scheduler, load_rng, convert_dtype)
+    except BaseException as exc:
+        agree(spec, f"{type(exc).__name__}: {exc}", "load_checkpoint")  # raises, naming every failed rank
+        raise
+    agree(spec, None, "load_checkpoint")
+    return loaded
+
+
+def _rank_rng(path: str, manifest: dict, rank: int) -> tuple[Any, str]:
+    """This rank's saved RNG states: its own file (ranks >= 1), else rank 0's from the manifest."""
+    file = os.path.join(path, rng_file(rank))
+    if rank == 0 or not os.path.isfile(file):
+        if rank:
+            logger.info("checkpoint %s has no RNG states of rank %d (saved with fewer ranks): it takes rank 0's",
+                        path, rank)
+        return manifest.get("rng"), os.path.join(path, MANIFEST)
+    return read_json_file(file, "RNG states", MAX_RNG_FILE_BYTES), file
+
+
+def _load(runtime: "OffloadRuntime", load_dir: PathLike, tag: Optional[str], lr_scheduler: Any, load_rng: bool,
+          convert_dtype: bool) -> tuple[str, dict]:
     path = CheckpointRoot(os.fspath(load_dir)).resolve(tag)
     manifest = read_manifest(path)
     # 1. Every file: a plain name inside the directory, its header agreeing with the manifest.
@@ -276,7 +349,8 @@ def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optio
         raise CheckpointError(f"{path}: an lr_scheduler was passed but the checkpoint holds no scheduler state")
     scheduler = check_scheduler_state(manifest_file, manifest["lr_scheduler"], lr_scheduler.state_dict()) \
         if lr_scheduler is not None else None
-    rng = parse_rng(manifest["rng"], manifest_file) if load_rng and manifest.get("rng") else None
+    saved_rng, rng_source = _rank_rng(path, manifest, runtime.distributed.rank)
+    rng = parse_rng(saved_rng, rng_source) if load_rng and saved_rng else None
     for what in ("optimizer", "gradient_accumulation_steps"):
         mine = runtime.config.optimizer.type if what == "optimizer" else runtime.gradient_accumulation_steps
         if manifest.get(what) != mine:

@@ -23,6 +23,7 @@ from ..api import from_pretrained, initialize
 from ..checkpoint.hf import load_pretrained
 from ..config import AdamWConfig, AutoValues, Config
 from ..data import BYTE_VOCAB, BYTES, Encoder, TokenBatches, corpus_documents, open_documents, token_stream
+from ..distributed import all_reduce_mean_, shard_indices
 from ..errors import CLIError
 from ..memory.profiler import MemoryProfiler
 from ..peft import LoraConfig, apply_lora
@@ -66,7 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", metavar="NAMES",
                    help="comma-separated names of the linear layers to adapt (default q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"micro-batch size (default {DEFAULT_BATCH})")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"micro-batch size (default {DEFAULT_BATCH}); under torchrun the global one, split by rank")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ, help=f"tokens per sequence (default {DEFAULT_SEQ})")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR_SCRATCH} from scratch, "
@@ -280,18 +282,22 @@ def run(args: argparse.Namespace) -> int:
         _check_vocab(args, tokens, byte_level, trainer)
         if args.resume:
             path, _ = trainer.load_checkpoint(args.checkpoint_dir)
-            print(f"resumed from {path} at step {trainer.global_steps}", file=sys.stderr)
+            if trainer.runtime.distributed.is_main:
+                print(f"resumed from {path} at step {trainer.global_steps}", file=sys.stderr)
         start_step = trainer.global_steps
         if start_step >= args.steps:
             raise CLIError(f"the checkpoint is at step {start_step}: nothing to do for --steps {args.steps}")
         result = _train_loop(args, trainer, batches, prof, start_step)
         report = trainer.memory_report()
+        main = trainer.runtime.distributed.is_main
     finally:
         prof.detach()  # before the pool and store close
         if trainer is not None:
             trainer.__exit__(*sys.exc_info())  # a failing close must not hide the run's own error
         prof.stop()
     wall = time.perf_counter() - started
+    if not main:  # several ranks (torchrun): rank 0 prints and writes the report
+        return 0
     prof.extra["train"] = dict(result, wall_s=wall, model=args.model or "tiny (embedded default)",
                                data=args.data or "engine/data/corpus.txt", tokens=len(tokens),
                                config=cfg.to_dict())
@@ -307,7 +313,10 @@ def _train_loop(args, trainer, batches: TokenBatches, prof: MemoryProfiler, star
     eval_before = _eval_loss(trainer, eval_batch) if start_step == 0 else None
     losses: list[float] = []
     step_times: list[float] = []
-    bar = _bar(args.steps, start_step, args.quiet)
+    spec = trainer.runtime.distributed
+    # Several ranks: --batch is the global batch, each rank trains on its own slice of it.
+    mine = list(shard_indices(args.batch, spec))
+    bar = _bar(args.steps, start_step, args.quiet or not spec.is_main)
     moved = _moved(trainer)
     try:
         for step in range(start_step, args.steps):
@@ -315,11 +324,16 @@ def _train_loop(args, trainer, batches: TokenBatches, prof: MemoryProfiler, star
             step_loss = 0.0
             for micro in range(gas):
                 x = batches.batch_at(step * gas + micro)
+                if spec.is_distributed:
+                    x = x[mine]
                 # The trainer marks the forward, backward, optimizer and checkpoint phases itself.
                 out = trainer(input_ids=x, labels=x)
                 trainer.backward(out.loss)
                 trainer.step()
                 step_loss += out.loss.detach().item() / gas
+            if spec.is_distributed:  # the global batch's mean (equal slices)
+                step_loss = float(all_reduce_mean_(torch.tensor([step_loss], dtype=torch.float64), spec,
+                                                   f"the loss of step {step + 1}")[0])
             if not math.isfinite(step_loss):
                 raise CLIError(f"the loss is {step_loss} at step {step + 1}: lower --lr or use --dtype fp32")
             if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import Config
 from ..devices import ComputeDeviceSpec
+from ..distributed import SINGLE, DistributedSpec, rank_paths
 from ..dtypes import BY_NAME
 from ..memory.pool import PinnedPool
 from ..storage import cleanup
@@ -44,10 +45,13 @@ from .streamer import ParameterStreamer
 HParams = Callable[[int], tuple[float, float]]
 
 
-def check_supported(config: Config) -> None:
+def check_supported(config: Config, distributed: DistributedSpec = SINGLE) -> None:
     if config.offload_params != "nvme" or config.offload_optimizer != "nvme":
         raise NotImplementedError("this engine currently offloads both parameters and optimizer states to NVMe "
                                   "(offload_params='nvme', offload_optimizer='nvme')")
+    if distributed.is_distributed and config.grad_buffer == "flat":
+        raise NotImplementedError(f"grad_buffer='flat' (the ZeRO-Infinity-like ablation) is not supported with "
+                                  f"{distributed.world_size} ranks; use grad_buffer='streamed' (the default)")
 
 
 def check_optimizer(config: Config) -> None:
@@ -55,9 +59,12 @@ def check_optimizer(config: Config) -> None:
         raise NotImplementedError("SGD is not implemented for NVMe offload yet; use adamw or adam")
 
 
-def open_storage(res: Resources, config: Config, plan: MemoryPlan) -> None:
-    """Pool, ring and store into ``res``; the store's extents are reserved up front (no ENOSPC mid-step)."""
+def open_storage(res: Resources, config: Config, plan: MemoryPlan, distributed: DistributedSpec = SINGLE) -> None:
+    """Pool, ring and store into ``res``; the store's extents are reserved up front (no ENOSPC mid-step).
+    ``{rank}`` / ``{local_rank}`` in ``nvme_path`` are this rank's (engine.distributed.paths)."""
     paths = config.nvme_paths
+    if paths is not None:
+        paths = rank_paths(paths, distributed)
     if paths is None:  # the store makes its private swap directory in there and removes it
         paths = [cleanup.default_swap_root()]
     for p in paths:
@@ -153,7 +160,8 @@ def open_streamer(res: Resources, model: nn.Module, config: Config, plan: Memory
 
 
 def nvme_placement(res: Resources, config: Config, plan: MemoryPlan, specs: Sequence[ParamSpec], *,
-                   compute: torch.dtype, group_hparams: HParams, device: Optional[ComputeDeviceSpec] = None) -> None:
+                   compute: torch.dtype, group_hparams: HParams, device: Optional[ComputeDeviceSpec] = None,
+                   distributed: DistributedSpec = SINGLE) -> None:
     """The NVMe path: pipelined stepper over store-resident states, gradients offloaded as produced."""
     assert res.store is not None and res.pool is not None
     opt = config.optimizer
@@ -164,17 +172,20 @@ def nvme_placement(res: Resources, config: Config, plan: MemoryPlan, specs: Sequ
     stepper.initialize_states()
     res.gradients = GradientOffload(res.store, res.pool, specs, grad_buffer=config.grad_buffer,
                                     overflow_check=config.overflow_check, staging_bytes=plan.grad_staging_bytes,
-                                    flat_dtype=compute, device=device)  # flat: the compute dtype, as ZeRO-Infinity
+                                    flat_dtype=compute, device=device,  # flat: the compute dtype, as ZeRO-Infinity
+                                    distributed=distributed)
 
 
 def dram_placement(res: Resources, config: Config, params: Sequence[tuple[str, nn.Parameter]],
                    masters: dict[str, torch.Tensor], *, group_hparams: HParams,
-                   device: Optional[ComputeDeviceSpec] = None, groups: Optional[dict[str, int]] = None) -> None:
+                   device: Optional[ComputeDeviceSpec] = None, groups: Optional[dict[str, int]] = None,
+                   distributed: DistributedSpec = SINGLE) -> None:
     """The DRAM path (PEFT): fp32 gradient buffers and CPUAdamW in memory, sharing the buffers; on a
     copying device over host masters of every trainable parameter, copied to the module after each step."""
     opt = config.optimizer
     copies = device is not None and device.copies
-    res.gradients = gradients = DramGradients(params, overflow_check=config.overflow_check, copies=copies)
+    res.gradients = gradients = DramGradients(params, overflow_check=config.overflow_check, copies=copies,
+                                              distributed=distributed)
     res.backend = DramOptimizer(params, gradients, masters, state_dtype=BY_NAME[config.optimizer_state_dtype],
                                 betas=opt.betas, eps=opt.eps, adamw_mode=opt.type == "adamw",
                                 group_hparams=group_hparams, copies=copies, groups=groups)

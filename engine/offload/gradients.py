@@ -22,6 +22,20 @@ pinned staging runs on a dedicated D2H stream ordered after the gradient's produ
 block's store write starts once the copy's event completed; compute waits for a copy only
 when staging is full (or the next micro-batch reads the same slot back). "separate": a
 synchronous copy. Counted in :attr:`device_stats` (``d2h_bytes``, ``d2h_wait_s``).
+
+Several ranks (data-parallel, :mod:`engine.distributed`): the window's gradient is averaged across
+ranks once, at the accumulation boundary - on the accumulated value of the window's last
+micro-batch, in the staging block, before it is written (one all-reduce per gradient per window
+instead of one per micro-batch, and no extra store read or write). A later contribution to the
+same gradient in that micro-batch (reentrant checkpointing) is averaged on its own before it is
+added, so the sum stays the average of every rank's sum. Gradients not averaged by then (no
+contribution in the last micro-batch, or none at all: zeros) are averaged in :meth:`finish`, in
+parameter order. The order of the collectives is autograd's, so every rank's last micro-batch
+must produce gradients for the same parameters in the same order (a static graph, as DDP without
+``find_unused_parameters``); a mismatch ends as a collective timeout with a
+:class:`~engine.errors.DistributedError`. The averaged gradients are identical on every rank, so
+every rank computes the same norm, overflow flag and update (replicated state). The ``flat``
+ablation is refused under several ranks (:func:`engine.offload.assembly.check_supported`).
 """
 from __future__ import annotations
 
@@ -33,6 +47,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..devices import ComputeDeviceSpec
+from ..distributed import DistributedSpec, all_reduce_mean_
 from ..dtypes import FP32_BYTES
 from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool, PoolBlock, round_up_io
@@ -70,12 +85,14 @@ class GradientOffload:
         staging_bytes: at most this much pinned staging is in flight before waiting for writes.
         flat_dtype: element type of the flat buffer (the compute dtype, as in ZeRO-Infinity).
         device: the compute device gradients arrive on (None: the CPU, no copies counted).
+        distributed: several ranks: gradients are averaged across them (module docstring).
     """
 
     def __init__(self, store: TensorStore, pool: PinnedPool, params: Sequence[ParamSpec], *,
                  grad_buffer: GradBuffer = "streamed", overflow_check: OverflowCheck = "fused",
                  staging_bytes: int = GRAD_STAGING_BYTES,
-                 flat_dtype: torch.dtype = torch.float32, device: Optional[ComputeDeviceSpec] = None):
+                 flat_dtype: torch.dtype = torch.float32, device: Optional[ComputeDeviceSpec] = None,
+                 distributed: Optional[DistributedSpec] = None):
         check_choice("grad_buffer", grad_buffer, GradBuffer)  # also built without a Config (tests)
         check_choice("overflow_check", overflow_check, OverflowCheck)
         self.store, self.pool = store, pool
@@ -94,6 +111,10 @@ class GradientOffload:
         # micro-batch: a tied weight may receive several contributions, the last one counts.
         self._stats: dict[str, tuple[float, bool]] = {}
         self.received: set[str] = set()
+        self._dist = distributed if distributed is not None and distributed.is_distributed else None
+        if self._dist is not None and grad_buffer == "flat":
+            raise NotImplementedError("grad_buffer='flat' (the ablation) is not supported with several ranks")
+        self._averaged: set[str] = set()  # gradients averaged across ranks in this window
         if grad_buffer == "flat":
             offsets, pos = {}, 0
             for p in params:
@@ -111,6 +132,12 @@ class GradientOffload:
         self._stats.clear()
         self._device_norms.clear()
         self.received.clear()
+        self._averaged.clear()
+
+    def _mean(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` averaged across ranks in place (several ranks only)."""
+        assert self._dist is not None
+        return all_reduce_mean_(tensor, self._dist, f"gradient of {name!r}")
 
     def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
         """Takes the gradient of ``name`` from one micro-batch.
@@ -137,6 +164,9 @@ class GradientOffload:
             grad = grad.to("cpu", non_blocking=False)
             self.device_stats["d2h_bytes"] += nbytes
             self.device_stats["d2h_wait_s"] += time.perf_counter() - start
+        average = last and self._dist is not None
+        if average and name in self._averaged:  # a later contribution of the last micro-batch: its own average
+            grad = self._mean(name, grad.float().clone())
         block = self._staging(round_up_io(spec.numel * FP32_BYTES))
         acc = block.tensor(spec.numel, torch.float32)
         if first and name not in self.received:
@@ -144,6 +174,9 @@ class GradientOffload:
         else:
             self.store.read_into(StoreKey.grad(name), block).wait()
             acc.add_(grad)
+        if average and name not in self._averaged:
+            self._mean(name, acc)  # the window's sum, in staging, before it is written
+            self._averaged.add(name)
         if last:
             self._account(name, acc)
         del acc
@@ -177,6 +210,12 @@ class GradientOffload:
         self._start_copied_writes()
         key = StoreKey.grad(name)
         overwrite = first and name not in self.received
+        average = last and self._dist is not None
+        if average and (overwrite or name in self._averaged):
+            # the whole window's gradient, or a later contribution of its last micro-batch: averaged on the device
+            # in fp32 (a bf16 gradient is averaged as the host path sums it), then the norm of the average
+            grad = self._mean(name, grad.float().contiguous() if overwrite else grad.float().clone())
+            self._averaged.add(name)
         if overwrite and last:  # a one-micro-batch window: statistics on the device, before the copy
             self._device_norms[name] = device_grad_norm(grad)
         block = self._staging(round_up_io(numel * FP32_BYTES))
@@ -190,6 +229,9 @@ class GradientOffload:
                 self.store.read_into(key, block).wait()
                 self._add_host(grad, acc)
                 event = None
+                if average and name not in self._averaged:
+                    self._mean(name, acc)  # the window's sum, on the host (NCCL: through the device)
+                    self._averaged.add(name)
                 if last:
                     self._account(name, acc)
             del acc
@@ -278,6 +320,8 @@ class GradientOffload:
         """Waits for every gradient write; returns (global L2 norm, any inf/NaN) of the window."""
         while self._pending:
             self._retire_oldest()
+        if self._dist is not None:
+            self._average_rest()
         # Statistics are taken on a gradient's last-micro-batch contribution; one that had
         # contributions earlier in the window but none in its last micro-batch (a conditional branch,
         # an MoE expert) is counted from its accumulated value now, so its norm and inf/NaN count.
@@ -299,6 +343,29 @@ class GradientOffload:
         nonfinite = any(bad for _, bad in self._stats.values())
         sumsq = math.fsum(s for s, _ in self._stats.values())
         return (math.inf if nonfinite else math.sqrt(sumsq)), nonfinite
+
+    def _average_rest(self) -> None:
+        """Several ranks: the gradients not averaged in the last micro-batch, in parameter order (the
+        same on every rank): read back, averaged, counted and written again. One with no gradient at
+        all is zero here - averaged too, since another rank may have one."""
+        for name, spec in self.params.items():
+            if name in self._averaged:
+                continue
+            block = self._staging(round_up_io(spec.numel * FP32_BYTES))
+            try:
+                acc = block.tensor(spec.numel, torch.float32)
+                if name in self.received:
+                    self.store.read_into(StoreKey.grad(name), block).wait()
+                else:
+                    acc.zero_()
+                self._mean(name, acc)
+                self._account(name, acc)
+                del acc
+                self.store.write_from(StoreKey.grad(name), block).wait()
+            finally:
+                block.free()
+            self._averaged.add(name)
+            self.received.add(name)
 
     def _resolve_device_norms(self) -> None:
         """The one-micro-batch windows' device norms, brought to the host at once (one synchronization).

@@ -21,6 +21,12 @@ parameters are not host tensors the optimizer may update in place: gradients are
 the host buffers (counted as ``device_stats["d2h_bytes"]``), the optimizer works on host fp32
 masters of *every* trainable parameter (fp32 ones too), and after each step the new values are
 copied to the module's parameters (low-precision ones through the ``out=`` host copy).
+
+Several ranks: :class:`DramGradients` averages each gradient across ranks at the window's last
+micro-batch, as the NVMe sink does (:mod:`engine.offload.gradients`: the same rule and the same
+static-graph limitation); a gradient received earlier in the window but not in its last
+micro-batch is averaged in :meth:`DramGradients.finish`, in parameter order. A parameter no rank
+gave a gradient is skipped by the optimizer on every rank, as torch skips it.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..distributed import DistributedSpec, all_reduce_mean_
 from ..dtypes import FP32_BYTES
 from ..optim import CPUAdamW, kernels
 from ..validate import OverflowCheck, check_choice
@@ -48,7 +55,7 @@ class DramGradients:
     """
 
     def __init__(self, params: Sequence[tuple[str, nn.Parameter]], *, overflow_check: OverflowCheck = "fused",
-                 copies: bool = False):
+                 copies: bool = False, distributed: Optional[DistributedSpec] = None):
         check_choice("overflow_check", overflow_check, OverflowCheck)  # also built without a Config (tests)
         self.overflow_check = overflow_check
         self.copies = copies
@@ -57,11 +64,18 @@ class DramGradients:
         self.buffers: dict[str, torch.Tensor] = {name: torch.zeros(p.shape, dtype=torch.float32)
                                                  for name, p in params}
         self.received: set[str] = set()
+        self._dist = distributed if distributed is not None and distributed.is_distributed else None
+        self._averaged: set[str] = set()  # averaged across ranks in this window
         self._closed = False
 
     def begin_window(self) -> None:
         """Starts a new accumulation window."""
         self.received.clear()
+        self._averaged.clear()
+
+    def _mean(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        assert self._dist is not None
+        return all_reduce_mean_(tensor, self._dist, f"gradient of {name!r}")
 
     def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
         """Accumulates one gradient contribution of ``name`` in fp32 (``first``: overwrite)."""
@@ -71,11 +85,17 @@ class DramGradients:
         if grad.numel() != buf.numel():
             raise ValueError(f"gradient of {name!r} has {grad.numel()} elements, expected {buf.numel()}")
         grad = grad.detach().reshape(buf.shape)
+        average = last and self._dist is not None
+        if average and name in self._averaged:  # a later contribution of the last micro-batch: its own average
+            grad = self._mean(name, grad.float().clone())
         start = time.perf_counter()
         if first and name not in self.received:
             buf.copy_(grad)  # CUDA: a synchronous D2H (adapters are small)
         else:
             buf.add_(grad.to(buf.device))
+        if average and name not in self._averaged:
+            self._mean(name, buf)
+            self._averaged.add(name)
         if self.copies:
             self.device_stats["d2h_bytes"] += grad.numel() * grad.element_size()
             self.device_stats["d2h_wait_s"] += time.perf_counter() - start
@@ -83,8 +103,13 @@ class DramGradients:
 
     def finish(self) -> tuple[float, bool]:
         """(global L2 norm, any inf/NaN) of the window's accumulated gradients."""
+        if self._dist is not None:  # received, not in the last micro-batch: averaged now, in parameter order
+            for name in self.buffers:
+                if name in self.received and name not in self._averaged:
+                    self._mean(name, self.buffers[name])
+                    self._averaged.add(name)
         sumsq, bad = 0.0, False
-        for name in self.received:
+        for name in [n for n in self.buffers if n in self.received]:  # parameter order: the same sum on every rank
             g = self.buffers[name]
             if self.overflow_check == "fused":
                 s, b = kernels.grad_stats(g)

@@ -44,6 +44,7 @@ from torch import nn
 from .._log import logger, warn_once
 from ..config import Config
 from ..devices import ComputeDeviceSpec, resolve_device
+from ..distributed import DistributedSpec, env_local_rank, init_from_env
 from ..dtypes import BY_NAME
 from ..errors import TrainerClosedError
 from ..memory.malloc import set_mmap_threshold
@@ -77,8 +78,11 @@ class OffloadRuntime:
     def __init__(self, model: nn.Module, config: Config, initializer: Optional[Initializer] = None, *,
                  buffer_initializer: Optional[Initializer] = None, param_groups: ParamGroupsLike = None):
         check_attachable(model)  # before anything of the model is touched
-        self.device: ComputeDeviceSpec = resolve_device(config.device)  # ConfigError: no silent CPU fallback
+        # several ranks on a machine: "cuda"/"auto" is cuda:LOCAL_RANK; ConfigError: no silent CPU fallback
+        self.device: ComputeDeviceSpec = resolve_device(config.device, env_local_rank())
         logger.info("compute device: %s (config.device=%r)", self.device, config.device)
+        # torchrun: the process group (made from the environment unless one exists); one process: SINGLE
+        self.distributed: DistributedSpec = init_from_env(config, self.device)
         if buffer_initializer is not None:
             initialize_meta_buffers(model, buffer_initializer)
         self.config = config
@@ -114,7 +118,7 @@ class OffloadRuntime:
 
     def _build(self, initializer: Optional[Initializer], on_meta: bool, param_groups: ParamGroupsLike) -> None:
         cfg, model, res = self.config, self.module, self._res
-        assembly.check_supported(cfg)
+        assembly.check_supported(cfg, self.distributed)
         if cfg.malloc_mmap_threshold is not None:
             set_mmap_threshold(parse_bytes(cfg.malloc_mmap_threshold))
         if on_meta and initializer is None:
@@ -127,7 +131,7 @@ class OffloadRuntime:
         groups = resolve_param_groups(param_groups, [(n, p) for n, p in model.named_parameters() if n in trainable],
                                       lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
         self.plan: MemoryPlan = plan_memory(model, cfg)
-        assembly.open_storage(res, cfg, self.plan)
+        assembly.open_storage(res, cfg, self.plan, self.distributed)
         in_memory = self.plan.trainable_in_memory
         masters = assembly.materialize(res, model, cfg, initializer, trainable=trainable, compute=self.compute_dtype,
                                        frozen=self.frozen_dtype, in_memory=in_memory)
@@ -156,10 +160,10 @@ class OffloadRuntime:
 
         if in_memory:
             assembly.dram_placement(res, cfg, named, masters, group_hparams=hparams, device=self.device,
-                                    groups=groups.index)
+                                    groups=groups.index, distributed=self.distributed)
         else:
             assembly.nvme_placement(res, cfg, self.plan, self.trainable, compute=self.compute_dtype,
-                                    group_hparams=hparams, device=self.device)
+                                    group_hparams=hparams, device=self.device, distributed=self.distributed)
         self.gradients.begin_window()
         self.scaler = assembly.loss_scaler(cfg)
         logger.info("engine initialized: pool %s, disk %s, prefetch %d, backend %s",
@@ -390,7 +394,9 @@ class OffloadRuntime:
         """Backend, pool stats, peak RSS, bytes read/written and bandwidth, I/O wait vs compute time."""
         self.check_open("memory_report")
         streamer = self.streamer.stats()
-        return memory_report(self._stats(streamer), io=self.io, pool=self.pool, plan=self.plan, streamer=streamer)
+        report = memory_report(self._stats(streamer), io=self.io, pool=self.pool, plan=self.plan, streamer=streamer)
+        report.update(rank=self.distributed.rank, world_size=self.distributed.world_size)  # this rank's figures
+        return report
 
     # ------------------------------------------------------------------ teardown
     def close(self, *, restore_weights: bool = False) -> None:

@@ -1,0 +1,94 @@
+"""The few collectives the runtime uses, each turning a failure into a :class:`DistributedError`.
+
+A collective fails when a peer died (gloo: the connection resets) or stopped calling it (the
+group's timeout passes, ``collective_timeout_s`` for a group the engine created). The error names
+the collective, this rank, and what was being reduced, so the log of the surviving rank says
+where training stopped. Everything here is synchronous and runs in the caller's order: every
+rank must call the same collectives in the same order (the runtime does, given the same graph).
+No pickle: byte strings travel as uint8 tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DistributedError
+from .process_group import DistributedSpec
+
+_T = TypeVar("_T")
+
+
+def _run(spec: DistributedSpec, collective: str, what: str, call: Callable[[], _T]) -> _T:
+    try:
+        return call()
+    except DistributedError:
+        raise
+    except Exception as exc:  # DistBackendError, RuntimeError (gloo: connection closed, timed out)
+        timeout = f"{spec.timeout_s:g} s (collective_timeout_s)" if spec.timeout_s is not None \
+            else "the process group's own timeout"
+        raise DistributedError(
+            f"{collective} failed on rank {spec.rank} of {spec.world_size} ({what}): {exc}. Another rank "
+            f"probably died or stopped calling collectives (see its log); a rank waits at most {timeout}. "
+            "Every rank must run the same steps: the same number of micro-batches, and gradients for the "
+            "same parameters in each window's last micro-batch") from exc
+
+
+def all_reduce_mean_(tensor: torch.Tensor, spec: DistributedSpec, what: str) -> torch.Tensor:
+    """Averages ``tensor`` over the ranks, in place (sum, then divide by the world size); returns it.
+
+    The backend reduces a private copy (on the rank's device with NCCL), copied back after: a
+    backend's work object may hold the tensor it reduced for a while after the call returned
+    (seen with gloo), and ``tensor`` is often a view of a pinned pool block that must be freed."""
+    if not spec.is_distributed:
+        return tensor
+
+    def call() -> torch.Tensor:
+        work = tensor.to(spec.device, copy=True) if spec.backend == "nccl" else tensor.clone()
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        work.div_(spec.world_size)
+        tensor.copy_(work)
+        return tensor
+    return _run(spec, "all_reduce", what, call)
+
+
+def barrier(spec: DistributedSpec, what: str) -> None:
+    if spec.is_distributed:
+        _run(spec, "barrier", what, lambda: dist.barrier())
+
+
+def all_gather_bytes(data: bytes, spec: DistributedSpec, what: str) -> list[bytes]:
+    """Every rank's ``data``, in rank order (lengths first, then the bytes padded to the longest)."""
+    if not spec.is_distributed:
+        return [data]
+    device = torch.device(spec.device)
+
+    def call() -> list[bytes]:
+        n = spec.world_size
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        sizes = torch.empty(n, dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(sizes, size)
+        lengths = sizes.cpu().tolist()
+        width = max(lengths) or 1
+        mine = torch.zeros(width, dtype=torch.uint8)
+        if data:
+            mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        out = torch.empty(n * width, dtype=torch.uint8, device=device)
+        dist.all_gather_into_tensor(out, mine.to(device))
+        flat = out.cpu()
+        return [bytes(flat[r * width: r * width + lengths[r]].numpy().tobytes()) for r in range(n)]
+    return _run(spec, "all_gather", what, call)
+
+
+def agree(spec: DistributedSpec, error: Optional[str], what: str) -> None:
+    """Every rank says whether its part of ``what`` failed (``error``, a message, or None); when any
+    did, every rank raises, the failed ranks named - no rank goes on alone into a collective the
+    others will never call."""
+    if not spec.is_distributed:
+        return
+    messages = all_gather_bytes((error or "").encode(), spec, what)
+    failed = [(r, m.decode(errors="replace")) for r, m in enumerate(messages) if m]
+    if failed:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
+        raise DistributedError(f"{what} failed on {len(failed)} of {spec.world_size} rank(s): {detail}")

@@ -1,0 +1,312 @@
+"""Several ranks on torch.distributed (gloo, CPU): data-parallel training equals one process with the
+same global batch, checkpoints move between world sizes, a dead rank ends the others with a
+DistributedError, per-rank swap paths.
+
+Ranks are child processes given torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT) directly - as torchrun sets it, but without its agent, which would kill the survivor
+of a dead rank before it could report; the CLI test launches through torchrun itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from helpers import REPO, child_env
+from safetensors.torch import load_file
+
+import engine
+from engine.distributed import SINGLE, DistributedSpec, rank_paths, shard_indices
+from engine.errors import ConfigError, DistributedError
+
+STEPS, SAVE_AT = 4, 2
+GLOBAL_BATCH = 4  # 2 ranks x micro-batch 2 == 1 process x micro-batch 4
+
+WORKER = textwrap.dedent('''
+    import json, os, sys
+    sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
+    import torch
+    from safetensors.torch import save_file
+    from helpers import batches, peft_llama, tiny_llama
+    import engine
+    from engine.distributed import shard_indices
+
+    a = json.loads(sys.argv[1])
+    rank = int(os.environ.get("RANK", "0"))
+    if a.get("own_group"):  # the user's group, initialized before the engine: used as it is
+        torch.distributed.init_process_group("gloo")
+    model = peft_llama() if a["lora"] else tiny_llama()
+    cfg = engine.Config(nvme_path=a["nvme"], device=a.get("device", "cpu"),
+                        optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
+                        gradient_accumulation_steps=2, gradient_clipping=1.0, resident_threshold_bytes=4096,
+                        trainable_placement="memory" if a["lora"] else "nvme", collective_timeout_s=a["timeout"])
+    trainer = engine.initialize(model, cfg)
+    spec = trainer.runtime.distributed
+    torch.manual_seed(100 + rank)  # per-rank RNG streams, to check that a resumed rank gets its own back
+    data = batches(2 * a["steps"], shape=(4, 16))  # global micro-batches
+    mine = list(shard_indices(4, spec))
+    out = dict(rank=spec.rank, world=spec.world_size, losses=[], norms=[], draws=None)
+    start = 0
+    if a.get("load"):
+        trainer.load_checkpoint(a["load"])
+        start = trainer.global_steps
+        out["draws"] = torch.rand(3).tolist()
+    for step in range(start, a["steps"]):
+        for m in range(2):
+            x = data[2 * step + m][mine]
+            loss = trainer(input_ids=x, labels=x).loss
+            trainer.backward(loss)
+            if a.get("die_at") == step + 1 and m == 0 and rank == 1:
+                os._exit(3)  # dies mid-window: rank 0 waits for it in the last micro-batch's all-reduce
+            trainer.step()
+            out["losses"].append(loss.item())
+        out["norms"].append(trainer.runtime.last_grad_norm)
+        if a.get("save") and step + 1 == a["save_at"]:
+            out["saved"] = trainer.save_checkpoint(a["save"])
+            out["draws"] = torch.rand(3).tolist()
+    names = [s.name for s in trainer.runtime.trainable]
+    save_file({n: trainer.runtime.parameter(n).clone().reshape(-1) for n in names},
+              os.path.join(a["out"], f"weights-{a['tag']}-{rank}.safetensors"))
+    out["report"] = {k: trainer.memory_report()[k] for k in ("rank", "world_size")}
+    out["created"] = spec.created
+    with open(os.path.join(a["out"], f"out-{a['tag']}-{rank}.json"), "w") as f:
+        json.dump(out, f)
+    trainer.close()
+''')
+
+_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in child_env(MEMASCEND_AUTO_DEVICE="cpu", OMP_NUM_THREADS="1").items()
+           if k not in _TORCHRUN_VARS}
+    env.update(extra)
+    return env
+
+
+class Runs:
+    def __init__(self, root):
+        self.root = root
+        self.worker = os.path.join(root, "worker.py")
+        with open(self.worker, "w") as f:
+            f.write(WORKER)
+
+    def args(self, tag: str, **over) -> dict:
+        nvme = os.path.join(self.root, f"nvme-{tag}")
+        os.makedirs(nvme, exist_ok=True)
+        a = dict(tag=tag, lora=False, nvme=nvme, steps=STEPS, timeout=60, out=self.root)
+        a.update(over)
+        return a
+
+    def launch(self, world: int, a: dict, timeout: float = 180) -> list[subprocess.CompletedProcess]:
+        cmd = [sys.executable, self.worker, json.dumps(a), REPO]
+        if world == 1:
+            return [subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())]
+        port = str(_free_port())
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for r in range(world)]
+        done = []
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        return done
+
+    def run(self, world: int, tag: str, **over) -> list[dict]:
+        a = self.args(tag, **over)
+        for r in self.launch(world, a):
+            assert r.returncode == 0, r.stderr[-3000:]
+        return [self.result(tag, rank) for rank in range(world)]
+
+    def result(self, tag: str, rank: int) -> dict:
+        with open(os.path.join(self.root, f"out-{tag}-{rank}.json")) as f:
+            out = json.load(f)
+        out["weights"] = load_file(os.path.join(self.root, f"weights-{tag}-{rank}.safetensors"))
+        return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(str(tmp_path_factory.mktemp("dist")))
+
+
+@pytest.fixture(scope="module")
+def nvme_runs(runs):
+    """One process x micro-batch 4 and 2 ranks x micro-batch 2 (each saving at step 2), NVMe placement;
+    the 2-rank run on per-rank ``{rank}`` swap directories."""
+    single = runs.run(1, "single", save=os.path.join(runs.root, "ckpt-single"), save_at=SAVE_AT)
+    for r in range(2):
+        os.makedirs(os.path.join(runs.root, f"nvme-two-r{r}"))
+    two = runs.run(2, "two", nvme=os.path.join(runs.root, "nvme-two-r{rank}"),
+                   save=os.path.join(runs.root, "ckpt-two"), save_at=SAVE_AT)
+    return single, two
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Within rtol 1e-5 as tests/test_trainer.py measures it (helpers.assert_same_training): each
+    value for losses and norms, the relative L2 norm of the difference for a weight tensor. The
+    averaged gradient differs from one process's by summation order only (two partial means, then
+    their mean); Adam turns those last-bit differences on near-zero gradient elements into ~1e-6
+    absolute differences of single elements (measured: 11 of 16384 lm_head elements, max 2.2e-6),
+    so an elementwise bound would fail where the tensor agrees to ~1e-7 in norm."""
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    if a.numel() > 16:
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel <= 1e-5, f"{what}: relative L2 difference {rel:g}"
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0.0, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_same_training(single: dict, two: list[dict]) -> None:
+    mean_losses = [(a + b) / 2 for a, b in zip(two[0]["losses"], two[1]["losses"])]
+    _close(torch.tensor(mean_losses, dtype=torch.float64), torch.tensor(single["losses"], dtype=torch.float64),
+           "per-micro-batch loss averaged over the ranks")
+    for r in range(2):
+        _close(torch.tensor(two[r]["norms"]), torch.tensor(single["norms"]), f"gradient norm on rank {r}")
+    for name, w in single["weights"].items():
+        _close(two[0]["weights"][name], w, f"final {name}")
+        # replicated state: the ranks agree bit for bit
+        assert torch.equal(two[0]["weights"][name], two[1]["weights"][name]), name
+
+
+def test_two_ranks_train_as_one_process_with_the_global_batch_nvme(nvme_runs):
+    single, two = nvme_runs
+    assert [t["report"] for t in two] == [dict(rank=0, world_size=2), dict(rank=1, world_size=2)]
+    assert [t["created"] for t in two] == [True, True]  # made from torchrun's environment
+    assert single[0]["report"] == dict(rank=0, world_size=1)
+    _assert_same_training(single[0], two)
+    # {rank} paths: each rank's private swap directory was in its own directory (removed at close)
+    assert all(os.path.isdir(os.path.join(os.path.dirname(two[0]["saved"]), "..", f"nvme-two-r{r}")) for r in (0, 1))
+
+
+def test_two_ranks_train_as_one_process_dram_lora(runs):
+    single = runs.run(1, "lora-single", lora=True)
+    two = runs.run(2, "lora-two", lora=True, own_group=True)
+    assert [t["created"] for t in two] == [False, False]  # the script's own process group
+    assert single[0]["weights"] and all("lora" in n for n in single[0]["weights"])
+    _assert_same_training(single[0], two)
+
+
+def test_resume_two_ranks_bit_identical_and_across_world_sizes(runs, nvme_runs):
+    single, two = nvme_runs
+    assert two[0]["saved"] == two[1]["saved"]  # every rank is told the path rank 0 wrote
+    ckpt2, ckpt1 = os.path.join(runs.root, "ckpt-two"), os.path.join(runs.root, "ckpt-single")
+    assert sorted(f for f in os.listdir(two[0]["saved"]) if f.startswith("rng-")) == ["rng-rank-00001.json"]
+    again = runs.run(2, "resume-2-2", load=ckpt2)
+    for r in range(2):
+        assert again[r]["draws"] == two[r]["draws"], f"rank {r} resumed with another RNG state"
+        assert all(torch.equal(again[r]["weights"][n], w) for n, w in two[r]["weights"].items())
+    assert again[0]["draws"] != again[1]["draws"]
+    one = runs.run(1, "resume-2-1", load=ckpt2)  # 2 -> 1: same global batch, one process
+    for name, w in single[0]["weights"].items():
+        _close(one[0]["weights"][name], w, f"2 -> 1 resumed {name}")
+    up = runs.run(2, "resume-1-2", load=ckpt1)  # 1 -> 2
+    _assert_same_training(dict(single[0], losses=single[0]["losses"][2 * SAVE_AT:],
+                               norms=single[0]["norms"][SAVE_AT:]), up)
+    assert up[1]["draws"] == up[0]["draws"] == single[0]["draws"]  # no RNG of rank 1 saved: rank 0's
+
+
+def test_a_dead_rank_ends_the_survivor_with_a_distributed_error(runs, nvme_runs):
+    _, two = nvme_runs
+    a = runs.args("dies", die_at=SAVE_AT + 1, timeout=10, load=os.path.join(runs.root, "ckpt-two"),
+                  save=os.path.join(runs.root, "ckpt-dies"), save_at=STEPS)
+    start = time.monotonic()
+    survivor, dead = runs.launch(2, a, timeout=90)
+    assert time.monotonic() - start < 60
+    assert dead.returncode == 3
+    assert survivor.returncode != 0
+    assert "DistributedError" in survivor.stderr and "all_reduce failed on rank 0 of 2" in survivor.stderr, \
+        survivor.stderr[-3000:]
+    assert "gradient of" in survivor.stderr
+    assert not os.path.exists(os.path.join(runs.root, "ckpt-dies"))  # nothing half-written
+    # the last checkpoint still loads
+    again = runs.run(1, "after-death", load=os.path.join(runs.root, "ckpt-two"))
+    assert again[0]["losses"]
+
+
+def test_two_ranks_on_one_plain_path_do_not_collide_copying_device(runs, nvme_runs):
+    """No placeholder: both ranks' private swap directories under one path, neither reclaimed by the
+    other. On the "separate" device (the GPU path's copies, on the CPU): gradients averaged on the
+    compute tensor before the device norm, accumulated ones on the host."""
+    single, _ = nvme_runs
+    two = runs.run(2, "shared-path", device="separate")
+    _assert_same_training(single[0], two)
+    assert os.listdir(runs.args("shared-path")["nvme"]) == []  # both removed their own at close
+
+
+def test_shared_path_directories_are_private_and_live_ones_are_kept(tmp_path):
+    from engine.storage import cleanup
+
+    mine, fd = cleanup.make_swap_dir(str(tmp_path))
+    code = ("import sys, time; from engine.storage import cleanup; d, fd = cleanup.make_swap_dir(sys.argv[1]); "
+            "print(d, flush=True); cleanup.sweep(sys.argv[1]); time.sleep(30)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             env=_env())
+    try:
+        theirs = other.stdout.readline().strip()
+        assert theirs and theirs != mine
+        cleanup.sweep(str(tmp_path))  # the other "rank" is alive: its directory stays, and so does mine
+        assert os.path.isdir(theirs) and os.path.isdir(mine)
+    finally:
+        other.kill()
+        other.wait()
+        os.close(fd)
+        cleanup.unregister(mine)
+
+
+def test_rank_paths_shard_indices_and_config():
+    spec = DistributedSpec(rank=3, world_size=4, local_rank=1, backend="gloo")
+    assert rank_paths(["/n/{rank}", "/d{local_rank}/x", "/plain"], spec) == ["/n/3", "/d1/x", "/plain"]
+    assert rank_paths(["/n/{rank}"], SINGLE) == ["/n/0"]
+    engine.Config(nvme_path=["/tmp/{rank}", "/tmp/{{literal}}"])
+    for bad in ("/tmp/{node}", "/tmp/{0}", "/tmp/{rank"):
+        with pytest.raises(ConfigError, match="placeholders"):
+            engine.Config(nvme_path=bad)
+    for bad in (0, -1, "10"):
+        with pytest.raises(ConfigError, match="collective_timeout_s"):
+            engine.Config(collective_timeout_s=bad)
+    assert [list(shard_indices(8, DistributedSpec(r, 4))) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert list(shard_indices(5, SINGLE)) == [0, 1, 2, 3, 4]
+    assert [len(shard_indices(5, DistributedSpec(r, 2), even=False)) for r in range(2)] == [3, 2]
+    with pytest.raises(DistributedError, match="does not split evenly over 2 ranks"):
+        shard_indices(5, DistributedSpec(0, 2))
+
+
+def test_cli_train_shards_the_global_batch_and_rank_0_reports(runs):
+    def train(world: int, tag: str) -> list[float]:
+        nvme, out = os.path.join(runs.root, f"cli-nvme-{tag}"), os.path.join(runs.root, f"cli-out-{tag}")
+        os.makedirs(nvme)
+        args = ["engine", "train", "--steps", "2", "--batch", "4", "--seq-len", "32", "--quiet", "--dtype", "fp32",
+                "--nvme-path", nvme, "--output-dir", out]
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)] if world > 1 else []
+        r = subprocess.run([sys.executable, *launcher, "-m", *args], capture_output=True, text=True, timeout=300,
+                           env=_env())
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("peak RSS") == 1  # one summary: rank 0's (torchrun: one launch line)
+        with open(os.path.join(out, "train.json")) as f:
+            return json.load(f)["train"]["losses"]
+    one, two = train(1, "one"), train(2, "two")
+    _close(torch.tensor(two), torch.tensor(one), "CLI step losses (global batch 4)")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpu_ranks_nccl_train_as_one_gpu_process(runs):
+    """NCCL (device "cuda" becomes cuda:LOCAL_RANK): the same equality as on gloo."""
+    single = runs.run(1, "cuda-single", device="cuda")
+    two = runs.run(2, "cuda-two", device="cuda")
+    _assert_same_training(single[0], two)

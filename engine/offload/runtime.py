@@ -70,6 +70,7 @@ from .planner import plan as plan_memory
 from .report import DeviceCounters, PhaseTimes, RuntimeStats, memory_report, runtime_stats
 from .stepper import ParamSpec
 from .streamer import ParameterStreamer
+from .window import AccumulationWindow
 
 
 class OffloadRuntime:
@@ -102,8 +103,7 @@ class OffloadRuntime:
         self.resident_trainables: dict[str, nn.Parameter] = {}
         self.scaler: Optional[DynamicLossScaler] = None
         self._grads_since_step = False  # a step() with none changes nothing (as torch.optim)
-        self._window_len = 0  # micro-batches stepped since the last boundary
-        self._window_end: Optional[bool] = None  # set_window_end's answer for the next micro-batch
+        self.window = AccumulationWindow(config.gradient_accumulation_steps)
         self._times = PhaseTimes()
         self._device_counters = DeviceCounters()  # resident refreshes (the streamer and sink count their own)
         on_meta = any(p.device.type == "meta" for p in model.parameters())
@@ -247,25 +247,19 @@ class OffloadRuntime:
         decides its own boundaries (the Hugging Face Trainer closes an epoch's short last
         window early). Call before that micro-batch's ``backward()``; its ``step()`` then runs
         the optimizer exactly when ``last``, and the next micro-batch opens a new window.
-        Without a call a window is ``gradient_accumulation_steps`` micro-batches long."""
-        self._window_end = bool(last)
+        Without a call a window is ``gradient_accumulation_steps`` micro-batches long, counted
+        from its own start."""
+        self.window.end_next_at(last)
 
     @property
     def window_micro_batches(self) -> int:
         """Micro-batches accumulated in the open window (0: at an accumulation boundary)."""
-        return self._window_len
-
-    def _window_position(self) -> tuple[bool, bool]:
-        # Counted from the window's own start, not micro_steps: after a short window ended by
-        # set_window_end the next full-length window starts on a fresh count.
-        last = self._window_end if self._window_end is not None \
-            else self._window_len + 1 == self.gradient_accumulation_steps
-        return self._window_len == 0, last
+        return self.window.accumulated
 
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:
         """Phase 4: one gradient contribution, straight from autograd to the gradient sink."""
         self.check_open("backward")
-        first, last = self._window_position()  # first: overwrite the slot; last: enters norm/overflow stats
+        first, last = self.window.position()  # first: overwrite the slot; last: enters norm/overflow stats
         self.gradients.add(name, grad, first, last)
         self._grads_since_step = True
 
@@ -282,10 +276,7 @@ class OffloadRuntime:
             return
         self._grads_since_step = False
         self.micro_steps += 1
-        explicit, self._window_end = self._window_end, None
-        boundary = explicit if explicit is not None else self._window_len + 1 == self.gradient_accumulation_steps
-        self._window_len = 0 if boundary else self._window_len + 1
-        if boundary:
+        if self.window.advance():
             with profile_phase("optimizer"):
                 self.optimizer.step()  # -> apply_step (torch LR schedulers see this optimizer)
 
@@ -351,7 +342,7 @@ class OffloadRuntime:
         self.streamer.invalidate()
         self.gradients.begin_window()
         self._grads_since_step = False  # a backward() before the load belongs to the state it replaced
-        self._window_len, self._window_end = 0, None
+        self.window.reset()
 
     # ------------------------------------------------------------------ values
     def parameter(self, name: str) -> torch.Tensor:

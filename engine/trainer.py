@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint.hf import save_pretrained
-from .checkpoint.state import load_checkpoint, on_main_rank, save_checkpoint
+from .checkpoint.state import load_checkpoint, save_checkpoint
 from .config import Config
 from .memory.profiler import phase as profile_phase
 from .offload.materialize import Initializer
@@ -167,19 +167,22 @@ class Trainer:
         streamed from the store one tensor at a time. ``dtype``: export dtype (default: the
         model's compute dtype; ``torch.float32`` exports the fp32 masters). Returns the files."""
         self.runtime.check_open("save_pretrained")
-        return on_main_rank(self.runtime, "save_pretrained",  # several ranks: rank 0 writes, all return its files
-                            lambda: save_pretrained(self.runtime, save_dir, max_shard_size=max_shard_size, dtype=dtype))
+        if not self.runtime.distributed.is_main:
+            return []  # several ranks: the replicas are equal and rank 0 writes (no collective: any rank may call)
+        return save_pretrained(self.runtime, save_dir, max_shard_size=max_shard_size, dtype=dtype)
 
     def save_adapter(self, directory: str) -> list[str]:
         """Saves the LoRA adapters in peft's format (``PeftModel.from_pretrained`` loads them)."""
         self.runtime.check_open("save_adapter")
-        # peft reads values through .module and .weight (ours); several ranks: rank 0 writes
-        return on_main_rank(self.runtime, "save_adapter", lambda: save_adapter(self, directory))
+        if not self.runtime.distributed.is_main:
+            return []  # several ranks: rank 0 writes
+        return save_adapter(self, directory)  # peft reads values through .module and .weight (ours)
 
     def merge_and_export(self, directory: str, *, max_shard_size: Union[int, str] = "5GB",
                          dtype: Optional[torch.dtype] = None) -> list[str]:
         """Streams the base weights with the adapters merged to safetensors shards, one tensor at a time."""
         self.runtime.check_open("merge_and_export")
         # the facade itself, not the runtime: values come through self.weight, which callers may wrap
-        return on_main_rank(self.runtime, "merge_and_export",
-                            lambda: merge_and_export(self, directory, max_shard_size=max_shard_size, dtype=dtype))
+        if not self.runtime.distributed.is_main:
+            return []  # several ranks: rank 0 writes
+        return merge_and_export(self, directory, max_shard_size=max_shard_size, dtype=dtype)

@@ -139,6 +139,62 @@ class Runs:
         return out
 
 
+# Ranks that do not run the same thing: each case must end every rank with a DistributedError,
+# never train on silently mixed averages or diverged replicas.
+MISMATCH = textwrap.dedent('''
+    import os, sys
+    import torch
+    import engine
+    mode, root = sys.argv[1], sys.argv[2]
+    rank = int(os.environ["RANK"])
+
+    class Experts(torch.nn.Module):  # two "experts" of one shape: a mixed average would go unnoticed
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 64, bias=False)
+            self.b = torch.nn.Linear(64, 64, bias=False)
+
+        def forward(self, x, order):
+            first, second = (self.a, self.b) if order == 0 else (self.b, self.a)
+            h = first(x)
+            return (h + second(x)).pow(2).mean()  # the backward reaches the experts in another order
+
+    torch.manual_seed(rank if mode == "seed" else 0)
+    model = Experts()
+    nvme = os.path.join(root, f"nvme-{mode}-{rank}")
+    if not (mode == "build" and rank == 1):  # rank 1's swap path does not exist: its build fails
+        os.makedirs(nvme, exist_ok=True)
+    trainer = engine.initialize(model, engine.Config(nvme_path=nvme, device="cpu", resident_threshold_bytes=0,
+                                                     collective_timeout_s=60))
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(rank))
+    trainer.backward(trainer(x, order=rank if mode == "order" else 0))
+    trainer.step()
+    print("trained", flush=True)
+''')
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("order", "gradients averaged in the window's last micro-batch"),
+    ("seed", "initial weights"),
+    ("build", "engine.initialize failed on 1 of 2 rank(s)"),
+])
+def test_ranks_that_differ_fail_on_every_rank(tmp_path, mode, message):
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCH)
+    port = str(_free_port())
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(script), mode, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert time.monotonic() - start < 50  # detected where it happens, not by the 60 s collective timeout
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode != 0 and "trained" not in out, err[-2000:]
+        assert "DistributedError" in err or (mode == "build" and "FileNotFoundError" in err), err[-2000:]
+        assert message in err or (mode == "build" and "does not exist" in err), err[-2000:]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return Runs(str(tmp_path_factory.mktemp("dist")))

@@ -43,6 +43,7 @@ import torch
 from .._log import logger
 from ..distributed import agree, all_gather_bytes
 from ..dtypes import TO_SAFETENSORS
+from ..errors import DistributedError
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
@@ -172,26 +173,39 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
                     tag: Optional[str] = None, lr_scheduler: Any = None, keep_last: Optional[int] = None,
                     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD) -> str:
     """See :meth:`Trainer.save_checkpoint`."""
-    if runtime.poisoned:
-        raise CheckpointError(f"refusing to save: {runtime.poisoned}")
-    if runtime.window_micro_batches:
-        raise CheckpointError(f"save_checkpoint must be called at an accumulation boundary: "
-                              f"{runtime.window_micro_batches} of {runtime.gradient_accumulation_steps} micro-batches "
-                              "of this window are accumulated and would not be saved")
-    keep_last = runtime.config.checkpoint_keep_last if keep_last is None else keep_last
-    if not isinstance(keep_last, int) or keep_last < 0:
-        raise ValueError(f"keep_last must be a non-negative integer (0 keeps all), got {keep_last!r}")
-    max_shard = parse_bytes(max_shard_size)
-    if max_shard <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
-    tag = tag if tag is not None else f"step-{runtime.global_steps:08d}"
-    # Everything that can be refused is checked before the first byte is written.
-    client = _json(client_state if client_state is not None else {}, "client_state", exact=True)
-    scheduler = _json(lr_scheduler.state_dict(), "the LR scheduler's state_dict", exact=False) \
-        if lr_scheduler is not None else None
-    groups = _json(_param_groups(runtime), "the optimizer's param_groups", exact=False)
-    slots = [s for s in state_slots(runtime) if s.source is not None]
-    shards = split_shards(slots, max_shard)
+    # Everything that can be refused is checked before the first byte is written - and, with several
+    # ranks, agreed on: a rank refusing alone would leave the others waiting in the collectives below.
+    failure: Optional[Exception] = None
+    try:
+        if runtime.poisoned:
+            raise CheckpointError(f"refusing to save: {runtime.poisoned}")
+        if runtime.window_micro_batches:
+            raise CheckpointError(f"save_checkpoint must be called at an accumulation boundary: "
+                                  f"{runtime.window_micro_batches} of {runtime.gradient_accumulation_steps} "
+                                  "micro-batches of this window are accumulated and would not be saved")
+        keep_last = runtime.config.checkpoint_keep_last if keep_last is None else keep_last
+        if not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"keep_last must be a non-negative integer (0 keeps all), got {keep_last!r}")
+        max_shard = parse_bytes(max_shard_size)
+        if max_shard <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+        tag = tag if tag is not None else f"step-{runtime.global_steps:08d}"
+        client = _json(client_state if client_state is not None else {}, "client_state", exact=True)
+        scheduler = _json(lr_scheduler.state_dict(), "the LR scheduler's state_dict", exact=False) \
+            if lr_scheduler is not None else None
+        groups = _json(_param_groups(runtime), "the optimizer's param_groups", exact=False)
+        slots = [s for s in state_slots(runtime) if s.source is not None]
+        shards = split_shards(slots, max_shard)
+    except Exception as exc:
+        failure = exc
+    if runtime.distributed.is_distributed:
+        try:
+            agree(runtime.distributed, f"{type(failure).__name__}: {failure}" if failure else None, "save_checkpoint")
+        except DistributedError:
+            if failure is None:
+                raise
+    if failure is not None:
+        raise failure
 
     # Several ranks: every rank's RNG states to rank 0, which writes (the state is replicated).
     rngs = [json.loads(b) for b in all_gather_bytes(json.dumps(_rng_state()).encode(), runtime.distributed,

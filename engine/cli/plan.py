@@ -19,6 +19,7 @@ import sys
 import torch
 
 from ..config import Config
+from ..distributed import env_rank_path
 from ..errors import CLIError, PlanError
 from ..offload.planner import check_disk
 from ..offload.planner import plan as plan_memory
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     if args.nvme_path:
         for path in args.nvme_path:
-            if not os.path.isdir(path):
+            if not os.path.isdir(env_rank_path(path)):  # {rank}: this rank's
                 raise CLIError(f"--nvme-path {path!r} does not exist or is not a directory")
         overrides["nvme_path"] = args.nvme_path if len(args.nvme_path) > 1 else args.nvme_path[0]
     cfg = dataclasses.replace(cfg, **overrides)
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         fits_row = next(line for line in table.splitlines() if line.startswith("fits "))
         width = len(fits_row) - len(fits_row.split()[-1]) - 2  # the table's key column
         try:
-            check_disk(result, cfg.nvme_paths)
+            check_disk(result, [env_rank_path(p) for p in cfg.nvme_paths])
             print(f"{'fits on disk'.ljust(width)}  yes")
         except PlanError as exc:
             print(f"{'fits on disk'.ljust(width)}  NO")

@@ -23,7 +23,7 @@ from ..api import from_pretrained, initialize
 from ..checkpoint.hf import load_pretrained
 from ..config import AdamWConfig, AutoValues, Config
 from ..data import BYTE_VOCAB, BYTES, Encoder, TokenBatches, corpus_documents, open_documents, token_stream
-from ..distributed import all_reduce_mean_, shard_indices
+from ..distributed import all_reduce_mean_, env_rank_path, shard_indices
 from ..errors import CLIError
 from ..memory.profiler import MemoryProfiler
 from ..peft import LoraConfig, apply_lora
@@ -147,7 +147,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.save_every and not args.checkpoint_dir:
         raise CLIError("--save-every needs --checkpoint-dir")
     for path in args.nvme_path or []:
-        if not os.path.isdir(path):
+        if not os.path.isdir(env_rank_path(path)):  # {rank}: this rank's
             raise CLIError(f"--nvme-path {path!r} does not exist or is not a directory")
     if args.model is not None:
         if not os.path.isdir(args.model):

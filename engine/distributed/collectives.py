@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, TypeVar
 
+import crc32c
 import torch
 import torch.distributed as dist
 
@@ -92,3 +93,31 @@ def agree(spec: DistributedSpec, error: Optional[str], what: str) -> None:
     if failed:
         detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
         raise DistributedError(f"{what} failed on {len(failed)} of {spec.world_size} rank(s): {detail}")
+
+
+def check_same_sequence(spec: DistributedSpec, items: list[str], what: str) -> None:
+    """Every rank's ``items`` must be the same list in the same order (the gradients a window
+    averaged, the initial weights' checksums); else every rank raises a DistributedError naming
+    the first place where a rank differs from rank 0. One all-gather."""
+    if not spec.is_distributed:
+        return
+    gathered = [b.decode().split("\n") if b else [] for b in
+                all_gather_bytes("\n".join(items).encode(), spec, what)]
+    reference = gathered[0]
+    for rank, mine in enumerate(gathered[1:], 1):
+        if mine == reference:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(reference, mine)) if a != b), min(len(reference), len(mine)))
+        ref_item = reference[at] if at < len(reference) else "(nothing)"
+        its_item = mine[at] if at < len(mine) else "(nothing)"
+        raise DistributedError(f"{what}: rank {rank} differs from rank 0 at position {at} ({its_item} vs {ref_item}; "
+                               f"{len(mine)} vs {len(reference)} items)")
+
+
+def fingerprints(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """``name:crc32c`` of each tensor's bytes (a CUDA tensor is read to the host, one at a time)."""
+    out = []
+    for name, t in named:
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        out.append(f"{name}:{crc32c.crc32c(data):08x}")
+    return out

@@ -8,9 +8,21 @@ swap directory in there, named after its owning process (pid and start time, see
 """
 from __future__ import annotations
 
+import os
+
 from .process_group import DistributedSpec
 
 
 def rank_paths(paths: list[str], spec: DistributedSpec) -> list[str]:
     """``paths`` with ``{rank}`` / ``{local_rank}`` formatted for this rank (Config checked the fields)."""
     return [p.format(rank=spec.rank, local_rank=spec.local_rank) for p in paths]
+
+
+def env_rank_path(path: str) -> str:
+    """``path`` formatted for this process from torchrun's ``RANK`` / ``LOCAL_RANK`` (0 without them),
+    for checks made before a process group exists (the CLI). A malformed placeholder is returned
+    as it is: Config's own check names it."""
+    try:
+        return path.format(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    except (KeyError, IndexError, ValueError):
+        return path

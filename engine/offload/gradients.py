@@ -47,7 +47,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..devices import ComputeDeviceSpec
-from ..distributed import DistributedSpec, all_reduce_mean_
+from ..distributed import DistributedSpec, all_reduce_mean_, check_same_sequence
 from ..dtypes import FP32_BYTES
 from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool, PoolBlock, round_up_io
@@ -70,6 +70,16 @@ def grad_staging_bytes(largest_numel: int) -> int:
     """Pinned bytes the streamed gradient path needs: the in-flight budget, or one fp32 copy of the
     largest gradient when that is larger (it must fit in one block)."""
     return max(GRAD_STAGING_BYTES, round_up_io(largest_numel * FP32_BYTES))
+
+
+def _release(block: PoolBlock) -> None:
+    """Frees ``block`` on an error path. The error's traceback may still hold a view of it (a frame's
+    local); then the block goes back to the pool with that last view, and this error is not hidden
+    behind a BufferError."""
+    try:
+        block.free()
+    except BufferError:
+        pass
 
 
 class GradientOffload:
@@ -115,6 +125,7 @@ class GradientOffload:
         if self._dist is not None and grad_buffer == "flat":
             raise NotImplementedError("grad_buffer='flat' (the ablation) is not supported with several ranks")
         self._averaged: set[str] = set()  # gradients averaged across ranks in this window
+        self._order: list[str] = []  # ... in the order they were averaged
         if grad_buffer == "flat":
             offsets, pos = {}, 0
             for p in params:
@@ -133,10 +144,12 @@ class GradientOffload:
         self._device_norms.clear()
         self.received.clear()
         self._averaged.clear()
+        self._order.clear()
 
     def _mean(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` averaged across ranks in place (several ranks only)."""
         assert self._dist is not None
+        self._order.append(name)  # checked against the other ranks' order at finish()
         return all_reduce_mean_(tensor, self._dist, f"gradient of {name!r}")
 
     def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
@@ -168,18 +181,22 @@ class GradientOffload:
         if average and name in self._averaged:  # a later contribution of the last micro-batch: its own average
             grad = self._mean(name, grad.float().clone())
         block = self._staging(round_up_io(spec.numel * FP32_BYTES))
-        acc = block.tensor(spec.numel, torch.float32)
-        if first and name not in self.received:
-            acc.copy_(grad)
-        else:
-            self.store.read_into(StoreKey.grad(name), block).wait()
-            acc.add_(grad)
-        if average and name not in self._averaged:
-            self._mean(name, acc)  # the window's sum, in staging, before it is written
-            self._averaged.add(name)
-        if last:
-            self._account(name, acc)
-        del acc
+        try:
+            acc = block.tensor(spec.numel, torch.float32)
+            if first and name not in self.received:
+                acc.copy_(grad)
+            else:
+                self.store.read_into(StoreKey.grad(name), block).wait()
+                acc.add_(grad)
+            if average and name not in self._averaged:
+                self._mean(name, acc)  # the window's sum, in staging, before it is written
+                self._averaged.add(name)
+            if last:
+                self._account(name, acc)
+            del acc
+        except BaseException:
+            _release(block)  # a failed read or collective leaves no block behind
+            raise
         self._pending.append([self.store.write_from(StoreKey.grad(name), block), block, name, None])
         self._pending_bytes += block.size
         self.received.add(name)
@@ -236,7 +253,7 @@ class GradientOffload:
                     self._account(name, acc)
             del acc
         except BaseException:
-            block.free()  # back to the pool: a failed copy or read leaves no block behind
+            _release(block)  # back to the pool: a failed copy or read leaves no block behind
             raise
         if event is None:
             self._pending.append([self.store.write_from(key, block), block, name, None])
@@ -321,6 +338,10 @@ class GradientOffload:
         while self._pending:
             self._retire_oldest()
         if self._dist is not None:
+            # Hooks averaged in backward order: a rank whose graph differed would have paired other
+            # gradients (silently, when their shapes match); refuse the step before it is applied.
+            check_same_sequence(self._dist, self._order, "gradients averaged in the window's last micro-batch "
+                                "(every rank must produce the same gradients in the same order)")
             self._average_rest()
         # Statistics are taken on a gradient's last-micro-batch contribution; one that had
         # contributions earlier in the window but none in its last micro-batch (a conditional branch,
@@ -362,8 +383,10 @@ class GradientOffload:
                 self._account(name, acc)
                 del acc
                 self.store.write_from(StoreKey.grad(name), block).wait()
-            finally:
-                block.free()
+            except BaseException:
+                _release(block)
+                raise
+            block.free()
             self._averaged.add(name)
             self.received.add(name)
 

@@ -37,7 +37,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..distributed import DistributedSpec, all_reduce_mean_
+from ..distributed import DistributedSpec, all_reduce_mean_, check_same_sequence
 from ..dtypes import FP32_BYTES
 from ..optim import CPUAdamW, kernels
 from ..validate import OverflowCheck, check_choice
@@ -66,15 +66,18 @@ class DramGradients:
         self.received: set[str] = set()
         self._dist = distributed if distributed is not None and distributed.is_distributed else None
         self._averaged: set[str] = set()  # averaged across ranks in this window
+        self._order: list[str] = []  # ... in the order they were averaged
         self._closed = False
 
     def begin_window(self) -> None:
         """Starts a new accumulation window."""
         self.received.clear()
         self._averaged.clear()
+        self._order.clear()
 
     def _mean(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         assert self._dist is not None
+        self._order.append(name)
         return all_reduce_mean_(tensor, self._dist, f"gradient of {name!r}")
 
     def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
@@ -104,6 +107,12 @@ class DramGradients:
     def finish(self) -> tuple[float, bool]:
         """(global L2 norm, any inf/NaN) of the window's accumulated gradients."""
         if self._dist is not None:  # received, not in the last micro-batch: averaged now, in parameter order
+            # The ranks must have averaged the same gradients in the same order, and received the same
+            # ones: else their averages paired different tensors, or the loop below would not match.
+            check_same_sequence(self._dist, self._order + ["received:"] + [n for n in self.buffers
+                                                                             if n in self.received],
+                                "gradients of the window (every rank must produce the same gradients in "
+                                "the same order)")
             for name in self.buffers:
                 if name in self.received and name not in self._averaged:
                     self._mean(name, self.buffers[name])

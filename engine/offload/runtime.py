@@ -44,9 +44,9 @@ from torch import nn
 from .._log import logger, warn_once
 from ..config import Config
 from ..devices import ComputeDeviceSpec, resolve_device
-from ..distributed import DistributedSpec, env_local_rank, init_from_env
+from ..distributed import DistributedSpec, agree, check_same_sequence, env_local_rank, fingerprints, init_from_env
 from ..dtypes import BY_NAME
-from ..errors import TrainerClosedError
+from ..errors import DistributedError, TrainerClosedError
 from ..memory.malloc import set_mmap_threshold
 from ..memory.pool import PinnedPool
 from ..memory.profiler import phase as profile_phase
@@ -107,14 +107,23 @@ class OffloadRuntime:
         self._times = PhaseTimes()
         self._device_counters = DeviceCounters()  # resident refreshes (the streamer and sink count their own)
         on_meta = any(p.device.type == "meta" for p in model.parameters())
+        failure: Optional[BaseException] = None
         try:
             self._build(initializer, on_meta, param_groups)
-        except BaseException:
+        except BaseException as exc:
+            failure = exc
+        if self.distributed.is_distributed:  # no rank goes on to train when another failed to build
+            try:
+                agree(self.distributed, f"{type(failure).__name__}: {failure}" if failure else None,
+                      "engine.initialize")
+            except DistributedError as exc:
+                failure = failure or exc
+        if failure is not None:
             # Give an in-memory model its weights back; a meta-built one has nowhere to keep them.
             error = self._shutdown(restore_weights=not on_meta)
             if error is not None:
                 logger.warning("releasing a trainer whose initialization failed also failed: %s", error)
-            raise
+            raise failure
 
     def _build(self, initializer: Optional[Initializer], on_meta: bool, param_groups: ParamGroupsLike) -> None:
         cfg, model, res = self.config, self.module, self._res
@@ -124,6 +133,12 @@ class OffloadRuntime:
         if on_meta and initializer is None:
             raise ValueError("the model is on the meta device: pass initializer(name, shape) -> tensor "
                              "(or load it with engine.from_pretrained)")
+        if self.distributed.is_distributed and not on_meta:
+            # Replicas must start equal (a per-rank seed would train diverging copies): checked, as
+            # DDP makes them equal by broadcasting. A meta model's initializer is trusted to agree.
+            check_same_sequence(self.distributed, fingerprints(list(model.named_parameters())),
+                                "initial weights (build the model identically on every rank: same seed, or "
+                                "the same checkpoint)")
         trainable = assembly.trainable_names(model)
         # Checked before anything is allocated; tensors are matched while they are the user's objects.
         if callable(param_groups):

@@ -82,6 +82,8 @@ def resolve_device(value: str, local_rank: Optional[int] = None) -> ComputeDevic
         index = int(match.group(1))
     else:
         index = local_rank if local_rank is not None else torch.cuda.current_device()
+        if local_rank is not None and count == 1:
+            index = 0  # one visible device per rank (CUDA_VISIBLE_DEVICES per task, e.g. SLURM): that one
     if index >= count:
         raise ConfigError(f"device={value!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})",
                           "device")

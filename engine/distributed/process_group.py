@@ -89,6 +89,11 @@ def init_from_env(config: Config, device: ComputeDeviceSpec) -> DistributedSpec:
         rank = dist.get_rank()
         backend = str(dist.get_backend())
         local = env_local_rank() or 0
+        if backend == "nccl":
+            if device.kind != "cuda":  # NCCL reduces device tensors only
+                raise DistributedError(f"the process group's backend is NCCL but the engine computes on "
+                                       f"{device.kind!r}: use a gloo group for CPU ranks, or device 'cuda'/'auto'")
+            torch.cuda.set_device(device.device)  # the user's group: inputs sent to "cuda" land on this rank's GPU
         where = str(device.device) if backend == "nccl" else "cpu"
         return DistributedSpec(rank, world, local, backend, where)
     world = _env_int("WORLD_SIZE") or 1

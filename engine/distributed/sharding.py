@@ -3,7 +3,10 @@
 Rank r of N takes items ``[r*n/N, (r+1)*n/N)`` of a batch of n, so N ranks with micro-batch
 n/N each train exactly as one process whose micro-batch is the whole n (gradients are
 averaged across ranks; each rank's loss is the mean over its own items, so the average is
-the global mean when the slices are equal: ``even=True`` insists on that).
+the global mean when the slices are equal: ``even=True`` insists on that). A loss averaged over
+tokens (Hugging Face causal LM: labels other than -100) is the global mean only when every
+rank's slice has as many counted tokens - with padding or masked labels it is the mean of the
+ranks' means, as in DDP.
 """
 from __future__ import annotations
 

@@ -300,12 +300,37 @@ def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optio
     fails, every rank raises (none trains on alone)."""
     spec = runtime.distributed
     try:
-        loaded = _load(runtime, load_dir, tag, lr_scheduler, load_rng, convert_dtype)
+        path = _shared_choice(runtime, load_dir, tag)
+        loaded = _load(runtime, path, lr_scheduler, load_rng, convert_dtype)
     except BaseException as exc:
         agree(spec, f"{type(exc).__name__}: {exc}", "load_checkpoint")  # raises, naming every failed rank
         raise
     agree(spec, None, "load_checkpoint")
     return loaded
+
+
+def _shared_choice(runtime: "OffloadRuntime", load_dir: PathLike, tag: Optional[str]) -> str:
+    """The checkpoint directory to load. Several ranks: rank 0's choice is every rank's - ``latest``
+    read at another moment (a save racing the load) or through another file-system cache could
+    name another checkpoint on another rank."""
+    spec = runtime.distributed
+    mine: Optional[str] = None
+    error: Optional[BaseException] = None
+    try:
+        mine = CheckpointRoot(os.fspath(load_dir)).resolve(tag)
+    except Exception as exc:  # told through the gather below, raised after it (no rank left waiting)
+        error = exc
+    if spec.is_distributed:
+        chosen = all_gather_bytes((mine or "").encode() if spec.is_main else b"", spec,
+                                  "load_checkpoint (the checkpoint rank 0 chose)")[0].decode()
+        if not spec.is_main:
+            if not chosen:
+                raise CheckpointError(f"{os.fspath(load_dir)}: rank 0 found no checkpoint to load there")
+            return chosen
+    if error is not None:
+        raise error
+    assert mine is not None
+    return mine
 
 
 def _rank_rng(path: str, manifest: dict, rank: int) -> tuple[Any, str]:
@@ -319,9 +344,8 @@ def _rank_rng(path: str, manifest: dict, rank: int) -> tuple[Any, str]:
     return read_json_file(file, "RNG states", MAX_RNG_FILE_BYTES), file
 
 
-def _load(runtime: "OffloadRuntime", load_dir: PathLike, tag: Optional[str], lr_scheduler: Any, load_rng: bool,
+def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: bool,
           convert_dtype: bool) -> tuple[str, dict]:
-    path = CheckpointRoot(os.fspath(load_dir)).resolve(tag)
     manifest = read_manifest(path)
     # 1. Every file: a plain name inside the directory, its header agreeing with the manifest.
     parsed = {}
@@ -363,8 +387,8 @@ def _load(runtime: "OffloadRuntime", load_dir: PathLike, tag: Optional[str], lr_
         raise CheckpointError(f"{path}: an lr_scheduler was passed but the checkpoint holds no scheduler state")
     scheduler = check_scheduler_state(manifest_file, manifest["lr_scheduler"], lr_scheduler.state_dict()) \
         if lr_scheduler is not None else None
-    saved_rng, rng_source = _rank_rng(path, manifest, runtime.distributed.rank)
-    rng = parse_rng(saved_rng, rng_source) if load_rng and saved_rng else None
+    saved_rng, rng_source = _rank_rng(path, manifest, runtime.distributed.rank) if load_rng else (None, "")
+    rng = parse_rng(saved_rng, rng_source) if saved_rng else None
     for what in ("optimizer", "gradient_accumulation_steps"):
         mine = runtime.config.optimizer.type if what == "optimizer" else runtime.gradient_accumulation_steps
         if manifest.get(what) != mine:

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import pytest
 import torch
@@ -146,15 +146,23 @@ def correctly_rounded_sqrt() -> Iterator[None]:
 
 def reference_run(model: torch.nn.Module, data: Sequence[torch.Tensor], steps: int, *, lr: float, wd: float = 0.1,
                   clip: float = 1.0, params: Optional[Iterable[torch.nn.Parameter]] = None, adamw: bool = True,
-                  seed: Optional[int] = None, ieee_sqrt: bool = False, gas: int = GAS) -> list[float]:
+                  seed: Optional[int] = None, ieee_sqrt: bool = False, gas: int = GAS,
+                  param_groups: Optional[list[dict]] = None,
+                  lr_lambda: Optional[Callable[[int], float]] = None) -> list[float]:
     """Plain PyTorch in memory: ``steps`` optimizer steps of ``gas`` micro-batches each over
-    ``params`` (default: all of the model's), torch.optim.AdamW (or Adam), the gradient norm
-    clipped to ``clip`` (0: not clipped); ``seed`` seeds torch's RNG first (dropout);
-    ``ieee_sqrt``: the optimizer's square root correctly rounded (:func:`correctly_rounded_sqrt`).
-    Returns every micro-batch's loss."""
-    params = list(model.parameters() if params is None else params)
+    ``params`` (default: all of the model's; or ``param_groups``, torch's list of dicts),
+    torch.optim.AdamW (or Adam), the gradient norm clipped to ``clip`` (0: not clipped), a
+    ``LambdaLR(lr_lambda)`` stepped after each optimizer step when given; ``seed`` seeds torch's
+    RNG first (dropout); ``ieee_sqrt``: the optimizer's square root correctly rounded
+    (:func:`correctly_rounded_sqrt`). Returns every micro-batch's loss."""
     opt_cls = torch.optim.AdamW if adamw else torch.optim.Adam
-    opt = opt_cls(params, lr=lr, weight_decay=wd, foreach=False)
+    if param_groups is not None:
+        opt = opt_cls(param_groups, lr=lr, weight_decay=wd, foreach=False)
+        params = [p for g in param_groups for p in g["params"]]
+    else:
+        params = list(model.parameters() if params is None else params)
+        opt = opt_cls(params, lr=lr, weight_decay=wd, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda is not None else None
     if seed is not None:
         torch.manual_seed(seed)
     losses = []
@@ -169,23 +177,28 @@ def reference_run(model: torch.nn.Module, data: Sequence[torch.Tensor], steps: i
         with correctly_rounded_sqrt() if ieee_sqrt else contextlib.nullcontext():
             opt.step()
         opt.zero_grad()
+        if sched is not None:
+            sched.step()
     return losses
 
 
 def train_steps(trainer, data: Sequence[torch.Tensor], steps: int, *, seed: Optional[int] = None,
-                gas: int = GAS) -> list[float]:
+                gas: int = GAS, start: int = 0, lr_scheduler: Any = None) -> list[float]:
     """The engine's side of :func:`reference_run`: the same micro-batches through ``trainer``
-    (forward, backward, step - which steps at the accumulation boundary); returns the losses."""
+    (forward, backward, step - which steps at the accumulation boundary), optimizer steps
+    ``start`` .. ``steps - 1``, ``lr_scheduler.step()`` after each; returns the losses."""
     if seed is not None:
         torch.manual_seed(seed)
     losses = []
-    for i in range(steps):
+    for i in range(start, steps):
         for m in range(gas):
             x = data[i * gas + m]
             out = trainer(input_ids=x, labels=x)
             trainer.backward(out.loss)
             trainer.step()
             losses.append(out.loss.item())
+        if lr_scheduler is not None:
+            lr_scheduler.step()
     return losses
 
 

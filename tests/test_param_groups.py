@@ -6,7 +6,17 @@ import copy
 
 import pytest
 import torch
-from helpers import ACCUMULATING, GAS, assert_same_training, batches, engine_config, peft_llama, tiny_llama
+from helpers import (
+    ACCUMULATING,
+    GAS,
+    assert_same_training,
+    batches,
+    engine_config,
+    peft_llama,
+    reference_run,
+    tiny_llama,
+    train_steps,
+)
 
 import engine
 from engine.errors import ConfigError
@@ -32,36 +42,13 @@ def schedule(step: int) -> float:
 
 
 def reference(model: torch.nn.Module, data: list[torch.Tensor]) -> list[float]:
-    groups = groups_of(model, by_name=False)
-    opt = torch.optim.AdamW(groups, lr=1e-2, foreach=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    params = [p for g in groups for p in g["params"]]
-    losses = []
-    for i in range(STEPS):
-        for m in range(GAS):
-            x = data[i * GAS + m]
-            out = model(input_ids=x, labels=x)
-            (out.loss / GAS).backward()
-            losses.append(out.loss.item())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-    return losses
+    return reference_run(model, data, STEPS, lr=1e-2, param_groups=groups_of(model, by_name=False),
+                         lr_lambda=schedule)
 
 
 def engine_run(trainer, data: list[torch.Tensor], start: int = 0, sched=None) -> list[float]:
     sched = sched or torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, schedule)
-    losses = []
-    for i in range(start, STEPS):
-        for m in range(GAS):
-            x = data[i * GAS + m]
-            out = trainer(input_ids=x, labels=x)
-            trainer.backward(out.loss)
-            trainer.step()
-            losses.append(out.loss.item())
-        sched.step()
-    return losses
+    return train_steps(trainer, data, STEPS, start=start, lr_scheduler=sched)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, peft_llama], ids=["nvme", "dram-peft"])
@@ -108,12 +95,7 @@ def test_groups_and_their_schedule_resume_from_a_checkpoint(tmp_path):
     cfg = engine_config(tmp_path / "c", lr=1e-2, **ACCUMULATING)
     with engine.initialize(copy.deepcopy(model), cfg, param_groups=groups_of(model, True)) as trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, schedule)
-        for i in range(2):
-            for m in range(GAS):
-                x = data[i * GAS + m]
-                trainer.backward(trainer(input_ids=x, labels=x).loss)
-                trainer.step()
-            sched.step()
+        train_steps(trainer, data, 2, lr_scheduler=sched)
         trainer.save_checkpoint(str(tmp_path / "ckpt"), lr_scheduler=sched)
     (tmp_path / "d").mkdir()
     cfg = engine_config(tmp_path / "d", lr=1e-2, **ACCUMULATING)

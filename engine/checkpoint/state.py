@@ -21,7 +21,7 @@ rank 0's error); each rank's RNG states go with it, ``rng-rank-<r>.json`` beside
 for ranks r >= 1 (rank 0's are the manifest's ``rng``), so a resumed rank draws what it would
 have drawn. Every rank loads the same checkpoint, so the world size may change: a rank the
 checkpoint has no RNG file for (more ranks than were saved) takes rank 0's. A load that fails
-on one rank fails on all (:func:`~engine.distributed.agree`). ``client_state`` is rank 0's.
+on one rank fails on all (:func:`~engine.distributed.agreed_failure`). ``client_state`` is rank 0's.
 
 JSON and safetensors only: nothing is ever unpickled. ``client_state`` and the
 scheduler state must therefore be JSON values; ``client_state`` is checked to come
@@ -41,9 +41,8 @@ import numpy as np
 import torch
 
 from .._log import logger
-from ..distributed import agree, all_gather_bytes
+from ..distributed import agreed_failure, all_gather_bytes
 from ..dtypes import TO_SAFETENSORS
-from ..errors import DistributedError
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
 from .atomic import MANIFEST, CheckpointRoot, inside, pause_point, write_file
@@ -198,12 +197,7 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
         shards = split_shards(slots, max_shard)
     except Exception as exc:
         failure = exc
-    if runtime.distributed.is_distributed:
-        try:
-            agree(runtime.distributed, f"{type(failure).__name__}: {failure}" if failure else None, "save_checkpoint")
-        except DistributedError:
-            if failure is None:
-                raise
+    failure = agreed_failure(runtime.distributed, failure, "save_checkpoint")
     if failure is not None:
         raise failure
 
@@ -298,14 +292,15 @@ def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optio
                     lr_scheduler: Any = None, load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
     """See :meth:`Trainer.load_checkpoint`. Several ranks: each loads the same checkpoint; when one
     fails, every rank raises (none trains on alone)."""
-    spec = runtime.distributed
+    failure: Optional[BaseException] = None
     try:
         path = _shared_choice(runtime, load_dir, tag)
         loaded = _load(runtime, path, lr_scheduler, load_rng, convert_dtype)
     except BaseException as exc:
-        agree(spec, f"{type(exc).__name__}: {exc}", "load_checkpoint")  # raises, naming every failed rank
-        raise
-    agree(spec, None, "load_checkpoint")
+        failure = exc
+    failure = agreed_failure(runtime.distributed, failure, "load_checkpoint")
+    if failure is not None:
+        raise failure
     return loaded
 
 

@@ -8,13 +8,21 @@ only the leaves (no offload, no storage).
 """
 from __future__ import annotations
 
-from .collectives import agree, all_gather_bytes, all_reduce_mean_, barrier, check_same_sequence, fingerprints
+from .collectives import (
+    agree,
+    agreed_failure,
+    all_gather_bytes,
+    all_reduce_mean_,
+    barrier,
+    check_same_sequence,
+    fingerprints,
+)
 from .paths import env_rank_path, rank_paths
 from .process_group import SINGLE, DistributedSpec, env_local_rank, init_from_env
 from .sharding import shard_indices
 
 __all__ = [
-    "DistributedSpec", "SINGLE", "check_same_sequence", "env_rank_path", "fingerprints", "init_from_env",
-    "env_local_rank",
+    "DistributedSpec", "SINGLE", "check_same_sequence", "agreed_failure", "env_rank_path", "fingerprints",
+    "init_from_env", "env_local_rank",
     "all_reduce_mean_", "all_gather_bytes", "barrier", "agree", "rank_paths", "shard_indices",
 ]

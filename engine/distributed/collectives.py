@@ -95,6 +95,18 @@ def agree(spec: DistributedSpec, error: Optional[str], what: str) -> None:
         raise DistributedError(f"{what} failed on {len(failed)} of {spec.world_size} rank(s): {detail}")
 
 
+def agreed_failure(spec: DistributedSpec, failure: Optional[BaseException], what: str) -> Optional[BaseException]:
+    """The error to raise after every rank tried ``what``: this rank's own ``failure``, else another
+    rank's (a :class:`DistributedError` naming it), else None. One process: ``failure``."""
+    if not spec.is_distributed:
+        return failure
+    try:
+        agree(spec, f"{type(failure).__name__}: {failure}" if failure is not None else None, what)
+    except DistributedError as exc:
+        return failure or exc
+    return failure
+
+
 def check_same_sequence(spec: DistributedSpec, items: list[str], what: str) -> None:
     """Every rank's ``items`` must be the same list in the same order (the gradients a window
     averaged, the initial weights' checksums); else every rank raises a DistributedError naming

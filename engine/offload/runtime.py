@@ -44,9 +44,16 @@ from torch import nn
 from .._log import logger, warn_once
 from ..config import Config
 from ..devices import ComputeDeviceSpec, resolve_device
-from ..distributed import DistributedSpec, agree, check_same_sequence, env_local_rank, fingerprints, init_from_env
+from ..distributed import (
+    DistributedSpec,
+    agreed_failure,
+    check_same_sequence,
+    env_local_rank,
+    fingerprints,
+    init_from_env,
+)
 from ..dtypes import BY_NAME
-from ..errors import DistributedError, TrainerClosedError
+from ..errors import TrainerClosedError
 from ..memory.malloc import set_mmap_threshold
 from ..memory.pool import PinnedPool
 from ..memory.profiler import phase as profile_phase
@@ -112,12 +119,7 @@ class OffloadRuntime:
             self._build(initializer, on_meta, param_groups)
         except BaseException as exc:
             failure = exc
-        if self.distributed.is_distributed:  # no rank goes on to train when another failed to build
-            try:
-                agree(self.distributed, f"{type(failure).__name__}: {failure}" if failure else None,
-                      "engine.initialize")
-            except DistributedError as exc:
-                failure = failure or exc
+        failure = agreed_failure(self.distributed, failure, "engine.initialize")  # no rank trains on alone
         if failure is not None:
             # Give an in-memory model its weights back; a meta-built one has nowhere to keep them.
             error = self._shutdown(restore_weights=not on_meta)

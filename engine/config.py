@@ -48,6 +48,7 @@ from .validate import (  # noqa: F401 - re-exported
     OverflowCheck,
     PinnedAlloc,
     StateDtypeName,
+    StatePartitioning,
     StoreLayout,
     TrainablePlacementChoice,
     check_bool,
@@ -199,6 +200,9 @@ class Config:
     # DistributedError - the bound on noticing a dead rank. Used when the engine creates the process
     # group (an already initialized group keeps its own timeout); see engine.distributed.
     collective_timeout_s: float = 600.0
+    # Several ranks: "partitioned" (ZeRO-3 over NVMe: each rank stores, reads and updates 1/N of every
+    # tensor) or "replicated" (every rank keeps the whole state; gradients averaged). See engine.distributed.
+    state_partitioning: StatePartitioning = "partitioned"
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict):

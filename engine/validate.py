@@ -25,6 +25,7 @@ PinnedAlloc = Literal["exact", "torch"]
 OverflowCheck = Literal["fused", "naive"]
 StoreLayout = Literal["direct", "files"]
 GradBuffer = Literal["streamed", "flat"]
+StatePartitioning = Literal["partitioned", "replicated"]
 
 DTYPES: tuple[str, ...] = get_args(DtypeName)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerType)
@@ -37,6 +38,7 @@ FIELD_CHOICES: dict[str, Any] = {  # Config field -> its Literal
     "trainable_placement": TrainablePlacementChoice,
     "optimizer_state_dtype": StateDtypeName,
     "aio_backend": AioBackend,
+    "state_partitioning": StatePartitioning,
     **SWITCHES,
 }
 CHOICES: dict[str, tuple[str, ...]] = {name: get_args(literal) for name, literal in FIELD_CHOICES.items()}

@@ -21,7 +21,7 @@ from .process_group import DistributedSpec
 _T = TypeVar("_T")
 
 
-def _run(spec: DistributedSpec, collective: str, what: str, call: Callable[[], _T]) -> _T:
+def run_collective(spec: DistributedSpec, collective: str, what: str, call: Callable[[], _T]) -> _T:
     try:
         return call()
     except DistributedError:
@@ -51,12 +51,12 @@ def all_reduce_mean_(tensor: torch.Tensor, spec: DistributedSpec, what: str) -> 
         work.div_(spec.world_size)
         tensor.copy_(work)
         return tensor
-    return _run(spec, "all_reduce", what, call)
+    return run_collective(spec, "all_reduce", what, call)
 
 
 def barrier(spec: DistributedSpec, what: str) -> None:
     if spec.is_distributed:
-        _run(spec, "barrier", what, lambda: dist.barrier())
+        run_collective(spec, "barrier", what, lambda: dist.barrier())
 
 
 def all_gather_bytes(data: bytes, spec: DistributedSpec, what: str) -> list[bytes]:
@@ -79,7 +79,7 @@ def all_gather_bytes(data: bytes, spec: DistributedSpec, what: str) -> list[byte
         dist.all_gather_into_tensor(out, mine.to(device))
         flat = out.cpu()
         return [bytes(flat[r * width: r * width + lengths[r]].numpy().tobytes()) for r in range(n)]
-    return _run(spec, "all_gather", what, call)
+    return run_collective(spec, "all_gather", what, call)
 
 
 def agree(spec: DistributedSpec, error: Optional[str], what: str) -> None:

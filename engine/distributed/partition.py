@@ -1,0 +1,121 @@
+"""Partitioned state (ZeRO-3 over NVMe): each rank keeps 1/N of every tensor in its own store.
+
+A tensor of ``n`` elements is cut into N equal *chunks* of :meth:`Partition.chunk` elements
+(``ceil(n / N)`` rounded up to :data:`ALIGN_ELEMENTS`). Rank ``r`` owns elements ``[r * chunk,
+min((r + 1) * chunk, n))`` of the flattened tensor - possibly none: a tensor of at most one chunk
+lives on rank 0. In the store, every key of a partitioned tensor (weights, fp32 master, Adam
+moments, gradient) holds a 1-D tensor of exactly the owned elements, so the optimizer stepper
+updates a shard as if it were a whole parameter.
+
+Why the alignment: a gathered weight is staged in a slot of ``N * chunk`` elements where rank r's
+part starts at ``r * chunk``; with chunks a multiple of 2048 elements that offset is 4 KiB-aligned
+for 2- and 4-byte dtypes, so a rank reads its shard from NVMe straight into its place (O_DIRECT)
+and the all-gather runs in place - no second buffer, no copy. Likewise a gradient padded to
+``N * chunk`` is reduce-scattered in place, each rank's average landing in its own chunk.
+
+Collectives: on gloo the default group; under NCCL a gloo group made for host tensors (the
+pinned slots and staging blocks are host memory; NCCL reduces device tensors only), made once
+on every rank, with the default group's timeout. Every call runs in the caller's order, which
+is program order (a unit's first use, a gradient's arrival), the same on every rank.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..dtypes import itemsize
+from ..errors import DistributedError
+from .collectives import run_collective
+from .process_group import DistributedSpec
+
+# Chunk granularity in elements: 4 KiB of a 2-byte dtype (8 KiB of a 4-byte one).
+ALIGN_ELEMENTS = 2048
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How this rank's share of every tensor is cut (see the module docstring)."""
+
+    spec: DistributedSpec
+    group: Any = None  # the process group host collectives run in (None: the default group)
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.spec.world_size
+
+    def chunk(self, numel: int) -> int:
+        """Elements per rank of a tensor of ``numel`` elements (the last ranks may own fewer, or none)."""
+        per_rank = math.ceil(numel / self.world_size)
+        return max(ALIGN_ELEMENTS, math.ceil(per_rank / ALIGN_ELEMENTS) * ALIGN_ELEMENTS)
+
+    def range(self, numel: int, rank: Optional[int] = None) -> tuple[int, int]:
+        """``[start, stop)`` of the flattened tensor that ``rank`` (default: this one) owns."""
+        r = self.rank if rank is None else rank
+        chunk = self.chunk(numel)
+        start = min(r * chunk, numel)
+        return start, min(start + chunk, numel)
+
+    def own(self, numel: int, rank: Optional[int] = None) -> int:
+        """How many elements of a ``numel``-element tensor ``rank`` owns."""
+        start, stop = self.range(numel, rank)
+        return stop - start
+
+    def padded(self, numel: int) -> int:
+        """Elements of a gathered buffer: ``N * chunk`` (``numel`` plus padding at the end)."""
+        return self.chunk(numel) * self.world_size
+
+    def padded_nbytes(self, numel: int, dtype: torch.dtype) -> int:
+        return self.padded(numel) * itemsize(dtype)
+
+    def own_slice(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of a flattened full tensor (a view)."""
+        start, stop = self.range(flat.numel())
+        return flat[start:stop]
+
+    # ------------------------------------------------------------------ collectives (in place)
+    def gather_(self, full: torch.Tensor, what: str) -> None:
+        """``full`` (1-D, :meth:`padded` elements of the tensor, this rank's chunk at its place)
+        receives every rank's chunk, in place."""
+        chunk = full.numel() // self.world_size
+        mine = full[self.rank * chunk:(self.rank + 1) * chunk]
+        run_collective(self.spec, "all_gather", what,
+                       lambda: dist.all_gather_single(full, mine, group=self.group))
+
+    def reduce_scatter_mean_(self, full: torch.Tensor, numel: int, what: str) -> torch.Tensor:
+        """``full`` (1-D fp32, :meth:`padded` elements of a ``numel``-element tensor, zero beyond it)
+        summed over the ranks into this rank's chunk, in place, then divided by N; returns the owned
+        elements of that chunk (a view)."""
+        chunk = full.numel() // self.world_size
+        mine = full[self.rank * chunk:(self.rank + 1) * chunk]
+        run_collective(self.spec, "reduce_scatter", what,
+                       lambda: dist.reduce_scatter_single(mine, full, op=dist.ReduceOp.SUM, group=self.group))
+        mine.div_(self.world_size)
+        return mine[:self.own(numel)]
+
+    def all_reduce_sum_(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """``tensor`` (host) summed over the ranks in place (the window's statistics)."""
+        run_collective(self.spec, "all_reduce", what,
+                       lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group))
+        return tensor
+
+
+def make_partition(spec: DistributedSpec) -> Partition:
+    """The partition of this rank's group; under NCCL a gloo group for the host collectives (made
+    here, on every rank in the same order: ``new_group`` is itself collective)."""
+    if not spec.is_distributed:
+        raise DistributedError("a partition needs several ranks (this is one process)")
+    if spec.backend == "nccl":
+        timeout = datetime.timedelta(seconds=spec.timeout_s) if spec.timeout_s is not None else None
+        group = run_collective(spec, "new_group", "a gloo group for host collectives",
+                               lambda: dist.new_group(backend="gloo", timeout=timeout))
+        return Partition(spec, group)
+    return Partition(spec)

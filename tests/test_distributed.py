@@ -47,7 +47,10 @@ WORKER = textwrap.dedent('''
                         gradient_accumulation_steps=2, gradient_clipping=1.0, resident_threshold_bytes=4096,
                         trainable_placement="memory" if a["lora"] else "nvme", collective_timeout_s=a["timeout"],
                         state_partitioning=a.get("partitioning", "partitioned"))
-    trainer = engine.initialize(model, cfg)
+    if a.get("pretrained"):  # a meta model, each tensor read from the file, this rank's shard stored
+        trainer = engine.from_pretrained(a["pretrained"], cfg)
+    else:
+        trainer = engine.initialize(model, cfg)
     spec = trainer.runtime.distributed
     torch.manual_seed(100 + rank)  # per-rank RNG streams, to check that a resumed rank gets its own back
     data = batches(2 * a["steps"], shape=(4, 16))  # global micro-batches
@@ -300,6 +303,18 @@ def test_a_dead_rank_ends_the_survivor_with_a_distributed_error(runs, nvme_runs)
     # the last checkpoint still loads
     again = runs.run(1, "after-death", load=os.path.join(runs.root, "ckpt-two"))
     assert again[0]["losses"]
+
+
+def test_from_pretrained_on_two_ranks_trains_as_one_process(runs, tmp_path):
+    """engine.from_pretrained under two ranks: the meta model's tensors come from the safetensors file
+    whole on every rank, each keeps its shard; training equals one process from the same file."""
+    from helpers import tiny_llama
+    path = str(tmp_path / "hf")
+    tiny_llama().save_pretrained(path)
+    single = runs.run(1, "pre-single", pretrained=path, steps=2)
+    two = runs.run(2, "pre-two", pretrained=path, steps=2)
+    _assert_same_training(single[0], two)
+    assert all(t["gathers"] > 0 for t in two)
 
 
 def test_a_hung_rank_ends_the_survivor_within_the_collective_timeout(runs):

@@ -171,13 +171,21 @@ MISMATCH = textwrap.dedent('''
 
     torch.manual_seed(rank if mode == "seed" else 0)
     model = Experts()
+    placement = "nvme"
+    if mode == "order-frozen":  # frozen streamed experts, a trainable scale in DRAM (the PEFT placement)
+        model.requires_grad_(False)
+        model.scale = torch.nn.Parameter(torch.ones(()))
+        inner = model.forward
+        model.forward = lambda x, order: inner(x, order) * model.scale
+        placement = "memory"
     nvme = os.path.join(root, f"nvme-{mode}-{rank}")
     if not (mode == "build" and rank == 1):  # rank 1's swap path does not exist: its build fails
         os.makedirs(nvme, exist_ok=True)
     trainer = engine.initialize(model, engine.Config(nvme_path=nvme, device="cpu", resident_threshold_bytes=0,
-                                                     collective_timeout_s=60, state_partitioning=partitioning))
+                                                     collective_timeout_s=60, state_partitioning=partitioning,
+                                                     trainable_placement=placement))
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(rank))
-    trainer.backward(trainer(x, order=rank if mode == "order" else 0))
+    trainer.backward(trainer(x, order=rank if mode.startswith("order") else 0))
     trainer.step()
     print("trained", flush=True)
 ''')
@@ -186,6 +194,7 @@ MISMATCH = textwrap.dedent('''
 @pytest.mark.parametrize("mode, message, partitioning", [
     ("order", "gradients averaged in the window's last micro-batch", "replicated"),
     ("order", "the ranks ran different collectives", "partitioned"),  # the trail of gathers and reduce-scatters
+    ("order-frozen", "the ranks ran different collectives", "partitioned"),  # gathers only (DRAM placement)
     ("seed", "initial weights", "partitioned"),
     ("build", "engine.initialize failed on 1 of 2 rank(s)", "partitioned"),
 ])

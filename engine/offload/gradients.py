@@ -157,7 +157,9 @@ class GradientOffload:
     def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
         """Takes the gradient of ``name`` from one micro-batch.
 
-        ``first``: first micro-batch of the window (the slot is overwritten, not added to).
+        ``first``: first micro-batch of the window (informational: the slot is overwritten by a
+        gradient's first contribution in the window, whichever micro-batch brings it - one absent
+        from the first micro-batch must not be added to the previous window's value).
         ``last``: last micro-batch (the accumulated gradient enters the norm/overflow statistics).
         """
         spec = self.params.get(name)
@@ -171,7 +173,7 @@ class GradientOffload:
             self.received.add(name)
             return
         if self.grad_buffer == "flat":
-            self._add_flat(name, spec.numel, grad, first and name not in self.received, last)
+            self._add_flat(name, spec.numel, grad, name not in self.received, last)
             self.received.add(name)
             return
         if grad.device.type != "cpu":
@@ -185,7 +187,7 @@ class GradientOffload:
         block = self._staging(round_up_io(spec.numel * FP32_BYTES))
         try:
             acc = block.tensor(spec.numel, torch.float32)
-            if first and name not in self.received:
+            if name not in self.received:  # its first contribution in this window
                 acc.copy_(grad)
             else:
                 self.store.read_into(StoreKey.grad(name), block).wait()
@@ -228,7 +230,7 @@ class GradientOffload:
         """Streamed mode on a copying device: ``grad`` is a compute tensor (CUDA or "separate")."""
         self._start_copied_writes()
         key = StoreKey.grad(name)
-        overwrite = first and name not in self.received
+        overwrite = name not in self.received  # its first contribution in this window
         average = last and self._dist is not None
         if average and (overwrite or name in self._averaged):
             # the whole window's gradient, or a later contribution of its last micro-batch: averaged on the device

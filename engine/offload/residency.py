@@ -214,9 +214,11 @@ class Residency:
             return slot
         # make room: drop prefetched weights that are not needed now, farthest first
         far = float("inf")
+        # (partitioned: never one gathered in this event - another rank may still have it, and a second
+        # wait here would gather again on this rank only)
         candidates = [e for k, e in self._cache.items()
                       if e.state is not State.IN_USE and self._distance.get(k, far) > 0 and e.slot is not None
-                      and e.slot.size >= nbytes]
+                      and e.slot.size >= nbytes and (e.gathered is None or e.gathered != self._event)]
         candidates.sort(key=lambda e: self._distance.get(e.sp.key, far), reverse=True)
         for entry in candidates:
             self.evict(entry)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .._log import logger
-from ..distributed import agreed_failure, all_gather_bytes
+from ..distributed import ALIGN_ELEMENTS, agreed_failure, all_gather_bytes
 from ..dtypes import TO_SAFETENSORS
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
@@ -55,6 +55,7 @@ from .format import (
     read_json_file,
     split_shards,
 )
+from .layout import Layout, saved_layout, saved_tensors
 from .manifest import (
     FORMAT,
     MAX_MANIFEST_BYTES,
@@ -65,8 +66,9 @@ from .manifest import (
     parse_rng,
     read_manifest,
 )
-from .slots import Slot, drop_absent_state, match_slots, state_slots
-from .transfer import Entry, StoreSource, load_safetensors, staging_bytes_for, write_safetensors
+from .reshard import load_tensors
+from .slots import Slot, drop_absent_state, match_slots, partition_of, state_slots
+from .transfer import Entry, StoreSource, staging_bytes_for, write_safetensors
 
 if TYPE_CHECKING:
     from ..offload.runtime import OffloadRuntime
@@ -342,6 +344,12 @@ def _rank_rng(path: str, manifest: dict, rank: int) -> tuple[Any, str]:
 def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: bool,
           convert_dtype: bool) -> tuple[str, dict]:
     manifest = read_manifest(path)
+    manifest_file = os.path.join(path, MANIFEST)
+    saved_all = saved_tensors(manifest, manifest_file)  # partitioned: pieces checked against the rule
+    in_file: dict[str, set[str]] = {fname: set() for fname in manifest["files"]}
+    for tensor in saved_all.values():
+        for piece in tensor.pieces:
+            in_file[piece.file].add(tensor.name)
     # 1. Every file: a plain name inside the directory, its header agreeing with the manifest.
     parsed = {}
     for fname, info in manifest["files"].items():
@@ -349,23 +357,22 @@ def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: boo
         header = read_header(file)
         if header.file_size != info["bytes"]:
             raise CheckpointError(f"{file}: {header.file_size} bytes, the manifest says {info['bytes']!r}")
-        unlisted = sorted(n for n in header.tensors if manifest["tensors"].get(n, {}).get("file") != fname)
+        unlisted = sorted(set(header.tensors) - in_file[fname])
         if unlisted:
             raise CheckpointError(f"{file}: tensor(s) the manifest does not list in this file: "
                                   f"{', '.join(unlisted[:12])}{' ...' if len(unlisted) > 12 else ''}")
         parsed[fname] = header
-    ckpt: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
-    for name, entry in manifest["tensors"].items():
-        fname = entry["file"]  # read_manifest checked the manifest lists it
-        info = parsed[fname].tensors.get(name)
-        if info is None or TO_SAFETENSORS[info.dtype] != entry["dtype"] or list(info.shape) != entry["shape"]:
-            raise CheckpointError(f"{parsed[fname].path}: tensor {name!r} in the file does not match the manifest "
-                                  f"({entry.get('dtype')}{entry.get('shape')})")
-        ckpt[name] = (fname, info.dtype, info.shape)
+    ckpt: dict[str, tuple[Optional[str], torch.dtype, tuple[int, ...]]] = {}
+    for name, tensor in saved_all.items():
+        for piece in tensor.pieces:
+            info = parsed[piece.file].tensors.get(name)
+            if info is None or info.dtype != tensor.dtype or info.shape != tensor.piece_shape(piece):
+                raise CheckpointError(f"{parsed[piece.file].path}: tensor {name!r} in the file does not match the "
+                                      f"manifest ({TO_SAFETENSORS[tensor.dtype]}{list(tensor.piece_shape(piece))})")
+        ckpt[name] = (None if tensor.partitioned else tensor.pieces[0].file, tensor.dtype, tensor.shape)
     # 2. Checkpoint tensors -> this trainer's state; all problems reported at once.
     plan = match_slots(runtime, ckpt, manifest, convert_dtype, path)
     saved = manifest["trainer"]
-    manifest_file = os.path.join(path, MANIFEST)
     groups = saved["param_groups"]
     if len(groups) != len(runtime.optimizer.param_groups):
         raise CheckpointError(f"{path}: {len(groups)} optimizer param group(s) saved, the trainer has "
@@ -394,12 +401,13 @@ def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: boo
                         "- load a good checkpoint before training or saving")
     _, absent_state = plan.pop("")
     store = runtime.store
+    partition = partition_of(runtime)
+    here = Layout(partition.world_size, ALIGN_ELEMENTS) if partition is not None else Layout()
     largest = max((math.prod(shape) * 4 for _, _, shape in ckpt.values()), default=1)
     with staging_blocks(runtime.pool, staging_bytes_for(store, largest)) as blocks:
-        for fname, header in parsed.items():
-            targets = {name: target for name, (file, target) in plan.items() if file == fname}
-            crcs = {name: manifest["tensors"][name]["crc32c"] for name in header.tensors}
-            load_safetensors(header, targets, store, blocks, crcs, manifest["files"][fname]["crc32c"])
+        load_tensors(manifest, parsed, saved_all, {name: targets for name, (_f, targets) in plan.items()}, store,
+                     blocks, here=here, there=saved_layout(manifest, manifest_file), rank=runtime.distributed.rank,
+                     world_size=runtime.distributed.world_size)
     if absent_state:
         drop_absent_state(runtime, absent_state)
     runtime.invalidate()  # staged weights are the old ones; a new accumulation window

@@ -55,10 +55,11 @@ from .format import (
     read_json_file,
     split_shards,
 )
-from .layout import Layout, saved_layout, saved_tensors
+from .layout import RULE, Layout, saved_layout, saved_tensors
 from .manifest import (
     FORMAT,
     MAX_MANIFEST_BYTES,
+    PARTITIONED_VERSION,
     VERSION,
     RngState,
     check_scheduler_state,
@@ -66,6 +67,7 @@ from .manifest import (
     parse_rng,
     read_manifest,
 )
+from .ranks import on_main_rank, save_partitioned
 from .reshard import load_tensors
 from .slots import Slot, drop_absent_state, match_slots, partition_of, state_slots
 from .transfer import Entry, StoreSource, staging_bytes_for, write_safetensors
@@ -82,30 +84,6 @@ MAX_RNG_FILE_BYTES = 1 << 20
 def rng_file(rank: int) -> str:
     """The name of rank ``rank``'s RNG states in a checkpoint directory (ranks >= 1)."""
     return f"rng-rank-{rank:05d}.json"
-
-
-def on_main_rank(runtime: "OffloadRuntime", what: str, write: Callable[[], _R]) -> _R:
-    """``write()`` on rank 0 only (its result must be JSON: a path, a list of files); the other
-    ranks wait for it and return the same result, or raise rank 0's error. One process: ``write()``.
-    The others wait inside a collective: ``collective_timeout_s`` must exceed the longest write."""
-    spec = runtime.distributed
-    if not spec.is_distributed:
-        return write()
-    result: Any = None
-    error: Optional[BaseException] = None
-    if spec.is_main:
-        try:
-            result = write()
-        except BaseException as exc:  # told to the others first, raised below
-            error = exc
-    payload = json.dumps(dict(ok=error is None, result=result, error=f"{type(error).__name__}: {error}"
-                              if error is not None else None)).encode() if spec.is_main else b""
-    told = json.loads(all_gather_bytes(payload, spec, f"{what} (waiting for rank 0)")[0])
-    if error is not None:
-        raise error
-    if not told["ok"]:
-        raise CheckpointError(f"{what} failed on rank 0, which writes it: {told['error']}")
-    return told["result"]
 
 
 # ---------------------------------------------------------------------------------------------- JSON state
@@ -196,55 +174,76 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
             if lr_scheduler is not None else None
         groups = _json(_param_groups(runtime), "the optimizer's param_groups", exact=False)
         slots = [s for s in state_slots(runtime) if s.source is not None]
-        shards = split_shards(slots, max_shard)
+        # Partitioned: the store tensors' pieces go into this rank's files, the rest into rank 0's.
+        whole = [s for s in slots if s.range is None]
+        shards = split_shards(whole, max_shard)
+        own = split_shards([s for s in slots if s.range is not None and s.nbytes], max_shard)
     except Exception as exc:
         failure = exc
     failure = agreed_failure(runtime.distributed, failure, "save_checkpoint")
     if failure is not None:
         raise failure
 
-    # Several ranks: every rank's RNG states to rank 0, which writes (the state is replicated).
+    # Several ranks: every rank's RNG states to rank 0, which writes them.
     rngs = [json.loads(b) for b in all_gather_bytes(json.dumps(_rng_state()).encode(), runtime.distributed,
                                                     "save_checkpoint (RNG states)")]
+    root = CheckpointRoot(os.fspath(save_dir))
+    partition = partition_of(runtime)
+
+    def manifest_of(files: dict, tensors: dict) -> dict:
+        scaler = runtime.scaler.state_dict() if runtime.scaler is not None else None
+        layout = None if partition is None else dict(world_size=partition.world_size, align_elements=ALIGN_ELEMENTS,
+                                                     rule=RULE)
+        return dict(
+            format=FORMAT, version=VERSION if layout is None else PARTITIONED_VERSION, tag=tag,
+            created_ns=time.time_ns(), world_size=runtime.distributed.world_size, partition=layout,
+            dtype=runtime.config.dtype, optimizer_state_dtype=runtime.config.optimizer_state_dtype,
+            optimizer=runtime.config.optimizer.type, gradient_accumulation_steps=runtime.gradient_accumulation_steps,
+            files=files, tensors=tensors,
+            trainer=dict(micro_steps=runtime.micro_steps, global_steps=runtime.global_steps,
+                         skipped_steps=runtime.skipped_steps, last_grad_norm=runtime.last_grad_norm,
+                         loss_scaler=scaler, param_groups=groups, param_group_members=_group_members(runtime)),
+            lr_scheduler=scheduler, rng=rngs[0], client_state=client)
+
+    def write_replicated(tmp: str) -> tuple[dict, dict]:
+        files, tensors = _write_state(runtime, tmp, shards)
+        for rank, state in enumerate(rngs[1:], start=1):
+            write_file(tmp, rng_file(rank), json.dumps(state).encode())
+        return files, tensors
+
+    def retain(final: str) -> None:
+        try:
+            _retain(root, keep_last)
+        except OSError as exc:
+            raise CheckpointWriteError(root.root, exc, f"checkpoint {tag!r} was saved at {final} and 'latest' "
+                                                       f"names it, but removing old checkpoints (keep_last="
+                                                       f"{keep_last}) in {root.root} failed: {exc}") from exc
+
+    if partition is not None:
+        final = save_partitioned(runtime, root, tag, slots, own, write_replicated, manifest_of, retain)
+        logger.info("checkpoint saved: %s (rank %d of %d wrote its shards)", final, runtime.distributed.rank,
+                    runtime.distributed.world_size)
+        return final
 
     def write() -> str:
-        root = CheckpointRoot(os.fspath(save_dir))
         with root.saving():  # one saver per directory: retention would delete another's checkpoints
-            final = _save_locked(runtime, root, tag, shards, groups, scheduler, client, rngs)
-            try:
-                _retain(root, keep_last)
-            except OSError as exc:
-                raise CheckpointWriteError(root.root, exc, f"checkpoint {tag!r} was saved at {final} and 'latest' "
-                                                           f"names it, but removing old checkpoints (keep_last="
-                                                           f"{keep_last}) in {root.root} failed: {exc}") from exc
+            final = _save_locked(root, tag, write_replicated, manifest_of)
+            retain(final)
         return final
     return on_main_rank(runtime, "save_checkpoint", write)
 
 
-def _save_locked(runtime: "OffloadRuntime", root: CheckpointRoot, tag: str, shards: list[list[Slot]], groups: list,
-                 scheduler: Any, client: Any, rngs: list[dict]) -> str:
-    """Writes checkpoint ``tag`` under a temporary name and commits it; returns its directory.
-    ``rngs``: each rank's RNG states (rank 0's into the manifest, the others' into their files)."""
+def _save_locked(root: CheckpointRoot, tag: str, write_replicated: Callable[[str], tuple[dict, dict]],
+                 manifest_of: Callable[[dict, dict], dict]) -> str:
+    """Writes checkpoint ``tag`` under a temporary name and commits it; returns its directory."""
     tmp = root.begin(tag)
     try:
-        files, tensors = _write_state(runtime, tmp, shards)
-        for rank, state in enumerate(rngs[1:], start=1):
-            write_file(tmp, rng_file(rank), json.dumps(state).encode())
+        files, tensors = write_replicated(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves it to the next save)
         raise
-    scaler = runtime.scaler.state_dict() if runtime.scaler is not None else None
-    manifest = dict(
-        format=FORMAT, version=VERSION, tag=tag, created_ns=time.time_ns(),
-        dtype=runtime.config.dtype, optimizer_state_dtype=runtime.config.optimizer_state_dtype,
-        optimizer=runtime.config.optimizer.type, gradient_accumulation_steps=runtime.gradient_accumulation_steps,
-        files=files, tensors=tensors,
-        trainer=dict(micro_steps=runtime.micro_steps, global_steps=runtime.global_steps,
-                     skipped_steps=runtime.skipped_steps, last_grad_norm=runtime.last_grad_norm,
-                     loss_scaler=scaler, param_groups=groups, param_group_members=_group_members(runtime)),
-        lr_scheduler=scheduler, rng=rngs[0], client_state=client)
     try:
-        write_file(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_file(tmp, MANIFEST, json.dumps(manifest_of(files, tensors), indent=1).encode())
         pause_point("manifest-written")
         final = root.commit(tmp, tag)  # LatestNotUpdatedError: committed, 'latest' not moved
     except BaseException:

@@ -19,7 +19,9 @@ import shutil
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
-from ..distributed import all_gather_bytes
+import torch
+
+from ..distributed import DistributedSpec, all_gather_bytes
 from ..dtypes import TO_SAFETENSORS
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from .atomic import MANIFEST, CheckpointRoot, pause_point, write_file
@@ -42,7 +44,11 @@ def on_main_rank(runtime: "OffloadRuntime", what: str, write: Callable[[], _R]) 
     """``write()`` on rank 0 only (its result must be JSON: a path, a list of files); the other
     ranks wait for it and return the same result, or raise rank 0's error. One process: ``write()``.
     The others wait inside a collective: ``collective_timeout_s`` must exceed the longest write."""
-    spec = runtime.distributed
+    return on_main(runtime.distributed, what, write)
+
+
+def on_main(spec: DistributedSpec, what: str, write: Callable[[], _R]) -> _R:
+    """:func:`on_main_rank` given the ranks' :class:`~engine.distributed.DistributedSpec`."""
     if not spec.is_distributed:
         return write()
     result: Any = None
@@ -60,6 +66,53 @@ def on_main_rank(runtime: "OffloadRuntime", what: str, write: Callable[[], _R]) 
     if not told["ok"]:
         raise CheckpointError(f"{what} failed on rank 0, which writes it: {told['error']}")
     return told["result"]
+
+
+def export_collectively(spec: DistributedSpec, entries: list[Entry], write: Callable[[list[Entry]], list[str]],
+                        what: str) -> list[str]:
+    """A partitioned export, called by every rank with the same ``entries``, whose producers gather
+    (collectives: ``runtime.weight``). Rank 0 runs ``write(entries)``, which calls each producer once,
+    in order, and writes it; the other ranks call the same producers in the same order and drop each
+    value, so one tensor at a time is whole in a rank's memory. After a failure on rank 0 the
+    producers it did not reach are still called (the others would wait in them), then every rank
+    raises. Returns rank 0's files on rank 0, ``[]`` on the others."""
+    pending = list(range(len(entries)))
+    called: set[int] = set()
+
+    def counted(i: int, produce: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            called.add(i)
+            return produce()
+        return call
+
+    # An empty tensor is never produced (the writer skips it): no gather, on any rank.
+    wrapped = [e if not callable(e.source) else Entry(e.name, e.dtype, e.shape, torch.empty(e.shape, dtype=e.dtype))
+               if e.nbytes == 0 else Entry(e.name, e.dtype, e.shape, counted(i, e.source))
+               for i, e in enumerate(entries)]
+
+    def drain() -> None:
+        for i in pending:
+            if i not in called and callable(wrapped[i].source):
+                del_value = wrapped[i].source()  # type: ignore[operator]
+                del del_value
+
+    if not spec.is_main:
+        drain()
+
+    def main_write() -> list[str]:
+        try:
+            files = write(wrapped)
+        except BaseException:
+            try:
+                drain()
+            except Exception:  # the first error is the one to report
+                pass
+            raise
+        drain()  # (nothing left: the writer calls every producer, in order)
+        return files
+
+    files = on_main(spec, what, main_write)
+    return files if spec.is_main else []
 
 
 def rank_file(rank: int, world_size: int, index: int, count: int) -> str:

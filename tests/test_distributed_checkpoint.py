@@ -160,6 +160,44 @@ def test_corrupt_or_uncovering_pieces_are_refused_naming_file_and_tensor(one_pro
         trainer.load_checkpoint(cut)  # the good one still loads
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_keys_get_their_ranges_from_pieces_of_another_world_size(tmp_path, dtype):
+    """3 saved ranks -> each of 2 loading ranks' store key, segment by segment (4096 elements): a
+    segment crossing a piece boundary is assembled from two files; bf16 keys convert explicitly."""
+    from engine.checkpoint.format import read_header
+    from engine.checkpoint.layout import Layout, saved_tensors
+    from engine.checkpoint.reshard import load_tensors
+    from engine.checkpoint.transfer import StoreTarget
+    from engine.storage import TensorStore
+    from engine.storage.staging import staging_blocks
+
+    full = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0))
+    flat = full.reshape(-1)
+    files, shards = {}, []
+    for r in range(3):
+        a, b = owned_range(flat.numel(), 3, r, ALIGN_ELEMENTS)
+        fname = f"state-rank-{r:05d}.safetensors"
+        save_file({"master/w": flat[a:b].clone()}, str(tmp_path / fname))
+        data = (tmp_path / fname).read_bytes()
+        files[fname] = dict(bytes=len(data), crc32c=crc32c.crc32c(data), rank=r)
+        shards.append(dict(file=fname, start=a, stop=b, rank=r, crc32c=crc32c.crc32c(flat[a:b].numpy())))
+    assert [s["stop"] for s in shards] == [8192, 16384, 20000]
+    manifest = dict(files=files, partition=dict(world_size=3, align_elements=ALIGN_ELEMENTS),
+                    tensors={"master/w": dict(dtype="F32", shape=[4, 5000], partitioned=True, shards=shards)})
+    headers = {f: read_header(str(tmp_path / f)) for f in files}
+    saved = saved_tensors(manifest, "manifest.json")
+    for rank in range(2):
+        a, b = owned_range(flat.numel(), 2, rank, ALIGN_ELEMENTS)
+        os.makedirs(tmp_path / f"store-{rank}")
+        with TensorStore(str(tmp_path / f"store-{rank}"), stripe_size=16 * 1024, grow_step="1MiB") as store:
+            assert store.segment_elements == 4096
+            store.allocate("k", (b - a,), dtype)
+            with staging_blocks(None, 4096 * 4) as blocks:
+                load_tensors(manifest, headers, saved, {"master/w": [StoreTarget("k", a)]}, store, blocks,
+                             here=Layout(2, ALIGN_ELEMENTS), there=Layout(3, ALIGN_ELEMENTS), rank=rank, world_size=2)
+            assert torch.equal(store.get("k"), flat[a:b].to(dtype)), rank
+
+
 def test_partition_rule_is_the_runtimes():
     for world in (1, 2, 3, 4):
         for numel in (0, 1, 2047, 2048, 2049, 10_000, 3 * 2048 + 5):

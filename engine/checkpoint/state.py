@@ -15,9 +15,13 @@ manifest
     scheduler's ``state_dict`` when one is passed, RNG states (torch, CUDA, numpy,
     python) and the user's ``client_state``.
 
-Several ranks (replicated state, :mod:`engine.distributed`): rank 0 writes the checkpoint while
-the others wait for its result (:func:`on_main_rank`: every rank returns the path, or raises
-rank 0's error); each rank's RNG states go with it, ``rng-rank-<r>.json`` beside the manifest
+Several ranks (:mod:`engine.distributed`). Replicated state: rank 0 writes the checkpoint while
+the others wait for its result (:func:`~.ranks.on_main_rank`: every rank returns the path, or
+raises rank 0's error). Partitioned state (``runtime.partition``, manifest version 2): every rank
+writes its pieces of the store tensors into rank 0's temporary directory, rank 0 the whole
+tensors and the manifest (:func:`~.ranks.save_partitioned`); a load with any world size reads
+the element ranges it now owns from whichever files hold them (:mod:`.layout`, :mod:`.reshard`).
+The manifest records the world size. Each rank's RNG states go with it, ``rng-rank-<r>.json`` beside the manifest
 for ranks r >= 1 (rank 0's are the manifest's ``rng``), so a resumed rank draws what it would
 have drawn. Every rank loads the same checkpoint, so the world size may change: a rank the
 checkpoint has no RNG file for (more ranks than were saved) takes rank 0's. A load that fails
@@ -32,12 +36,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 
 from .._log import logger
@@ -61,7 +63,6 @@ from .manifest import (
     MAX_MANIFEST_BYTES,
     PARTITIONED_VERSION,
     VERSION,
-    RngState,
     check_scheduler_state,
     group_updates,
     parse_rng,
@@ -69,6 +70,7 @@ from .manifest import (
 )
 from .ranks import on_main_rank, save_partitioned
 from .reshard import load_tensors
+from .rng import rank_rng, rng_file, rng_state, set_rng_state
 from .slots import Slot, drop_absent_state, match_slots, partition_of, state_slots
 from .transfer import Entry, StoreSource, staging_bytes_for, write_safetensors
 
@@ -77,13 +79,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_SHARD = "2GiB"
 PathLike = Union[str, "os.PathLike[str]"]
-_R = TypeVar("_R")
-MAX_RNG_FILE_BYTES = 1 << 20
-
-
-def rng_file(rank: int) -> str:
-    """The name of rank ``rank``'s RNG states in a checkpoint directory (ranks >= 1)."""
-    return f"rng-rank-{rank:05d}.json"
 
 
 # ---------------------------------------------------------------------------------------------- JSON state
@@ -112,25 +107,6 @@ def _nan_equal(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_nan_equal(x, y) for x, y in zip(a, b))
     return a == b
-
-
-def _rng_state() -> dict:
-    py = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = dict(torch=bytes(torch.get_rng_state().numpy()).hex(),
-                 python=[py[0], list(py[1]), py[2]],
-                 numpy=[name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)])
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [bytes(s.numpy()).hex() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: RngState) -> None:
-    torch.set_rng_state(state.torch)
-    random.setstate(state.python)
-    np.random.set_state(state.numpy)
-    if state.cuda is not None:  # parse_rng checked the device count and each state's size
-        torch.cuda.set_rng_state_all(state.cuda)
 
 
 def _param_groups(runtime: "OffloadRuntime") -> list[dict]:
@@ -185,7 +161,7 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
         raise failure
 
     # Several ranks: every rank's RNG states to rank 0, which writes them.
-    rngs = [json.loads(b) for b in all_gather_bytes(json.dumps(_rng_state()).encode(), runtime.distributed,
+    rngs = [json.loads(b) for b in all_gather_bytes(json.dumps(rng_state()).encode(), runtime.distributed,
                                                     "save_checkpoint (RNG states)")]
     root = CheckpointRoot(os.fspath(save_dir))
     partition = partition_of(runtime)
@@ -292,16 +268,27 @@ def _write_state(runtime: "OffloadRuntime", tmp: str, shards: list[list[Slot]]) 
 def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optional[str] = None,
                     lr_scheduler: Any = None, load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
     """See :meth:`Trainer.load_checkpoint`. Several ranks: each loads the same checkpoint; when one
-    fails, every rank raises (none trains on alone)."""
+    fails, every rank raises (none trains on alone): a checkpoint another rank found bad is a
+    :class:`CheckpointError` here too, and a rank that had loaded its part refuses to save it
+    (the ranks' states no longer belong together; with partitioned loads another rank may
+    have been the one verifying a file this rank read)."""
     failure: Optional[BaseException] = None
+    loaded: Optional[tuple[str, dict]] = None
     try:
         path = _shared_choice(runtime, load_dir, tag)
         loaded = _load(runtime, path, lr_scheduler, load_rng, convert_dtype)
     except BaseException as exc:
         failure = exc
-    failure = agreed_failure(runtime.distributed, failure, "load_checkpoint")
-    if failure is not None:
-        raise failure
+    agreed = agreed_failure(runtime.distributed, failure, "load_checkpoint")
+    if agreed is not None and failure is None:  # another rank failed
+        if loaded is not None:
+            runtime.poisoned = (f"loading checkpoint {loaded[0]} failed on another rank ({agreed}); load a good "
+                                "checkpoint on every rank before training or saving")
+        if "CheckpointError: " in str(agreed):
+            raise CheckpointError(str(agreed)) from agreed
+    if agreed is not None:
+        raise agreed
+    assert loaded is not None
     return loaded
 
 
@@ -327,17 +314,6 @@ def _shared_choice(runtime: "OffloadRuntime", load_dir: PathLike, tag: Optional[
         raise error
     assert mine is not None
     return mine
-
-
-def _rank_rng(path: str, manifest: dict, rank: int) -> tuple[Any, str]:
-    """This rank's saved RNG states: its own file (ranks >= 1), else rank 0's from the manifest."""
-    file = os.path.join(path, rng_file(rank))
-    if rank == 0 or not os.path.isfile(file):
-        if rank:
-            logger.info("checkpoint %s has no RNG states of rank %d (saved with fewer ranks): it takes rank 0's",
-                        path, rank)
-        return manifest.get("rng"), os.path.join(path, MANIFEST)
-    return read_json_file(file, "RNG states", MAX_RNG_FILE_BYTES), file
 
 
 def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: bool,
@@ -388,7 +364,7 @@ def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: boo
         raise CheckpointError(f"{path}: an lr_scheduler was passed but the checkpoint holds no scheduler state")
     scheduler = check_scheduler_state(manifest_file, manifest["lr_scheduler"], lr_scheduler.state_dict()) \
         if lr_scheduler is not None else None
-    saved_rng, rng_source = _rank_rng(path, manifest, runtime.distributed.rank) if load_rng else (None, "")
+    saved_rng, rng_source = rank_rng(path, manifest, runtime.distributed.rank) if load_rng else (None, "")
     rng = parse_rng(saved_rng, rng_source) if saved_rng else None
     for what in ("optimizer", "gradient_accumulation_steps"):
         mine = runtime.config.optimizer.type if what == "optimizer" else runtime.gradient_accumulation_steps
@@ -426,7 +402,7 @@ def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: boo
     elif manifest.get("lr_scheduler") is not None:
         logger.info("checkpoint %s holds LR scheduler state; pass lr_scheduler= to restore it", path)
     if rng is not None:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     runtime.poisoned = None
     logger.info("checkpoint loaded: %s (step %d)", path, runtime.global_steps)
     return path, manifest.get("client_state") or {}

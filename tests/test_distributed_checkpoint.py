@@ -160,53 +160,6 @@ def test_corrupt_or_uncovering_pieces_are_refused_naming_file_and_tensor(one_pro
         trainer.load_checkpoint(cut)  # the good one still loads
 
 
-def _as_partitioned_by_one_rank(trainer) -> None:
-    """Makes a one-process runtime look partitioned over one rank: every store key a 1-D tensor of
-    the elements it owns (all of them), ``runtime.partition`` set - the save and export paths of
-    partitioned state without the rest of the core (the runtime cannot train like this)."""
-    store = trainer.runtime.store
-    for key in list(store.keys()):
-        if key[0] == "grad":  # allocated, written during a window only
-            continue
-        value = store.get(key)
-        store.free(key)
-        store.put(key, value.reshape(-1))
-    trainer.runtime.partition = Partition(DistributedSpec())
-
-
-def test_partitioned_save_and_export_paths_by_one_rank(one_process, tmp_path):
-    root, saved, _, data = one_process
-    nvme = str(tmp_path / "nvme")
-    os.makedirs(nvme)
-    with engine.initialize(tiny_llama(), _config(nvme)) as trainer:
-        trainer.load_checkpoint(saved)
-        before = _state(trainer)
-        trainer.save_pretrained(str(tmp_path / "export-whole"))
-        _as_partitioned_by_one_rank(trainer)
-        path = trainer.save_checkpoint(str(tmp_path / "ckpt"))
-        files = trainer.save_pretrained(str(tmp_path / "export-gathered"))
-        assert files and all(f.startswith(str(tmp_path / "export-gathered")) for f in files)
-        trainer.load_checkpoint(path)  # the same layout: the direct path of each rank's own file
-    with open(os.path.join(path, "manifest.json")) as f:
-        manifest = json.load(f)
-    assert manifest["version"] == 2 and manifest["world_size"] == 1
-    assert manifest["partition"]["world_size"] == 1 and manifest["partition"]["align_elements"] == ALIGN_ELEMENTS
-    ranked = [n for n, i in manifest["files"].items() if i.get("rank") == 0]
-    assert ranked == ["state-rank-00000-of-00001-00001-of-00001.safetensors"]
-    partitioned = {n for n, t in manifest["tensors"].items() if t.get("partitioned")}
-    assert {f"exp_avg/{s}" for s in (n[len("param/"):] for n in before if n.startswith("param/"))} <= partitioned
-    whole = load_file(str(tmp_path / "export-whole" / "model.safetensors"))
-    gathered = load_file(str(tmp_path / "export-gathered" / "model.safetensors"))
-    assert whole.keys() == gathered.keys() and all(torch.equal(whole[n], gathered[n]) for n in whole)
-    # ... and that checkpoint loads into an ordinary one-process trainer, state bit for bit
-    os.makedirs(tmp_path / "nvme2")
-    with engine.initialize(tiny_llama(), _config(str(tmp_path / "nvme2"))) as trainer:
-        trainer.load_checkpoint(str(tmp_path / "ckpt"))
-        after = _state(trainer)
-    for name, value in before.items():
-        assert torch.equal(after[name], value), name
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_keys_get_their_ranges_from_pieces_of_another_world_size(tmp_path, dtype):
     """3 saved ranks -> each of 2 loading ranks' store key, segment by segment (4096 elements): a

@@ -229,6 +229,12 @@ WORKER = textwrap.dedent('''
     data = batches(a["steps"], shape=(4, 16))
     mine = list(shard_indices(4, spec))
     out = dict(rank=spec.rank, world=spec.world_size, partitioned=trainer.runtime.partition is not None)
+    if a.get("fail_write") == rank:  # this rank's shard write fails (a full disk)
+        import engine.checkpoint.ranks as ranks_mod
+
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device (test)")
+        ranks_mod.write_own = full_disk
     start = 0
     try:
         if a.get("load"):
@@ -416,3 +422,13 @@ def test_a_corrupt_shard_fails_the_load_on_every_rank(ranks, two_saved):
     for r, out in enumerate(outs):
         assert out.get("error", "").startswith("CheckpointError"), (r, out.get("error"))
         assert fname in out["error"], (r, out["error"])
+
+
+def test_a_failed_shard_write_fails_every_rank_and_leaves_no_checkpoint(ranks, two_saved):
+    target = os.path.join(ranks.root, "ckpt-failed")
+    outs = ranks.run(2, "failed-save", steps=3, load=os.path.join(ranks.root, "ckpt-two"), save=target, save_at=3,
+                     fail_write=1)
+    assert "No space left on device (test)" in outs[1].get("error", ""), outs[1].get("error")
+    assert outs[0].get("error", "").startswith("CheckpointError: save_checkpoint failed on rank 1"), outs[0]
+    assert "no checkpoint was written" in outs[0]["error"]
+    assert sorted(os.listdir(target)) == []  # no tag, no 'latest', no temporary directory, lock released

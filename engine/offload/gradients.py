@@ -23,7 +23,9 @@ block's store write starts once the copy's event completed; compute waits for a 
 when staging is full (or the next micro-batch reads the same slot back). "separate": a
 synchronous copy. Counted in :attr:`device_stats` (``d2h_bytes``, ``d2h_wait_s``).
 
-Several ranks (data-parallel, :mod:`engine.distributed`): the window's gradient is averaged across
+Several ranks with replicated state (``Config.state_partitioning="replicated"``; the default,
+partitioned state, uses :class:`~engine.offload.sharded_gradients.ShardedGradients` instead): the
+window's gradient is averaged across
 ranks once, at the accumulation boundary - on the accumulated value of the window's last
 micro-batch, in the staging block, before it is written (one all-reduce per gradient per window
 instead of one per micro-batch, and no extra store read or write). A later contribution to the

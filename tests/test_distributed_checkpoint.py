@@ -214,7 +214,7 @@ WORKER = textwrap.dedent('''
     sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
     import torch
     from safetensors.torch import save_file
-    from helpers import batches, tiny_llama
+    from helpers import batches, peft_llama, tiny_llama
     import engine
     from engine.distributed import shard_indices
     from engine.offload.keys import StoreKey
@@ -223,8 +223,9 @@ WORKER = textwrap.dedent('''
     rank = int(os.environ.get("RANK", "0"))
     cfg = engine.Config(nvme_path=a["nvme"], device="cpu", optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
                         gradient_accumulation_steps=1, gradient_clipping=1.0, resident_threshold_bytes=4096,
-                        state_partitioning=a["mode"], collective_timeout_s=60)
-    trainer = engine.initialize(tiny_llama(), cfg)
+                        state_partitioning=a["mode"], collective_timeout_s=60,
+                        trainable_placement="memory" if a.get("lora") else "nvme")
+    trainer = engine.initialize(peft_llama() if a.get("lora") else tiny_llama(), cfg)
     spec = trainer.runtime.distributed
     data = batches(a["steps"], shape=(4, 16))
     mine = list(shard_indices(4, spec))
@@ -251,11 +252,14 @@ WORKER = textwrap.dedent('''
     if "error" not in out:
         names = [s.name for s in trainer.runtime.trainable]
         state = {f"param/{n}": trainer.runtime.parameter(n).clone().reshape(-1) for n in names}  # gathers
-        for n in names:  # this rank's own pieces of the moments
+        for n in names if not a.get("lora") else []:  # this rank's own pieces of the moments
             for kind in ("exp_avg", "exp_avg_sq"):
                 state[f"{kind}/{n}"] = trainer.runtime.store.get(StoreKey.moment(kind, n)).clone().reshape(-1)
         save_file(state, os.path.join(a["out"], f"state-{a['tag']}-{rank}.safetensors"))
-        if a.get("export"):
+        if a.get("export") and a.get("lora"):
+            out["exported"] = trainer.save_adapter(a["export"])
+            out["merged"] = trainer.merge_and_export(a["export"] + "-merged")
+        elif a.get("export"):
             out["exported"] = trainer.save_pretrained(a["export"])
     with open(os.path.join(a["out"], f"out-{a['tag']}-{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -432,3 +436,21 @@ def test_a_failed_shard_write_fails_every_rank_and_leaves_no_checkpoint(ranks, t
     assert outs[0].get("error", "").startswith("CheckpointError: save_checkpoint failed on rank 1"), outs[0]
     assert "no checkpoint was written" in outs[0]["error"]
     assert sorted(os.listdir(target)) == []  # no tag, no 'latest', no temporary directory, lock released
+
+
+def test_lora_in_dram_over_a_partitioned_base_resumes_and_exports_from_two_ranks(ranks):
+    """DRAM placement: the adapters' state is replicated (rank 0's file), the frozen base partitioned."""
+    export = os.path.join(ranks.root, "adapter-2")
+    two = ranks.run(2, "lora", lora=True, save=os.path.join(ranks.root, "ckpt-lora"), save_at=2, export=export)
+    with open(os.path.join(two[0]["saved"], "manifest.json")) as f:
+        tensors = json.load(f)["tensors"]
+    assert all(not t.get("partitioned") for n, t in tensors.items() if "lora_" in n)
+    assert any(t.get("partitioned") for n, t in tensors.items() if "base_layer" in n)
+    again = ranks.run(2, "lora-resume", lora=True, load=os.path.join(ranks.root, "ckpt-lora"))
+    for r in range(2):
+        _equal_weights(again[r], two[r], f"LoRA 2 -> 2 rank {r}")
+    assert two[1]["exported"] == [] and two[1]["merged"] == [] and two[0]["exported"] and two[0]["merged"]
+    adapter = load_file(os.path.join(export, "adapter_model.safetensors"))
+    assert adapter and all("lora_" in n for n in adapter)
+    merged = load_file(os.path.join(export + "-merged", "model.safetensors"))
+    assert not any("lora_" in n for n in merged) and "model.layers.0.self_attn.q_proj.weight" in merged

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
 from .._log import logger
+from ..distributed import Partition
 from ..dtypes import nbytes
 from ..offload.keys import MOMENTS, StoreKey
 from ..offload.params import KEY_ATTR, persistent_buffers
@@ -51,12 +52,12 @@ class Slot:
         return nbytes(self.stored_shape, self.dtype)
 
 
-def partition_of(runtime: "OffloadRuntime") -> Any:
-    """The runtime's :class:`~engine.distributed.partition.Partition`, None when store tensors are whole."""
-    return getattr(runtime, "partition", None)
+def partition_of(runtime: "OffloadRuntime") -> Optional[Partition]:
+    """The runtime's partition, None when its store tensors are whole (one process, or replicated)."""
+    return runtime.partition
 
 
-def _from_store(store: TensorStore, name: str, key: StoreKey, shape: tuple[int, ...], partition: Any,
+def _from_store(store: TensorStore, name: str, key: StoreKey, shape: tuple[int, ...], partition: Optional[Partition],
                 target=None) -> Slot:
     """A store tensor of full ``shape``; partitioned, the key holds this rank's 1-D piece."""
     meta = store.meta(key)

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from .checkpoint.hf import save_pretrained
+from .checkpoint.slots import partition_of
 from .checkpoint.state import load_checkpoint, save_checkpoint
 from .config import Config
+from .distributed import DistributedSpec
 from .memory.profiler import phase as profile_phase
 from .offload.materialize import Initializer
 from .offload.optimizer import OffloadedOptimizer
@@ -166,24 +168,43 @@ class Trainer:
         """Writes the weights as Hugging Face sharded safetensors (``model.safetensors`` or
         ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) with ``config.json``,
         streamed from the store one tensor at a time. ``dtype``: export dtype (default: the
-        model's compute dtype; ``torch.float32`` exports the fp32 masters). Returns the files."""
+        model's compute dtype; ``torch.float32`` exports the fp32 masters). Returns the files.
+
+        Several ranks: with partitioned state (the default) this is COLLECTIVE - call it on EVERY
+        rank (as DeepSpeed's ``save_16bit_model``): each tensor is gathered and written by rank 0,
+        one at a time; the other ranks return ``[]``. Replicated state: rank 0 writes, the others
+        return ``[]`` at once (``if rank == 0:`` works). The same holds for :meth:`save_adapter`
+        and :meth:`merge_and_export`."""
         self.runtime.check_open("save_pretrained")
-        if not self.runtime.distributed.is_main:
-            return []  # several ranks: the replicas are equal and rank 0 writes (no collective: any rank may call)
+        if not self._export_here():
+            return []
         return save_pretrained(self.runtime, save_dir, max_shard_size=max_shard_size, dtype=dtype)
 
     def save_adapter(self, directory: str) -> list[str]:
-        """Saves the LoRA adapters in peft's format (``PeftModel.from_pretrained`` loads them)."""
+        """Saves the LoRA adapters in peft's format (``PeftModel.from_pretrained`` loads them).
+        Partitioned state: collective, call it on every rank (see :meth:`save_pretrained`)."""
         self.runtime.check_open("save_adapter")
-        if not self.runtime.distributed.is_main:
-            return []  # several ranks: rank 0 writes
-        return save_adapter(self, directory)  # peft reads values through .module and .weight (ours)
+        if not self._export_here():
+            return []
+        # peft reads values through .module and .weight (ours)
+        return save_adapter(self, directory, ranks=self._export_ranks())
 
     def merge_and_export(self, directory: str, *, max_shard_size: Union[int, str] = "5GB",
                          dtype: Optional[torch.dtype] = None) -> list[str]:
-        """Streams the base weights with the adapters merged to safetensors shards, one tensor at a time."""
+        """Streams the base weights with the adapters merged to safetensors shards, one tensor at a time.
+        Partitioned state: collective, call it on every rank (see :meth:`save_pretrained`)."""
         self.runtime.check_open("merge_and_export")
+        if not self._export_here():
+            return []
         # the facade itself, not the runtime: values come through self.weight, which callers may wrap
-        if not self.runtime.distributed.is_main:
-            return []  # several ranks: rank 0 writes
-        return merge_and_export(self, directory, max_shard_size=max_shard_size, dtype=dtype)
+        return merge_and_export(self, directory, max_shard_size=max_shard_size, dtype=dtype,
+                                ranks=self._export_ranks())
+
+    def _export_ranks(self) -> Optional[DistributedSpec]:
+        """The ranks an export is collective over: all of them with partitioned state, else none."""
+        return self.runtime.distributed if partition_of(self.runtime) is not None else None
+
+    def _export_here(self) -> bool:
+        """Whether this rank takes part in an export: rank 0, or every rank with partitioned state
+        (replicated: the replicas are equal and rank 0 writes, no collective - any rank may call)."""
+        return self.runtime.distributed.is_main or self._export_ranks() is not None

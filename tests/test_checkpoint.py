@@ -1199,10 +1199,10 @@ def test_the_enospc_helper_lets_a_write_to_a_closed_fd_fail_as_it_would(tmp_path
 def test_cuda_rng_states_are_checked_against_the_devices_before_anything_is_set(tmp_path, monkeypatch):
     """A CUDA state of the wrong size fails in parse_rng (before the load writes the trainer), not
     in set_rng_state_all at the end. (CPU-only CI: torch.cuda's device queries are faked.)"""
-    from engine.checkpoint import state as state_mod
     from engine.checkpoint.manifest import parse_rng
+    from engine.checkpoint.rng import rng_state
 
-    saved = json.loads(json.dumps(state_mod._rng_state()))
+    saved = json.loads(json.dumps(rng_state()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: torch.zeros(16, dtype=torch.uint8))

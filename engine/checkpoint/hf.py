@@ -40,6 +40,8 @@ from .format import (
 )
 from .hf_writer import SAFE_INDEX, SAFE_WEIGHTS, write_model
 from .private import PrivateOutput
+from .ranks import export_collectively
+from .slots import partition_of
 from .transfer import Entry, StoreSource, staging_bytes_for
 
 if TYPE_CHECKING:
@@ -226,9 +228,11 @@ def _kept_name(model: nn.Module, names: list[str]) -> str:
     return names[0]
 
 
-def export_entries(runtime: "OffloadRuntime", dtype: Optional[torch.dtype] = None) -> list[Entry]:
+def export_entries(runtime: "OffloadRuntime", dtype: Optional[torch.dtype] = None, gather: bool = False) -> list[Entry]:
     """The model's weights (and persistent buffers) as Hugging Face names them, each from where it
-    lives now: the store, the runtime's in-memory masters, or the module."""
+    lives now: the store, the runtime's in-memory masters, or the module. ``gather`` (partitioned
+    state): a store tensor is read whole when its turn comes, through ``runtime.parameter`` /
+    ``runtime.weight`` (a gather, collective: see :func:`~.ranks.export_collectively`)."""
     model, store = runtime.module, runtime.store
     trainable = {spec.name for spec in runtime.trainable}
     in_memory = runtime.placement is TrainablePlacement.DRAM
@@ -247,6 +251,8 @@ def export_entries(runtime: "OffloadRuntime", dtype: Optional[torch.dtype] = Non
             source = StoreSource(StoreKey.param(canonical))  # the store copy is the truth
         else:
             source = p.detach()
+        if gather and isinstance(source, StoreSource):
+            source = _gathered(runtime, canonical, master=source.key == StoreKey.master(canonical), dtype=want)
         entries.append(Entry(_kept_name(model, names), want, tuple(p.shape), source))
     for full, buf in persistent_buffers(model):
         entries.append(Entry(full, buf.dtype if not buf.is_floating_point() else (dtype or buf.dtype),
@@ -254,12 +260,32 @@ def export_entries(runtime: "OffloadRuntime", dtype: Optional[torch.dtype] = Non
     return entries
 
 
+def _gathered(runtime: "OffloadRuntime", name: str, master: bool, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """The whole value of parameter ``name`` when its turn comes (the fp32 master, or its weight)."""
+    def read() -> torch.Tensor:
+        value = runtime.parameter(name) if master else runtime.weight(name)
+        return value.detach().to("cpu", dtype).contiguous()
+    return read
+
+
 def save_pretrained(runtime: "OffloadRuntime", save_dir: PathLike, *, max_shard_size: Union[int, str] = "5GB",
                     dtype: Optional[torch.dtype] = None) -> list[str]:
-    """See :meth:`Trainer.save_pretrained`."""
+    """See :meth:`Trainer.save_pretrained`. Partitioned state (``runtime.partition``): COLLECTIVE,
+    every rank calls it; each tensor is gathered and written by rank 0, one at a time; the other
+    ranks return ``[]``."""
     save_dir = os.fspath(save_dir)
     limit = parse_bytes(max_shard_size)
-    entries = export_entries(runtime, dtype)
+    if partition_of(runtime) is not None:
+        entries = export_entries(runtime, dtype, gather=True)
+
+        def write(gathered: list[Entry]) -> list[str]:
+            return _write_pretrained(runtime, save_dir, limit, gathered, dtype)
+        return export_collectively(runtime.distributed, entries, write, "save_pretrained")
+    return _write_pretrained(runtime, save_dir, limit, export_entries(runtime, dtype), dtype)
+
+
+def _write_pretrained(runtime: "OffloadRuntime", save_dir: str, limit: int, entries: list[Entry],
+                      dtype: Optional[torch.dtype]) -> list[str]:
     store, module = runtime.store, runtime.module
     largest = max((e.nbytes for e in entries if isinstance(e.source, StoreSource)), default=1)
     config = getattr(module, "config", None)

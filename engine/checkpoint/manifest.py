@@ -24,11 +24,14 @@ from .atomic import MANIFEST
 from .format import ST_TO_DTYPE, CheckpointError, read_json_file
 
 FORMAT = "memascend-checkpoint"
-VERSION = 1
+VERSION = 1              # whole tensors (one process, or replicated ranks)
+PARTITIONED_VERSION = 2  # per-rank pieces of the store tensors (see :mod:`.layout`)
+VERSIONS = (VERSION, PARTITIONED_VERSION)
 MAX_MANIFEST_BYTES = 256 << 20  # ~200 bytes per tensor: a million tensors
 MAX_COUNTER = (1 << 63) - 1     # step counters are int64 wherever they go
 TOP_KEYS = {"format", "version", "tag", "created_ns", "dtype", "optimizer_state_dtype", "optimizer",
-            "gradient_accumulation_steps", "files", "tensors", "trainer", "lr_scheduler", "rng", "client_state"}
+            "gradient_accumulation_steps", "files", "tensors", "trainer", "lr_scheduler", "rng", "client_state",
+            "world_size", "partition"}
 TRAINER_KEYS = {"micro_steps", "global_steps", "skipped_steps", "last_grad_norm", "loss_scaler", "param_groups",
                 "param_group_members"}
 COUNTERS = ("micro_steps", "global_steps", "skipped_steps")
@@ -85,9 +88,9 @@ def read_manifest(path: str) -> dict:
     manifest = read_json_file(file, "manifest", MAX_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in VERSIONS:
         raise CheckpointError(f"{file}: checkpoint format version {_short(manifest.get('version'))}; this engine "
-                              f"reads version {VERSION}")
+                              f"reads versions {list(VERSIONS)}")
     f = _Fields(file)
     f.mapping(manifest, "(top level)", allowed=TOP_KEYS, required={"files", "tensors", "trainer"})
     for key in ("dtype", "optimizer_state_dtype", "optimizer", "tag"):
@@ -97,8 +100,18 @@ def read_manifest(path: str) -> dict:
         f.integer(manifest["gradient_accumulation_steps"], "gradient_accumulation_steps", low=1)
     if "created_ns" in manifest:
         f.integer(manifest["created_ns"], "created_ns")
+    if "world_size" in manifest:
+        f.integer(manifest["world_size"], "world_size", low=1)
+    partition = manifest.get("partition")
+    if partition is not None:
+        f.mapping(partition, "partition", allowed={"world_size", "align_elements", "rule"},
+                  required={"world_size", "align_elements"})
+        f.integer(partition["world_size"], "partition.world_size", low=1, high=1 << 20)
+        f.integer(partition["align_elements"], "partition.align_elements", low=1, high=1 << 30)
+    if (partition is not None) != (manifest["version"] == PARTITIONED_VERSION):
+        raise f.fail("partition", f"must be given exactly in version {PARTITIONED_VERSION} manifests")
     _check_files(f, manifest["files"])
-    _check_tensors(f, manifest["tensors"], manifest["files"])
+    _check_tensors(f, manifest["tensors"], manifest["files"], partition is not None)
     _check_trainer(f, manifest["trainer"])
     if manifest.get("lr_scheduler") is not None:
         f.mapping(manifest["lr_scheduler"], "lr_scheduler")
@@ -110,25 +123,51 @@ def read_manifest(path: str) -> dict:
 def _check_files(f: _Fields, files: Any) -> None:
     for name, info in f.mapping(files, "files").items():
         field = f"files.{name}"
-        f.mapping(info, field, allowed={"bytes", "crc32c"}, required={"bytes", "crc32c"})
+        f.mapping(info, field, allowed={"bytes", "crc32c", "rank"}, required={"bytes", "crc32c"})
         f.integer(info["bytes"], f"{field}.bytes")
+        if "rank" in info:  # the rank that wrote it (partitioned checkpoints)
+            f.integer(info["rank"], f"{field}.rank")
         f.integer(info["crc32c"], f"{field}.crc32c", high=0xFFFFFFFF)  # required: whole-file verification
 
 
-def _check_tensors(f: _Fields, tensors: Any, files: dict) -> None:
+def _check_tensors(f: _Fields, tensors: Any, files: dict, partitioned: bool) -> None:
+    """Whole tensors name their ``file``; partitioned ones (``partitioned: true``) their ``shards``,
+    one piece ``[start, stop)`` per owning rank (checked against the rule by :mod:`.layout`)."""
     for name, entry in f.mapping(tensors, "tensors").items():
         field = f"tensors.{name}"
-        f.mapping(entry, field, allowed={"file", "dtype", "shape", "crc32c"},
-                  required={"file", "dtype", "shape", "crc32c"})
-        if entry["file"] not in files:
-            raise f.fail(f"{field}.file", f"names {_short(entry['file'])}, which 'files' does not list")
+        if isinstance(entry, dict) and entry.get("partitioned") is True:
+            if not partitioned:
+                raise f.fail(f"{field}.partitioned", "is set, but the checkpoint records no partition")
+            f.mapping(entry, field, allowed={"dtype", "shape", "partitioned", "shards"},
+                      required={"dtype", "shape", "partitioned", "shards"})
+            if not isinstance(entry["shards"], list):
+                raise f.fail(f"{field}.shards", f"must be a list, got {_short(entry['shards'])}")
+            for i, shard in enumerate(entry["shards"]):
+                where = f"{field}.shards[{i}]"
+                f.mapping(shard, where, allowed={"file", "start", "stop", "crc32c", "rank"},
+                          required={"file", "start", "stop", "crc32c", "rank"})
+                _listed(f, shard["file"], files, f"{where}.file")
+                for key in ("start", "stop", "rank"):
+                    f.integer(shard[key], f"{where}.{key}")
+                f.integer(shard["crc32c"], f"{where}.crc32c", high=0xFFFFFFFF)
+        else:
+            f.mapping(entry, field, allowed={"file", "dtype", "shape", "crc32c", "partitioned"},
+                      required={"file", "dtype", "shape", "crc32c"})
+            if entry.get("partitioned", False) is not False:
+                raise f.fail(f"{field}.partitioned", f"must be true or false, got {_short(entry['partitioned'])}")
+            _listed(f, entry["file"], files, f"{field}.file")
+            f.integer(entry["crc32c"], f"{field}.crc32c", high=0xFFFFFFFF)
         if entry["dtype"] not in ST_TO_DTYPE:
             raise f.fail(f"{field}.dtype", f"must be one of {sorted(ST_TO_DTYPE)}, got {_short(entry['dtype'])}")
         if not isinstance(entry["shape"], list):
             raise f.fail(f"{field}.shape", f"must be a list of integers, got {_short(entry['shape'])}")
         for i, size in enumerate(entry["shape"]):
             f.integer(size, f"{field}.shape[{i}]")
-        f.integer(entry["crc32c"], f"{field}.crc32c", high=0xFFFFFFFF)
+
+
+def _listed(f: _Fields, name: Any, files: dict, field: str) -> None:
+    if not isinstance(name, str) or name not in files:
+        raise f.fail(field, f"names {_short(name)}, which 'files' does not list")
 
 
 def _check_trainer(f: _Fields, saved: Any) -> None:

@@ -7,12 +7,14 @@ with them and reports every problem in one :class:`CheckpointError`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
 from .._log import logger
+from ..distributed import Partition
 from ..dtypes import nbytes
 from ..offload.keys import MOMENTS, StoreKey
 from ..offload.params import KEY_ATTR, persistent_buffers
@@ -34,19 +36,39 @@ class Slot:
 
     name: str                       # "param/<name>", "master/<name>", ... (str of its StoreKey)
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]          # the FULL shape (also when this rank holds only a part)
     source: Union[StoreSource, torch.Tensor, None]  # None: nothing to save (optimizer state not created yet)
     target: Union[StoreTarget, TensorTarget]
     optional: bool = False          # may be absent from a checkpoint (in-memory moments before the first step)
+    range: Optional[tuple[int, int]] = None  # partitioned: the elements [start, stop) this rank's store holds
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """What this rank holds (and writes): the full shape, or its 1-D piece."""
+        return self.shape if self.range is None else (self.range[1] - self.range[0],)
 
     @property
     def nbytes(self) -> int:
-        return nbytes(self.shape, self.dtype)
+        return nbytes(self.stored_shape, self.dtype)
 
 
-def _from_store(store: TensorStore, name: str, key: StoreKey, target=None) -> Slot:
+def partition_of(runtime: "OffloadRuntime") -> Optional[Partition]:
+    """The runtime's partition, None when its store tensors are whole (one process, or replicated)."""
+    return runtime.partition
+
+
+def _from_store(store: TensorStore, name: str, key: StoreKey, shape: tuple[int, ...], partition: Optional[Partition],
+                target=None) -> Slot:
+    """A store tensor of full ``shape``; partitioned, the key holds this rank's 1-D piece."""
     meta = store.meta(key)
-    return Slot(name, meta.dtype, tuple(meta.shape), StoreSource(key), target or StoreTarget(key))
+    if partition is None:
+        return Slot(name, meta.dtype, tuple(meta.shape), StoreSource(key), target or StoreTarget(key))
+    start, stop = partition.range(math.prod(shape))
+    if math.prod(meta.shape) != stop - start:
+        raise CheckpointError(f"{name}: the store holds {math.prod(meta.shape)} elements, this rank owns "
+                              f"[{start}, {stop}) of the tensor; this is an engine bug, please report it")
+    return Slot(name, meta.dtype, tuple(shape), StoreSource(key), target or StoreTarget(key, start),
+                range=(start, stop))
 
 
 def state_slots(runtime: "OffloadRuntime") -> list[Slot]:
@@ -54,20 +76,24 @@ def state_slots(runtime: "OffloadRuntime") -> list[Slot]:
     store, model = runtime.store, runtime.module
     trainable = {spec.name for spec in runtime.trainable}
     in_memory = runtime.placement is TrainablePlacement.DRAM
+    partition = partition_of(runtime)
     slots: list[Slot] = []
     for name, p in model.named_parameters():
         key = getattr(p, KEY_ATTR, None)
+        shape = tuple(p.shape)  # a streamed parameter's placeholder has the full shape too
         if key is not None and key in store:
-            slots.append(_from_store(store, f"param/{name}", key))
+            slots.append(_from_store(store, f"param/{name}", key, shape, partition))
         elif name in runtime.resident_trainables:
-            # A resident trainable parameter: the store copy is the truth, the module's follows it.
+            # A resident trainable parameter: the store copy is the truth, the module's follows it
+            # (partitioned: the module's copy is whole on every rank, the store holds this rank's part).
             param_key = StoreKey.param(name)
 
             def accept(t: torch.Tensor, key: StoreKey = param_key, p=p) -> None:
-                store.put(key, t.to(store.meta(key).dtype))
+                part = t if partition is None else partition.own_slice(t.reshape(-1))
+                store.put(key, part.to(store.meta(key).dtype))
                 p.data.copy_(t)
 
-            slots.append(_from_store(store, f"param/{name}", param_key, TensorTarget(accept)))
+            slots.append(_from_store(store, f"param/{name}", param_key, shape, partition, TensorTarget(accept)))
         elif name in trainable and in_memory and _master_is_param(runtime, name):
             # a copying device: the fp32 host master is the parameter's value (saved and loaded as it)
             m = runtime.backend.master(name)  # type: ignore[attr-defined]
@@ -80,7 +106,7 @@ def state_slots(runtime: "OffloadRuntime") -> list[Slot]:
             slots.extend(_in_memory_slots(runtime, name, p))
         elif name in trainable:
             keys = ([StoreKey.master(name)] if runtime.mixed else []) + [StoreKey.moment(m, name) for m in MOMENTS]
-            slots.extend(_from_store(store, str(k), k) for k in keys)
+            slots.extend(_from_store(store, str(k), k, shape, partition) for k in keys)
     for full, buf in persistent_buffers(model):
         slots.append(Slot(f"buffer/{full}", buf.dtype, tuple(buf.shape), buf.detach(),
                           TensorTarget(lambda t, buf=buf: buf.copy_(t))))

@@ -15,9 +15,13 @@ manifest
     scheduler's ``state_dict`` when one is passed, RNG states (torch, CUDA, numpy,
     python) and the user's ``client_state``.
 
-Several ranks (replicated state, :mod:`engine.distributed`): rank 0 writes the checkpoint while
-the others wait for its result (:func:`on_main_rank`: every rank returns the path, or raises
-rank 0's error); each rank's RNG states go with it, ``rng-rank-<r>.json`` beside the manifest
+Several ranks (:mod:`engine.distributed`). Replicated state: rank 0 writes the checkpoint while
+the others wait for its result (:func:`~.ranks.on_main_rank`: every rank returns the path, or
+raises rank 0's error). Partitioned state (``runtime.partition``, manifest version 2): every rank
+writes its pieces of the store tensors into rank 0's temporary directory, rank 0 the whole
+tensors and the manifest (:func:`~.ranks.save_partitioned`); a load with any world size reads
+the element ranges it now owns from whichever files hold them (:mod:`.layout`, :mod:`.reshard`).
+The manifest records the world size. Each rank's RNG states go with it, ``rng-rank-<r>.json`` beside the manifest
 for ranks r >= 1 (rank 0's are the manifest's ``rng``), so a resumed rank draws what it would
 have drawn. Every rank loads the same checkpoint, so the world size may change: a rank the
 checkpoint has no RNG file for (more ranks than were saved) takes rank 0's. A load that fails
@@ -32,16 +36,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 
 from .._log import logger
-from ..distributed import agreed_failure, all_gather_bytes
+from ..distributed import ALIGN_ELEMENTS, agreed_failure, all_gather_bytes
 from ..dtypes import TO_SAFETENSORS
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from ..units import parse_bytes
@@ -55,55 +57,28 @@ from .format import (
     read_json_file,
     split_shards,
 )
+from .layout import RULE, Layout, saved_layout, saved_tensors
 from .manifest import (
     FORMAT,
     MAX_MANIFEST_BYTES,
+    PARTITIONED_VERSION,
     VERSION,
-    RngState,
     check_scheduler_state,
     group_updates,
     parse_rng,
     read_manifest,
 )
-from .slots import Slot, drop_absent_state, match_slots, state_slots
-from .transfer import Entry, StoreSource, load_safetensors, staging_bytes_for, write_safetensors
+from .ranks import on_main_rank, save_partitioned
+from .reshard import load_tensors
+from .rng import rank_rng, rng_file, rng_state, set_rng_state
+from .slots import Slot, drop_absent_state, match_slots, partition_of, state_slots
+from .transfer import Entry, StoreSource, staging_bytes_for, write_safetensors
 
 if TYPE_CHECKING:
     from ..offload.runtime import OffloadRuntime
 
 DEFAULT_MAX_SHARD = "2GiB"
 PathLike = Union[str, "os.PathLike[str]"]
-_R = TypeVar("_R")
-MAX_RNG_FILE_BYTES = 1 << 20
-
-
-def rng_file(rank: int) -> str:
-    """The name of rank ``rank``'s RNG states in a checkpoint directory (ranks >= 1)."""
-    return f"rng-rank-{rank:05d}.json"
-
-
-def on_main_rank(runtime: "OffloadRuntime", what: str, write: Callable[[], _R]) -> _R:
-    """``write()`` on rank 0 only (its result must be JSON: a path, a list of files); the other
-    ranks wait for it and return the same result, or raise rank 0's error. One process: ``write()``.
-    The others wait inside a collective: ``collective_timeout_s`` must exceed the longest write."""
-    spec = runtime.distributed
-    if not spec.is_distributed:
-        return write()
-    result: Any = None
-    error: Optional[BaseException] = None
-    if spec.is_main:
-        try:
-            result = write()
-        except BaseException as exc:  # told to the others first, raised below
-            error = exc
-    payload = json.dumps(dict(ok=error is None, result=result, error=f"{type(error).__name__}: {error}"
-                              if error is not None else None)).encode() if spec.is_main else b""
-    told = json.loads(all_gather_bytes(payload, spec, f"{what} (waiting for rank 0)")[0])
-    if error is not None:
-        raise error
-    if not told["ok"]:
-        raise CheckpointError(f"{what} failed on rank 0, which writes it: {told['error']}")
-    return told["result"]
 
 
 # ---------------------------------------------------------------------------------------------- JSON state
@@ -132,25 +107,6 @@ def _nan_equal(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_nan_equal(x, y) for x, y in zip(a, b))
     return a == b
-
-
-def _rng_state() -> dict:
-    py = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = dict(torch=bytes(torch.get_rng_state().numpy()).hex(),
-                 python=[py[0], list(py[1]), py[2]],
-                 numpy=[name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)])
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [bytes(s.numpy()).hex() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: RngState) -> None:
-    torch.set_rng_state(state.torch)
-    random.setstate(state.python)
-    np.random.set_state(state.numpy)
-    if state.cuda is not None:  # parse_rng checked the device count and each state's size
-        torch.cuda.set_rng_state_all(state.cuda)
 
 
 def _param_groups(runtime: "OffloadRuntime") -> list[dict]:
@@ -194,55 +150,76 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
             if lr_scheduler is not None else None
         groups = _json(_param_groups(runtime), "the optimizer's param_groups", exact=False)
         slots = [s for s in state_slots(runtime) if s.source is not None]
-        shards = split_shards(slots, max_shard)
+        # Partitioned: the store tensors' pieces go into this rank's files, the rest into rank 0's.
+        whole = [s for s in slots if s.range is None]
+        shards = split_shards(whole, max_shard)
+        own = split_shards([s for s in slots if s.range is not None and s.nbytes], max_shard)
     except Exception as exc:
         failure = exc
     failure = agreed_failure(runtime.distributed, failure, "save_checkpoint")
     if failure is not None:
         raise failure
 
-    # Several ranks: every rank's RNG states to rank 0, which writes (the state is replicated).
-    rngs = [json.loads(b) for b in all_gather_bytes(json.dumps(_rng_state()).encode(), runtime.distributed,
+    # Several ranks: every rank's RNG states to rank 0, which writes them.
+    rngs = [json.loads(b) for b in all_gather_bytes(json.dumps(rng_state()).encode(), runtime.distributed,
                                                     "save_checkpoint (RNG states)")]
+    root = CheckpointRoot(os.fspath(save_dir))
+    partition = partition_of(runtime)
+
+    def manifest_of(files: dict, tensors: dict) -> dict:
+        scaler = runtime.scaler.state_dict() if runtime.scaler is not None else None
+        layout = None if partition is None else dict(world_size=partition.world_size, align_elements=ALIGN_ELEMENTS,
+                                                     rule=RULE)
+        return dict(
+            format=FORMAT, version=VERSION if layout is None else PARTITIONED_VERSION, tag=tag,
+            created_ns=time.time_ns(), world_size=runtime.distributed.world_size, partition=layout,
+            dtype=runtime.config.dtype, optimizer_state_dtype=runtime.config.optimizer_state_dtype,
+            optimizer=runtime.config.optimizer.type, gradient_accumulation_steps=runtime.gradient_accumulation_steps,
+            files=files, tensors=tensors,
+            trainer=dict(micro_steps=runtime.micro_steps, global_steps=runtime.global_steps,
+                         skipped_steps=runtime.skipped_steps, last_grad_norm=runtime.last_grad_norm,
+                         loss_scaler=scaler, param_groups=groups, param_group_members=_group_members(runtime)),
+            lr_scheduler=scheduler, rng=rngs[0], client_state=client)
+
+    def write_replicated(tmp: str) -> tuple[dict, dict]:
+        files, tensors = _write_state(runtime, tmp, shards)
+        for rank, state in enumerate(rngs[1:], start=1):
+            write_file(tmp, rng_file(rank), json.dumps(state).encode())
+        return files, tensors
+
+    def retain(final: str) -> None:
+        try:
+            _retain(root, keep_last)
+        except OSError as exc:
+            raise CheckpointWriteError(root.root, exc, f"checkpoint {tag!r} was saved at {final} and 'latest' "
+                                                       f"names it, but removing old checkpoints (keep_last="
+                                                       f"{keep_last}) in {root.root} failed: {exc}") from exc
+
+    if partition is not None:
+        final = save_partitioned(runtime, root, tag, slots, own, write_replicated, manifest_of, retain)
+        logger.info("checkpoint saved: %s (rank %d of %d wrote its shards)", final, runtime.distributed.rank,
+                    runtime.distributed.world_size)
+        return final
 
     def write() -> str:
-        root = CheckpointRoot(os.fspath(save_dir))
         with root.saving():  # one saver per directory: retention would delete another's checkpoints
-            final = _save_locked(runtime, root, tag, shards, groups, scheduler, client, rngs)
-            try:
-                _retain(root, keep_last)
-            except OSError as exc:
-                raise CheckpointWriteError(root.root, exc, f"checkpoint {tag!r} was saved at {final} and 'latest' "
-                                                           f"names it, but removing old checkpoints (keep_last="
-                                                           f"{keep_last}) in {root.root} failed: {exc}") from exc
+            final = _save_locked(root, tag, write_replicated, manifest_of)
+            retain(final)
         return final
     return on_main_rank(runtime, "save_checkpoint", write)
 
 
-def _save_locked(runtime: "OffloadRuntime", root: CheckpointRoot, tag: str, shards: list[list[Slot]], groups: list,
-                 scheduler: Any, client: Any, rngs: list[dict]) -> str:
-    """Writes checkpoint ``tag`` under a temporary name and commits it; returns its directory.
-    ``rngs``: each rank's RNG states (rank 0's into the manifest, the others' into their files)."""
+def _save_locked(root: CheckpointRoot, tag: str, write_replicated: Callable[[str], tuple[dict, dict]],
+                 manifest_of: Callable[[dict, dict], dict]) -> str:
+    """Writes checkpoint ``tag`` under a temporary name and commits it; returns its directory."""
     tmp = root.begin(tag)
     try:
-        files, tensors = _write_state(runtime, tmp, shards)
-        for rank, state in enumerate(rngs[1:], start=1):
-            write_file(tmp, rng_file(rank), json.dumps(state).encode())
+        files, tensors = write_replicated(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves it to the next save)
         raise
-    scaler = runtime.scaler.state_dict() if runtime.scaler is not None else None
-    manifest = dict(
-        format=FORMAT, version=VERSION, tag=tag, created_ns=time.time_ns(),
-        dtype=runtime.config.dtype, optimizer_state_dtype=runtime.config.optimizer_state_dtype,
-        optimizer=runtime.config.optimizer.type, gradient_accumulation_steps=runtime.gradient_accumulation_steps,
-        files=files, tensors=tensors,
-        trainer=dict(micro_steps=runtime.micro_steps, global_steps=runtime.global_steps,
-                     skipped_steps=runtime.skipped_steps, last_grad_norm=runtime.last_grad_norm,
-                     loss_scaler=scaler, param_groups=groups, param_group_members=_group_members(runtime)),
-        lr_scheduler=scheduler, rng=rngs[0], client_state=client)
     try:
-        write_file(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_file(tmp, MANIFEST, json.dumps(manifest_of(files, tensors), indent=1).encode())
         pause_point("manifest-written")
         final = root.commit(tmp, tag)  # LatestNotUpdatedError: committed, 'latest' not moved
     except BaseException:
@@ -291,16 +268,27 @@ def _write_state(runtime: "OffloadRuntime", tmp: str, shards: list[list[Slot]]) 
 def load_checkpoint(runtime: "OffloadRuntime", load_dir: PathLike, *, tag: Optional[str] = None,
                     lr_scheduler: Any = None, load_rng: bool = True, convert_dtype: bool = False) -> tuple[str, dict]:
     """See :meth:`Trainer.load_checkpoint`. Several ranks: each loads the same checkpoint; when one
-    fails, every rank raises (none trains on alone)."""
+    fails, every rank raises (none trains on alone): a checkpoint another rank found bad is a
+    :class:`CheckpointError` here too, and a rank that had loaded its part refuses to save it
+    (the ranks' states no longer belong together; with partitioned loads another rank may
+    have been the one verifying a file this rank read)."""
     failure: Optional[BaseException] = None
+    loaded: Optional[tuple[str, dict]] = None
     try:
         path = _shared_choice(runtime, load_dir, tag)
         loaded = _load(runtime, path, lr_scheduler, load_rng, convert_dtype)
     except BaseException as exc:
         failure = exc
-    failure = agreed_failure(runtime.distributed, failure, "load_checkpoint")
-    if failure is not None:
-        raise failure
+    agreed = agreed_failure(runtime.distributed, failure, "load_checkpoint")
+    if agreed is not None and failure is None:  # another rank failed
+        if loaded is not None:
+            runtime.poisoned = (f"loading checkpoint {loaded[0]} failed on another rank ({agreed}); load a good "
+                                "checkpoint on every rank before training or saving")
+        if "CheckpointError: " in str(agreed):
+            raise CheckpointError(str(agreed)) from agreed
+    if agreed is not None:
+        raise agreed
+    assert loaded is not None
     return loaded
 
 
@@ -328,20 +316,15 @@ def _shared_choice(runtime: "OffloadRuntime", load_dir: PathLike, tag: Optional[
     return mine
 
 
-def _rank_rng(path: str, manifest: dict, rank: int) -> tuple[Any, str]:
-    """This rank's saved RNG states: its own file (ranks >= 1), else rank 0's from the manifest."""
-    file = os.path.join(path, rng_file(rank))
-    if rank == 0 or not os.path.isfile(file):
-        if rank:
-            logger.info("checkpoint %s has no RNG states of rank %d (saved with fewer ranks): it takes rank 0's",
-                        path, rank)
-        return manifest.get("rng"), os.path.join(path, MANIFEST)
-    return read_json_file(file, "RNG states", MAX_RNG_FILE_BYTES), file
-
-
 def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: bool,
           convert_dtype: bool) -> tuple[str, dict]:
     manifest = read_manifest(path)
+    manifest_file = os.path.join(path, MANIFEST)
+    saved_all = saved_tensors(manifest, manifest_file)  # partitioned: pieces checked against the rule
+    in_file: dict[str, set[str]] = {fname: set() for fname in manifest["files"]}
+    for tensor in saved_all.values():
+        for piece in tensor.pieces:
+            in_file[piece.file].add(tensor.name)
     # 1. Every file: a plain name inside the directory, its header agreeing with the manifest.
     parsed = {}
     for fname, info in manifest["files"].items():
@@ -349,23 +332,22 @@ def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: boo
         header = read_header(file)
         if header.file_size != info["bytes"]:
             raise CheckpointError(f"{file}: {header.file_size} bytes, the manifest says {info['bytes']!r}")
-        unlisted = sorted(n for n in header.tensors if manifest["tensors"].get(n, {}).get("file") != fname)
+        unlisted = sorted(set(header.tensors) - in_file[fname])
         if unlisted:
             raise CheckpointError(f"{file}: tensor(s) the manifest does not list in this file: "
                                   f"{', '.join(unlisted[:12])}{' ...' if len(unlisted) > 12 else ''}")
         parsed[fname] = header
-    ckpt: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
-    for name, entry in manifest["tensors"].items():
-        fname = entry["file"]  # read_manifest checked the manifest lists it
-        info = parsed[fname].tensors.get(name)
-        if info is None or TO_SAFETENSORS[info.dtype] != entry["dtype"] or list(info.shape) != entry["shape"]:
-            raise CheckpointError(f"{parsed[fname].path}: tensor {name!r} in the file does not match the manifest "
-                                  f"({entry.get('dtype')}{entry.get('shape')})")
-        ckpt[name] = (fname, info.dtype, info.shape)
+    ckpt: dict[str, tuple[Optional[str], torch.dtype, tuple[int, ...]]] = {}
+    for name, tensor in saved_all.items():
+        for piece in tensor.pieces:
+            info = parsed[piece.file].tensors.get(name)
+            if info is None or info.dtype != tensor.dtype or info.shape != tensor.piece_shape(piece):
+                raise CheckpointError(f"{parsed[piece.file].path}: tensor {name!r} in the file does not match the "
+                                      f"manifest ({TO_SAFETENSORS[tensor.dtype]}{list(tensor.piece_shape(piece))})")
+        ckpt[name] = (None if tensor.partitioned else tensor.pieces[0].file, tensor.dtype, tensor.shape)
     # 2. Checkpoint tensors -> this trainer's state; all problems reported at once.
     plan = match_slots(runtime, ckpt, manifest, convert_dtype, path)
     saved = manifest["trainer"]
-    manifest_file = os.path.join(path, MANIFEST)
     groups = saved["param_groups"]
     if len(groups) != len(runtime.optimizer.param_groups):
         raise CheckpointError(f"{path}: {len(groups)} optimizer param group(s) saved, the trainer has "
@@ -382,7 +364,7 @@ def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: boo
         raise CheckpointError(f"{path}: an lr_scheduler was passed but the checkpoint holds no scheduler state")
     scheduler = check_scheduler_state(manifest_file, manifest["lr_scheduler"], lr_scheduler.state_dict()) \
         if lr_scheduler is not None else None
-    saved_rng, rng_source = _rank_rng(path, manifest, runtime.distributed.rank) if load_rng else (None, "")
+    saved_rng, rng_source = rank_rng(path, manifest, runtime.distributed.rank) if load_rng else (None, "")
     rng = parse_rng(saved_rng, rng_source) if saved_rng else None
     for what in ("optimizer", "gradient_accumulation_steps"):
         mine = runtime.config.optimizer.type if what == "optimizer" else runtime.gradient_accumulation_steps
@@ -394,12 +376,13 @@ def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: boo
                         "- load a good checkpoint before training or saving")
     _, absent_state = plan.pop("")
     store = runtime.store
+    partition = partition_of(runtime)
+    here = Layout(partition.world_size, ALIGN_ELEMENTS) if partition is not None else Layout()
     largest = max((math.prod(shape) * 4 for _, _, shape in ckpt.values()), default=1)
     with staging_blocks(runtime.pool, staging_bytes_for(store, largest)) as blocks:
-        for fname, header in parsed.items():
-            targets = {name: target for name, (file, target) in plan.items() if file == fname}
-            crcs = {name: manifest["tensors"][name]["crc32c"] for name in header.tensors}
-            load_safetensors(header, targets, store, blocks, crcs, manifest["files"][fname]["crc32c"])
+        load_tensors(manifest, parsed, saved_all, {name: targets for name, (_f, targets) in plan.items()}, store,
+                     blocks, here=here, there=saved_layout(manifest, manifest_file), rank=runtime.distributed.rank,
+                     world_size=runtime.distributed.world_size)
     if absent_state:
         drop_absent_state(runtime, absent_state)
     runtime.invalidate()  # staged weights are the old ones; a new accumulation window
@@ -419,7 +402,7 @@ def _load(runtime: "OffloadRuntime", path: str, lr_scheduler: Any, load_rng: boo
     elif manifest.get("lr_scheduler") is not None:
         logger.info("checkpoint %s holds LR scheduler state; pass lr_scheduler= to restore it", path)
     if rng is not None:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     runtime.poisoned = None
     logger.info("checkpoint loaded: %s (step %d)", path, runtime.global_steps)
     return path, manifest.get("client_state") or {}

@@ -187,9 +187,12 @@ def write_safetensors(path: str, entries: list[Entry], store: Optional[TensorSto
 # ---------------------------------------------------------------------------------------------- load
 @dataclass
 class StoreTarget:
-    """Load a tensor into the store under ``key`` (converting to the key's dtype when ``convert``)."""
+    """Load a tensor into the store under ``key`` (converting to the key's dtype when ``convert``).
+    ``start``: the key holds elements ``[start, start + its numel)`` of the flattened tensor (a
+    rank's part of a partitioned tensor; 0 for a whole one)."""
 
     key: Hashable
+    start: int = 0
 
 
 @dataclass

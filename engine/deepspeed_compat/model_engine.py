@@ -181,7 +181,8 @@ class DeepSpeedCompatEngine:
         default ``pytorch_model.bin`` becomes Hugging Face's ``model.safetensors`` (sharded past 5GB,
         with ``config.json``: ``from_pretrained`` loads the directory); another ``save_filename``
         becomes ``<its stem>.safetensors``, one file (private, written atomically; an earlier file of
-        that name is replaced, with a warning). Returns True."""
+        that name is replaced, with a warning). Returns True. Several ranks: call it on every rank,
+        as with DeepSpeed (partitioned state gathers each tensor; rank 0 writes)."""
         if exclude_frozen_parameters:
             raise _refuse("save_16bit_model(exclude_frozen_parameters=True)", "the export holds every weight; "
                           "for LoRA adapters only use model_engine.trainer.save_adapter")
@@ -191,6 +192,11 @@ class DeepSpeedCompatEngine:
             self.trainer.save_pretrained(save_dir)
             return True
         name = check_name(f"{stem}.safetensors", "save_16bit_model file name")
+        if not self.trainer.runtime.distributed.is_main:
+            # Another rank: it takes part in the gathers (partitioned state; replicated: returns at
+            # once) and writes nothing - rank 0 does, as DeepSpeed's save_16bit_model on every rank.
+            self.trainer.save_pretrained(save_dir, max_shard_size=2 ** 62)
+            return True
         # The engine's one private writer: save_pretrained writes one shard into a subdirectory of
         # the output's private staging directory; the shard is renamed there and committed (0600,
         # fsync'ed, renamed into place; the directory fsync'ed when the output closes).

@@ -35,6 +35,7 @@ from torch import nn
 from .. import api
 from .._log import logger
 from ..checkpoint.private import PrivateOutput, json_bytes
+from ..checkpoint.slots import partition_of
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, TrainerClosedError
 from ..peft import LoraLinear, is_peft_model
@@ -283,18 +284,26 @@ class OffloadTrainerMixin:
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """HF safetensors from the engine (the adapters only, for LoRA), tokenizer, ``training_args.json``."""
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
-        if not self.args.should_save:
+        # transformers calls _save on every rank. With partitioned state the engine's export is
+        # collective (every rank gathers, rank 0 writes): every rank takes part, only the saving
+        # one writes the rest.
+        collective = self.engine is not None and not self.engine.runtime.closed and \
+            partition_of(self.engine.runtime) is not None
+        if not self.args.should_save and not collective:
             return
         if state_dict is not None:
             raise ConfigError("save with an explicit state_dict is not supported: the weights live in the engine",
                               "state_dict")
-        os.makedirs(output_dir, exist_ok=True)
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
         if self.engine is None:  # not trained yet: the in-memory model, as transformers saves it (safetensors)
             self.model.save_pretrained(output_dir)
         elif is_peft_model(self.model) or any(isinstance(m, LoraLinear) for m in self.model.modules()):
             self.engine.save_adapter(output_dir)
         else:
             self.engine.save_pretrained(output_dir)
+        if not self.args.should_save:
+            return
         tokenizer = self.processing_class if self.processing_class is not None else \
             getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:

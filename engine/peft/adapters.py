@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from ..checkpoint.private import PrivateOutput, json_bytes
+from ..checkpoint.ranks import on_main
 from ..checkpoint.transfer import Entry, write_safetensors
+from ..distributed import DistributedSpec
 from .lora import LoraConfig, LoraLinear
 
 PEFT_PREFIX = "base_model.model."
@@ -128,38 +130,58 @@ def values_of(source: Source) -> tuple[nn.Module, Callable[[str], torch.Tensor]]
 
 
 def save_adapter(source: Source, directory: Union[str, "os.PathLike[str]"], *,
-                 base_model_name_or_path: Optional[str] = None) -> list[str]:
+                 base_model_name_or_path: Optional[str] = None, ranks: Optional[DistributedSpec] = None) -> list[str]:
     """Saves the LoRA adapters of a trainer (or an in-memory model) in peft's format.
 
     ``PeftModel.from_pretrained(base, directory)`` loads the result. A peft-wrapped model is
     saved by peft itself (with the trainer's values); a built-in LoRA model as peft would save
     it. Files are written privately (see :class:`PrivateOutput`). Returns the paths written.
+
+    ``ranks`` (partitioned state, several ranks): COLLECTIVE - every rank calls it and reads the
+    adapters' values (``weight`` gathers); rank 0 writes them, the others return ``[]``.
     """
     model, value = values_of(source)
-    with PrivateOutput(directory) as out:
-        if is_peft_model(model):
-            seen, state = set(), {}
-            for name, p in model.named_parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    state[name] = value(name).detach().contiguous()
-            model.save_pretrained(out.tmp, state_dict=state)  # it writes with the umask: fixed by commit
-            return out.commit_all()
-        _save_builtin(model, value, out, base_model_name_or_path)
-        return out.written
+    # The adapters' values first (small; with several ranks every rank reads them in the same order).
+    if is_peft_model(model):
+        seen, state = set(), {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                state[name] = value(name).detach().contiguous()
+        values: dict[str, torch.Tensor] = state
+    else:
+        values = _builtin_values(model, value)
+
+    def write() -> list[str]:
+        with PrivateOutput(directory) as out:
+            if is_peft_model(model):
+                model.save_pretrained(out.tmp, state_dict=values)  # it writes with the umask: fixed by commit
+                return out.commit_all()
+            _save_builtin(model, values, out, base_model_name_or_path)
+            return out.written
+    if ranks is None or not ranks.is_distributed:
+        return write()
+    files = on_main(ranks, "save_adapter", write)
+    return files if ranks.is_main else []
 
 
-def _save_builtin(model: nn.Module, value: Callable[[str], torch.Tensor], out: "PrivateOutput",
-                  base_model_name_or_path: Optional[str]) -> None:
+def _builtin_values(model: nn.Module, value: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The built-in LoRA adapters' values under peft's key names."""
     config = getattr(model, "lora_config", None)
     if not isinstance(config, LoraConfig):
         raise ValueError("the model has no built-in LoRA config: apply adapters with engine.peft.apply_lora "
                          "(or wrap it with peft.get_peft_model)")
-    entries = []
+    values = {}
     for layer in lora_layers(model):
         for which, name in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-            t = value(name).detach().contiguous()
-            entries.append(Entry(f"{PEFT_PREFIX}{layer.path}.{which}.weight", t.dtype, tuple(t.shape), t))
+            values[f"{PEFT_PREFIX}{layer.path}.{which}.weight"] = value(name).detach().contiguous()
+    return values
+
+
+def _save_builtin(model: nn.Module, values: dict[str, torch.Tensor], out: "PrivateOutput",
+                  base_model_name_or_path: Optional[str]) -> None:
+    config = model.lora_config
+    entries = [Entry(key, t.dtype, tuple(t.shape), t) for key, t in values.items()]
     write_safetensors(out.path(ADAPTER_WEIGHTS), entries, None, [], metadata={"format": "pt"}, dir_fd=out.tmp_fd)
     out.commit(ADAPTER_WEIGHTS)
     hf_config = getattr(model, "config", None)

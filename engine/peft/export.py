@@ -21,20 +21,26 @@ from torch import nn
 
 from ..checkpoint.hf_writer import write_model
 from ..checkpoint.private import PrivateOutput
+from ..checkpoint.ranks import export_collectively
 from ..checkpoint.transfer import Entry
+from ..distributed import DistributedSpec
 from ..dtypes import TO_SAFETENSORS
 from ..units import parse_bytes
 from .adapters import Source, base_model, lora_layers, values_of
 
 
 def merge_and_export(source: Source, directory: Union[str, "os.PathLike[str]"], *,
-                     max_shard_size: Union[int, str] = "5GB", dtype: Optional[torch.dtype] = None) -> list[str]:
+                     max_shard_size: Union[int, str] = "5GB", dtype: Optional[torch.dtype] = None,
+                     ranks: Optional[DistributedSpec] = None) -> list[str]:
     """Writes the base model with its LoRA adapters merged to ``directory`` as safetensors shards.
 
     ``source``: an engine trainer or runtime (weights read from the store one at a time, adapters
     from the fp32 masters) or an in-memory model with LoRA (built-in or peft). ``dtype``: the dtype
     of the exported floating-point tensors (default: each tensor's current dtype - the base's
     ``frozen_dtype``). Returns the paths written (shards, index, config).
+
+    ``ranks`` (partitioned state, several ranks): COLLECTIVE - every rank calls it; each tensor is
+    gathered (``weight``) and merged on every rank, written by rank 0; the others return ``[]``.
     """
     model, value = values_of(source)
     limit = parse_bytes(max_shard_size)
@@ -49,9 +55,14 @@ def merge_and_export(source: Source, directory: Union[str, "os.PathLike[str]"], 
     floating = [e.dtype for e in entries if e.dtype.is_floating_point]
     # config.json names what the weights are stored in (e.g. the bf16 base), so loaders keep it.
     config_dtype = max(set(floating), key=floating.count) if floating else None
-    with PrivateOutput(directory) as out:
-        write_model(out, entries, limit, config=config, config_dtype=config_dtype)
-        return out.written
+
+    def write(produced: list[Entry]) -> list[str]:
+        with PrivateOutput(directory) as out:
+            write_model(out, produced, limit, config=config, config_dtype=config_dtype)
+            return out.written
+    if ranks is not None and ranks.is_distributed:
+        return export_collectively(ranks, entries, write, "merge_and_export")
+    return write(entries)
 
 
 def _entries(model: nn.Module, value: Callable[[str], torch.Tensor], dtype: Optional[torch.dtype]) -> list[Entry]:

@@ -307,7 +307,7 @@ def test_a_dead_rank_ends_the_survivor_with_a_distributed_error(runs, nvme_runs)
     assert survivor.returncode != 0
     assert "DistributedError" in survivor.stderr and "failed on rank 0 of 2" in survivor.stderr, \
         survivor.stderr[-3000:]
-    assert "gradient of" in survivor.stderr
+    assert "gradient of" in survivor.stderr or "weights of" in survivor.stderr  # a reduce-scatter or a gather
     assert not os.path.exists(os.path.join(runs.root, "ckpt-dies"))  # nothing half-written
     # the last checkpoint still loads
     again = runs.run(1, "after-death", load=os.path.join(runs.root, "ckpt-two"))

@@ -366,19 +366,24 @@ def _disk_tensors(trainable, params, compute: torch.dtype, state: torch.dtype, c
     return out
 
 
-def check_disk(plan: MemoryPlan, paths: list[str]) -> None:
+def check_disk(plan: MemoryPlan, paths: list[str], *, ranks: Optional[list[list[str]]] = None) -> None:
     """Raises :class:`PlanError` when a path's file system cannot hold the plan's bytes placed
     there: each path holds its share (:func:`~engine.storage.store.path_share`, the figure the
-    store checks and reserves), and paths on one file system share its free space."""
+    store checks and reserves), and paths on one file system share its free space. ``ranks``:
+    every rank of this machine's paths (formatted per rank), when several ranks' stores will share
+    the drives (planning before a launch); default: ``paths``, this process's alone."""
+    placed = ranks if ranks is not None else [paths]
     share = path_share(plan.disk_bytes, len(paths), plan.disk_largest_extent)
     groups: dict[int, list[str]] = {}
-    for p in paths:
-        groups.setdefault(os.stat(p).st_dev, []).append(p)
+    for rank_paths in placed:
+        for p in rank_paths:
+            groups.setdefault(os.stat(p).st_dev, []).append(p)
     for members in groups.values():
         available = available_bytes(members[0])
         needed = share * len(members)
         if needed > available:
             striped = (f" (its share of {format_bytes(plan.disk_bytes)} striped over {len(paths)} paths)"
                        if len(paths) > 1 else "")
-            raise PlanError(f"not enough disk space on {', '.join(members)}: the run needs {format_bytes(needed)}"
-                            f"{striped}, {format_bytes(available)} available")
+            sharing = f" for {len(placed)} ranks" if len(placed) > 1 else ""
+            raise PlanError(f"not enough disk space on {', '.join(dict.fromkeys(members))}: the run needs "
+                            f"{format_bytes(needed)}{sharing}{striped}, {format_bytes(available)} available")

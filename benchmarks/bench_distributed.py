@@ -3,9 +3,10 @@ optimizer time, NVMe bytes, peak RSS and disk use per rank, with ratios to one r
 and the same figures as JSON in benchmarks/results/bench_distributed-<time>.json.
 
     python benchmarks/bench_distributed.py [--steps 4] [--batch 4] [--hidden 256] [--layers 4]
+    python benchmarks/bench_distributed.py --device cuda --dtype bf16 --torchrun --configs 1,2p   # 2 GPUs (gpu_check)
 
 Each configuration runs in fresh processes given torchrun's environment (the 2 ranks on a free
-port), each rank pinned to one thread (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1) and its own swap
+port), each rank pinned to one thread (OMP_NUM_THREADS=MKL_NUM_THREADS=1; ``--threads``) and its own swap
 directory (``nvme_path`` ``.../nvme{rank}``). Partitioned (ZeRO-3 over NVMe), each rank stores and
 updates 1/2 of every tensor: the target is optimizer time and NVMe bytes per rank <= 0.55x of one
 rank's. Replicated, every rank runs the whole optimizer on its own copy (1.0x). Bytes are the
@@ -39,7 +40,8 @@ torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=a["hidden"], intermediate_size=4 * a["hidden"],
                                      num_hidden_layers=a["layers"], num_attention_heads=4, num_key_value_heads=4,
                                      max_position_embeddings=128)).float()
-cfg = engine.Config(nvme_path=a["nvme"], device="cpu", gradient_accumulation_steps=1, gradient_clipping=1.0,
+cfg = engine.Config(nvme_path=a["nvme"], device=a["device"], dtype=a["dtype"], gradient_accumulation_steps=1,
+                    gradient_clipping=1.0,
                     resident_threshold_bytes=4096, trainable_placement="nvme",
                     state_partitioning=a["partitioning"])
 trainer = engine.initialize(model, cfg)
@@ -47,14 +49,18 @@ spec = trainer.runtime.distributed
 g = torch.Generator().manual_seed(1)
 data = [torch.randint(0, 1024, (a["batch"], a["seq"]), generator=g) for _ in range(a["steps"] + 1)]
 mine = list(shard_indices(a["batch"], spec))
-times = []
+times, losses = [], []
 for i, x in enumerate(data):
     if i == 1:
         base = trainer.memory_report()  # step 0 warms up (first reads, allocation)
     t0 = time.perf_counter()
     x = x[mine]
-    trainer.backward(trainer(input_ids=x, labels=x).loss)
+    loss = trainer(input_ids=x, labels=x).loss
+    trainer.backward(loss)
+    losses.append(loss.item())
     trainer.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     if i:
         times.append(time.perf_counter() - t0)
 r = trainer.memory_report()
@@ -64,13 +70,15 @@ out = dict(rank=spec.rank, step_s=sum(times) / len(times),
            optimizer_s=(r["optimizer_compute_s"] - base["optimizer_compute_s"]) / len(times),
            read=(r["bytes_read"] - base["bytes_read"]) / len(times),
            written=(r["bytes_written"] - base["bytes_written"]) / len(times), peak_rss=r["peak_rss_bytes"],
-           disk=disk, planned_disk=r["plan"]["disk_bytes"])
+           disk=disk, planned_disk=r["plan"]["disk_bytes"], device=r["device"],
+           gpu_peak=r["gpu_peak_allocated_bytes"], losses=losses)
 with open(os.path.join(a["out"], f"rank{spec.rank}.json"), "w") as f:
     json.dump(out, f)
 trainer.close()
 '''
-# (label, ranks, state_partitioning)
-CONFIGS = [("1 rank", 1, "partitioned"), ("2 partitioned", 2, "partitioned"), ("2 replicated", 2, "replicated")]
+# --configs name -> (label, ranks, state_partitioning)
+CONFIGS = {"1": ("1 rank", 1, "partitioned"), "2p": ("2 partitioned", 2, "partitioned"),
+           "2r": ("2 replicated", 2, "replicated")}
 
 
 def _port() -> int:
@@ -87,16 +95,24 @@ def run(world: int, partitioning: str, opts: argparse.Namespace, root: str) -> l
     with open(script, "w") as f:
         f.write(_WORKER)
     a = json.dumps(dict(nvme=os.path.join(work, "nvme{rank}"), out=work, steps=opts.steps, batch=opts.batch,
-                        seq=opts.seq, hidden=opts.hidden, layers=opts.layers, partitioning=partitioning))
+                        seq=opts.seq, hidden=opts.hidden, layers=opts.layers, partitioning=partitioning,
+                        device=opts.device, dtype=opts.dtype))
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     # One thread per rank: the ranks' figures compare with one process's on the same single core.
-    base.update(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), MEMASCEND_AUTO_DEVICE="cpu",
-                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    threads = str(opts.threads)
+    base.update(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS=threads,
+                MKL_NUM_THREADS=threads)
+    if opts.device == "cpu":
+        base["MEMASCEND_AUTO_DEVICE"] = "cpu"
     port = str(_port())
-    procs = [subprocess.Popen([sys.executable, script, a], env=dict(
-        base, **({} if world == 1 else dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))))
-             for r in range(world)]
+    if opts.torchrun and world > 1:  # torchrun itself (the GPU check): one launcher, its ranks
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
+                                   "--master-addr=127.0.0.1", f"--master-port={port}", script, a], env=base)]
+    else:  # torchrun's environment, set here: no launcher between the ranks and this script
+        procs = [subprocess.Popen([sys.executable, script, a], env=dict(
+            base, **({} if world == 1 else dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port))))
+                 for r in range(world)]
     if any([p.wait() for p in procs]):  # a list: wait for every rank, not only up to the first failure
         raise SystemExit(f"a rank of the {world}-rank {partitioning} run failed")
     results = []
@@ -120,15 +136,31 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="compute device: cpu (gloo, default) or cuda (NCCL, a GPU per rank)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"which runs, comma-separated, the first being the baseline (default {','.join(CONFIGS)})")
+    p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per rank, the same in every run (1)")
+    p.add_argument("--torchrun", action="store_true", help="launch the ranks with torchrun (default: its "
+                   "environment set by this script)")
+    p.add_argument("--path", default=None, help="directory for the swap files (default: the temp directory)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default benchmarks/results/...)")
     opts = p.parse_args()
+    chosen = opts.configs.split(",")
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown or not chosen or CONFIGS[chosen[0]][1] != 1:
+        p.error(f"--configs: of {', '.join(CONFIGS)}, the first one '1' (got {opts.configs!r})")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-dist-") as root:
-        for label, world, partitioning in CONFIGS:
+    with tempfile.TemporaryDirectory(prefix="bench-dist-", dir=opts.path) as root:
+        for key in chosen:
+            label, world, partitioning = CONFIGS[key]
             rows += [dict(config=label, ranks=world, state_partitioning=partitioning, **r)
                      for r in run(world, partitioning, opts, root)]
     one = rows[0]
     for r in rows:
         r["vs_1_rank"] = ratios(r, one)
+    print(f"{opts.device}, {opts.dtype}, global batch {opts.batch} x seq {opts.seq}, hidden {opts.hidden}, "
+          f"{opts.layers} layers; per rank, per step after a warm-up step")
     print(f"{'config':>14} {'rank':>4} {'step s':>7} {'optim s':>8} {'read MB':>8} {'written MB':>10} "
           f"{'peak RSS MB':>11} {'disk MB':>8}  vs 1 rank (optim, NVMe bytes, disk)")
     for r in rows:
@@ -136,13 +168,21 @@ def main() -> None:
         print(f"{r['config']:>14} {r['rank']:>4} {r['step_s']:>7.3f} {r['optimizer_s']:>8.3f} {r['read'] / 1e6:>8.1f} "
               f"{r['written'] / 1e6:>10.1f} {r['peak_rss'] / 1e6:>11.1f} {r['disk'] / 1e6:>8.1f}  "
               f"{v['optimizer']:.2f}x, {v['nvme_bytes']:.2f}x, {v['disk']:.2f}x")
+    payload = dict(settings=vars(opts), rows=rows, target=TARGET)
     partitioned = [r for r in rows if r["config"] == "2 partitioned"]
-    worst = {k: max(r["vs_1_rank"][k] for r in partitioned) for k in ("optimizer", "nvme_bytes")}
-    met = all(v <= TARGET for v in worst.values())
-    print(f"target (2 partitioned ranks, every rank): optimizer {worst['optimizer']:.2f}x, NVMe bytes "
-          f"{worst['nvme_bytes']:.2f}x <= {TARGET}x: {'met' if met else 'NOT met'}")
-    path = save_result("bench_distributed", dict(settings=vars(opts), rows=rows, target=TARGET,
-                                                 worst_partitioned=worst, target_met=met))
+    if partitioned:
+        worst = {k: max(r["vs_1_rank"][k] for r in partitioned) for k in ("optimizer", "nvme_bytes")}
+        met = all(v <= TARGET for v in worst.values())
+        print(f"target (2 partitioned ranks, every rank): optimizer {worst['optimizer']:.2f}x, NVMe bytes "
+              f"{worst['nvme_bytes']:.2f}x <= {TARGET}x: {'met' if met else 'NOT met'}")
+        payload.update(worst_partitioned=worst, target_met=met)
+    if opts.out:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+        with open(opts.out, "w") as f:
+            json.dump(payload, f, indent=2)
+        path = opts.out
+    else:
+        path = save_result("bench_distributed", payload)
     print("results written to", path)
 
 

@@ -332,3 +332,52 @@ def test_ranks_sharing_a_file_system_are_counted_together(tmp_path, monkeypatch,
     planner.check_disk(p, [str(tmp_path)])  # this rank alone fits
     with pytest.raises(PlanError, match="for 2 ranks"):
         planner.check_disk(p, [str(tmp_path)], ranks=[[str(tmp_path)], [str(tmp_path)]])
+
+
+RANK_WORKER = '''
+import json, os, sys
+sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
+from helpers import batches, tiny_llama
+import engine
+
+a = json.loads(sys.argv[1])
+cfg = engine.Config(nvme_path=a["nvme"], device="cpu", resident_threshold_bytes=4096, trainable_placement="nvme")
+trainer = engine.initialize(tiny_llama(), cfg)
+p = trainer.runtime.plan
+out = dict(world=p.world_size, rank=p.rank, mode=p.state_partitioning, disk=p.disk_bytes,
+           used=trainer.runtime.store.stats()["disk_used"])
+for x in batches(2, shape=(1, 16)):  # two steps: the planned pool carries the whole step
+    trainer.backward(trainer(input_ids=x, labels=x).loss)
+    trainer.step()
+with open(os.path.join(a["out"], f"rank{p.rank}.json"), "w") as f:
+    json.dump(out, f)
+trainer.close()
+'''
+
+
+def test_two_launched_ranks_use_the_disk_their_plan_predicts(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import REPO, child_env, tiny_llama
+
+    script = tmp_path / "worker.py"
+    script.write_text(RANK_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    arg = json.dumps(dict(nvme=str(tmp_path), out=str(tmp_path)))
+    procs = [subprocess.Popen([sys.executable, str(script), arg, REPO], env=child_env(
+        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+        OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = plan(tiny_llama(), Config(device="cpu", resident_threshold_bytes=4096, trainable_placement="nvme"),
+                    world_size=2).disk_bytes
+    assert [(g["world"], g["rank"], g["mode"], g["disk"]) for g in got] == [(2, r, "partitioned", expected)
+                                                                             for r in (0, 1)]
+    assert got[0]["used"] == expected  # rank 0 owns the largest shards: exactly what was planned
+    assert got[1]["used"] <= expected

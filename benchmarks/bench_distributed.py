@@ -10,7 +10,10 @@ port), each rank pinned to one thread (OMP_NUM_THREADS=MKL_NUM_THREADS=1; ``--th
 directory (``nvme_path`` ``.../nvme{rank}``). Partitioned (ZeRO-3 over NVMe), each rank stores and
 updates 1/2 of every tensor: the target is optimizer time and NVMe bytes per rank <= 0.55x of one
 rank's. Replicated, every rank runs the whole optimizer on its own copy (1.0x). Bytes are the
-store's counters per step after a warm-up step; disk is what the rank's swap directory occupies
+store's counters per step after a warm-up step, times the median step: "optim s" the engine's
+optimizer compute (wall clock: inflated when other processes take the cores), "CPU s" the CPU time
+of ``trainer.step()`` in the rank's thread (the update, the norm, the refresh; not the waits);
+optimizer elements are those a rank updates (its shards); disk is what the rank's swap directory occupies
 (allocated blocks) at the end. Step times include the collectives over loopback gloo; on a machine
 with fewer cores than ranks the ranks also share cores.
 """
@@ -29,7 +32,7 @@ from _common import save_result
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = 0.55  # optimizer time and NVMe bytes per rank at 2 partitioned ranks, vs one rank (issue 16)
 _WORKER = r'''
-import json, os, sys, time
+import json, os, statistics, sys, time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 import engine
@@ -49,25 +52,33 @@ spec = trainer.runtime.distributed
 g = torch.Generator().manual_seed(1)
 data = [torch.randint(0, 1024, (a["batch"], a["seq"]), generator=g) for _ in range(a["steps"] + 1)]
 mine = list(shard_indices(a["batch"], spec))
-times, losses = [], []
+times, optim, optim_cpu, losses = [], [], [], []
 for i, x in enumerate(data):
     if i == 1:
         base = trainer.memory_report()  # step 0 warms up (first reads, allocation)
+    before = trainer.runtime.stats().optimizer_compute_s
     t0 = time.perf_counter()
     x = x[mine]
     loss = trainer(input_ids=x, labels=x).loss
     trainer.backward(loss)
     losses.append(loss.item())
+    cpu0 = time.thread_time()  # the update runs in this thread; I/O and collective waits cost no CPU here
     trainer.step()
+    cpu = time.thread_time() - cpu0
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     if i:
         times.append(time.perf_counter() - t0)
+        optim.append(trainer.runtime.stats().optimizer_compute_s - before)
+        optim_cpu.append(cpu)
 r = trainer.memory_report()
+part = trainer.runtime.partition  # None: one process, or replicated
+updated = sum(part.own(s.numel) if part is not None else s.numel for s in trainer.runtime.trainable)
 nvme = a["nvme"].format(rank=spec.rank, local_rank=spec.local_rank)
 disk = sum(os.lstat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(nvme) for f in files)
-out = dict(rank=spec.rank, step_s=sum(times) / len(times),
-           optimizer_s=(r["optimizer_compute_s"] - base["optimizer_compute_s"]) / len(times),
+# Medians of the timed steps: the ranks share cores with whatever else runs (the bytes are exact).
+out = dict(rank=spec.rank, step_s=statistics.median(times), optimizer_s=statistics.median(optim),
+           optimizer_cpu_s=statistics.median(optim_cpu), optimizer_elements=updated,
            read=(r["bytes_read"] - base["bytes_read"]) / len(times),
            written=(r["bytes_written"] - base["bytes_written"]) / len(times), peak_rss=r["peak_rss_bytes"],
            disk=disk, planned_disk=r["plan"]["disk_bytes"], device=r["device"],
@@ -125,6 +136,8 @@ def run(world: int, partitioning: str, opts: argparse.Namespace, root: str) -> l
 def ratios(r: dict, one: dict) -> dict:
     """This rank's figures over one rank's (optimizer time, NVMe bytes read + written, disk)."""
     return dict(optimizer=r["optimizer_s"] / one["optimizer_s"],
+                optimizer_cpu=r["optimizer_cpu_s"] / one["optimizer_cpu_s"],
+                optimizer_elements=r["optimizer_elements"] / one["optimizer_elements"],
                 nvme_bytes=(r["read"] + r["written"]) / (one["read"] + one["written"]),
                 disk=r["disk"] / one["disk"] if one["disk"] else None)
 
@@ -161,20 +174,23 @@ def main() -> None:
         r["vs_1_rank"] = ratios(r, one)
     print(f"{opts.device}, {opts.dtype}, global batch {opts.batch} x seq {opts.seq}, hidden {opts.hidden}, "
           f"{opts.layers} layers; per rank, per step after a warm-up step")
-    print(f"{'config':>14} {'rank':>4} {'step s':>7} {'optim s':>8} {'read MB':>8} {'written MB':>10} "
-          f"{'peak RSS MB':>11} {'disk MB':>8}  vs 1 rank (optim, NVMe bytes, disk)")
+    print(f"{'config':>14} {'rank':>4} {'step s':>7} {'optim s':>8} {'CPU s':>6} {'read MB':>8} {'written MB':>10} "
+          f"{'peak RSS MB':>11} {'disk MB':>8}  vs 1 rank (optim, CPU, elements, NVMe bytes, disk)")
     for r in rows:
         v = r["vs_1_rank"]
-        print(f"{r['config']:>14} {r['rank']:>4} {r['step_s']:>7.3f} {r['optimizer_s']:>8.3f} {r['read'] / 1e6:>8.1f} "
+        print(f"{r['config']:>14} {r['rank']:>4} {r['step_s']:>7.3f} {r['optimizer_s']:>8.3f} "
+              f"{r['optimizer_cpu_s']:>6.3f} {r['read'] / 1e6:>8.1f} "
               f"{r['written'] / 1e6:>10.1f} {r['peak_rss'] / 1e6:>11.1f} {r['disk'] / 1e6:>8.1f}  "
-              f"{v['optimizer']:.2f}x, {v['nvme_bytes']:.2f}x, {v['disk']:.2f}x")
+              f"{v['optimizer']:.2f}x, {v['optimizer_cpu']:.2f}x, {v['optimizer_elements']:.2f}x, "
+              f"{v['nvme_bytes']:.2f}x, {v['disk']:.2f}x")
     payload = dict(settings=vars(opts), rows=rows, target=TARGET)
     partitioned = [r for r in rows if r["config"] == "2 partitioned"]
     if partitioned:
-        worst = {k: max(r["vs_1_rank"][k] for r in partitioned) for k in ("optimizer", "nvme_bytes")}
+        worst = {k: max(r["vs_1_rank"][k] for r in partitioned) for k in ("optimizer", "optimizer_cpu", "nvme_bytes")}
         met = all(v <= TARGET for v in worst.values())
-        print(f"target (2 partitioned ranks, every rank): optimizer {worst['optimizer']:.2f}x, NVMe bytes "
-              f"{worst['nvme_bytes']:.2f}x <= {TARGET}x: {'met' if met else 'NOT met'}")
+        print(f"target (2 partitioned ranks, every rank): optimizer {worst['optimizer']:.2f}x (wall), "
+              f"{worst['optimizer_cpu']:.2f}x (CPU of step()), NVMe bytes {worst['nvme_bytes']:.2f}x <= {TARGET}x: "
+              f"{'met' if met else 'NOT met'}")
         payload.update(worst_partitioned=worst, target_met=met)
     if opts.out:
         os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)

@@ -22,19 +22,60 @@ from __future__ import annotations
 
 import datetime
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Optional
 
+import crc32c
 import torch
 import torch.distributed as dist
 
 from ..dtypes import itemsize
 from ..errors import DistributedError
-from .collectives import run_collective
+from ..memory.pool import PinnedPool
+from ..storage.staging import put_chunked
+from ..storage.store import TensorStore
+from .collectives import all_gather_bytes, run_collective
 from .process_group import DistributedSpec
 
 # Chunk granularity in elements: 4 KiB of a 2-byte dtype (8 KiB of a 4-byte one).
 ALIGN_ELEMENTS = 2048
+
+
+class CollectiveTrail:
+    """The partitioned collectives this rank ran since the last check, as a count and a running
+    checksum of their names (bounded memory), plus the last few names for the error message.
+
+    Ranks whose graphs differ (MoE routing, a conditional branch) would pair one rank's gather or
+    reduce-scatter with another tensor's on a peer; equal sizes go through silently. The trail
+    is compared at every optimizer step (:meth:`check`), before the update is applied."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.crc = 0
+        self.recent: deque[str] = deque(maxlen=8)
+
+    def record(self, what: str) -> None:
+        self.count += 1
+        self.crc = crc32c.crc32c(what.encode(), self.crc)
+        self.recent.append(what)
+
+    def check(self, spec: DistributedSpec, what: str) -> None:
+        """Every rank's trail must be the same; else a DistributedError on every rank. Resets it."""
+        mine = f"{self.count}:{self.crc:08x}"
+        theirs = [b.decode() for b in all_gather_bytes(mine.encode(), spec, what)]
+        recent = list(self.recent)
+        self.reset()
+        differ = [r for r, t in enumerate(theirs) if t != theirs[0]]
+        if differ:
+            raise DistributedError(
+                f"{what}: the ranks ran different collectives (count:checksum per rank {theirs}; this rank's "
+                f"last ones: {recent}). Every rank must run the same graph: the same modules, and gradients for "
+                "the same parameters in the same order (no data-dependent branches or expert routing that "
+                "differ between ranks), as DDP without find_unused_parameters")
 
 
 @dataclass(frozen=True)
@@ -43,6 +84,7 @@ class Partition:
 
     spec: DistributedSpec
     group: Any = None  # the process group host collectives run in (None: the default group)
+    trail: CollectiveTrail = field(default_factory=CollectiveTrail, compare=False, repr=False)
 
     @property
     def rank(self) -> int:
@@ -87,6 +129,7 @@ class Partition:
         receives every rank's chunk, in place."""
         chunk = full.numel() // self.world_size
         mine = full[self.rank * chunk:(self.rank + 1) * chunk]
+        self.trail.record(what)
         run_collective(self.spec, "all_gather", what,
                        lambda: dist.all_gather_single(full, mine, group=self.group))
 
@@ -96,10 +139,28 @@ class Partition:
         elements of that chunk (a view)."""
         chunk = full.numel() // self.world_size
         mine = full[self.rank * chunk:(self.rank + 1) * chunk]
+        self.trail.record(what)
         run_collective(self.spec, "reduce_scatter", what,
                        lambda: dist.reduce_scatter_single(mine, full, op=dist.ReduceOp.SUM, group=self.group))
         mine.div_(self.world_size)
         return mine[:self.own(numel)]
+
+    def full_from_store(self, store: TensorStore, key: Hashable, shape: tuple[int, ...],
+                        dtype: torch.dtype) -> torch.Tensor:
+        """The whole tensor of ``key`` (``shape``), gathered from every rank's shard: collective. A
+        host tensor of its own (``padded`` elements, a view of the first ``numel``): one tensor at a time."""
+        numel = math.prod(shape)
+        full = torch.empty(self.padded(numel), dtype=dtype)
+        start, stop = self.range(numel)
+        if stop > start:
+            full[self.rank * self.chunk(numel):][:stop - start].copy_(store.get(key))
+        self.gather_(full.view(torch.uint8), f"the value of {key!r}")
+        return full[:numel].view(shape)
+
+    def write_own(self, store: TensorStore, key: Hashable, value: torch.Tensor, pool: Optional[PinnedPool]) -> None:
+        """Allocates ``key`` as this rank's shard of the whole tensor ``value`` and writes it
+        (segment by segment through ``pool``)."""
+        put_chunked(store, key, self.own_slice(value.detach().reshape(-1)), pool)
 
     def all_reduce_sum_(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """``tensor`` (host) summed over the ranks in place (the window's statistics)."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import Config
 from ..devices import ComputeDeviceSpec
-from ..distributed import SINGLE, DistributedSpec, rank_paths
+from ..distributed import SINGLE, DistributedSpec, Partition, rank_paths
 from ..dtypes import BY_NAME
 from ..memory.pool import PinnedPool
 from ..storage import cleanup
@@ -39,6 +39,7 @@ from .loss_scaler import DynamicLossScaler
 from .materialize import Initializer, initialize_into_store
 from .planner import MemoryPlan, check_disk
 from .resident import DramGradients, DramOptimizer
+from .sharded_gradients import ShardedGradients
 from .stepper import OptimizerStepper, ParamSpec
 from .streamer import ParameterStreamer
 
@@ -103,12 +104,13 @@ def cast_parameters(model: nn.Module, compute: torch.dtype, frozen: torch.dtype)
 
 def materialize(res: Resources, model: nn.Module, config: Config, initializer: Optional[Initializer], *,
                 trainable: set[str], compute: torch.dtype, frozen: torch.dtype,
-                in_memory: bool) -> dict[str, torch.Tensor]:
+                in_memory: bool, partition: Optional[Partition] = None) -> dict[str, torch.Tensor]:
     """Casts the parameters and, for a meta-device model, initializes them into the store.
 
     Returns the fp32 masters of in-memory trainable parameters (mixed precision); on the NVMe
     path the masters go to ``StoreKey.master(name)`` as the values are first seen, so the
-    fp32 value is the original, not a round trip through the compute dtype."""
+    fp32 value is the original, not a round trip through the compute dtype (``partition``:
+    this rank's shard of it)."""
     store, pool = res.store, res.pool
     assert store is not None and pool is not None
     mixed = compute != torch.float32
@@ -121,6 +123,8 @@ def materialize(res: Resources, model: nn.Module, config: Config, initializer: O
             # a host tensor whatever the model's device (the DRAM optimizer's masters): a model
             # already on the GPU gives its fp32 master by a D2H copy
             masters[name] = value.detach().to("cpu", torch.float32, copy=True)
+        elif partition is not None:
+            partition.write_own(store, StoreKey.master(name), value.detach().float(), pool)
         else:
             put_chunked(store, StoreKey.master(name), value.detach().float(), pool)
 
@@ -140,36 +144,48 @@ def materialize(res: Resources, model: nn.Module, config: Config, initializer: O
             return value  # cast to the parameter's dtype by initialize_into_store
 
         initialize_into_store(model, store, init, resident_threshold_bytes=config.resident_threshold_bytes,
-                              pool=pool, resident_trainable=in_memory)
+                              pool=pool, resident_trainable=in_memory, partition=partition)
     return masters
 
 
 def open_streamer(res: Resources, model: nn.Module, config: Config, plan: MemoryPlan,
-                  device: Optional[ComputeDeviceSpec] = None) -> ParameterStreamer:
+                  device: Optional[ComputeDeviceSpec] = None,
+                  partition: Optional[Partition] = None) -> ParameterStreamer:
     """The streamer over the runtime's store and pool, attached (the runtime installs the gradient hooks);
-    on ``device`` (its kind says whether weights are copied out of staging)."""
+    on ``device`` (its kind says whether weights are copied out of staging); ``partition``: each
+    streamed tensor's store entry is this rank's shard."""
     assert res.store is not None
     res.streamer = ParameterStreamer(
         model, res.store, None if config.pinned_alloc == "torch" else res.pool, prefetch_depth=plan.prefetch_depth,
         resident_threshold_bytes=config.resident_threshold_bytes, buffer_pool=config.buffer_pool,
         buffer_count=config.buffer_count if config.buffer_pool == "uniform" else None,
         pinned_alloc=config.pinned_alloc, restore_on_exit=False, resident_trainable=plan.trainable_in_memory,
-        device=device.device if device is not None else "cpu", copies=device.copies if device is not None else False)
+        device=device.device if device is not None else "cpu", copies=device.copies if device is not None else False,
+        partition=partition)
     res.streamer.attach()
     return res.streamer
 
 
 def nvme_placement(res: Resources, config: Config, plan: MemoryPlan, specs: Sequence[ParamSpec], *,
                    compute: torch.dtype, group_hparams: HParams, device: Optional[ComputeDeviceSpec] = None,
-                   distributed: DistributedSpec = SINGLE) -> None:
-    """The NVMe path: pipelined stepper over store-resident states, gradients offloaded as produced."""
+                   distributed: DistributedSpec = SINGLE, partition: Optional[Partition] = None) -> None:
+    """The NVMe path: pipelined stepper over store-resident states, gradients offloaded as produced.
+    ``partition``: the stepper updates this rank's shard of every parameter (flat, the owned
+    elements) and gradients are reduce-scattered (:class:`ShardedGradients`)."""
     assert res.store is not None and res.pool is not None
     opt = config.optimizer
+    shards = specs if partition is None else \
+        [ParamSpec(s.name, (partition.own(s.numel),), s.group) for s in specs]
     res.backend = stepper = OptimizerStepper(
-        res.store, res.pool, specs, compute_dtype=compute, state_dtype=BY_NAME[config.optimizer_state_dtype],
+        res.store, res.pool, shards, compute_dtype=compute, state_dtype=BY_NAME[config.optimizer_state_dtype],
         sub_group_elements=plan.sub_group_elements, betas=opt.betas, eps=opt.eps,
         adamw_mode=opt.type == "adamw", group_hparams=group_hparams)
     stepper.initialize_states()
+    if partition is not None:
+        res.gradients = ShardedGradients(res.store, res.pool, specs, partition, overflow_check=config.overflow_check,
+                                         staging_bytes=plan.grad_staging_bytes,
+                                         copies=device is not None and device.copies)
+        return
     res.gradients = GradientOffload(res.store, res.pool, specs, grad_buffer=config.grad_buffer,
                                     overflow_check=config.overflow_check, staging_bytes=plan.grad_staging_bytes,
                                     flat_dtype=compute, device=device,  # flat: the compute dtype, as ZeRO-Infinity

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .._log import logger
+from ..distributed import Partition
 from ..errors import InitializationError, PoolExhaustedError
 from ..memory.pool import PinnedPool
 from ..units import format_bytes
@@ -46,7 +47,7 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
                           buffer_initializer: Optional[Initializer] = None,
                           resident_threshold_bytes: int = DEFAULT_RESIDENT_THRESHOLD,
                           device: Union[str, torch.device] = "cpu", pool: Optional[PinnedPool] = None,
-                          resident_trainable: bool = False) -> dict:
+                          resident_trainable: bool = False, partition: Optional[Partition] = None) -> dict:
     """Gives every meta parameter (and meta buffer) of ``model`` its value; large parameters go to ``store``.
 
     Exactly one source of parameters:
@@ -72,6 +73,8 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
 
     ``resident_trainable``: parameters with ``requires_grad`` stay resident whatever their size
     (as the streamer's option of that name). Parameters already off the meta device are left alone.
+    ``partition`` (several ranks, partitioned state): each streamed value is produced whole on every
+    rank and only this rank's shard is written (the streamer must get the same partition).
     Returns a summary with ``streamed``, ``resident``, ``bytes_written``, ``unexpected``
     (state-dict names the model lacks), ``buffers``.
     Raises ValueError for missing parameters or wrong shapes, or a meta buffer nothing computes.
@@ -79,7 +82,7 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
     if (initializer is None) == (state_dict is None):
         raise ValueError("pass exactly one of initializer and state_dict")
     device = torch.device(device)
-    params = discover(model, resident_threshold_bytes, resident_trainable=resident_trainable)
+    params = discover(model, resident_threshold_bytes, resident_trainable=resident_trainable, partition=partition)
     streamed_ids = {id(sp.param): sp for sp in params.streamed.values()}
     # every meta parameter, deduplicated, with all its names
     targets: dict[str, tuple[nn.Parameter, str]] = {}  # any name -> (param, canonical name)
@@ -94,7 +97,7 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
         targets[name] = (param, canonical_of[id(param)])
     meta_buffers = {name: buf for name, buf in model.named_buffers(remove_duplicate=False) if buf.device.type == "meta"}
 
-    largest = max((sp.slot_nbytes for sp in params.streamed.values() if id(sp.param) in canonical_of), default=0)
+    largest = max((sp.write_nbytes for sp in params.streamed.values() if id(sp.param) in canonical_of), default=0)
     own_pool = pool is None and largest > 0
     if own_pool:
         pool = PinnedPool(2 * largest)
@@ -129,19 +132,19 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
         owners = params.owners[id(param)]
         sp = streamed_ids.get(id(param))
         if sp is not None:
-            store.allocate(sp.key, sp.shape, sp.dtype)  # before waiting for a block, as always
+            store.allocate(sp.key, sp.store_shape, sp.dtype)  # before waiting for a block, as always
             if len(pending) == 2:
                 request, idle = pending.pop(0)
                 request.wait()
                 blocks.append(idle)
                 del idle  # a block is freed when its last reference goes
-            block = take_block(sp.slot_nbytes)
+            block = take_block(sp.write_nbytes)
             pending.append((write_to_store(store, sp, value, block), block))
             new = replace_parameter(owners, param, placeholder(sp.shape, sp.dtype, device))
             setattr(new, KEY_ATTR, sp.key)
             sp.param = new
             summary["streamed"] += 1
-            summary["bytes_written"] += sp.slot_nbytes
+            summary["bytes_written"] += sp.write_nbytes
         else:
             replace_parameter(owners, param, value.to(device=device, dtype=param.dtype, copy=True))
             summary["resident"] += 1
@@ -190,14 +193,17 @@ def initialize_into_store(model: nn.Module, store, initializer: Optional[Initial
 def write_to_store(store, sp: StreamedParam, value: torch.Tensor, block: Any, io_buffer: Any = None):
     """Starts writing ``value`` (cast to ``sp.dtype``) to ``sp.key`` through the pinned ``block``
     (a PoolBlock or a staging slot; ``io_buffer``: what the store writes from, default the block).
-    Allocates the store entry; returns the store request."""
-    store.allocate(sp.key, sp.shape, sp.dtype)
-    block.tensor(sp.shape, sp.dtype).copy_(value)
+    Partitioned: only this rank's shard of it. Allocates the store entry; returns the store request."""
+    store.allocate(sp.key, sp.store_shape, sp.dtype)
+    if sp.partition is not None:
+        value = sp.partition.own_slice(value.reshape(-1))
+    block.tensor(sp.store_shape, sp.dtype).copy_(value)
     return store.write_from(sp.key, block if io_buffer is None else io_buffer)
 
 
 def offload_parameters(model: nn.Module, params: ModelParams, store, device: torch.device, *,
-                       acquire: Callable[[int], StagingSlot], release: Callable[[StagingSlot], None],
+                       partition: Optional[Partition] = None, acquire: Callable[[int], StagingSlot],
+                       release: Callable[[StagingSlot], None],
                        mark: Callable[[StreamedParam], None], stats: dict) -> None:
     """Streamed parameters of ``model`` go to the store (``mark`` makes each one a placeholder);
     resident ones and the buffers go to ``device``. Wherever a parameter lives (CPU, or a model
@@ -205,16 +211,17 @@ def offload_parameters(model: nn.Module, params: ModelParams, store, device: tor
 
     A streamed parameter already a placeholder in the store (:func:`initialize_into_store`) is
     checked, not written again. ``acquire(nbytes)``/``release(slot)``: a staging slot to write
-    through; ``stats["bytes_written"]`` counts the bytes written."""
+    through; ``stats["bytes_written"]`` counts the bytes written. ``partition``: the store holds this
+    rank's shard of each tensor (only it is written)."""
     for sp in params.streamed.values():
         param = sp.param
         if getattr(param, KEY_ATTR, None) == sp.key and is_placeholder(param.data):
             if sp.key not in store:
                 raise KeyError(f"{sp.name} is a placeholder but {sp.key!r} is not in the store")
             meta = store.meta(sp.key)
-            if tuple(meta.shape) != sp.shape or meta.dtype != sp.dtype:
+            if tuple(meta.shape) != sp.store_shape or meta.dtype != sp.dtype:
                 raise ValueError(f"{sp.name}: the store holds {meta.dtype}{list(meta.shape)}, "
-                                 f"the model expects {sp.dtype}{list(sp.shape)}")
+                                 f"the model expects {sp.dtype}{list(sp.store_shape)}")
             mark(sp)
             continue
         if param.device.type == "meta":
@@ -222,10 +229,10 @@ def offload_parameters(model: nn.Module, params: ModelParams, store, device: tor
                              "(engine.offload.initialize_into_store)")
         slot = None
         try:
-            store.allocate(sp.key, sp.shape, sp.dtype)  # before the slot, as always
-            slot = acquire(sp.slot_nbytes)
+            store.allocate(sp.key, sp.store_shape, sp.dtype)  # before the slot, as always
+            slot = acquire(sp.write_nbytes)
             write_to_store(store, sp, param.detach(), slot, slot.io_buffer).wait()
-            stats["bytes_written"] += sp.slot_nbytes
+            stats["bytes_written"] += sp.write_nbytes
         finally:
             if slot is not None:
                 release(slot)
@@ -233,8 +240,11 @@ def offload_parameters(model: nn.Module, params: ModelParams, store, device: tor
         mark(sp)
     for name, param in params.resident:
         if is_placeholder(param.data) and getattr(param, KEY_ATTR, None) in store:
-            # made resident again (a larger threshold than the one it was stored with)
-            param.data = store.get(getattr(param, KEY_ATTR)).to(device)
+            # made resident again (a larger threshold than the one it was stored with); partitioned: gathered
+            key = getattr(param, KEY_ATTR)
+            value = store.get(key) if partition is None else \
+                partition.full_from_store(store, key, tuple(param.shape), param.dtype)
+            param.data = value.view(param.shape).to(device)
             delattr(param, KEY_ATTR)
             if type(param) is StreamedParameter:
                 param.__class__ = nn.Parameter

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .. import dtypes
+from ..distributed import Partition
 from ..errors import StreamerDetachedError, StreamingError
 from ..memory.pool import IO_ALIGNMENT
 from .keys import StoreKey
@@ -211,6 +212,7 @@ class StreamedParam:
     dtype: torch.dtype
     aliases: list[str] = field(default_factory=list)
     param_class: type = nn.Parameter  # its class while its data is real
+    partition: Optional[Partition] = None  # several ranks, partitioned: the store holds this rank's shard
 
     def set_placeholder(self, device: torch.device) -> None:
         """Data becomes the placeholder; ops that need the data then ask the streamer (fetch on access)."""
@@ -229,9 +231,38 @@ class StreamedParam:
         return math.prod(self.shape) * dtypes.itemsize(self.dtype)
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def slot_nbytes(self) -> int:
-        """Staging-buffer bytes: the size rounded up to the I/O alignment (as ``TensorStore.buffer_nbytes``)."""
+        """Staging-buffer bytes: the size rounded up to the I/O alignment (as ``TensorStore.buffer_nbytes``);
+        partitioned, the gathered buffer (every rank's chunk, :meth:`Partition.padded`)."""
+        if self.partition is not None:
+            return self.partition.padded_nbytes(self.numel, self.dtype)
         return round_up(self.nbytes)
+
+    @property
+    def store_shape(self) -> tuple[int, ...]:
+        """The shape of its store entry: the whole tensor, or (partitioned) the owned elements, flat."""
+        if self.partition is not None:
+            return (self.partition.own(self.numel),)
+        return self.shape
+
+    @property
+    def store_nbytes(self) -> int:
+        """Bytes of its store entry (the shard, partitioned)."""
+        return math.prod(self.store_shape) * dtypes.itemsize(self.dtype)
+
+    @property
+    def write_nbytes(self) -> int:
+        """Staging bytes to write its store entry from (the shard, partitioned; else ``slot_nbytes``)."""
+        return round_up(self.store_nbytes)
+
+    def shard_offset_nbytes(self) -> int:
+        """Partitioned: where this rank's chunk starts in the gathered slot (4 KiB-aligned)."""
+        assert self.partition is not None
+        return self.partition.rank * self.partition.chunk(self.numel) * dtypes.itemsize(self.dtype)
 
 
 @dataclass(eq=False)
@@ -267,13 +298,15 @@ class ModelParams:
 
 
 def discover(model: nn.Module, resident_threshold_bytes: int, *, resident_trainable: bool = False,
-             dtype_of: Optional[Callable[[nn.Parameter], torch.dtype]] = None) -> ModelParams:
+             dtype_of: Optional[Callable[[nn.Parameter], torch.dtype]] = None,
+             partition: Optional[Partition] = None) -> ModelParams:
     """Splits ``model``'s parameters into streamed and resident ones and finds the units.
 
     Works on models built on the meta device (only shapes and dtypes are read).
     ``resident_trainable``: parameters with ``requires_grad`` stay resident whatever their size
     (their optimizer state is in memory too). ``dtype_of(param)``: the dtype the parameter will
     have when streamed (the planner sizes a model before it is cast); default its own.
+    ``partition``: several ranks with partitioned state (each streamed tensor's store entry is a shard).
     """
     if resident_threshold_bytes < 0:
         raise ValueError(f"resident_threshold_bytes must be >= 0, got {resident_threshold_bytes}")
@@ -302,7 +335,7 @@ def discover(model: nn.Module, resident_threshold_bytes: int, *, resident_traina
                 existing = getattr(param, KEY_ATTR, None)
                 key = existing if existing is not None else param_key(full)
                 cls = nn.Parameter if type(param) is StreamedParameter else type(param)
-                sp = StreamedParam(full, key, param, tuple(param.shape), dtype, [full], cls)
+                sp = StreamedParam(full, key, param, tuple(param.shape), dtype, [full], cls, partition)
                 streamed[key] = sp
                 by_id[id(param)] = sp
                 unit_params.append((attr, sp))

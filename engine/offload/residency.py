@@ -19,6 +19,14 @@ rest), and a demand for a slot when none is free evicts the farthest prefetched 
 
 Which storages are streamed weights right now (``key_of``) is tracked here too: the
 saved-tensor hooks ask it to tell a weight's views from other tensors.
+
+Partitioned state (several ranks, :mod:`engine.distributed.partition`): a read fetches only this
+rank's shard, into its place in a slot sized for the gathered tensor, and a READY entry has no
+weight yet; the first :meth:`Residency.wait` for it all-gathers the slot in place and then makes
+the weight. Reads complete in any order, but waits come in program order (a unit's forward, a
+saved tensor's unpack), the same on every rank, and so do the collectives. For the same reason a
+copying device keeps the slot until the entry is evicted instead of freeing it when its copy
+finishes (a timing that differs between ranks must not change which entries get evicted).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from .._log import warn_once
 from ..units import format_bytes
 from .buffers import BufferPlan, StagingBuffers, StagingExhaustedError, StagingSlot
 from .device_copy import Copies, host_view
-from .params import StreamedParam, StreamingError
+from .params import StreamedParam, StreamingError, round_up
 
 Ptr = tuple  # (device, storage data pointer)
 
@@ -59,7 +67,7 @@ _TRANSITIONS: dict[State, frozenset] = {
 class Entry:
     """A streamed tensor being read or staged in a slot (and on CUDA, on the device)."""
 
-    __slots__ = ("sp", "slot", "request", "weight", "event", "prefetched", "used", "users", "state")
+    __slots__ = ("sp", "slot", "request", "weight", "event", "prefetched", "used", "users", "state", "gathered")
 
     def __init__(self, sp: StreamedParam, slot: Optional[StagingSlot], prefetched: bool):
         self.sp = sp
@@ -71,6 +79,7 @@ class Entry:
         self.used = False
         self.users = 0  # frames whose parameter data it is
         self.state = State.READING
+        self.gathered = sp.partition is None  # partitioned: the slot holds every rank's chunk
 
     def move(self, state: State) -> None:
         if state not in _TRANSITIONS[self.state]:
@@ -162,7 +171,7 @@ class Residency:
             self.stats["zombie_hits"] += 1
             evicted.prefetched = not demand
             self._cache[key] = evicted
-            self._make_weight(evicted)
+            self._make_weight(evicted)  # only a viewed slot is EVICTED: its data is whole (gathered)
             evicted.move(State.READY)
             return
         sp = self.streamed[key]
@@ -171,15 +180,23 @@ class Residency:
             self.stats["prefetch_skipped"] += 1
             return
         entry = Entry(sp, slot, prefetched=not demand)
-        entry.request = self.store.read_into(key, slot.io_buffer)
+        entry.request = self.store.read_into(key, self._read_target(sp, slot))
         if self._inflight == 0:
             self._busy_since = time.perf_counter()
         self._inflight += 1
         self.stats["reads"] += 1
-        self.stats["bytes_read"] += sp.slot_nbytes
+        self.stats["bytes_read"] += sp.store_nbytes if sp.partition is not None else sp.slot_nbytes
         if not demand:
             self.stats["prefetches"] += 1
         self._cache[key] = entry
+
+    @staticmethod
+    def _read_target(sp: StreamedParam, slot: StagingSlot):
+        """Where the store read lands: the slot, or (partitioned) this rank's place in it."""
+        if sp.partition is None:
+            return slot.io_buffer
+        start = sp.shard_offset_nbytes()
+        return slot.tensor((slot.size,), torch.uint8)[start:start + round_up(sp.store_nbytes)]
 
     def slot_for(self, nbytes: int, demand: bool) -> Optional[StagingSlot]:
         """A free slot; on demand, makes room (reclaims, evicts far prefetches, grows) or raises."""
@@ -221,7 +238,7 @@ class Residency:
             if entry.request is not None and entry.request.done():
                 self.retire(entry)
             if self.copies is not None and entry.weight is not None and entry.slot is not None \
-                    and self.copies.finished(entry.event):
+                    and entry.sp.partition is None and self.copies.finished(entry.event):
                 self.buffers.release(entry.slot)
                 entry.slot = None
 
@@ -245,7 +262,8 @@ class Residency:
                 self.stats["read_seconds"] += time.perf_counter() - self._busy_since
         if not use:
             return
-        self._make_weight(entry)
+        if entry.gathered:  # partitioned: made at the first wait, after the all-gather
+            self._make_weight(entry)
         entry.move(State.READY)
 
     def _make_weight(self, entry: Entry) -> None:
@@ -254,9 +272,22 @@ class Residency:
             entry.weight = host_view(entry.slot, sp.shape, sp.dtype)
         else:
             entry.weight, entry.event = self.copies.launch(entry.slot, sp.shape, sp.dtype)
-            if self.copies.finished(entry.event):  # "separate": copied already, the slot is free now
-                self.buffers.release(entry.slot)
+            if sp.partition is None and self.copies.finished(entry.event):
+                self.buffers.release(entry.slot)  # "separate": copied already, the slot is free now
                 entry.slot = None
+
+    def _gather(self, entry: Entry) -> None:
+        """Partitioned: every rank's chunk into the slot (in place), then the weight is made."""
+        sp = entry.sp
+        assert sp.partition is not None and entry.slot is not None
+        start = time.perf_counter()
+        full = entry.slot.tensor((sp.slot_nbytes,), torch.uint8)
+        sp.partition.gather_(full, f"weights of {sp.name!r}")
+        del full
+        self.stats["gathers"] += 1
+        self.stats["gather_seconds"] += time.perf_counter() - start
+        entry.gathered = True
+        self._make_weight(entry)
 
     def wait(self, key: Hashable) -> torch.Tensor:
         """The weight of ``key``, ready for use on the compute device now (reads it on a miss)."""
@@ -270,6 +301,8 @@ class Residency:
             start = time.perf_counter()
             self.retire(entry)
             self.stats["stall_seconds"] += time.perf_counter() - start
+        if not entry.gathered:
+            self._gather(entry)
         entry.used = True
         if self.copies is not None:
             self.copies.hand_over(entry.weight, entry.event)

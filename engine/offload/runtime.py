@@ -46,11 +46,14 @@ from ..config import Config
 from ..devices import ComputeDeviceSpec, resolve_device
 from ..distributed import (
     DistributedSpec,
+    Partition,
+    agree,
     agreed_failure,
     check_same_sequence,
     env_local_rank,
     fingerprints,
     init_from_env,
+    make_partition,
 )
 from ..dtypes import BY_NAME
 from ..errors import TrainerClosedError
@@ -91,6 +94,9 @@ class OffloadRuntime:
         logger.info("compute device: %s (config.device=%r)", self.device, config.device)
         # torchrun: the process group (made from the environment unless one exists); one process: SINGLE
         self.distributed: DistributedSpec = init_from_env(config, self.device)
+        # several ranks, partitioned (the default): each rank's store holds 1/N of every tensor (ZeRO-3)
+        self.partition: Optional[Partition] = make_partition(self.distributed) \
+            if self.distributed.is_distributed and config.state_partitioning == "partitioned" else None
         if buffer_initializer is not None:
             initialize_meta_buffers(model, buffer_initializer)
         self.config = config
@@ -122,10 +128,24 @@ class OffloadRuntime:
         failure = agreed_failure(self.distributed, failure, "engine.initialize")  # no rank trains on alone
         if failure is not None:
             # Give an in-memory model its weights back; a meta-built one has nowhere to keep them.
-            error = self._shutdown(restore_weights=not on_meta)
+            restore = not on_meta and self._can_restore()
+            error = self._shutdown(restore_weights=restore)
             if error is not None:
                 logger.warning("releasing a trainer whose initialization failed also failed: %s", error)
             raise failure
+
+    def _can_restore(self) -> bool:
+        """After a failed build: partitioned, the weights come back by gathering every rank's shard,
+        so only when every rank's streamer attached (else nothing is restored: no rank waits forever)."""
+        if self.partition is None:
+            return True
+        attached = self._res.streamer is not None and self._res.streamer.attached
+        try:
+            agree(self.distributed, None if attached else "its streamer did not attach", "restoring the weights")
+        except Exception as exc:  # DistributedError: some rank cannot give its shards back
+            logger.warning("the model's streamed weights are not restored after the failed initialize: %s", exc)
+            return False
+        return True
 
     def _build(self, initializer: Optional[Initializer], on_meta: bool, param_groups: ParamGroupsLike) -> None:
         cfg, model, res = self.config, self.module, self._res
@@ -151,8 +171,8 @@ class OffloadRuntime:
         assembly.open_storage(res, cfg, self.plan, self.distributed)
         in_memory = self.plan.trainable_in_memory
         masters = assembly.materialize(res, model, cfg, initializer, trainable=trainable, compute=self.compute_dtype,
-                                       frozen=self.frozen_dtype, in_memory=in_memory)
-        streamer = assembly.open_streamer(res, model, cfg, self.plan, self.device)
+                                       frozen=self.frozen_dtype, in_memory=in_memory, partition=self.partition)
+        streamer = assembly.open_streamer(res, model, cfg, self.plan, self.device, self.partition)
         res.hooks = GradientHooks(model, weak_callback(self._on_grad)).install()
         # Only an optimizer step on a streamed weight makes staged copies stale (PEFT: never).
         self._streamed_trainable = any(sp.param.requires_grad for sp in streamer.params.streamed.values())
@@ -160,7 +180,10 @@ class OffloadRuntime:
         if not in_memory:
             self.resident_trainables = {name: p for name, p in streamer.params.resident if name in trainable}
         for name, p in self.resident_trainables.items():
-            self.store.put(StoreKey.param(name), p.detach().cpu())  # the store takes host tensors
+            if self.partition is not None:  # this rank's shard of it
+                self.partition.write_own(self.store, StoreKey.param(name), p.detach().cpu(), self.pool)
+            else:
+                self.store.put(StoreKey.param(name), p.detach().cpu())  # the store takes host tensors
         named = [(n, p) for n, p in model.named_parameters() if n in trainable]
         assembly.check_optimizer(cfg)
         opt = cfg.optimizer
@@ -180,7 +203,8 @@ class OffloadRuntime:
                                     groups=groups.index, distributed=self.distributed)
         else:
             assembly.nvme_placement(res, cfg, self.plan, self.trainable, compute=self.compute_dtype,
-                                    group_hparams=hparams, device=self.device, distributed=self.distributed)
+                                    group_hparams=hparams, device=self.device, distributed=self.distributed,
+                                    partition=self.partition)
         self.gradients.begin_window()
         self.scaler = assembly.loss_scaler(cfg)
         logger.info("engine initialized: pool %s, disk %s, prefetch %d, backend %s",
@@ -341,8 +365,8 @@ class OffloadRuntime:
     def _refresh(self) -> None:
         if self._streamed_trainable:
             self.streamer.invalidate()  # staged weights are the old ones now
-        for name, p in self.resident_trainables.items():
-            value = self.store.get(StoreKey.param(name)).view(p.shape)
+        for name, p in self.resident_trainables.items():  # partitioned: gathered, in the same order on every rank
+            value = self._stored(StoreKey.param(name), tuple(p.shape), p.dtype)
             p.data.copy_(value)  # CUDA: an H2D copy into the resident device tensor
             if self.device.copies:
                 self._device_counters.h2d_bytes += value.numel() * value.element_size()
@@ -362,13 +386,26 @@ class OffloadRuntime:
         self.window.reset()
 
     # ------------------------------------------------------------------ values
+    def _stored(self, key: StoreKey, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The whole tensor of ``key`` as a host tensor of ``shape``: partitioned, gathered from
+        every rank's shard (collective: every rank reads the same keys in the same order)."""
+        if self.partition is None:
+            return self.store.get(key).view(shape)
+        return self.partition.full_from_store(self.store, key, shape, dtype)
+
     def parameter(self, name: str) -> torch.Tensor:
-        """The current value of a trainable parameter (fp32 master when mixed precision)."""
+        """The current value of a trainable parameter (fp32 master when mixed precision). Partitioned
+        state: gathered from every rank's shard, so every rank must call it (same names, same order)."""
         self.check_open("parameter")
         if self.placement is TrainablePlacement.DRAM:
             return self.backend.master(name).detach()  # type: ignore[attr-defined]
         key = StoreKey.master(name) if self.mixed else StoreKey.param(name)
-        return self.store.get(key)
+        spec = next((s for s in self.trainable if s.name == name), None)
+        if spec is None:
+            raise KeyError(f"{name!r} is not a trainable parameter")
+        if self.partition is None:
+            return self.store.get(key)
+        return self._stored(key, spec.shape, torch.float32 if self.mixed else self.compute_dtype)
 
     def weight(self, name: str) -> torch.Tensor:
         """The current value of any parameter, trainable or frozen, read on its own (frozen streamed
@@ -382,7 +419,7 @@ class OffloadRuntime:
             return self.parameter(canonical).view(param.shape)
         key = getattr(param, KEY_ATTR, None)
         if key is not None and is_placeholder(param.data):
-            return self.store.get(key).view(param.shape)
+            return self._stored(key, tuple(param.shape), param.dtype)
         return param.detach().cpu()  # a host tensor, as every other value read here (no copy on the CPU)
 
     # ------------------------------------------------------------------ reporting

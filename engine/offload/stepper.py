@@ -191,6 +191,12 @@ class OptimizerStepper:
         the fp32 master from the stored weights) in the store, one sub-group at a time through the pool."""
         staging = self._sets[0]
         seed_master = {n for n in self.params if self.mixed and StoreKey.master(n) not in self.store}
+        for spec in self.params.values():
+            if spec.numel == 0:  # a shard this rank owns none of (partitioned): empty entries, no pieces
+                for stream in ("exp_avg", "exp_avg_sq"):
+                    self.store.allocate(self._key(stream, spec.name), spec.shape, self.state_dtype)
+                if spec.name in seed_master:
+                    self.store.allocate(StoreKey.master(spec.name), spec.shape, torch.float32)
         for group in self.sub_groups:
             layout = self._layout(group)
             for i, piece in enumerate(group):

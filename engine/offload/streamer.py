@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .._log import logger
+from ..distributed import Partition
 from ..errors import PoolExhaustedError, StreamingError
 from ..memory.pool import PinnedPool
 from ..units import format_bytes
@@ -76,7 +77,8 @@ __all__ = ["ParameterStreamer", "plan_staging"]
 def _zero_stats() -> dict:
     return dict(reads=0, bytes_read=0, read_seconds=0.0, stall_seconds=0.0, hits=0, misses=0,
                 prefetches=0, prefetch_skipped=0, prefetch_unused=0, zombie_hits=0, events=0,
-                bytes_written=0, fetched_on_access=0, h2d_copies=0, h2d_bytes=0, h2d_wait_s=0.0)
+                bytes_written=0, fetched_on_access=0, h2d_copies=0, h2d_bytes=0, h2d_wait_s=0.0,
+                gathers=0, gather_seconds=0.0)
 
 
 class ParameterStreamer:
@@ -110,6 +112,8 @@ class ParameterStreamer:
         owns_store, owns_pool: :meth:`close` (and leaving a ``with`` block) closes the store / the
             given pool too (:func:`~engine.offload.standalone.open_streamer` hands both over). A pool
             the streamer makes is its own.
+        partition: several ranks with partitioned state: the store holds this rank's shard of each
+            streamed tensor, gathered at its first use (:mod:`engine.offload.residency`).
         on_grad: ``on_grad(name, grad)`` receives every gradient contribution of every trainable
             parameter instead of ``param.grad`` while attached (:class:`~engine.offload.grad_hooks.GradientHooks`).
 
@@ -122,7 +126,8 @@ class ParameterStreamer:
                  buffer_count: Optional[int] = None, pinned_alloc: PinnedAlloc = "exact",
                  device: Union[str, torch.device] = "cpu", borrow: bool = True, restore_on_exit: bool = True,
                  resident_trainable: bool = False, owns_store: bool = False, owns_pool: bool = False,
-                 on_grad: Optional[GradCallback] = None, copies: Optional[bool] = None):
+                 on_grad: Optional[GradCallback] = None, copies: Optional[bool] = None,
+                 partition: Optional[Partition] = None):
         # the streamer is also built without a Config (tests, benchmarks): its switches are checked here
         check_choice("buffer_pool", buffer_pool, BufferPool)
         check_choice("pinned_alloc", pinned_alloc, PinnedAlloc)
@@ -151,7 +156,9 @@ class ParameterStreamer:
             raise ValueError("copies=False on a CUDA device: a staging slot cannot be the weight there")
         self.copies = bool(copies)
         self.restore_on_exit = restore_on_exit
-        self.params: ModelParams = discover(model, self.resident_threshold_bytes, resident_trainable=resident_trainable)
+        self.partition = partition
+        self.params: ModelParams = discover(model, self.resident_threshold_bytes, resident_trainable=resident_trainable,
+                                            partition=partition)
         self.plan: BufferPlan = plan_for_params(self.params, prefetch_depth, buffer_pool, buffer_count)
         self._pool = pool
         self._owns_pool = owns_pool and pool is not None  # a given pool handed over
@@ -203,7 +210,7 @@ class ParameterStreamer:
                      if not is_placeholder(sp.param.data)}
         self._homes = Homes(self.model, self.params)
         try:
-            offload_parameters(self.model, self.params, self.store, self.device,
+            offload_parameters(self.model, self.params, self.store, self.device, partition=self.partition,
                                acquire=lambda nbytes: self._residency.slot_for(nbytes, demand=True),
                                release=self._buffers.release, mark=self._mark_streamed, stats=self._stats)
             self._hooks.install()
@@ -257,7 +264,9 @@ class ParameterStreamer:
         self._residency.drain()
         if restore:  # the model as it was given: streamed weights read back, residents moved home
             for key, sp in self.params.streamed.items():
-                data = self.store.get(sp.key)  # the parameter's own memory again (host), not staging
+                # the parameter's own memory again (host), not staging; partitioned: gathered (collective)
+                data = self.store.get(sp.key) if sp.partition is None else \
+                    sp.partition.full_from_store(self.store, sp.key, sp.shape, sp.dtype)
                 home = self._homes.streamed.get(key, data.device)
                 sp.set_data(data if home == data.device else data.to(home))
                 for attr in (KEY_ATTR, STREAMER_ATTR):

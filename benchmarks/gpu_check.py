@@ -332,7 +332,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def distributed_rows(dist: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["config", "rank", "step s", "optim s", "read MB", "written MB", "disk MB", "GPU peak GiB",
-               "vs 1 GPU (optim, step() CPU, NVMe bytes)"]
+               "vs 1 GPU (optim, optim CPU, NVMe bytes)"]
     rows = [[r["config"], str(r["rank"]), f"{r['step_s']:.3f}", f"{r['optimizer_s']:.3f}", f"{r['read'] / 1e6:.1f}",
              f"{r['written'] / 1e6:.1f}", f"{r['disk'] / 1e6:.1f}", _gib(r.get("gpu_peak")),
              f"{r['vs_1_rank']['optimizer']:.2f}x, {r['vs_1_rank']['optimizer_cpu']:.2f}x, "

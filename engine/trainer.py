@@ -117,7 +117,8 @@ class Trainer:
         Everything is released even when a part fails; the first error is raised once, and later
         calls do nothing. By default the streamed weights go with the store and the model refuses
         to run (:class:`~engine.errors.TrainerClosedError`, never NaN); ``restore_weights=True``
-        reads them back into the model first (costs the model's compute-dtype size in DRAM)."""
+        reads them back into the model first (costs the model's compute-dtype size in DRAM; with
+        partitioned state every rank's shards are gathered, so every rank must call it)."""
         self.runtime.close(restore_weights=restore_weights)
 
     def __enter__(self) -> "Trainer":

@@ -45,8 +45,12 @@ WORKER = textwrap.dedent('''
     cfg = engine.Config(nvme_path=a["nvme"], device=a.get("device", "cpu"),
                         optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.1),
                         gradient_accumulation_steps=2, gradient_clipping=1.0, resident_threshold_bytes=4096,
-                        trainable_placement="memory" if a["lora"] else "nvme", collective_timeout_s=a["timeout"])
-    trainer = engine.initialize(model, cfg)
+                        trainable_placement="memory" if a["lora"] else "nvme", collective_timeout_s=a["timeout"],
+                        state_partitioning=a.get("partitioning", "partitioned"))
+    if a.get("pretrained"):  # a meta model, each tensor read from the file, this rank's shard stored
+        trainer = engine.from_pretrained(a["pretrained"], cfg)
+    else:
+        trainer = engine.initialize(model, cfg)
     spec = trainer.runtime.distributed
     torch.manual_seed(100 + rank)  # per-rank RNG streams, to check that a resumed rank gets its own back
     data = batches(2 * a["steps"], shape=(4, 16))  # global micro-batches
@@ -63,7 +67,10 @@ WORKER = textwrap.dedent('''
             loss = trainer(input_ids=x, labels=x).loss
             trainer.backward(loss)
             if a.get("die_at") == step + 1 and m == 0 and rank == 1:
-                os._exit(3)  # dies mid-window: rank 0 waits for it in the last micro-batch's all-reduce
+                os._exit(3)  # dies mid-window: rank 0 waits for it in the next collective
+            if a.get("hang_at") == step + 1 and m == 0 and rank == 1:
+                import time
+                time.sleep(3600)  # hangs mid-window (alive, its sockets open): only the timeout tells
             trainer.step()
             out["losses"].append(loss.item())
         out["norms"].append(trainer.runtime.last_grad_norm)
@@ -74,6 +81,9 @@ WORKER = textwrap.dedent('''
     save_file({n: trainer.runtime.parameter(n).clone().reshape(-1) for n in names},
               os.path.join(a["out"], f"weights-{a['tag']}-{rank}.safetensors"))
     out["report"] = {k: trainer.memory_report()[k] for k in ("rank", "world_size")}
+    store = trainer.runtime.store.stats()
+    out["store"] = {k: store[k] for k in ("disk_used", "bytes_read", "bytes_written")}
+    out["gathers"] = trainer.runtime.streamer.stats()["gathers"]
     out["created"] = spec.created
     with open(os.path.join(a["out"], f"out-{a['tag']}-{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -145,7 +155,7 @@ MISMATCH = textwrap.dedent('''
     import os, sys
     import torch
     import engine
-    mode, root = sys.argv[1], sys.argv[2]
+    mode, root, partitioning = sys.argv[1], sys.argv[2], sys.argv[3]
     rank = int(os.environ["RANK"])
 
     class Experts(torch.nn.Module):  # two "experts" of one shape: a mixed average would go unnoticed
@@ -161,29 +171,39 @@ MISMATCH = textwrap.dedent('''
 
     torch.manual_seed(rank if mode == "seed" else 0)
     model = Experts()
+    placement = "nvme"
+    if mode == "order-frozen":  # frozen streamed experts, a trainable scale in DRAM (the PEFT placement)
+        model.requires_grad_(False)
+        model.scale = torch.nn.Parameter(torch.ones(()))
+        inner = model.forward
+        model.forward = lambda x, order: inner(x, order) * model.scale
+        placement = "memory"
     nvme = os.path.join(root, f"nvme-{mode}-{rank}")
     if not (mode == "build" and rank == 1):  # rank 1's swap path does not exist: its build fails
         os.makedirs(nvme, exist_ok=True)
     trainer = engine.initialize(model, engine.Config(nvme_path=nvme, device="cpu", resident_threshold_bytes=0,
-                                                     collective_timeout_s=60))
+                                                     collective_timeout_s=60, state_partitioning=partitioning,
+                                                     trainable_placement=placement))
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(rank))
-    trainer.backward(trainer(x, order=rank if mode == "order" else 0))
+    trainer.backward(trainer(x, order=rank if mode.startswith("order") else 0))
     trainer.step()
     print("trained", flush=True)
 ''')
 
 
-@pytest.mark.parametrize("mode, message", [
-    ("order", "gradients averaged in the window's last micro-batch"),
-    ("seed", "initial weights"),
-    ("build", "engine.initialize failed on 1 of 2 rank(s)"),
+@pytest.mark.parametrize("mode, message, partitioning", [
+    ("order", "gradients averaged in the window's last micro-batch", "replicated"),
+    ("order", "the ranks ran different collectives", "partitioned"),  # the trail of gathers and reduce-scatters
+    ("order-frozen", "the ranks ran different collectives", "partitioned"),  # gathers only (DRAM placement)
+    ("seed", "initial weights", "partitioned"),
+    ("build", "engine.initialize failed on 1 of 2 rank(s)", "partitioned"),
 ])
-def test_ranks_that_differ_fail_on_every_rank(tmp_path, mode, message):
+def test_ranks_that_differ_fail_on_every_rank(tmp_path, mode, message, partitioning):
     script = tmp_path / "mismatch.py"
     script.write_text(MISMATCH)
     port = str(_free_port())
     start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(script), mode, str(tmp_path)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, str(script), mode, str(tmp_path), partitioning], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
@@ -285,13 +305,64 @@ def test_a_dead_rank_ends_the_survivor_with_a_distributed_error(runs, nvme_runs)
     assert time.monotonic() - start < 60
     assert dead.returncode == 3
     assert survivor.returncode != 0
-    assert "DistributedError" in survivor.stderr and "all_reduce failed on rank 0 of 2" in survivor.stderr, \
+    assert "DistributedError" in survivor.stderr and "failed on rank 0 of 2" in survivor.stderr, \
         survivor.stderr[-3000:]
     assert "gradient of" in survivor.stderr
     assert not os.path.exists(os.path.join(runs.root, "ckpt-dies"))  # nothing half-written
     # the last checkpoint still loads
     again = runs.run(1, "after-death", load=os.path.join(runs.root, "ckpt-two"))
     assert again[0]["losses"]
+
+
+def test_from_pretrained_on_two_ranks_trains_as_one_process(runs, tmp_path):
+    """engine.from_pretrained under two ranks: the meta model's tensors come from the safetensors file
+    whole on every rank, each keeps its shard; training equals one process from the same file."""
+    from helpers import tiny_llama
+    path = str(tmp_path / "hf")
+    tiny_llama().save_pretrained(path)
+    single = runs.run(1, "pre-single", pretrained=path, steps=2)
+    two = runs.run(2, "pre-two", pretrained=path, steps=2)
+    _assert_same_training(single[0], two)
+    assert all(t["gathers"] > 0 for t in two)
+
+
+def test_a_hung_rank_ends_the_survivor_within_the_collective_timeout(runs):
+    """A rank that stops calling collectives but stays alive (its connections open): the survivor's
+    next collective (a weight's all-gather or a gradient's reduce-scatter) times out after
+    collective_timeout_s (10 s here) with a DistributedError naming it."""
+    a = runs.args("hangs", hang_at=2, timeout=10)
+    cmd = [sys.executable, runs.worker, json.dumps(a), REPO]
+    port = str(_free_port())
+    start = time.monotonic()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+    try:
+        _, err = procs[0].communicate(timeout=90)
+        elapsed = time.monotonic() - start
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode != 0
+    assert elapsed < 60, elapsed
+    assert "DistributedError" in err and "failed on rank 0 of 2" in err, err[-3000:]
+    assert "collective_timeout_s" in err
+
+
+def test_partitioned_state_halves_each_ranks_disk_and_reads(runs, nvme_runs):
+    """Partitioned (the default): each rank stores and reads about half of one process's bytes, and a
+    replicated run (the whole state on every rank) trains the same and stores it all on each rank."""
+    single, two = nvme_runs
+    replicated = runs.run(2, "replicated", partitioning="replicated")
+    _assert_same_training(single[0], replicated)
+    assert all(r["gathers"] == 0 for r in replicated) and all(t["gathers"] > 0 for t in two)
+    one = single[0]["store"]
+    for r in range(2):
+        assert replicated[r]["store"]["disk_used"] == one["disk_used"]
+    # rank 0 also owns the tensors of at most one chunk (2048 elements): slightly more than half here
+    for key in ("disk_used", "bytes_read", "bytes_written"):
+        shares = [t["store"][key] / one[key] for t in two]
+        assert max(shares) <= 0.6 and sum(shares) <= 1.1, (key, shares)
 
 
 def test_two_ranks_on_one_plain_path_do_not_collide_copying_device(runs, nvme_runs):

@@ -121,3 +121,48 @@ def test_several_contributions_in_one_backward_count_once_in_the_norm(tmp_path, 
         norm, bad = off.finish()
         assert not bad and math.isclose(norm, float(torch.linalg.vector_norm((a + b + c).double())), rel_tol=1e-9)
         off.close()
+
+
+class _Branches(torch.nn.Module):
+    """``b`` takes part only in a window's second micro-batch (a conditional branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 64, bias=False)
+        self.b = torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x, use_b):
+        h = self.a(x)
+        if use_b:
+            h = h + self.b(x)
+        return h.pow(2).mean()
+
+
+@pytest.mark.parametrize("placement, device", [("nvme", "cpu"), ("nvme", "separate"), ("memory", "cpu")])
+def test_a_gradient_absent_from_the_first_micro_batch_is_not_added_to_the_last_window(tmp_path, placement, device):
+    # Its first contribution in a window arrives in micro-batch 2: it must overwrite what the
+    # previous window left in its slot (it was added to it, and in window 1 read back unwritten).
+    import copy
+
+    import engine
+
+    torch.manual_seed(0)
+    model = _Branches()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    xs = [torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    cfg = engine.Config(nvme_path=str(tmp_path), device=device, resident_threshold_bytes=0,
+                        gradient_accumulation_steps=2, trainable_placement=placement,
+                        optimizer=engine.AdamWConfig(lr=1e-2, weight_decay=0.0))
+    with engine.initialize(model, cfg) as trainer:
+        for step in range(3):
+            for micro in range(2):
+                x = xs[2 * step + micro]
+                (reference(x, micro == 1) / 2).backward()
+                trainer.backward(trainer(x, micro == 1))
+                trainer.step()
+            opt.step()
+            opt.zero_grad()
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(trainer.runtime.parameter(name).reshape(p.shape), p.detach(),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -33,7 +33,8 @@ def run_collective(spec: DistributedSpec, collective: str, what: str, call: Call
             f"{collective} failed on rank {spec.rank} of {spec.world_size} ({what}): {exc}. Another rank "
             f"probably died or stopped calling collectives (see its log); a rank waits at most {timeout}. "
             "Every rank must run the same steps: the same number of micro-batches, and gradients for the "
-            "same parameters in each window's last micro-batch") from exc
+            "same parameters in the same order; with partitioned state also every forward, evaluation and "
+            "export (each weight is gathered from every rank)") from exc
 
 
 def all_reduce_mean_(tensor: torch.Tensor, spec: DistributedSpec, what: str) -> torch.Tensor:

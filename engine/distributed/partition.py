@@ -169,14 +169,24 @@ class Partition:
         return tensor
 
 
-def make_partition(spec: DistributedSpec) -> Partition:
+def make_partition(spec: DistributedSpec, timeout_s: float) -> Partition:
     """The partition of this rank's group; under NCCL a gloo group for the host collectives (made
-    here, on every rank in the same order: ``new_group`` is itself collective)."""
+    here, on every rank in the same order: ``new_group`` is itself collective), with the default
+    group's timeout when the engine made it, else ``timeout_s`` (``Config.collective_timeout_s``:
+    a user's NCCL group does not say its own, and gloo's default would be 30 minutes)."""
     if not spec.is_distributed:
         raise DistributedError("a partition needs several ranks (this is one process)")
     if spec.backend == "nccl":
-        timeout = datetime.timedelta(seconds=spec.timeout_s) if spec.timeout_s is not None else None
-        group = run_collective(spec, "new_group", "a gloo group for host collectives",
-                               lambda: dist.new_group(backend="gloo", timeout=timeout))
+        world = dist.group.WORLD
+        group = _HOST_GROUPS.get(id(world))
+        if group is None:  # once per default group: every trainer of the process shares it
+            timeout = datetime.timedelta(seconds=spec.timeout_s if spec.timeout_s is not None else timeout_s)
+            group = run_collective(spec, "new_group", "a gloo group for host collectives",
+                                   lambda: dist.new_group(backend="gloo", timeout=timeout))
+            _HOST_GROUPS.clear()  # a group of an earlier (destroyed) default group is dead
+            _HOST_GROUPS[id(world)] = group
         return Partition(spec, group)
     return Partition(spec)
+
+
+_HOST_GROUPS: dict[int, Any] = {}  # id(default group) -> its gloo group for host tensors (NCCL runs)

@@ -23,7 +23,9 @@ block's store write starts once the copy's event completed; compute waits for a 
 when staging is full (or the next micro-batch reads the same slot back). "separate": a
 synchronous copy. Counted in :attr:`device_stats` (``d2h_bytes``, ``d2h_wait_s``).
 
-Several ranks (data-parallel, :mod:`engine.distributed`): the window's gradient is averaged across
+Several ranks with replicated state (``Config.state_partitioning="replicated"``; the default,
+partitioned state, uses :class:`~engine.offload.sharded_gradients.ShardedGradients` instead): the
+window's gradient is averaged across
 ranks once, at the accumulation boundary - on the accumulated value of the window's last
 micro-batch, in the staging block, before it is written (one all-reduce per gradient per window
 instead of one per micro-batch, and no extra store read or write). A later contribution to the
@@ -155,7 +157,9 @@ class GradientOffload:
     def add(self, name: str, grad: torch.Tensor, first: bool, last: bool) -> None:
         """Takes the gradient of ``name`` from one micro-batch.
 
-        ``first``: first micro-batch of the window (the slot is overwritten, not added to).
+        ``first``: first micro-batch of the window (informational: the slot is overwritten by a
+        gradient's first contribution in the window, whichever micro-batch brings it - one absent
+        from the first micro-batch must not be added to the previous window's value).
         ``last``: last micro-batch (the accumulated gradient enters the norm/overflow statistics).
         """
         spec = self.params.get(name)
@@ -169,7 +173,7 @@ class GradientOffload:
             self.received.add(name)
             return
         if self.grad_buffer == "flat":
-            self._add_flat(name, spec.numel, grad, first and name not in self.received, last)
+            self._add_flat(name, spec.numel, grad, name not in self.received, last)
             self.received.add(name)
             return
         if grad.device.type != "cpu":
@@ -183,7 +187,7 @@ class GradientOffload:
         block = self._staging(round_up_io(spec.numel * FP32_BYTES))
         try:
             acc = block.tensor(spec.numel, torch.float32)
-            if first and name not in self.received:
+            if name not in self.received:  # its first contribution in this window
                 acc.copy_(grad)
             else:
                 self.store.read_into(StoreKey.grad(name), block).wait()
@@ -226,7 +230,7 @@ class GradientOffload:
         """Streamed mode on a copying device: ``grad`` is a compute tensor (CUDA or "separate")."""
         self._start_copied_writes()
         key = StoreKey.grad(name)
-        overwrite = first and name not in self.received
+        overwrite = name not in self.received  # its first contribution in this window
         average = last and self._dist is not None
         if average and (overwrite or name in self._averaged):
             # the whole window's gradient, or a later contribution of its last micro-batch: averaged on the device

@@ -334,6 +334,11 @@ def discover(model: nn.Module, resident_threshold_bytes: int, *, resident_traina
                     and not (resident_trainable and param.requires_grad)):
                 existing = getattr(param, KEY_ATTR, None)
                 key = existing if existing is not None else param_key(full)
+                if partition is not None and dtypes.itemsize(dtype) < 2:
+                    # a rank's chunk starts 2048 elements apart: 4 KiB-aligned (O_DIRECT) for 2- and 4-byte dtypes only
+                    raise ValueError(f"{full}: a streamed {dtype} parameter cannot be partitioned (1-byte elements); "
+                                     "keep it resident (raise resident_threshold_bytes above its size) or use "
+                                     "state_partitioning='replicated'")
                 cls = nn.Parameter if type(param) is StreamedParameter else type(param)
                 sp = StreamedParam(full, key, param, tuple(param.shape), dtype, [full], cls, partition)
                 streamed[key] = sp

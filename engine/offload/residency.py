@@ -22,11 +22,14 @@ saved-tensor hooks ask it to tell a weight's views from other tensors.
 
 Partitioned state (several ranks, :mod:`engine.distributed.partition`): a read fetches only this
 rank's shard, into its place in a slot sized for the gathered tensor, and a READY entry has no
-weight yet; the first :meth:`Residency.wait` for it all-gathers the slot in place and then makes
-the weight. Reads complete in any order, but waits come in program order (a unit's forward, a
-saved tensor's unpack), the same on every rank, and so do the collectives. For the same reason a
-copying device keeps the slot until the entry is evicted instead of freeing it when its copy
-finishes (a timing that differs between ranks must not change which entries get evicted).
+weight until it is all-gathered in place. The gathers must run in the same order on every rank,
+but which entries are still staged is not the same everywhere (I/O completions free slots at
+different moments, so evictions under pressure differ). So the rule depends on program order
+only: the first :meth:`Residency.wait` for a key in each event (a unit's forward, a first unpack
+in backward - the same sequence on every rank) gathers it, whether or not this rank still had
+it gathered from an earlier event (an in-place gather of a gathered slot rewrites the same
+bytes). A copying device keeps the slot until the entry is evicted instead of freeing it when
+its copy finishes, so the slot is there to gather into; the device copy is made once.
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ class Entry:
         self.used = False
         self.users = 0  # frames whose parameter data it is
         self.state = State.READING
-        self.gathered = sp.partition is None  # partitioned: the slot holds every rank's chunk
+        self.gathered: Optional[int] = None  # partitioned: the event in which it was last all-gathered
 
     def move(self, state: State) -> None:
         if state not in _TRANSITIONS[self.state]:
@@ -114,6 +117,7 @@ class Residency:
         self._distance: dict[Hashable, int] = {}  # key -> events until its use (the window)
         self._inflight = 0
         self._busy_since = 0.0
+        self._event = 0  # events seen (advance calls): the same sequence on every rank
 
     def bind(self, buffers: StagingBuffers, copies: Optional[Copies]) -> None:
         """The staging slots and the copy strategy (None on the CPU) made by attach."""
@@ -142,6 +146,7 @@ class Residency:
     # ------------------------------------------------------------------ the window
     def advance(self, keys: tuple, window: list[tuple]) -> None:
         """An event needs ``keys`` now and predicts ``window`` next (nearest first)."""
+        self._event += 1
         distance: dict[Hashable, int] = dict.fromkeys(keys, 0)
         for d, ks in enumerate(window, 1):
             for key in ks:
@@ -209,9 +214,11 @@ class Residency:
             return slot
         # make room: drop prefetched weights that are not needed now, farthest first
         far = float("inf")
+        # (partitioned: never one gathered in this event - another rank may still have it, and a second
+        # wait here would gather again on this rank only)
         candidates = [e for k, e in self._cache.items()
                       if e.state is not State.IN_USE and self._distance.get(k, far) > 0 and e.slot is not None
-                      and e.slot.size >= nbytes]
+                      and e.slot.size >= nbytes and (e.gathered is None or e.gathered != self._event)]
         candidates.sort(key=lambda e: self._distance.get(e.sp.key, far), reverse=True)
         for entry in candidates:
             self.evict(entry)
@@ -262,7 +269,7 @@ class Residency:
                 self.stats["read_seconds"] += time.perf_counter() - self._busy_since
         if not use:
             return
-        if entry.gathered:  # partitioned: made at the first wait, after the all-gather
+        if entry.sp.partition is None:  # partitioned: made at its first wait, after the all-gather
             self._make_weight(entry)
         entry.move(State.READY)
 
@@ -277,7 +284,7 @@ class Residency:
                 entry.slot = None
 
     def _gather(self, entry: Entry) -> None:
-        """Partitioned: every rank's chunk into the slot (in place), then the weight is made."""
+        """Partitioned: every rank's chunk into the slot (in place); the weight is made once."""
         sp = entry.sp
         assert sp.partition is not None and entry.slot is not None
         start = time.perf_counter()
@@ -286,8 +293,9 @@ class Residency:
         del full
         self.stats["gathers"] += 1
         self.stats["gather_seconds"] += time.perf_counter() - start
-        entry.gathered = True
-        self._make_weight(entry)
+        entry.gathered = self._event
+        if entry.weight is None:
+            self._make_weight(entry)
 
     def wait(self, key: Hashable) -> torch.Tensor:
         """The weight of ``key``, ready for use on the compute device now (reads it on a miss)."""
@@ -301,8 +309,8 @@ class Residency:
             start = time.perf_counter()
             self.retire(entry)
             self.stats["stall_seconds"] += time.perf_counter() - start
-        if not entry.gathered:
-            self._gather(entry)
+        if entry.sp.partition is not None and entry.gathered != self._event:
+            self._gather(entry)  # once per event, whatever this rank still had (module docstring)
         entry.used = True
         if self.copies is not None:
             self.copies.hand_over(entry.weight, entry.event)

@@ -92,7 +92,7 @@ class DramGradients:
         if average and name in self._averaged:  # a later contribution of the last micro-batch: its own average
             grad = self._mean(name, grad.float().clone())
         start = time.perf_counter()
-        if first and name not in self.received:
+        if name not in self.received:  # its first contribution in this window (whatever the micro-batch)
             buf.copy_(grad)  # CUDA: a synchronous D2H (adapters are small)
         else:
             buf.add_(grad.to(buf.device))

@@ -95,7 +95,7 @@ class OffloadRuntime:
         # torchrun: the process group (made from the environment unless one exists); one process: SINGLE
         self.distributed: DistributedSpec = init_from_env(config, self.device)
         # several ranks, partitioned (the default): each rank's store holds 1/N of every tensor (ZeRO-3)
-        self.partition: Optional[Partition] = make_partition(self.distributed) \
+        self.partition: Optional[Partition] = make_partition(self.distributed, config.collective_timeout_s) \
             if self.distributed.is_distributed and config.state_partitioning == "partitioned" else None
         if buffer_initializer is not None:
             initialize_meta_buffers(model, buffer_initializer)
@@ -328,6 +328,11 @@ class OffloadRuntime:
             self._warn_no_gradients("optimizer.step")
             return
         start = time.perf_counter()
+        if self.partition is not None:
+            # Ranks whose graphs differed paired one rank's gathers or reduce-scatters with other tensors'
+            # (silently when the sizes match): refused here, before any update, whatever the placement.
+            self.partition.trail.check(self.distributed, "partitioned collectives of the window (weight "
+                                       "all-gathers and gradient reduce-scatters)")
         # 5a. close the window: gradient writes drained, global norm and overflow from the fused pass
         norm, overflow = self.gradients.finish()
         scale = self.loss_scale

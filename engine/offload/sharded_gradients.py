@@ -16,8 +16,8 @@ process with the global batch (to the last bits of summation order).
 Statistics: each rank takes the sum of squares and the inf/NaN flag of its own shards (the fused
 kernel, on the window's last contribution, or on the stored shard at :meth:`finish` for a gradient
 absent from the last micro-batch); :meth:`finish` gathers every rank's pair and sums them in rank
-order, so every rank computes the same global norm, clip factor and overflow decision. Before that,
-the ranks' trails of collectives are compared (:class:`~engine.distributed.partition.CollectiveTrail`):
+order, so every rank computes the same global norm, clip factor and overflow decision. Before that
+the runtime compares the ranks' trails of collectives (:class:`~engine.distributed.partition.CollectiveTrail`):
 a rank whose graph differed is refused before any update.
 
 On a copying device the gradient is copied to the host synchronously and reduced there (gloo; under
@@ -95,7 +95,7 @@ class ShardedGradients:
             raise KeyError(f"{name!r} is not a trainable parameter of this offload")
         numel = spec.numel
         if grad.numel() != numel:
-            raise ValueError(f"gradient of {name!r} has {numel} elements, expected {spec.numel}")
+            raise ValueError(f"gradient of {name!r} has {grad.numel()} elements, expected {numel}")
         part = self.partition
         chunk, own = part.chunk(numel), part.own(numel)
         block = self._staging(part.padded(numel) * FP32_BYTES)
@@ -110,7 +110,7 @@ class ShardedGradients:
             start = time.perf_counter()
             mine = part.reduce_scatter_mean_(full, numel, f"gradient of {name!r}")
             self.device_stats["reduce_s"] += time.perf_counter() - start
-            accumulate = not (first and name not in self.received)
+            accumulate = name in self.received  # an earlier contribution in this window
             if accumulate and own:
                 # the stored shard, read into the next rank's chunk of this block (free after the reduce)
                 other = ((part.rank + 1) % part.world_size) * chunk * FP32_BYTES
@@ -126,7 +126,7 @@ class ShardedGradients:
             raise
         self.received.add(name)
         if not own:
-            block.free()
+            _release(block)
             return
         mine_at = part.rank * chunk * FP32_BYTES
         raw = block.tensor(part.padded(numel) * FP32_BYTES, torch.uint8)
@@ -172,7 +172,6 @@ class ShardedGradients:
         while self._pending:
             self._retire_oldest()
         spec = self.partition.spec
-        self.partition.trail.check(spec, "partitioned collectives of the window (all-gathers and reduce-scatters)")
         for name in self.params:
             if name in self.received and name not in self._stats:
                 self._recount(name)  # contributions earlier in the window, none in its last micro-batch
@@ -196,7 +195,7 @@ class ShardedGradients:
             self.store.read_into(StoreKey.grad(name), block).wait()
             self._account(name, block.tensor(own, torch.float32))
         finally:
-            block.free()
+            _release(block)
 
     def _write_zeros(self, name: str) -> None:
         own = self.partition.own(self.params[name].numel)
@@ -208,7 +207,7 @@ class ShardedGradients:
             block.tensor(own, torch.float32).zero_()
             self.store.write_from(StoreKey.grad(name), block).wait()
         finally:
-            block.free()
+            _release(block)
 
     def grad_source(self) -> Optional[GradFill]:
         return None  # the gradients are in the store (the flat ablation is refused with several ranks)

@@ -2,7 +2,10 @@
 install what is missing from a wheel directory, build the engine in place, report the I/O
 backend and O_DIRECT, run the CUDA tests, then benchmark a ~1B Llama and a 7B-shape Llama
 with few layers in bf16 - the engine vs plain PyTorch in memory on the same GPU - and print
-one table (also written as JSON to --out).
+one table (also written as JSON to --out). With more than one GPU it also runs
+``benchmarks/bench_distributed.py`` under torchrun (NCCL): 1 GPU vs 2 GPUs with partitioned
+state, the same global batch, per-rank step and optimizer time, NVMe bytes and disk (JSON key
+``distributed``); with one GPU that phase is skipped, not failed.
 
     bash benchmarks/gpu_check.sh                      # on the GPU machine (about 6-8 minutes on an H200)
     python benchmarks/gpu_check.py --device cpu --quick --skip-build --skip-tests   # smoke run, no GPU
@@ -184,6 +187,30 @@ def cuda_tests(check: Check) -> Optional[str]:
     return f"pytest exit {rc}: {counts}"
 
 
+def distributed(check: Check, args, timeout: float, out: dict) -> Optional[str]:
+    """1 vs 2 GPUs (torchrun, NCCL, partitioned state) through bench_distributed.py; skipped below 2 GPUs."""
+    gpus = check.facts.get("gpus", 0) if args.device.startswith("cuda") else 0
+    if gpus < 2:
+        out["status"] = f"skipped: {gpus} GPU(s) (needs 2)"
+        print(out["status"])
+        return None
+    dims = (["--hidden", "256", "--layers", "2", "--batch", "4", "--seq", "64"] if args.quick else
+            ["--hidden", "1024", "--layers", "4", "--batch", "8", "--seq", "256"])
+    with tempfile.TemporaryDirectory(prefix="gpu-check-dist-", dir=args.path) as scratch:
+        result = os.path.join(scratch, "distributed.json")
+        rc, text = run([sys.executable, os.path.join(BENCH_DIR, "bench_distributed.py"), "--device", "cuda",
+                        "--dtype", "bf16", "--torchrun", "--configs", "1,2p", "--steps", str(args.steps), *dims,
+                        "--threads", str(max(1, (os.cpu_count() or 2) // 2)), "--path", scratch, "--out", result],
+                       timeout=timeout)
+        print(tail(text, 12))
+        if rc != 0 or not os.path.exists(result):
+            out["status"] = f"failed (exit {rc})"
+            return f"exit {rc}: {tail(text, 1) or 'no output'}\n{tail(text, 25)}"
+        with open(result) as f:
+            out.update(json.load(f), status="ok")
+    return None
+
+
 # ---------------------------------------------------------------------- benchmarks
 def bench_specs(args) -> list[dict[str, Any]]:
     common = dict(steps=args.steps, batch=args.batch, seq=args.seq, path=args.path)
@@ -261,6 +288,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole check (470, under 8 minutes; --quick: 1200): a benchmark gets "
                              "what is left, and none starts with under 30 s left")
+    parser.add_argument("--skip-distributed", action="store_true", help="do not run the 2-GPU torchrun benchmark")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -284,6 +312,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     check.phase("I/O self-check", lambda: io_selfcheck(check, args.path))
     if not args.skip_tests:
         check.phase("CUDA tests (pytest -m cuda)", lambda: cuda_tests(check))
+    dist_result: dict = {}
+    if not args.skip_distributed:  # before the single-GPU benchmarks: bounded, and skipped without 2 GPUs
+        limit = min(args.timeout, max(args.budget - check.elapsed() - 10, 1))
+        check.phase("2-GPU torchrun (bench_distributed)", lambda: distributed(check, args, limit, dist_result))
     results: list[dict] = []
     for spec in bench_specs(args):
         label = f"benchmark {spec['name']} / {spec['mode']}"
@@ -294,11 +326,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         limit = min(args.timeout, left)
         check.phase(label, lambda spec=spec, limit=limit: benchmark(check, spec, limit, results))
-    report(check, args, results)
+    report(check, args, results, dist_result)
     return 0
 
 
-def report(check: Check, args, results: list[dict]) -> None:
+def distributed_rows(dist: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["config", "rank", "step s", "optim s", "read MB", "written MB", "disk MB", "GPU peak GiB",
+               "vs 1 GPU (optim, optim CPU, NVMe bytes)"]
+    rows = [[r["config"], str(r["rank"]), f"{r['step_s']:.3f}", f"{r['optimizer_s']:.3f}", f"{r['read'] / 1e6:.1f}",
+             f"{r['written'] / 1e6:.1f}", f"{r['disk'] / 1e6:.1f}", _gib(r.get("gpu_peak")),
+             f"{r['vs_1_rank']['optimizer']:.2f}x, {r['vs_1_rank']['optimizer_cpu']:.2f}x, "
+             f"{r['vs_1_rank']['nvme_bytes']:.2f}x"] for r in dist.get("rows", [])]
+    return headers, rows
+
+
+def report(check: Check, args, results: list[dict], dist: Optional[dict] = None) -> None:
     print("\n== phases")
     print(format_table(["phase", "seconds", "result"],
                        [[p["phase"], f"{p['seconds']:.1f}", "ok" if p["ok"] else "FAILED"] for p in check.phases]))
@@ -313,6 +355,13 @@ def report(check: Check, args, results: list[dict]) -> None:
           f"compute = forward + backward minus the NVMe, H2D and D2H waits; n/a = the engine reports no such figure.")
     headers, rows = result_rows(results)
     print(format_table(headers, rows))
+    dist = dist or {}
+    if dist.get("rows"):
+        print(f"\n2 GPUs (torchrun, NCCL, partitioned state) vs 1, same global batch; target optimizer time and NVMe "
+              f"bytes per rank <= {dist.get('target')}x: {'met' if dist.get('target_met') else 'NOT met'}")
+        print(format_table(*distributed_rows(dist)))
+    elif dist.get("status"):
+        print(f"\n2-GPU torchrun run: {dist['status']}")
     print(f"\ntotal {check.elapsed():.0f} s")
     if check.failures:
         print(f"{len(check.failures)} failure(s):")
@@ -323,7 +372,7 @@ def report(check: Check, args, results: list[dict]) -> None:
     out = args.out or os.path.join(BENCH_DIR, "results", f"gpu_check-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(facts=facts, phases=check.phases, results=results, failures=check.failures,
+        json.dump(dict(facts=facts, phases=check.phases, results=results, distributed=dist, failures=check.failures,
                        settings=dict(device=args.device, steps=args.steps, batch=args.batch, seq=args.seq,
                                      layers_7b=args.layers_7b, quick=args.quick),
                        total_s=round(check.elapsed(), 1)), f, indent=2)

@@ -235,3 +235,149 @@ def test_cli_plan_takes_its_gpu_budget_from_the_config(tmp_path, capsys, no_cuda
         assert main(["plan", "llama-7b", "--dtype", "bf16", "--config", str(cfg), *extra]) == 0
         rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("GPU memory budget")]
         assert rows and rows[0].split()[-2:] == shown.split(), (extra, rows)
+
+
+# ---------------------------------------------------------------------- several ranks (issue 16)
+# A plan is one rank's; partitioned, it is sized with rank 0's shards (the largest), exact by Partition.own.
+def rank_plan(model, world_size=None, rank=None, **fields):
+    cfg = Config(**{"device": "cpu", "resident_threshold_bytes": 4096, "trainable_placement": "nvme", **fields})
+    return plan(model, cfg, world_size=world_size, rank=rank)
+
+
+def io(n: int) -> int:
+    return -(-n // 4096) * 4096  # the store's and the pool's 4 KiB rounding
+
+
+def test_a_partitioned_rank_plans_its_own_share_of_every_store_tensor(no_cuda):
+    from engine.distributed import DistributedSpec, Partition
+
+    model = meta_llama()
+    one, two = rank_plan(model, 1, dtype="bf16"), rank_plan(model, 2, dtype="bf16")
+    part = Partition(DistributedSpec(rank=0, world_size=2))
+    numels = [p.numel() for p in model.parameters()]  # all trainable: param, fp32 master, 2 moments, fp32 grad
+    assert one.disk_bytes == sum(io(n * BF16) + 4 * io(n * 4) for n in numels)
+    assert two.disk_bytes == sum(io(part.own(n) * BF16) + 4 * io(part.own(n) * 4) for n in numels)
+    assert 0.45 < two.disk_bytes / one.disk_bytes <= 0.55, (two.disk_bytes, one.disk_bytes)
+    assert (two.world_size, two.rank, two.state_partitioning) == (2, 0, "partitioned")
+    assert "rank 0 of 2" in two.table() and "partitioned" in two.table()
+
+
+def test_partitioned_staging_holds_gathered_weights_and_the_optimizer_works_on_shards(no_cuda):
+    # Two 3,000-element fp32 weights: one process stages 12,000 B (12 KiB slots); 2 ranks gather a
+    # padded 2 x 2,048 elements (16 KiB), and each rank's shard is 2,048 elements.
+    model = torch.nn.Sequential(torch.nn.Linear(100, 30, bias=False), torch.nn.Linear(30, 100, bias=False))
+    for depth in (0, 1):
+        one, two = rank_plan(model, 1, prefetch_depth=depth), rank_plan(model, 2, prefetch_depth=depth)
+        assert one.staging_bytes == (depth + 1) * io(3000 * 4) == (depth + 1) * 12288
+        assert two.staging_bytes == (depth + 1) * 2 * 2048 * 4
+    from engine.offload.gradients import GRAD_STAGING_BYTES
+
+    assert one.grad_staging_bytes == GRAD_STAGING_BYTES
+    assert two.grad_staging_bytes == 2 * 2048 * 4 + GRAD_STAGING_BYTES  # the padded fp32 gradient + the shard's
+    streams = 4  # fp32 compute: master (= the weights), grad, exp_avg, exp_avg_sq; 3 buffer sets
+    assert one.optimizer_bytes == 3 * streams * 2 * io(3000 * 4)
+    assert two.optimizer_bytes == 3 * streams * 2 * io(2048 * 4)
+    assert two.disk_bytes == 2 * 4 * io(2048 * 4)  # param (the master), 2 moments, grad of each shard
+
+
+def test_replicated_ranks_plan_the_whole_state_and_one_process_is_unchanged(no_cuda):
+    model = meta_llama()
+    ignore = {"process_bytes", "predicted_peak_bytes", "world_size", "rank", "state_partitioning"}
+    single, replicated = rank_plan(model, dtype="bf16"), rank_plan(model, 2, 1, dtype="bf16",
+                                                                   state_partitioning="replicated")
+    assert {k: v for k, v in dataclasses.asdict(single).items() if k not in ignore} == \
+           {k: v for k, v in dataclasses.asdict(replicated).items() if k not in ignore}
+    assert (single.world_size, single.rank, single.state_partitioning) == (1, 0, "none")
+    assert "ranks" not in single.table() and "rank 1 of 2" in replicated.table()
+    assert "replicated" in replicated.table()
+
+
+def test_ranks_come_from_torchruns_environment_and_bad_ones_are_refused(no_cuda, monkeypatch):
+    model = meta_llama()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    p = rank_plan(model)
+    assert (p.world_size, p.rank, p.state_partitioning) == (2, 1, "partitioned")
+    assert p.disk_bytes == rank_plan(model, 2).disk_bytes  # every rank plans rank 0's bound
+    for world, rank, field in ((0, None, "world_size"), (2, 2, "rank"), (2, -1, "rank")):
+        with pytest.raises(ConfigError, match=field):
+            rank_plan(model, world, rank)
+
+
+def test_cli_plan_world_size(tmp_path, capsys, no_cuda):
+    from engine.cli import main
+
+    for r in (0, 1):
+        (tmp_path / f"r{r}").mkdir()
+    args = ["plan", "tiny", "--nvme-path", str(tmp_path / "r{rank}")]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main([*args, "--world-size", "2"]) == 0
+    two = capsys.readouterr().out
+    assert "rank 0 of 2" in two and "ranks" not in one
+
+    def disk(out: str) -> str:
+        return next(line for line in out.splitlines() if line.startswith("disk on")).split("  ")[-1].strip()
+
+    assert disk(one) != disk(two)
+    assert main([*args, "--world-size", "3"]) == 2  # rank 2's directory is missing: refused, named
+    assert str(tmp_path / "r2") in capsys.readouterr().err
+
+
+def test_ranks_sharing_a_file_system_are_counted_together(tmp_path, monkeypatch, no_cuda):
+    from engine.offload import planner
+
+    p = rank_plan(meta_llama(), 2)
+    monkeypatch.setattr(planner, "available_bytes", lambda path: p.disk_bytes * 3 // 2)
+    planner.check_disk(p, [str(tmp_path)])  # this rank alone fits
+    with pytest.raises(PlanError, match="for 2 ranks"):
+        planner.check_disk(p, [str(tmp_path)], ranks=[[str(tmp_path)], [str(tmp_path)]])
+
+
+RANK_WORKER = '''
+import json, os, sys
+sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
+from helpers import batches, tiny_llama
+import engine
+
+a = json.loads(sys.argv[1])
+cfg = engine.Config(nvme_path=a["nvme"], device="cpu", resident_threshold_bytes=4096, trainable_placement="nvme")
+trainer = engine.initialize(tiny_llama(), cfg)
+p = trainer.runtime.plan
+out = dict(world=p.world_size, rank=p.rank, mode=p.state_partitioning, disk=p.disk_bytes,
+           used=trainer.runtime.store.stats()["disk_used"])
+for x in batches(2, shape=(1, 16)):  # two steps: the planned pool carries the whole step
+    trainer.backward(trainer(input_ids=x, labels=x).loss)
+    trainer.step()
+with open(os.path.join(a["out"], f"rank{p.rank}.json"), "w") as f:
+    json.dump(out, f)
+trainer.close()
+'''
+
+
+def test_two_launched_ranks_use_the_disk_their_plan_predicts(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import REPO, child_env, tiny_llama
+
+    script = tmp_path / "worker.py"
+    script.write_text(RANK_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    arg = json.dumps(dict(nvme=str(tmp_path), out=str(tmp_path)))
+    procs = [subprocess.Popen([sys.executable, str(script), arg, REPO], env=child_env(
+        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+        OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = plan(tiny_llama(), Config(device="cpu", resident_threshold_bytes=4096, trainable_placement="nvme"),
+                    world_size=2).disk_bytes
+    assert [(g["world"], g["rank"], g["mode"], g["disk"]) for g in got] == [(2, r, "partitioned", expected)
+                                                                             for r in (0, 1)]
+    assert got[0]["used"] == expected  # rank 0 owns the largest shards: exactly what was planned
+    assert got[1]["used"] <= expected

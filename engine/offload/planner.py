@@ -31,6 +31,14 @@ store segment (4 Mi elements): the optimizer's I/O is chunked, so larger
 sub-groups only cost memory. If even the smallest choice does not fit, planning
 fails with what is needed and what is available - before any allocation or write.
 
+Several ranks (torchrun; ``world_size``/``rank`` given, else the initialized process group or
+torchrun's environment): a plan is one rank's. With ``state_partitioning`` ``"partitioned"`` every
+store tensor (weights, fp32 masters, moments, gradients) holds ``Partition.own`` elements on disk -
+rank 0's share, the largest, so every rank's plan is the same; staging slots hold a gathered weight
+(``Partition.padded`` elements, ``StreamedParam.slot_nbytes``); the optimizer's sub-groups are cut
+over the shards; gradient staging adds one padded fp32 gradient (the reduce-scatter's buffer) to the
+shard's. ``"replicated"``: every rank plans the whole state, as one process does.
+
 GPU memory (:mod:`engine.offload.gpuplan`): for a CUDA (or ``"separate"``) device the plan also
 predicts what the GPU holds (resident parameters and buffers, the streamed-weight window,
 gradient staging, activations) and checks it against ``gpu_memory`` (the argument, else
@@ -59,9 +67,10 @@ from ..storage.store import path_share
 from ..units import format_bytes
 from . import gpuplan
 from .activations import estimate_activation_bytes
-from .buffers import plan_staging
-from .gradients import grad_staging_bytes
+from .buffers import plan_for_params
 from .params import discover
+from .planranks import grad_staging as _grad_staging
+from .planranks import planned_ranks, planning_partition, stored_shape
 from .stepper import OptimizerStepper, ParamSpec
 
 PROCESS_OVERHEAD = 400 << 20  # fallback when /proc is unreadable: RSS of Python + torch + the engine
@@ -103,6 +112,10 @@ class MemoryPlan:
     gpu_activation_bytes: int = 0
     gpu_peak_bytes: int = 0            # the sum of the four
     gpu_budget_bytes: Optional[int] = None  # gpu_memory, or the card's free memory when planning
+    # Several ranks: the plan is one rank's (see the module docstring); "none" for one process.
+    world_size: int = 1
+    rank: int = 0
+    state_partitioning: str = "none"   # "none" (one process), "partitioned" or "replicated"
 
     @property
     def host_fits(self) -> bool:
@@ -119,7 +132,7 @@ class MemoryPlan:
 
     def table(self) -> str:
         """A human-readable summary (the CLI's ``plan`` prints it)."""
-        rows = [
+        rows = self._rank_rows() + [
             ("parameters streamed / trainable", f"{self.streamed_params:,} / {self.trainable_params:,}"),
             ("prefetch depth", str(self.prefetch_depth)),
             ("optimizer sub-group", f"{self.sub_group_elements:,} elements"),
@@ -140,6 +153,16 @@ class MemoryPlan:
         ] + [(f"disk on {p}", format_bytes(b)) for p, b in self.disk_per_path.items()]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+    def _rank_rows(self) -> list[tuple[str, str]]:
+        if self.world_size == 1:
+            return []
+        if self.state_partitioning == "partitioned":
+            how = (f"partitioned: disk holds 1/{self.world_size} of every store tensor (rank 0's share, the "
+                   "largest); staging slots hold gathered weights")
+        else:
+            how = "replicated: every rank holds the whole state"
+        return [("ranks", f"rank {self.rank} of {self.world_size} (figures per rank)"), ("state", how)]
 
     def _gpu_rows(self) -> list[tuple[str, str]]:
         if self.device == "cpu":
@@ -167,7 +190,8 @@ def _trainable(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example_inputs: Optional[dict] = None,
          segment_elements: int = DEFAULT_SEGMENT_ELEMENTS, gpu_memory: Union[int, str, None] = None,
-         enforce_budgets: bool = True) -> MemoryPlan:
+         enforce_budgets: bool = True, world_size: Optional[int] = None,
+         rank: Optional[int] = None) -> MemoryPlan:
     """Plans host, GPU and disk memory for training ``model`` (real or meta device) with ``config``.
 
     ``example_inputs``: keyword arguments of one training forward (e.g. ``input_ids`` and
@@ -177,7 +201,11 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     when it is CUDA (the argument wins over the field).
     Raises :class:`PlanError` when ``config.host_memory_budget`` or the GPU budget cannot be met,
     saying by how much; ``enforce_budgets=False`` returns the smallest plan instead (``fits`` False).
+    ``world_size`` / ``rank``: plan one of several ranks (default: the initialized process group,
+    else torchrun's ``WORLD_SIZE`` / ``RANK``, else one process).
     """
+    world_size, rank = planned_ranks(world_size, rank)
+    partition = planning_partition(world_size, config.state_partitioning)
     target = gpuplan.gpu_target(model, config.device, gpu_memory, config.gpu_memory)
     if example_inputs is not None:
         activation_bytes = estimate_activation_bytes(model, example_inputs, DTYPES[config.dtype],
@@ -196,14 +224,16 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         return compute if p.requires_grad else frozen_dtype
 
     trainable = _trainable(model)
-    specs = [ParamSpec(n, s) for n, s in trainable]
+    # On the NVMe path the stepper and the store see shards when partitioned (1-D, own() elements).
+    stored = [(n, stored_shape(s, partition)) for n, s in trainable]
+    specs = [ParamSpec(n, s) for n, s in stored]
     largest = max((math.prod(s) for _, s in trainable), default=0)
     numel_trainable = sum(math.prod(s) for _, s in trainable)
-    nvme_grad_staging = grad_staging_bytes(largest) if trainable else 0
+    nvme_grad_staging = _grad_staging(largest, partition) if trainable else 0
     in_memory = _trainable_in_memory(model, config, numel_trainable, compute, state,
                                      nvme_grad_staging + OptimizerStepper.buffer_bytes(
                                          specs, segment_elements, segment_elements, compute, state))
-    params = discover(model, threshold, resident_trainable=in_memory, dtype_of=dtype_of)
+    params = discover(model, threshold, resident_trainable=in_memory, dtype_of=dtype_of, partition=partition)
     grad_staging = 0 if in_memory else nvme_grad_staging
     resident = sum(p.numel() * dtypes.itemsize(dtype_of(p)) for _, p in params.resident)
     trainable_state = _memory_state_bytes(numel_trainable, compute, state) if in_memory else 0
@@ -213,11 +243,10 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
     def staging_for(depth: int) -> int:
         if config.offload_params != "nvme":
             return 0
-        # Slots sized in the dtypes the parameters will have (dtype_of), not the model's current ones.
-        bp = plan_staging(model, prefetch_depth=depth, resident_threshold_bytes=threshold,
-                          buffer_pool=config.buffer_pool,
-                          buffer_count=config.buffer_count if config.buffer_pool == "uniform" else None,
-                          resident_trainable=in_memory, dtype_of=dtype_of)
+        # Slots sized in the dtypes the parameters will have (dtype_of), not the model's current ones,
+        # by StreamedParam.slot_nbytes (partitioned: a gathered weight, Partition.padded elements).
+        bp = plan_for_params(params, depth, config.buffer_pool,
+                             config.buffer_count if config.buffer_pool == "uniform" else None)
         return sum(round_up_io(size) * n for size, n in bp.classes.items())
 
     def optimizer_for(sub_group: int) -> int:
@@ -248,7 +277,7 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
         pool = max(staging + grad_staging + optimizer, IO_ALIGNMENT)
         peak = pool + resident + flat + host_activations + process + trainable_state
         window = window_for(depth)
-        on_disk = _disk_tensors([] if in_memory else trainable, params, compute, state, config, frozen_dtype)
+        on_disk = _disk_tensors([] if in_memory else stored, params, compute, state, config, frozen_dtype)
         disk = sum(round_up_io(n * size) for n, size in on_disk)
         largest_extent = max((_extent_bytes(n * size, size, segment_elements, config.store) for n, size in on_disk),
                              default=0)
@@ -259,7 +288,8 @@ def plan(model: nn.Module, config: Config, *, activation_bytes: int = 0, example
                           sum(math.prod(sp.shape) for sp in params.streamed.values()), numel_trainable,
                           in_memory, trainable_state, largest_extent, target.label, gpu_resident, window,
                           gpu_grads, gpu_activations, gpu_resident + window + gpu_grads + gpu_activations,
-                          target.budget_bytes)
+                          target.budget_bytes, world_size, rank,
+                          "none" if world_size == 1 else config.state_partitioning)
 
     candidates = [build(d, g) for d in depths for g in groups]
     fitting = [c for c in candidates if c.fits]
@@ -332,23 +362,28 @@ def _disk_tensors(trainable, params, compute: torch.dtype, state: torch.dtype, c
             out.append((n, FP32_BYTES))                    # fp32 gradient
     frozen = [sp for sp in params.streamed.values() if not sp.param.requires_grad]
     frozen_itemsize = dtypes.itemsize(frozen_dtype or compute)
-    out += [(math.prod(sp.shape), frozen_itemsize) for sp in frozen]
+    out += [(math.prod(sp.store_shape), frozen_itemsize) for sp in frozen]  # partitioned: the shard
     return out
 
 
-def check_disk(plan: MemoryPlan, paths: list[str]) -> None:
+def check_disk(plan: MemoryPlan, paths: list[str], *, ranks: Optional[list[list[str]]] = None) -> None:
     """Raises :class:`PlanError` when a path's file system cannot hold the plan's bytes placed
     there: each path holds its share (:func:`~engine.storage.store.path_share`, the figure the
-    store checks and reserves), and paths on one file system share its free space."""
+    store checks and reserves), and paths on one file system share its free space. ``ranks``:
+    every rank of this machine's paths (formatted per rank), when several ranks' stores will share
+    the drives (planning before a launch); default: ``paths``, this process's alone."""
+    placed = ranks if ranks is not None else [paths]
     share = path_share(plan.disk_bytes, len(paths), plan.disk_largest_extent)
     groups: dict[int, list[str]] = {}
-    for p in paths:
-        groups.setdefault(os.stat(p).st_dev, []).append(p)
+    for rank_paths in placed:
+        for p in rank_paths:
+            groups.setdefault(os.stat(p).st_dev, []).append(p)
     for members in groups.values():
         available = available_bytes(members[0])
         needed = share * len(members)
         if needed > available:
             striped = (f" (its share of {format_bytes(plan.disk_bytes)} striped over {len(paths)} paths)"
                        if len(paths) > 1 else "")
-            raise PlanError(f"not enough disk space on {', '.join(members)}: the run needs {format_bytes(needed)}"
-                            f"{striped}, {format_bytes(available)} available")
+            sharing = f" for {len(placed)} ranks" if len(placed) > 1 else ""
+            raise PlanError(f"not enough disk space on {', '.join(dict.fromkeys(members))}: the run needs "
+                            f"{format_bytes(needed)}{sharing}{striped}, {format_bytes(available)} available")

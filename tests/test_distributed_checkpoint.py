@@ -438,9 +438,6 @@ def test_a_failed_shard_write_fails_every_rank_and_leaves_no_checkpoint(ranks, t
     assert sorted(os.listdir(target)) == []  # no tag, no 'latest', no temporary directory, lock released
 
 
-@pytest.mark.xfail(reason="the core's engine.initialize of DRAM (LoRA) placement with partitioned state fails on "
-                          "two ranks (StagingExhaustedError: staging 208 KiB > pool 192 KiB), as "
-                          "test_distributed.py's dram_lora test does; this test runs once that is fixed", strict=False)
 def test_lora_in_dram_over_a_partitioned_base_resumes_and_exports_from_two_ranks(ranks):
     """DRAM placement: the adapters' state is replicated (rank 0's file), the frozen base partitioned."""
     export = os.path.join(ranks.root, "adapter-2")

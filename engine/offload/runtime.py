@@ -167,7 +167,8 @@ class OffloadRuntime:
             param_groups = param_groups(model)
         groups = resolve_param_groups(param_groups, [(n, p) for n, p in model.named_parameters() if n in trainable],
                                       lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
-        self.plan: MemoryPlan = plan_memory(model, cfg)
+        self.plan: MemoryPlan = plan_memory(model, cfg, world_size=self.distributed.world_size,
+                                            rank=self.distributed.rank)  # this rank's plan
         assembly.open_storage(res, cfg, self.plan, self.distributed)
         in_memory = self.plan.trainable_in_memory
         masters = assembly.materialize(res, model, cfg, initializer, trainable=trainable, compute=self.compute_dtype,

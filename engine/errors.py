@@ -151,6 +151,12 @@ class DistributedError(EngineError, RuntimeError):
     names the collective, the rank and what it was doing."""
 
 
+class AgreedFailure(DistributedError):
+    """A collective step failed on at least one rank and every rank knows it: all of them raise this at
+    the same point (the failed rank's own error is its ``__cause__``), so none goes on alone into a
+    collective the others will not call."""
+
+
 class BenchError(EngineError, RuntimeError):
     """A benchmark configuration failed; the message holds the end of its stderr."""
 

@@ -326,6 +326,59 @@ def test_from_pretrained_on_two_ranks_trains_as_one_process(runs, tmp_path):
     assert all(t["gathers"] > 0 for t in two)
 
 
+EXPORT_FAILS = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, os.path.join(sys.argv[3], "tests"))
+    import torch.distributed as dist
+    from helpers import batches, tiny_llama
+    import engine
+    who, root = int(sys.argv[1]), sys.argv[2]
+    rank = int(os.environ["RANK"])
+    os.makedirs(os.path.join(root, f"nvme{rank}"), exist_ok=True)
+    cfg = engine.Config(nvme_path=os.path.join(root, f"nvme{rank}"), device="cpu", resident_threshold_bytes=4096,
+                        collective_timeout_s=60)
+    trainer = engine.initialize(tiny_llama(), cfg)
+    x = batches(1, shape=(2, 16))[0]
+    trainer.backward(trainer(input_ids=x, labels=x).loss)
+    trainer.step()
+    if rank == who:  # this rank's second store read fails (an I/O error) in the middle of the export
+        store, get, count = trainer.runtime.store, trainer.runtime.store.get, [0]
+        def failing(key):
+            count[0] += 1
+            if count[0] == 2:
+                raise OSError(5, "Input/output error (injected)")
+            return get(key)
+        store.get = failing
+    try:
+        trainer.save_pretrained(os.path.join(root, "export"))
+    except engine.errors.AgreedFailure as exc:
+        print("agreed:", exc, flush=True)
+    dist.barrier()  # the ranks are still in step: the next collective pairs up
+    print("in step", sorted(os.listdir(os.path.join(root, "export"))), flush=True)
+    trainer.close()
+''')
+
+
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_read_failure_on_one_rank_stops_every_ranks_export_at_the_same_tensor(tmp_path, who):
+    """A partitioned export gathers tensor by tensor: a rank whose own read fails still joins that
+    gather, and every rank raises AgreedFailure there - none waits out the timeout, nothing is written."""
+    script = tmp_path / "export_fails.py"
+    script.write_text(EXPORT_FAILS)
+    port = str(_free_port())
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(script), str(who), str(tmp_path), REPO], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert time.monotonic() - start < 50  # not the 60 s collective timeout
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-2000:]
+        assert "agreed:" in out and "Input/output error (injected)" in out, out
+        assert "in step []" in out, out  # no file committed
+
+
 def test_a_hung_rank_ends_the_survivor_within_the_collective_timeout(runs):
     """A rank that stops calling collectives but stays alive (its connections open): the survivor's
     next collective (a weight's all-gather or a gradient's reduce-scatter) times out after

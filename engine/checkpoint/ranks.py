@@ -23,6 +23,7 @@ import torch
 
 from ..distributed import DistributedSpec, all_gather_bytes
 from ..dtypes import TO_SAFETENSORS
+from ..errors import AgreedFailure
 from ..storage.staging import STAGING_BLOCKS, staging_blocks
 from .atomic import MANIFEST, CheckpointRoot, pause_point, write_file
 from .format import CheckpointError
@@ -73,16 +74,25 @@ def export_collectively(spec: DistributedSpec, entries: list[Entry], write: Call
     """A partitioned export, called by every rank with the same ``entries``, whose producers gather
     (collectives: ``runtime.weight``). Rank 0 runs ``write(entries)``, which calls each producer once,
     in order, and writes it; the other ranks call the same producers in the same order and drop each
-    value, so one tensor at a time is whole in a rank's memory. After a failure on rank 0 the
-    producers it did not reach are still called (the others would wait in them), then every rank
-    raises. Returns rank 0's files on rank 0, ``[]`` on the others."""
-    pending = list(range(len(entries)))
+    value, so one tensor at a time is whole in a rank's memory.
+
+    Failures keep the ranks in step: a producer whose read failed on any rank raises
+    :class:`~engine.errors.AgreedFailure` on every rank at that same tensor, so all stop there (rank 0's
+    writer leaves nothing committed). A failure of rank 0's own writing (its disk) happens on rank 0
+    alone: it then still calls the producers it did not reach, since the others wait in them. Every
+    rank finally learns rank 0's outcome and raises with it. Returns rank 0's files on rank 0, ``[]``
+    on the others."""
     called: set[int] = set()
+    stopped: list[AgreedFailure] = []  # every rank stopped at the same producer
 
     def counted(i: int, produce: Callable[[], Any]) -> Callable[[], Any]:
         def call() -> Any:
             called.add(i)
-            return produce()
+            try:
+                return produce()
+            except AgreedFailure as exc:
+                stopped.append(exc)
+                raise
         return call
 
     # An empty tensor is never produced (the writer skips it): no gather, on any rank.
@@ -91,9 +101,14 @@ def export_collectively(spec: DistributedSpec, entries: list[Entry], write: Call
                for i, e in enumerate(entries)]
 
     def drain() -> None:
-        for i in pending:
-            if i not in called and callable(wrapped[i].source):
-                del_value = wrapped[i].source()  # type: ignore[operator]
+        for i, entry in enumerate(wrapped):
+            if stopped:
+                return
+            if i not in called and callable(entry.source):
+                try:
+                    del_value = entry.source()  # type: ignore[operator]
+                except AgreedFailure:
+                    return  # every rank stopped here
                 del del_value
 
     if not spec.is_main:
@@ -103,15 +118,23 @@ def export_collectively(spec: DistributedSpec, entries: list[Entry], write: Call
         try:
             files = write(wrapped)
         except BaseException:
-            try:
-                drain()
-            except Exception:  # the first error is the one to report
-                pass
+            if not stopped:  # rank 0's own failure: the others still wait in the producers it skipped
+                try:
+                    drain()
+                except Exception:  # the first error is the one to report
+                    pass
             raise
         drain()  # (nothing left: the writer calls every producer, in order)
         return files
 
-    files = on_main(spec, what, main_write)
+    try:
+        files = on_main(spec, what, main_write)
+    except CheckpointError:
+        if stopped:  # rank 0 failed at the same tensor: this rank's own (agreed) error says more
+            raise stopped[0] from None
+        raise
+    if stopped:
+        raise stopped[0]
     return files if spec.is_main else []
 
 

@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 
 from ..dtypes import itemsize
-from ..errors import DistributedError
+from ..errors import AgreedFailure, DistributedError
 from ..memory.pool import PinnedPool
 from ..storage.staging import put_chunked
 from ..storage.store import TensorStore
-from .collectives import all_gather_bytes, run_collective
+from .collectives import agreed_failure, all_gather_bytes, run_collective
 from .process_group import DistributedSpec
 
 # Chunk granularity in elements: 4 KiB of a 2-byte dtype (8 KiB of a 4-byte one).
@@ -146,15 +146,32 @@ class Partition:
         return mine[:self.own(numel)]
 
     def full_from_store(self, store: TensorStore, key: Hashable, shape: tuple[int, ...],
-                        dtype: torch.dtype) -> torch.Tensor:
+                        dtype: torch.dtype, *, agreed: bool = True) -> torch.Tensor:
         """The whole tensor of ``key`` (``shape``), gathered from every rank's shard: collective. A
-        host tensor of its own (``padded`` elements, a view of the first ``numel``): one tensor at a time."""
+        host tensor of its own (``padded`` elements, a view of the first ``numel``): one tensor at a time.
+
+        A rank whose own read fails still takes part in the gather (with zeros), so the ranks stay in
+        step; with ``agreed`` every rank then learns it and raises :class:`AgreedFailure` at this same
+        tensor (one more small collective per tensor: exports, restores). Without it (the per-step
+        refresh) the failed rank raises its error and the others find out at their next collective."""
         numel = math.prod(shape)
         full = torch.empty(self.padded(numel), dtype=dtype)
         start, stop = self.range(numel)
+        mine = full[self.rank * self.chunk(numel):][:stop - start]
+        error: Optional[BaseException] = None
         if stop > start:
-            full[self.rank * self.chunk(numel):][:stop - start].copy_(store.get(key))
+            try:
+                mine.copy_(store.get(key))
+            except Exception as exc:  # I/O error, CRC mismatch: reported after the gather
+                error = exc
+                mine.zero_()
         self.gather_(full.view(torch.uint8), f"the value of {key!r}")
+        if agreed:
+            failure = agreed_failure(self.spec, error, f"reading {key!r} from every rank's store")
+            if failure is not None:
+                raise AgreedFailure(f"reading {key!r} failed: {failure}") from failure
+        elif error is not None:
+            raise error
         return full[:numel].view(shape)
 
     def write_own(self, store: TensorStore, key: Hashable, value: torch.Tensor, pool: Optional[PinnedPool]) -> None:

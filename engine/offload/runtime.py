@@ -372,7 +372,7 @@ class OffloadRuntime:
         if self._streamed_trainable:
             self.streamer.invalidate()  # staged weights are the old ones now
         for name, p in self.resident_trainables.items():  # partitioned: gathered, in the same order on every rank
-            value = self._stored(StoreKey.param(name), tuple(p.shape), p.dtype)
+            value = self._stored(StoreKey.param(name), tuple(p.shape), p.dtype, agreed=False)  # the hot path
             p.data.copy_(value)  # CUDA: an H2D copy into the resident device tensor
             if self.device.copies:
                 self._device_counters.h2d_bytes += value.numel() * value.element_size()
@@ -392,12 +392,13 @@ class OffloadRuntime:
         self.window.reset()
 
     # ------------------------------------------------------------------ values
-    def _stored(self, key: StoreKey, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _stored(self, key: StoreKey, shape: tuple[int, ...], dtype: torch.dtype, agreed: bool = True) -> torch.Tensor:
         """The whole tensor of ``key`` as a host tensor of ``shape``: partitioned, gathered from
-        every rank's shard (collective: every rank reads the same keys in the same order)."""
+        every rank's shard (collective: every rank reads the same keys in the same order; ``agreed``:
+        a failed read on any rank is an AgreedFailure on every rank, at this tensor)."""
         if self.partition is None:
             return self.store.get(key).view(shape)
-        return self.partition.full_from_store(self.store, key, shape, dtype)
+        return self.partition.full_from_store(self.store, key, shape, dtype, agreed=agreed)
 
     def parameter(self, name: str) -> torch.Tensor:
         """The current value of a trainable parameter (fp32 master when mixed precision). Partitioned

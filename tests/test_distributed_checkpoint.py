@@ -454,3 +454,23 @@ def test_lora_in_dram_over_a_partitioned_base_resumes_and_exports_from_two_ranks
     assert adapter and all("lora_" in n for n in adapter)
     merged = load_file(os.path.join(export + "-merged", "model.safetensors"))
     assert not any("lora_" in n for n in merged) and "model.layers.0.self_attn.q_proj.weight" in merged
+
+
+def test_a_saved_ranks_rng_file_must_be_there_and_intact(tmp_path):
+    """A rank the checkpoint was saved with needs its own RNG file, of the listed size and crc32c; only a
+    rank beyond the saved world size takes rank 0's states."""
+    from engine.checkpoint.rng import rank_rng, rng_file, rng_state
+
+    data = json.dumps(rng_state()).encode()
+    (tmp_path / rng_file(1)).write_bytes(data)
+    manifest = dict(world_size=2, rng={"zero": True},
+                    rng_files={rng_file(1): dict(bytes=len(data), crc32c=crc32c.crc32c(data))})
+    state, source = rank_rng(str(tmp_path), manifest, 1)
+    assert state == json.loads(data) and source.endswith(rng_file(1))
+    assert rank_rng(str(tmp_path), manifest, 2)[0] == {"zero": True}  # saved with 2 ranks: rank 2 takes rank 0's
+    (tmp_path / rng_file(1)).write_bytes(data[:-1] + b" ")
+    with pytest.raises(CheckpointError, match="damaged"):
+        rank_rng(str(tmp_path), manifest, 1)
+    (tmp_path / rng_file(1)).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        rank_rng(str(tmp_path), manifest, 1)

@@ -31,7 +31,7 @@ MAX_MANIFEST_BYTES = 256 << 20  # ~200 bytes per tensor: a million tensors
 MAX_COUNTER = (1 << 63) - 1     # step counters are int64 wherever they go
 TOP_KEYS = {"format", "version", "tag", "created_ns", "dtype", "optimizer_state_dtype", "optimizer",
             "gradient_accumulation_steps", "files", "tensors", "trainer", "lr_scheduler", "rng", "client_state",
-            "world_size", "partition"}
+            "world_size", "partition", "rng_files"}
 TRAINER_KEYS = {"micro_steps", "global_steps", "skipped_steps", "last_grad_norm", "loss_scaler", "param_groups",
                 "param_group_members"}
 COUNTERS = ("micro_steps", "global_steps", "skipped_steps")
@@ -111,6 +111,11 @@ def read_manifest(path: str) -> dict:
     if (partition is not None) != (manifest["version"] == PARTITIONED_VERSION):
         raise f.fail("partition", f"must be given exactly in version {PARTITIONED_VERSION} manifests")
     _check_files(f, manifest["files"])
+    if "rng_files" in manifest:  # ranks >= 1: rng-rank-<r>.json, sized and checksummed
+        for name, info in f.mapping(manifest["rng_files"], "rng_files").items():
+            f.mapping(info, f"rng_files.{name}", allowed={"bytes", "crc32c"}, required={"bytes", "crc32c"})
+            f.integer(info["bytes"], f"rng_files.{name}.bytes")
+            f.integer(info["crc32c"], f"rng_files.{name}.crc32c", high=0xFFFFFFFF)
     _check_tensors(f, manifest["tensors"], manifest["files"], partition is not None)
     _check_trainer(f, manifest["trainer"])
     if manifest.get("lr_scheduler") is not None:

@@ -40,6 +40,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+import crc32c
 import torch
 
 from .._log import logger
@@ -179,12 +180,16 @@ def save_checkpoint(runtime: "OffloadRuntime", save_dir: PathLike, client_state:
             trainer=dict(micro_steps=runtime.micro_steps, global_steps=runtime.global_steps,
                          skipped_steps=runtime.skipped_steps, last_grad_norm=runtime.last_grad_norm,
                          loss_scaler=scaler, param_groups=groups, param_group_members=_group_members(runtime)),
-            lr_scheduler=scheduler, rng=rngs[0], client_state=client)
+            lr_scheduler=scheduler, rng=rngs[0], rng_files=rng_files, client_state=client)
+
+    rng_files: dict[str, dict] = {}  # each rank's RNG file, sized and checksummed in the manifest
 
     def write_replicated(tmp: str) -> tuple[dict, dict]:
         files, tensors = _write_state(runtime, tmp, shards)
         for rank, state in enumerate(rngs[1:], start=1):
-            write_file(tmp, rng_file(rank), json.dumps(state).encode())
+            data = json.dumps(state).encode()
+            write_file(tmp, rng_file(rank), data)
+            rng_files[rng_file(rank)] = dict(bytes=len(data), crc32c=crc32c.crc32c(data))
         return files, tensors
 
     def retain(final: str) -> None:

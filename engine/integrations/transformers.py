@@ -294,8 +294,8 @@ class OffloadTrainerMixin:
         if state_dict is not None:
             raise ConfigError("save with an explicit state_dict is not supported: the weights live in the engine",
                               "state_dict")
-        if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
+        # (no rank-0-only step before the collective export: a failure there would leave the other
+        # ranks waiting in its gathers; the export makes the directory on rank 0 itself)
         if self.engine is None:  # not trained yet: the in-memory model, as transformers saves it (safetensors)
             self.model.save_pretrained(output_dir)
         elif is_peft_model(self.model) or any(isinstance(m, LoraLinear) for m in self.model.modules()):
@@ -304,6 +304,7 @@ class OffloadTrainerMixin:
             self.engine.save_pretrained(output_dir)
         if not self.args.should_save:
             return
+        os.makedirs(output_dir, exist_ok=True)
         tokenizer = self.processing_class if self.processing_class is not None else \
             getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:

@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,29 @@ def child_env(**extra: str) -> dict[str, str]:
     """This environment with the checkout first on PYTHONPATH, so a child imports this tree's engine."""
     path = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+# torchrun's variables: a child launched as one rank gets exactly the ones rank_env sets.
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: Optional[int] = None, world: int = 1, port: str = "", **extra: str) -> dict[str, str]:
+    """:func:`child_env` on the CPU with one thread, as rank ``rank`` of ``world`` (torchrun's
+    environment, without its agent; ``rank=None``: a single process, no torchrun variables)."""
+    env = {k: v for k, v in child_env(MEMASCEND_AUTO_DEVICE="cpu", OMP_NUM_THREADS="1").items()
+           if k not in TORCHRUN_VARS}
+    if rank is not None:
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    env.update(extra)
+    return env
 
 
 def run_python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, child_env
+from helpers import REPO, free_port, rank_env
 from safetensors.torch import load_file
 
 import engine
@@ -90,23 +89,6 @@ WORKER = textwrap.dedent('''
     trainer.close()
 ''')
 
-_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in child_env(MEMASCEND_AUTO_DEVICE="cpu", OMP_NUM_THREADS="1").items()
-           if k not in _TORCHRUN_VARS}
-    env.update(extra)
-    return env
-
-
 class Runs:
     def __init__(self, root):
         self.root = root
@@ -124,11 +106,10 @@ class Runs:
     def launch(self, world: int, a: dict, timeout: float = 180) -> list[subprocess.CompletedProcess]:
         cmd = [sys.executable, self.worker, json.dumps(a), REPO]
         if world == 1:
-            return [subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())]
-        port = str(_free_port())
+            return [subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=rank_env())]
+        port = str(free_port())
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                                  env=rank_env(r, world, port))
                  for r in range(world)]
         done = []
         for p in procs:
@@ -201,12 +182,11 @@ MISMATCH = textwrap.dedent('''
 def test_ranks_that_differ_fail_on_every_rank(tmp_path, mode, message, partitioning):
     script = tmp_path / "mismatch.py"
     script.write_text(MISMATCH)
-    port = str(_free_port())
+    port = str(free_port())
     start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, str(script), mode, str(tmp_path), partitioning], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+                              env=rank_env(r, 2, port)) for r in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
     assert time.monotonic() - start < 50  # detected where it happens, not by the 60 s collective timeout
     for p, (out, err) in zip(procs, results):
@@ -365,12 +345,11 @@ def test_a_read_failure_on_one_rank_stops_every_ranks_export_at_the_same_tensor(
     gather, and every rank raises AgreedFailure there - none waits out the timeout, nothing is written."""
     script = tmp_path / "export_fails.py"
     script.write_text(EXPORT_FAILS)
-    port = str(_free_port())
+    port = str(free_port())
     start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, str(script), str(who), str(tmp_path), REPO], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+                              env=rank_env(r, 2, port)) for r in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
     assert time.monotonic() - start < 50  # not the 60 s collective timeout
     for p, (out, err) in zip(procs, results):
@@ -385,11 +364,10 @@ def test_a_hung_rank_ends_the_survivor_within_the_collective_timeout(runs):
     collective_timeout_s (10 s here) with a DistributedError naming it."""
     a = runs.args("hangs", hang_at=2, timeout=10)
     cmd = [sys.executable, runs.worker, json.dumps(a), REPO]
-    port = str(_free_port())
+    port = str(free_port())
     start = time.monotonic()
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+                              env=rank_env(r, 2, port)) for r in range(2)]
     try:
         _, err = procs[0].communicate(timeout=90)
         elapsed = time.monotonic() - start
@@ -435,7 +413,7 @@ def test_shared_path_directories_are_private_and_live_ones_are_kept(tmp_path):
     code = ("import sys, time; from engine.storage import cleanup; d, fd = cleanup.make_swap_dir(sys.argv[1]); "
             "print(d, flush=True); cleanup.sweep(sys.argv[1]); time.sleep(30)")
     other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                             env=_env())
+                             env=rank_env())
     try:
         theirs = other.stdout.readline().strip()
         assert theirs and theirs != mine
@@ -474,7 +452,7 @@ def test_cli_train_shards_the_global_batch_and_rank_0_reports(runs):
                 "--nvme-path", nvme, "--output-dir", out]
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)] if world > 1 else []
         r = subprocess.run([sys.executable, *launcher, "-m", *args], capture_output=True, text=True, timeout=300,
-                           env=_env())
+                           env=rank_env())
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("peak RSS") == 1  # one summary: rank 0's (torchrun: one launch line)
         with open(os.path.join(out, "train.json")) as f:

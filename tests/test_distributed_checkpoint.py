@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ import textwrap
 import crc32c
 import pytest
 import torch
-from helpers import REPO, batches, child_env, tiny_llama
+from helpers import REPO, batches, free_port, rank_env, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -266,16 +265,6 @@ WORKER = textwrap.dedent('''
     trainer.close()
 ''')
 
-_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Ranks:
     """Launches the worker as ``world`` ranks (torchrun's environment, no agent) and reads their results."""
 
@@ -289,12 +278,8 @@ class Ranks:
         nvme = os.path.join(self.root, f"nvme-{tag}")
         os.makedirs(nvme, exist_ok=True)
         a = dict(tag=tag, nvme=nvme, steps=steps, mode=mode, out=self.root, **over)
-        base = {k: v for k, v in child_env(MEMASCEND_AUTO_DEVICE="cpu", OMP_NUM_THREADS="1").items()
-                if k not in _TORCHRUN_VARS}
-        port = str(_free_port())
-        envs = [dict(base) for _ in range(world)] if world == 1 else [
-            dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(world)]
+        port = str(free_port())
+        envs = [rank_env()] if world == 1 else [rank_env(r, world, port) for r in range(world)]
         procs = [subprocess.Popen([sys.executable, self.worker, json.dumps(a), REPO], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env) for env in envs]
         outs = []

@@ -74,7 +74,20 @@ def grad_staging_bytes(largest_numel: int) -> int:
     return max(GRAD_STAGING_BYTES, round_up_io(largest_numel * FP32_BYTES))
 
 
-def _release(block: PoolBlock) -> None:
+def grad_stats(g: torch.Tensor, overflow_check: OverflowCheck) -> tuple[float, bool]:
+    """(sum of squares, any inf/NaN) of a gradient: the fused native pass, or the baseline's
+    full-size boolean temporaries then a separate norm pass (``overflow_check="naive"``)."""
+    if g.numel() == 0:
+        return 0.0, False
+    if overflow_check == "fused":
+        sumsq, bad = kernels.grad_stats(g.contiguous())
+    else:
+        bad = bool(torch.isinf(g).any()) or bool(torch.isnan(g).any())
+        sumsq = float(g.double().pow(2).sum()) if not bad else math.inf
+    return sumsq, bool(bad)
+
+
+def release_block(block: PoolBlock) -> None:
     """Frees ``block`` on an error path. The error's traceback may still hold a view of it (a frame's
     local); then the block goes back to the pool with that last view, and this error is not hidden
     behind a BufferError."""
@@ -199,7 +212,7 @@ class GradientOffload:
                 self._account(name, acc)
             del acc
         except BaseException:
-            _release(block)  # a failed read or collective leaves no block behind
+            release_block(block)  # a failed read or collective leaves no block behind
             raise
         self._pending.append([self.store.write_from(StoreKey.grad(name), block), block, name, None])
         self._pending_bytes += block.size
@@ -257,7 +270,7 @@ class GradientOffload:
                     self._account(name, acc)
             del acc
         except BaseException:
-            _release(block)  # back to the pool: a failed copy or read leaves no block behind
+            release_block(block)  # back to the pool: a failed copy or read leaves no block behind
             raise
         if event is None:
             self._pending.append([self.store.write_from(key, block), block, name, None])
@@ -308,12 +321,7 @@ class GradientOffload:
                 self._start_write(entry)
 
     def _account(self, name: str, g: torch.Tensor) -> None:
-        if self.overflow_check == "fused":
-            sumsq, bad = kernels.grad_stats(g.contiguous())
-        else:  # the baseline: full-size boolean temporaries, then a separate norm pass
-            bad = bool(torch.isinf(g).any()) or bool(torch.isnan(g).any())
-            sumsq = float(g.double().pow(2).sum()) if not bad else math.inf
-        self._stats[name] = (sumsq, bool(bad))
+        self._stats[name] = grad_stats(g, self.overflow_check)
 
     def _staging(self, nbytes: int) -> PoolBlock:
         while self._pending and self._pending_bytes + nbytes > self.staging_bytes:
@@ -388,7 +396,7 @@ class GradientOffload:
                 del acc
                 self.store.write_from(StoreKey.grad(name), block).wait()
             except BaseException:
-                _release(block)
+                release_block(block)
                 raise
             block.free()
             self._averaged.add(name)

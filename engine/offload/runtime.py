@@ -407,11 +407,11 @@ class OffloadRuntime:
         if self.placement is TrainablePlacement.DRAM:
             return self.backend.master(name).detach()  # type: ignore[attr-defined]
         key = StoreKey.master(name) if self.mixed else StoreKey.param(name)
-        spec = next((s for s in self.trainable if s.name == name), None)
-        if spec is None:
-            raise KeyError(f"{name!r} is not a trainable parameter")
         if self.partition is None:
             return self.store.get(key)
+        spec = next((s for s in self.trainable if s.name == name), None)  # the whole shape to gather
+        if spec is None:
+            raise KeyError(f"{name!r} is not a trainable parameter")
         return self._stored(key, spec.shape, torch.float32 if self.mixed else self.compute_dtype)
 
     def weight(self, name: str) -> torch.Tensor:

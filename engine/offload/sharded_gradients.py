@@ -37,21 +37,14 @@ from ..distributed import Partition, all_gather_bytes
 from ..dtypes import FP32_BYTES
 from ..errors import PoolExhaustedError
 from ..memory.pool import PinnedPool, PoolBlock, round_up_io
-from ..optim import kernels
 from ..storage.store import TensorStore
 from ..validate import OverflowCheck, check_choice
+from .gradients import grad_stats, release_block
 from .keys import StoreKey
 from .placement import GradFill
 from .stepper import ParamSpec
 
 _STATS = struct.Struct("<dd")  # (sum of squares, non-finite count) of a rank's shards
-
-
-def _release(block: PoolBlock) -> None:
-    try:
-        block.free()
-    except BufferError:  # an error's traceback may still view it: it goes back with that view
-        pass
 
 
 class ShardedGradients:
@@ -97,10 +90,10 @@ class ShardedGradients:
         if grad.numel() != numel:
             raise ValueError(f"gradient of {name!r} has {grad.numel()} elements, expected {numel}")
         part = self.partition
-        chunk, own = part.chunk(numel), part.own(numel)
-        block = self._staging(part.padded(numel) * FP32_BYTES)
+        chunk, own, padded = part.chunk(numel), part.own(numel), part.padded(numel)
+        block = self._staging(padded * FP32_BYTES)
         try:
-            full = block.tensor(part.padded(numel), torch.float32)
+            full = block.tensor(padded, torch.float32)
             start = time.perf_counter()
             full[:numel].copy_(grad.detach().reshape(-1))  # a device gradient comes over here
             if self.copies or grad.device.type != "cpu":  # "separate": this copy is the D2H
@@ -113,39 +106,26 @@ class ShardedGradients:
             accumulate = name in self.received  # an earlier contribution in this window
             if accumulate and own:
                 # the stored shard, read into the next rank's chunk of this block (free after the reduce)
-                other = ((part.rank + 1) % part.world_size) * chunk * FP32_BYTES
-                raw = block.tensor(part.padded(numel) * FP32_BYTES, torch.uint8)
-                self.store.read_into(StoreKey.grad(name), raw[other:other + round_up_io(own * FP32_BYTES)]).wait()
-                mine.add_(raw[other:other + own * FP32_BYTES].view(torch.float32))
-                del raw
+                other = ((part.rank + 1) % part.world_size) * chunk
+                self.store.read_into(StoreKey.grad(name), full[other:other + chunk]).wait()
+                mine.add_(full[other:other + own])
             if last:
                 self._account(name, mine)
             del full, mine
         except BaseException:
-            _release(block)
+            release_block(block)
             raise
         self.received.add(name)
         if not own:
-            _release(block)
+            release_block(block)
             return
-        mine_at = part.rank * chunk * FP32_BYTES
-        raw = block.tensor(part.padded(numel) * FP32_BYTES, torch.uint8)
-        view = raw[mine_at:mine_at + round_up_io(own * FP32_BYTES)]
-        del raw
+        view = block.tensor(padded, torch.float32)[part.rank * chunk:(part.rank + 1) * chunk]  # this rank's chunk
         self._pending.append((self.store.write_from(StoreKey.grad(name), view), block))
         del view
         self._pending_bytes += block.size
 
     def _account(self, name: str, g: torch.Tensor) -> None:
-        if g.numel() == 0:
-            self._stats[name] = (0.0, False)
-            return
-        if self.overflow_check == "fused":
-            sumsq, bad = kernels.grad_stats(g.contiguous())
-        else:  # the baseline: full-size boolean temporaries, then a separate norm pass
-            bad = bool(torch.isinf(g).any()) or bool(torch.isnan(g).any())
-            sumsq = float(g.double().pow(2).sum()) if not bad else math.inf
-        self._stats[name] = (sumsq, bool(bad))
+        self._stats[name] = grad_stats(g, self.overflow_check)
 
     def _staging(self, nbytes: int) -> PoolBlock:
         while self._pending and self._pending_bytes + nbytes > self.staging_bytes:
@@ -195,7 +175,7 @@ class ShardedGradients:
             self.store.read_into(StoreKey.grad(name), block).wait()
             self._account(name, block.tensor(own, torch.float32))
         finally:
-            _release(block)
+            release_block(block)
 
     def _write_zeros(self, name: str) -> None:
         own = self.partition.own(self.params[name].numel)
@@ -207,7 +187,7 @@ class ShardedGradients:
             block.tensor(own, torch.float32).zero_()
             self.store.write_from(StoreKey.grad(name), block).wait()
         finally:
-            _release(block)
+            release_block(block)
 
     def grad_source(self) -> Optional[GradFill]:
         return None  # the gradients are in the store (the flat ablation is refused with several ranks)
